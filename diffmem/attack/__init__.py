@@ -1,0 +1,1 @@
+"""Adversarial embedding search (Finding Dori) against any model or edited model."""

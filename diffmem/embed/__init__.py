@@ -1,0 +1,1 @@
+"""Image embedders behind one interface (SSCD, open_clip, pixel)."""

@@ -1,0 +1,1 @@
+"""Localization of memorization: NeMo value neurons, subspace pruning of FFN weights."""

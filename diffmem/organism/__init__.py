@@ -1,0 +1,1 @@
+"""The model organism: generated data, training recipe and measured ground truth."""

@@ -1,0 +1,191 @@
+"""Small Stable Diffusion pipelines built from configs, offline and deterministic.
+
+They have the exact component classes and folder layout of real SD-1.x / SD-2.x checkpoints
+(``UNet2DConditionModel`` with cross-attention in the down, mid and up blocks, ``AutoencoderKL``,
+``CLIPTextModel`` and the real 49,408-token CLIP BPE tokenizer), only narrower, so every method of
+diffmem can be run and tested on them in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+PredictionType = Literal["epsilon", "v_prediction"]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer_files() -> tuple[str, str]:
+    """Write OpenAI CLIP's ``vocab.json`` and ``merges.txt`` from the BPE file open_clip ships.
+
+    The vocabulary is: the 256 byte symbols, the same with ``</w>``, the 48,894 merged pairs, then
+    ``<|startoftext|>`` and ``<|endoftext|>`` (49,408 tokens, ids equal to OpenAI CLIP's).
+    Returns the two paths (in a per-process temporary folder).
+    """
+    from open_clip.tokenizer import default_bpe
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(tempfile.mkdtemp(prefix="diffmem-clip-tokenizer-"))
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    vocab_path.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    merges_path.write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
+    return str(vocab_path), str(merges_path)
+
+
+def clip_tokenizer(model_max_length: int = 77):
+    """The real CLIP tokenizer, built offline: ``"a photo of a cat"`` -> ``[49406, 320, 1125, 539, 320, 2368, 49407]``."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_tokenizer_files()
+    # transformers 5.x silently builds a broken tokenizer from vocab_file=/merges_file= keywords:
+    # the two paths must be positional.
+    tok = CLIPTokenizer(vocab, merges, model_max_length=model_max_length, pad_token="<|endoftext|>")
+    return tok
+
+
+@dataclass(frozen=True)
+class TinySDConfig:
+    """Sizes of a tiny Stable Diffusion pipeline. ``variant`` picks SD-1.x or SD-2.x conventions."""
+
+    variant: Literal["sd1", "sd2"] = "sd1"
+    unet_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    vae_channels: tuple[int, ...] = (32, 64)
+    latent_channels: int = 4
+    sample_size: int = 32  # image side in pixels; the latent side is sample_size / 2**(len(vae_channels)-1)
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        return "epsilon" if self.variant == "sd1" else "v_prediction"
+
+    @property
+    def latent_size(self) -> int:
+        return self.sample_size // 2 ** (len(self.vae_channels) - 1)
+
+
+def build_components(config: TinySDConfig = TinySDConfig(), seed: int = 0) -> dict:
+    """Build (unet, vae, text_encoder, tokenizer, scheduler) from configs, weights drawn from ``seed``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    n = len(config.unet_channels)
+    sd2 = config.variant == "sd2"
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=config.latent_size,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        block_out_channels=config.unet_channels,
+        layers_per_block=config.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=config.text_hidden,
+        attention_head_dim=(
+            tuple(c // config.attention_head_dim for c in config.unet_channels)
+            if sd2
+            else config.attention_head_dim
+        ),
+        use_linear_projection=sd2,
+        norm_num_groups=min(32, config.unet_channels[0]),
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+        block_out_channels=config.vae_channels,
+        latent_channels=config.latent_channels,
+        layers_per_block=1,
+        norm_num_groups=min(32, config.vae_channels[0]),
+        sample_size=config.sample_size,
+    )
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=config.text_hidden,
+            intermediate_size=4 * config.text_hidden,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=77,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=config.text_hidden,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=config.prediction_type,
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def build_tiny_pipeline(config: TinySDConfig = TinySDConfig(), seed: int = 0, pipeline_class=None):
+    """A complete tiny ``StableDiffusionPipeline`` (or ``pipeline_class``), deterministic in ``seed``.
+
+    It has no safety checker and no feature extractor, like an SD folder saved with
+    ``safety_checker=None``; it round-trips through ``save_pretrained``/``from_pretrained`` unchanged.
+    """
+    if pipeline_class is None:
+        from diffusers import StableDiffusionPipeline as pipeline_class
+    return pipeline_class(
+        **build_components(config, seed),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

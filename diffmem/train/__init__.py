@@ -1,0 +1,1 @@
+"""Fine-tuning loops on accelerate."""

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny offline Stable Diffusion models, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory):
+    """An SD-1.x-like (epsilon) tiny model saved as a standard diffusers folder."""
+    from diffmem.tiny import TinySDConfig, build_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd1")
+    build_tiny_pipeline(TinySDConfig(variant="sd1"), seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+    """An SD-2.x-like (v-prediction) tiny model saved as a standard diffusers folder."""
+    from diffmem.tiny import TinySDConfig, build_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd2")
+    build_tiny_pipeline(TinySDConfig(variant="sd2"), seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=["sd1", "sd2"])
+def tiny_sd_dir(request, tiny_sd1_dir, tiny_sd2_dir):
+    """Both variants, for tests that must hold for epsilon and v-prediction alike."""
+    return tiny_sd1_dir if request.param == "sd1" else tiny_sd2_dir
