@@ -2,3 +2,10 @@
 
 Each file here is also loadable on its own with diffusers' ``custom_pipeline=`` mechanism.
 """
+
+from diffmem.pipelines.pipeline_stable_diffusion_memguard import (
+    StableDiffusionMemGuardPipeline,
+    StableDiffusionMemGuardPipelineOutput,
+)
+
+__all__ = ["StableDiffusionMemGuardPipeline", "StableDiffusionMemGuardPipelineOutput"]

@@ -1,0 +1,76 @@
+"""Attention processors: xformers on CUDA when it is installed and loads, PyTorch SDPA otherwise.
+
+``attention_processors(unet, "auto")`` swaps the plain attention processors of a UNet for the fast
+one of this machine and puts the original processors back when the context ends (also on an error).
+Processors that do more than attention (LoRA, IP-Adapter, a user's own) are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["ATTENTION_CHOICES", "attention_processors", "fast_attention_processor", "xformers_usable"]
+
+#: ``None``: keep the model's processors; ``"auto"``: xformers on CUDA if usable, else SDPA.
+ATTENTION_CHOICES = (None, "auto", "sdpa", "xformers", "naive")
+
+
+def xformers_usable(device: torch.device | str) -> bool:
+    """True when ``device`` is CUDA and xformers imports with its compiled memory-efficient kernel."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        import xformers.ops  # noqa: F401
+
+        return True
+    except Exception:  # xformers built for another CUDA raises all sorts of errors
+        return False
+
+
+def fast_attention_processor(kind: str, device: torch.device | str):
+    """The processor for ``kind`` (``"auto"``, ``"sdpa"``, ``"xformers"``, ``"naive"``) on ``device``."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+
+    if kind == "auto":
+        kind = "xformers" if xformers_usable(device) else "sdpa"
+    if kind == "xformers":
+        if not xformers_usable(device):
+            raise ValueError(
+                f"attention='xformers' needs a CUDA device and an installed xformers (device is {device}); "
+                "use attention='auto' to fall back to PyTorch scaled-dot-product attention"
+            )
+        return XFormersAttnProcessor()
+    if kind == "sdpa":
+        return AttnProcessor2_0()
+    if kind == "naive":
+        return AttnProcessor()
+    raise ValueError(f"attention={kind!r}: expected one of {', '.join(map(repr, ATTENTION_CHOICES))}")
+
+
+def _is_plain(processor) -> bool:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+
+    return type(processor) in (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
+
+
+@contextlib.contextmanager
+def attention_processors(unet: torch.nn.Module, kind: str | None = "auto") -> Iterator[None]:
+    """Use the attention processor ``kind`` in ``unet`` inside the context; restore the originals after.
+
+    ``kind=None`` changes nothing.
+    """
+    if kind is None:
+        yield
+        return
+    device = next(unet.parameters()).device
+    new = fast_attention_processor(kind, device)
+    original = dict(unet.attn_processors)
+    replaced = {name: (new if _is_plain(proc) else proc) for name, proc in original.items()}
+    unet.set_attn_processor(replaced)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(dict(original))  # set_attn_processor pops from the dict it is given

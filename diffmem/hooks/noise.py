@@ -1,0 +1,134 @@
+"""Capture the noise-prediction gap ``||eps(x_t, c) - eps(x_t, empty)||_2`` from a UNet's forward calls.
+
+A forward hook on the UNet reads its output at every call of a sampling loop. Under classifier-free
+guidance diffusers batches ``[unconditional/negative, text]`` in one call: the hook splits the halves
+and costs no extra UNet call. Without guidance it runs one extra unconditional call per step on the
+same input (the empty-prompt embedding), which leaves the loop's own result untouched. The hook is
+removed when the context ends, also on an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from diffmem.scores.noise_gap import noise_gap, v_to_epsilon_gap_scale
+
+__all__ = ["NoiseGapRecord", "capture_noise_gap"]
+
+# ids of UNets that are running the hook's own extra unconditional call (no recursion, no double count)
+_EXTRA_PASS_ACTIVE: set[int] = set()
+
+
+@dataclass
+class NoiseGapRecord:
+    """Per-call gaps as the hook saw them: ``steps[k]`` is a ``[batch]`` tensor for the k-th UNet call."""
+
+    steps: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def as_tensor(self) -> torch.Tensor:
+        """All gaps as a float32 CPU tensor ``[batch, n_calls]`` (``[0, 0]`` when nothing was recorded)."""
+        if not self.steps:
+            return torch.zeros(0, 0)
+        return torch.stack([s.detach().float().cpu() for s in self.steps], dim=1)
+
+
+def _unet_output(output) -> torch.Tensor:
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.sample
+
+
+def _timestep(args: tuple, kwargs: dict):
+    return args[1] if len(args) > 1 else kwargs["timestep"]
+
+
+def _alpha_bar(alphas_cumprod: torch.Tensor, timestep) -> torch.Tensor:
+    """alpha-bar at ``timestep`` (linear interpolation for the fractional timesteps of Euler-type schedulers)."""
+    t = torch.as_tensor(timestep).detach().float().cpu().reshape(-1).numpy()
+    acp = alphas_cumprod.detach().float().cpu().numpy()
+    return torch.from_numpy(np.interp(t, np.arange(acp.shape[0]), acp).astype(np.float32))
+
+
+@contextlib.contextmanager
+def capture_noise_gap(
+    unet: torch.nn.Module,
+    *,
+    guidance: bool,
+    uncond_embeds: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+    alphas_cumprod: torch.Tensor | None = None,
+) -> Iterator[NoiseGapRecord]:
+    """Record the per-sample noise gap of every call of ``unet`` while the context is open.
+
+    Args:
+        unet: the denoiser (a diffusers ``UNet2DConditionModel`` or anything called the same way:
+            ``unet(sample, timestep, encoder_hidden_states=..., ...)``).
+        guidance: ``True`` when each call carries a classifier-free-guidance batch
+            ``[uncond, text]`` (the halves are split); ``False`` when it carries text only, in which
+            case the hook runs one extra call with ``uncond_embeds``.
+        uncond_embeds: the unconditional (empty-prompt) text embedding ``[1 or batch, seq, dim]``;
+            required when ``guidance`` is ``False``.
+        prediction_type: the UNet's output: ``"epsilon"`` as is; ``"v_prediction"`` is turned into
+            the noise-prediction gap (times ``sqrt(alpha_bar_t)``, which needs ``alphas_cumprod``);
+            ``"sample"`` is recorded as is.
+    """
+    if not guidance and uncond_embeds is None:
+        raise ValueError("capture_noise_gap: uncond_embeds is required when guidance is False")
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(
+            f"capture_noise_gap: prediction_type={prediction_type!r} (expected epsilon, v_prediction or sample)"
+        )
+    if prediction_type == "v_prediction" and alphas_cumprod is None:
+        raise ValueError("capture_noise_gap: alphas_cumprod is required for prediction_type='v_prediction'")
+    record = NoiseGapRecord()
+    key = id(unet)
+
+    def hook(module, args, kwargs, output):
+        if key in _EXTRA_PASS_ACTIVE:
+            return None
+        out = _unet_output(output)
+        if guidance:
+            if out.shape[0] % 2:
+                raise RuntimeError(
+                    f"capture_noise_gap: guidance=True but the UNet batch has odd size {out.shape[0]} "
+                    "(expected [uncond, text] halves)"
+                )
+            eps_uncond, eps_text = out.detach().chunk(2)
+        else:
+            eps_text = out.detach()
+            emb = uncond_embeds.to(device=eps_text.device)
+            hidden = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+            if hidden is not None:
+                emb = emb.to(dtype=hidden.dtype)
+            if emb.shape[0] != eps_text.shape[0]:
+                emb = emb.expand(eps_text.shape[0], *emb.shape[1:])
+            call_kwargs = {k: v for k, v in kwargs.items() if k != "encoder_hidden_states"}
+            call_kwargs["return_dict"] = False
+            _EXTRA_PASS_ACTIVE.add(key)
+            try:
+                with torch.no_grad():
+                    eps_uncond = _unet_output(module(*args[:2], encoder_hidden_states=emb, **call_kwargs))
+            finally:
+                _EXTRA_PASS_ACTIVE.discard(key)
+        gap = noise_gap(eps_text, eps_uncond.detach())
+        if prediction_type == "v_prediction":
+            gap = gap * v_to_epsilon_gap_scale(_alpha_bar(alphas_cumprod, _timestep(args, kwargs))).to(
+                gap.device
+            )
+        record.steps.append(gap)
+        return None
+
+    handle = unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield record
+    finally:
+        handle.remove()
