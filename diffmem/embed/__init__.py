@@ -1,1 +1,53 @@
-"""Image embedders behind one interface (SSCD, open_clip, pixel)."""
+"""Image embedders behind one interface (``Embedder.embed(images) -> unit rows``): SSCD from a local
+TorchScript or ONNX file, open_clip from a local checkpoint, and a pixel descriptor for small models."""
+
+from __future__ import annotations
+
+import os
+
+from diffmem.embed.base import Embedder, l2_normalize
+
+EMBEDDERS = ("pixel", "sscd", "clip")
+
+__all__ = ["EMBEDDERS", "Embedder", "l2_normalize", "load_embedder"]
+
+
+def load_embedder(
+    kind: str = "pixel",
+    file: str | os.PathLike | None = None,
+    *,
+    arch: str | None = None,
+    sscd_preprocessing: str = "small_288",
+    allow_torchscript: bool = False,
+    allow_pickle: bool = False,
+    pixel_size: int = 32,
+    device: str = "cpu",
+) -> Embedder:
+    """Build an embedder from command-line style arguments.
+
+    ``sscd``: ``file`` is a ``.onnx`` file or a TorchScript file (``allow_torchscript`` required);
+    ``clip``: ``arch`` is an open_clip model name, ``file`` its state dict; ``pixel``: no file.
+    """
+    if kind == "pixel":
+        from diffmem.embed.pixel import PixelEmbedder
+
+        return PixelEmbedder(size=pixel_size)
+    if kind == "sscd":
+        if file is None:
+            raise ValueError("--embedder sscd needs --embedder-file (an SSCD .onnx or TorchScript .pt file)")
+        from diffmem.embed.sscd import load_sscd_onnx, load_sscd_torchscript
+
+        if str(file).endswith(".onnx"):
+            return load_sscd_onnx(file, preprocessing=sscd_preprocessing)
+        return load_sscd_torchscript(
+            file, allow_torchscript=allow_torchscript, preprocessing=sscd_preprocessing, device=device
+        )
+    if kind == "clip":
+        if file is None or arch is None:
+            raise ValueError(
+                "--embedder clip needs --embedder-arch (open_clip model name) and --embedder-file"
+            )
+        from diffmem.embed.clip import OpenCLIPEmbedder
+
+        return OpenCLIPEmbedder.from_checkpoint(arch, file, allow_pickle=allow_pickle, device=device)
+    raise ValueError(f"--embedder: unknown embedder {kind!r} (choose from {', '.join(EMBEDDERS)})")

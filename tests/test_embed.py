@@ -1,0 +1,130 @@
+"""diffmem.embed: one interface; loaders exercised on randomly initialised models of the real architectures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffmem.embed import load_embedder
+from diffmem.embed.pixel import PixelEmbedder
+from diffmem.embed.transforms import sscd_transform
+
+
+def _images(n: int, size: int = 48, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        out.append(Image.fromarray(base).resize((size, size + 8), Image.BICUBIC))  # smooth, not square
+    return out
+
+
+def test_pixel_embedder_is_pixel_correlation():
+    ims = _images(5)
+    emb = PixelEmbedder(size=16)
+    e = emb.embed(ims)
+    assert e.shape == (5, 768) and e.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    # inner product = Pearson correlation of the resized pixels
+    a = np.asarray(ims[0].resize((16, 16), Image.BILINEAR), dtype=np.float64).ravel()
+    b = np.asarray(ims[1].resize((16, 16), Image.BILINEAR), dtype=np.float64).ravel()
+    assert e[0] @ e[1] == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-4)
+    darker = Image.fromarray((np.asarray(ims[2]) * 0.5).astype(np.uint8))
+    assert emb.embed([darker])[0] @ e[2] > 0.99  # a brightness-scaled copy is still a copy
+    assert abs(e[3] @ e[4]) < 0.6
+    # batch size does not change the result
+    emb.batch_size = 2
+    np.testing.assert_allclose(emb.embed(ims), e, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def sscd_like(tmp_path_factory):
+    """A randomly initialised ResNet-50 with SSCD's 512-d head, eager and scripted to a file."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None)
+    model.fc = torch.nn.Linear(2048, 512)
+    model.eval()
+    path = tmp_path_factory.mktemp("sscd") / "sscd_like.torchscript.pt"
+    torch.jit.script(model).save(str(path))
+    return model, path
+
+
+def _eager(model, images, preprocessing="small_288"):
+    t = sscd_transform(preprocessing)
+    with torch.inference_mode():
+        out = torch.cat([model(t(im).unsqueeze(0)) for im in images]).numpy()
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@pytest.mark.slow
+def test_sscd_torchscript_needs_flag_and_matches_model(sscd_like):
+    model, path = sscd_like
+    with pytest.raises(ValueError, match="--allow-torchscript"):
+        load_embedder("sscd", path)
+    emb = load_embedder("sscd", path, allow_torchscript=True, sscd_preprocessing="small_288")
+    assert emb.dim == 512 and "ImageNet" in emb.preprocessing
+    assert (emb.replication_threshold, emb.verbatim_threshold) == (0.5, 0.7)
+    ims = _images(2)
+    np.testing.assert_allclose(emb.embed(ims), _eager(model, ims), atol=1e-4)
+    emb224 = load_embedder("sscd", path, allow_torchscript=True, sscd_preprocessing="dcr_224")
+    np.testing.assert_allclose(emb224.embed(ims[:1]), _eager(model, ims[:1], "dcr_224"), atol=1e-4)
+    with pytest.raises(ValueError, match="unknown preprocessing"):
+        load_embedder("sscd", path, allow_torchscript=True, sscd_preprocessing="nope")
+
+
+@pytest.mark.slow
+def test_sscd_onnx_matches_model(sscd_like, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'diffmem[onnx]')")
+    pytest.importorskip("onnx", reason="the onnx package is needed to export the test model")
+    model, _ = sscd_like
+    path = tmp_path / "sscd_like.onnx"
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, 288, 288),),
+        str(path),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["embedding"],
+        dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "embedding": {0: "batch"}},
+    )
+    emb = load_embedder("sscd", path, sscd_preprocessing="skew_320")  # no TorchScript flag needed
+    ims = _images(2)
+    np.testing.assert_allclose(emb.embed(ims), _eager(model, ims, "skew_320"), atol=1e-4)
+
+
+def test_open_clip_from_local_checkpoint(tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-S-32", pretrained=None)
+    model.eval()
+    path = tmp_path / "vit-s-32.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    emb = load_embedder("clip", path, arch="ViT-S-32")
+    ims = _images(2)
+    with torch.inference_mode():
+        ref = model.encode_image(torch.stack([preprocess(im) for im in ims])).numpy()
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(emb.embed(ims), ref, atol=1e-4)
+    assert emb.describe()["dim"] == ref.shape[1]
+
+    pickle_path = tmp_path / "vit.pt"
+    torch.save(model.state_dict(), pickle_path)
+    with pytest.raises(ValueError, match="--allow-pickle"):
+        load_embedder("clip", pickle_path, arch="ViT-S-32")
+    with pytest.raises(ValueError, match="does not fit"):
+        load_embedder("clip", path, arch="RN50")
+
+
+def test_bad_embedder_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown embedder"):
+        load_embedder("dino")
+    with pytest.raises(ValueError, match="--embedder-file"):
+        load_embedder("sscd")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_embedder("sscd", tmp_path / "missing.pt", allow_torchscript=True)
