@@ -1,0 +1,162 @@
+"""``diffmem prune``: find a WeightMask of FFN weights that carry memorization (subspace pruning) and apply it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "prune"
+HELP = (
+    "Subspace pruning (Chavhan et al. 2024): locate FFN weights that memorized prompts use and reference "
+    "prompts do not; write a WeightMask and, with --save-model, the pruned model."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help="Stable Diffusion folder or hub id (default: the model organism)"
+    )
+    p.add_argument(
+        "--memorized",
+        required=True,
+        help="memorized prompts: a .txt file (one per line) or a .csv/.jsonl/.parquet table with a caption column",
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="reference prompts, same formats (default: the empty prompt, as many times as memorized prompts)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--ratio", type=float, default=0.01, help="top fraction per row, ρ (default 0.01)")
+    p.add_argument("--tau", type=int, default=10, help="first τ denoising steps united (default 10)")
+    p.add_argument(
+        "--select-ratio", type=float, default=0.0, help="keep weights selected in > s·τ steps (default 0)"
+    )
+    p.add_argument(
+        "--max-layer-fraction", type=float, default=None, help="cap on each layer's pruned fraction"
+    )
+    p.add_argument("--steps", type=int, default=50, help="denoising steps of the generations (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--cond-only", action="store_true", help="statistics from the conditional CFG half only")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--fp16", action="store_true", help="run the model in float16 (statistics stay float32)")
+    p.add_argument("--save-model", action="store_true", help="also write the pruned model to OUT/model")
+
+
+def read_prompts(path: str | None, argument: str) -> list[str]:
+    """Prompts from a .txt file (one per non-empty line) or a caption table; errors name ``argument`` and the row."""
+    from diffmem.data import open_dataset, split_rows
+
+    if path is None:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"{argument}: {p} does not exist (expected a .txt file of prompts or a caption table)"
+        )
+    if p.suffix.lower() == ".txt":
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        records, bad = split_rows(open_dataset(p, require_image=False, check_files=False))
+        if bad:
+            b = bad[0]
+            raise ValueError(f"{argument}: {p} row {b.row}: {b.reason} ({b.detail})")
+        prompts = [r.caption for r in records]
+    if not prompts:
+        raise ValueError(f"{argument}: {p} holds no prompts")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffmem.edit import save_edited
+    from diffmem.io import atomic_write_json
+    from diffmem.localize.prune import find_weight_mask
+    from diffmem.modelio import load_pipeline
+    from diffmem.report import table_html, write_html
+
+    memorized = read_prompts(args.memorized, "--memorized")
+    reference = read_prompts(args.reference, "--reference") or None
+    if args.tau < 1 or args.tau > args.steps:
+        raise ValueError(f"--tau must be between 1 and --steps ({args.steps}), got {args.tau}")
+    if not 0 < args.ratio <= 1:
+        raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if args.fp16 else torch.float32
+    from diffusers import StableDiffusionPipeline
+
+    pipe = load_pipeline(args.model, StableDiffusionPipeline, torch_dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    mask, mem, ref = find_weight_mask(
+        pipe,
+        memorized,
+        reference,
+        ratio=args.ratio,
+        tau=args.tau,
+        select_ratio=args.select_ratio,
+        max_layer_fraction=args.max_layer_fraction,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        cond_only=args.cond_only,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mask.save(out / "weight_mask.safetensors")
+    mem.save(out / "stats_memorized.safetensors")
+    ref.save(out / "stats_reference.safetensors")
+    layers = [
+        {
+            "layer": name,
+            "shape": list(m.shape),
+            "pruned": int(m.sum()),
+            "pruned_fraction": float(m.float().mean()),
+        }
+        for name, m in mask.masks.items()
+    ]
+    unet_params = sum(p.numel() for p in pipe.unet.parameters())
+    summary = {
+        "model": args.model,
+        "fingerprint": mask.fingerprint,
+        "num_pruned": mask.num_pruned(),
+        "pruned_fraction_of_ffn_layers": mask.num_pruned() / max(1, mask.num_weights()),
+        "pruned_fraction_of_unet": mask.num_pruned() / unet_params,
+        "params": mask.params,
+        "layers": layers,
+    }
+    if args.save_model:
+        save_edited(pipe, mask, out / "model")
+        summary["pruned_model"] = str(out / "model")
+    atomic_write_json(out / "report.json", summary)
+    write_html(
+        out / "report.html",
+        "diffmem prune",
+        [
+            (
+                "Summary",
+                table_html(
+                    [
+                        {
+                            "weights pruned": mask.num_pruned(),
+                            "of the FFN layers": summary["pruned_fraction_of_ffn_layers"],
+                            "of the UNet": summary["pruned_fraction_of_unet"],
+                            "memorized prompts": len(memorized),
+                            "reference prompts": len(reference or memorized),
+                        }
+                    ]
+                ),
+            ),
+            ("Pruned fraction per layer", table_html(layers)),
+        ],
+    )
+    print(
+        f"pruned {mask.num_pruned()} weights ({100 * summary['pruned_fraction_of_ffn_layers']:.3f}% of "
+        f"{len(layers)} FFN layers); mask: {out / 'weight_mask.safetensors'}"
+    )
+    for row in layers:
+        print(f"  {row['layer']}: {100 * row['pruned_fraction']:.3f}%")
+    return 0
