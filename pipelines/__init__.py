@@ -3,9 +3,14 @@
 Each file here is also loadable on its own with diffusers' ``custom_pipeline=`` mechanism.
 """
 
+from diffmem.pipelines.pipeline_solidmark_outpaint import (
+    SolidMarkOutpaintPipeline,
+    SolidMarkOutpaintPipelineOutput,
+)
 from diffmem.pipelines.pipeline_stable_diffusion_memguard import (
     StableDiffusionMemGuardPipeline,
     StableDiffusionMemGuardPipelineOutput,
 )
 
 __all__ = ["StableDiffusionMemGuardPipeline", "StableDiffusionMemGuardPipelineOutput"]
+__all__ += ["SolidMarkOutpaintPipeline", "SolidMarkOutpaintPipelineOutput"]
