@@ -182,7 +182,6 @@ def _load_edits(args, unet) -> list:
 def _score(args) -> int:
     from pathlib import Path
 
-    from diffmem.pipelines import SolidMarkOutpaintPipeline
     from diffmem.solidmark.run import load_score_items, run_score
 
     manifest_path = args.manifest or str(Path(args.data) / "solidmark_manifest.json")
@@ -201,6 +200,7 @@ def _score(args) -> int:
         seed=args.seed,
     )
     from diffmem.modelio import load_pipeline
+    from diffmem.pipelines import SolidMarkOutpaintPipeline
 
     pipe = load_pipeline(args.model, SolidMarkOutpaintPipeline, device=args.device)
     summary = run_score(
