@@ -1,0 +1,176 @@
+"""``diffmem scan``: dataset-wide replication scan (generate, embed, search the training set, report)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "scan"
+HELP = (
+    "Scan a training set for replication: first-step memorization score of every caption, generations "
+    "(all or the top fraction by score), nearest training image of each, dataset summary and HTML report. "
+    "Resumable; split over processes with `accelerate launch --num_processes N -m diffmem scan ...`."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        help="image folder with metadata.jsonl/.csv/.parquet, or a .csv/.jsonl/.parquet table",
+    )
+    p.add_argument("--out", required=True, help="scan folder (rerun the same command to resume)")
+    p.add_argument(
+        "--model", default=None, help="Stable Diffusion folder or hub id (default: the model organism)"
+    )
+    p.add_argument(
+        "--generate",
+        choices=("all", "top", "none"),
+        default="all",
+        help="generate for all captions, only the --top-fraction by first-step score (two-stage), or none (scores only)",
+    )
+    p.add_argument(
+        "--top-fraction", type=float, default=0.1, help="fraction generated in --generate top (default 0.1)"
+    )
+    p.add_argument(
+        "--num-gens", type=int, default=4, help="generations (and scored seeds) per caption (default 4)"
+    )
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed; each generation's seed derives from it and the item id",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=64,
+        help="usable rows per shard (unit of resumption and of work split)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="captions per pipeline call")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    e = p.add_argument_group("embedder")
+    e.add_argument("--embedder", choices=("pixel", "sscd", "clip"), default="pixel")
+    e.add_argument(
+        "--embedder-file", default=None, help="SSCD .onnx / TorchScript file, or open_clip state dict"
+    )
+    e.add_argument("--embedder-arch", default=None, help="open_clip architecture name (with --embedder clip)")
+    e.add_argument("--sscd-preprocessing", choices=("small_288", "skew_320", "dcr_224"), default="small_288")
+    e.add_argument("--pixel-size", type=int, default=32, help="side of the pixel descriptor (default 32)")
+    e.add_argument(
+        "--allow-torchscript", action="store_true", help="allow loading a TorchScript file (runs its code)"
+    )
+    e.add_argument(
+        "--allow-pickle", action="store_true", help="allow a pickle checkpoint for --embedder clip"
+    )
+    s = p.add_argument_group("search")
+    s.add_argument(
+        "--index",
+        choices=("flat", "ivf", "auto", "torch"),
+        default="flat",
+        help="faiss exact (flat), IVF, auto (IVF past 5M), or torch matmul",
+    )
+    s.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
+    s.add_argument(
+        "--background-sample",
+        type=int,
+        default=10000,
+        help="training images in the background distribution (0 = all)",
+    )
+    s.add_argument(
+        "--tiled-l2",
+        action="store_true",
+        help="Carlini et al.'s tiled-L2 clique check among a caption's generations",
+    )
+    s.add_argument("--carlini-delta", type=float, default=0.15)
+    s.add_argument(
+        "--carlini-min-clique", type=int, default=None, help="default min(10, --num-gens), at least 2"
+    )
+    s.add_argument(
+        "--keep-images",
+        type=int,
+        default=8,
+        help="generations kept per shard for the report (plus all flagged)",
+    )
+    d = p.add_argument_group("data columns")
+    d.add_argument("--id-column", default=None)
+    d.add_argument("--caption-column", default=None)
+    d.add_argument("--image-column", default=None)
+    d.add_argument(
+        "--label-column",
+        default=None,
+        help="0/1 memorized labels (default: a column named memorized or label)",
+    )
+    d.add_argument(
+        "--convert-modes",
+        action="store_true",
+        help="convert CMYK and 16-bit images instead of setting them aside",
+    )
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffmem.scan.runner import ScanConfig, run_scan
+
+    cfg = ScanConfig(
+        data=args.data,
+        out=args.out,
+        model=args.model,
+        generate=args.generate,
+        top_fraction=args.top_fraction,
+        num_gens=args.num_gens,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        height=args.height,
+        width=args.width,
+        embedder=args.embedder,
+        embedder_file=args.embedder_file,
+        embedder_arch=args.embedder_arch,
+        sscd_preprocessing=args.sscd_preprocessing,
+        pixel_size=args.pixel_size,
+        allow_torchscript=args.allow_torchscript,
+        allow_pickle=args.allow_pickle,
+        index=args.index,
+        nprobe=args.nprobe,
+        background_sample=args.background_sample,
+        tiled_l2=args.tiled_l2,
+        carlini_delta=args.carlini_delta,
+        carlini_min_clique=args.carlini_min_clique,
+        keep_images=args.keep_images,
+        id_column=args.id_column,
+        caption_column=args.caption_column,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        convert_modes=args.convert_modes,
+        report=not args.no_report,
+        progress=not args.no_progress,
+    )
+    summary = run_scan(cfg)
+    if summary is None:  # not the main process
+        return 0
+    keys = [
+        "rows_read",
+        "bad_rows",
+        "captions_scored",
+        "captions_generated",
+        "generations",
+        "sim_mean",
+        "sim_95pc",
+        "bg_95pc",
+        "captions_replicated",
+        "captions_verbatim",
+    ]
+    for k in keys:
+        if k in summary:
+            v = summary[k]
+            print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    if summary.get("bad_rows_by_reason"):
+        print("bad rows by reason:", ", ".join(f"{k}={v}" for k, v in summary["bad_rows_by_reason"].items()))
+    print(f"results: {args.out}/summary.json" + ("" if args.no_report else f", {args.out}/report.html"))
+    return 0
