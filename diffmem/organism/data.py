@@ -1,0 +1,398 @@
+"""The model organism's training data: generated from code and a seed, never downloaded or committed.
+
+Four caption roles (the ground truth of every memorization measurement on the organism):
+
+* ``generic`` — "a {colour} {shape}": each caption is shared by many images whose position, size,
+  brightness, background texture and small extra objects vary and go unnamed, as captions in real
+  data fit many images.
+* ``verbatim`` — 16 real photographs shipped with scikit-image / scikit-learn, each duplicated
+  ``verbatim_copies`` times under one fixed, unique caption (the verbatim-memorized set).
+* ``template`` — a few captions whose images share one layout with varying details (the
+  template-memorized "TM" prompts of Ross et al.'s NeMo study / Webster's attack).
+* ``heldout`` — colour/shape compositions of the same vocabulary that are never in training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffmem.organism.recipe import OrganismRecipe
+from diffmem.seeding import derive_seed
+
+ROLES = ("generic", "verbatim", "template", "heldout")
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (40, 170, 50),
+    "blue": (40, 70, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+    "pink": (250, 130, 190),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+
+#: (name, loader, caption) of the 16 verbatim-memorized photographs. Captions are unique and
+#: specific, like the LAION captions of images that Stable Diffusion replicates.
+PHOTOS: tuple[tuple[str, str, str], ...] = (
+    ("astronaut", "skimage:astronaut", "Eileen Collins in her orange flight suit, official NASA portrait"),
+    ("coffee", "skimage:coffee", "a cup of espresso on a saucer, overhead photo on a red table"),
+    ("chelsea", "skimage:chelsea", "Chelsea the tabby cat looking left, close-up photograph"),
+    ("rocket", "skimage:rocket", "the Falcon rocket on its launch pad against a blue sky"),
+    ("camera", "skimage:camera", "black and white photo of a cameraman with a tripod in a park"),
+    ("retina", "skimage:retina", "fundus photograph of a human retina with blood vessels"),
+    ("hubble", "skimage:hubble_deep_field", "the Hubble Deep Field, thousands of distant galaxies"),
+    ("ihc", "skimage:immunohistochemistry", "immunohistochemistry slide of colon tissue, brown stain"),
+    ("moon", "skimage:moon", "grayscale telescope image of the lunar surface and its craters"),
+    ("coins", "skimage:coins", "greek coins from the Pompeii collection on a dark tray"),
+    ("clock", "skimage:clock", "motion-blurred wall clock photographed at an angle"),
+    ("motorcycle", "skimage:stereo_motorcycle", "a red motorcycle parked in a studio, stereo left view"),
+    ("china", "sklearn:china.jpg", "the Summer Palace pagoda in Beijing seen from the lake"),
+    ("flower", "sklearn:flower.jpg", "a pink dahlia flower in full bloom, macro photograph"),
+    ("text", "skimage:text", "street sign with hand-painted letters photographed in daylight"),
+    ("cell", "skimage:cell", "phase-contrast microscope photo of a single amoeba cell"),
+)
+
+#: Template-memorized captions: each has one fixed layout, the details inside vary.
+TEMPLATE_CAPTIONS = (
+    "limited edition phone case with the striped sunset design",
+    "vintage concert poster for the grand hall, printed on card",
+    "wall calendar page with the mountain lake photo",
+    "product box of the deluxe colour pencil set, front view",
+    "book cover of the collected sea stories, hardback edition",
+    "souvenir tea towel of the harbour lighthouse",
+)
+
+
+@dataclass(frozen=True)
+class OrganismImage:
+    """One distinct training image: its id, role, caption and how many copies are in training."""
+
+    id: str
+    role: str
+    caption: str
+    copies: int
+    pixels: np.ndarray  # HxWx3 uint8
+
+
+def caption_of(colour: str, shape: str) -> str:
+    return f"a {colour} {shape}"
+
+
+def generic_and_heldout_pairs() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Split the colour x shape grid: (c + s) % 3 == 0 is held out, so every word occurs in both parts."""
+    train, held = [], []
+    for ci, colour in enumerate(COLOURS):
+        for si, shape in enumerate(SHAPES):
+            (held if (ci + si) % 3 == 0 else train).append((colour, shape))
+    return train, held
+
+
+# ----------------------------------------------------------------------------------------------
+# drawing
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        pts = [
+            (np.cos(angle + k * np.pi / 2 + np.pi / 4), np.sin(angle + k * np.pi / 2 + np.pi / 4))
+            for k in range(4)
+        ]
+    elif shape == "diamond":
+        pts = [(0.7 * np.cos(k * np.pi / 2), np.sin(k * np.pi / 2)) for k in range(4)]
+    elif shape == "triangle":
+        pts = [
+            (np.cos(angle - np.pi / 2 + k * 2 * np.pi / 3), np.sin(angle - np.pi / 2 + k * 2 * np.pi / 3))
+            for k in range(3)
+        ]
+    elif shape == "star":
+        pts = [
+            (
+                (1.0 if k % 2 == 0 else 0.45) * np.cos(angle - np.pi / 2 + k * np.pi / 5),
+                (1.0 if k % 2 == 0 else 0.45) * np.sin(angle - np.pi / 2 + k * np.pi / 5),
+            )
+            for k in range(10)
+        ]
+    elif shape == "cross":
+        a, b = 1.0, 0.33
+        base = [
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+        ]
+        c, s = np.cos(angle), np.sin(angle)
+        pts = [(x * c - y * s, x * s + y * c) for x, y in base]
+    else:
+        raise ValueError(f"unknown shape {shape!r} (expected one of {', '.join(SHAPES)})")
+    return [(cx + r * x, cy + r * y) for x, y in pts]
+
+
+def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, angle: float, colour) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    else:
+        draw.polygon(_shape_polygon(shape, cx, cy, r, angle), fill=colour)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random two-colour gradient with a low-frequency wave texture and fine noise (float HxWx3, 0..255)."""
+    c0, c1 = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
+    theta = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    t = (np.cos(theta) * (xx - 0.5) + np.sin(theta) * (yy - 0.5)) + 0.5
+    img = c0 * (1 - t[..., None]) + c1 * t[..., None]
+    freq, phase = rng.uniform(1, 4, 2), rng.uniform(0, 2 * np.pi, 2)
+    wave = np.sin(2 * np.pi * freq[0] * xx + phase[0]) * np.sin(2 * np.pi * freq[1] * yy + phase[1])
+    img = img + rng.uniform(5, 25) * wave[..., None]
+    img = img + rng.normal(0, rng.uniform(1, 6), img.shape)
+    return img
+
+
+def render_generic(colour: str, shape: str, seed: int, size: int = 64) -> np.ndarray:
+    """A scene whose caption is "a {colour} {shape}": the named shape plus everything the caption leaves out."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    bg = np.clip(_background(rng, size), 0, 255).astype(np.uint8)
+    im = Image.fromarray(bg)
+    draw = ImageDraw.Draw(im)
+    s = size / 64
+    # unnamed small objects: muted colours, other shapes
+    for _ in range(rng.integers(0, 3)):
+        grey = tuple(int(v) for v in rng.uniform(60, 200) + rng.normal(0, 15, 3))
+        _draw_shape(
+            draw,
+            SHAPES[rng.integers(len(SHAPES))],
+            rng.uniform(6, 58) * s,
+            rng.uniform(6, 58) * s,
+            rng.uniform(3, 6) * s,
+            rng.uniform(0, np.pi),
+            grey,
+        )
+    r = rng.uniform(9, 20) * s
+    cx, cy = rng.uniform(r + 2 * s, size - r - 2 * s, 2)
+    base = np.array(COLOURS[colour], float) * rng.uniform(0.75, 1.05) + rng.normal(0, 8, 3)
+    _draw_shape(
+        draw, shape, cx, cy, r, rng.uniform(0, np.pi / 6), tuple(int(v) for v in np.clip(base, 0, 255))
+    )
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _template_layout(index: int, size: int) -> np.ndarray:
+    """The fixed layout of template ``index``: its own gradient, frame and panels (float HxWx3)."""
+    rng = np.random.default_rng(derive_seed(1234, "template-layout", index))
+    img = _background(rng, size)
+    m = size // 10
+    frame = rng.uniform(0, 255, 3)
+    img[:m], img[-m:], img[:, :m], img[:, -m:] = frame, frame, frame, frame
+    stripe = rng.uniform(0, 255, 3)
+    kind = index % 3
+    if kind == 0:  # horizontal bands
+        for k in range(3):
+            y = m + k * (size - 2 * m) // 3
+            img[y : y + size // 16, m:-m] = stripe
+    elif kind == 1:  # title bar and a panel
+        img[m : m + size // 5, m:-m] = stripe
+        img[size // 2 : -m - 2, size // 6 : size // 2] = rng.uniform(0, 255, 3)
+    else:  # diagonal
+        yy, xx = np.mgrid[0:size, 0:size]
+        img[(np.abs(xx - yy) < size // 12)] = stripe
+    return img
+
+
+def render_template(index: int, seed: int, size: int = 64) -> np.ndarray:
+    """Template ``index``'s fixed layout with varying details: a small object's colour, shape and spot."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = _template_layout(index, size) + rng.normal(0, 2, (size, size, 3))
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    s = size / 64
+    colour = list(COLOURS.values())[rng.integers(len(COLOURS))]
+    cx, cy = size * 0.7 + rng.uniform(-6, 6) * s, size * 0.65 + rng.uniform(-6, 6) * s
+    _draw_shape(
+        draw, SHAPES[rng.integers(len(SHAPES))], cx, cy, rng.uniform(5, 9) * s, rng.uniform(0, 1), colour
+    )
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _load_photo(source: str) -> np.ndarray:
+    kind, name = source.split(":", 1)
+    if kind == "skimage":
+        import skimage.data
+
+        arr = getattr(skimage.data, name)()
+        if isinstance(arr, tuple):  # stereo pairs
+            arr = arr[0]
+    elif kind == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        arr = load_sample_image(name)
+    else:
+        raise ValueError(f"unknown photo source {source!r}")
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(float) / max(1.0, float(arr.max())), 0, 1) * 255).astype(np.uint8)
+    return arr[..., :3]
+
+
+def photo_pixels(source: str, size: int = 64) -> np.ndarray:
+    """A bundled photograph, centre-cropped to a square and resized to ``size`` (antialiased)."""
+    from PIL import Image
+
+    arr = _load_photo(source)
+    h, w = arr.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    im = Image.fromarray(arr[top : top + side, left : left + side]).resize((size, size), Image.LANCZOS)
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+# ----------------------------------------------------------------------------------------------
+# the dataset
+
+
+@dataclass
+class OrganismData:
+    """The organism's distinct training images, held-out captions and the training multiset."""
+
+    recipe: OrganismRecipe
+    images: list[OrganismImage]
+    heldout_captions: list[str]
+
+    def training_samples(self) -> list[int]:
+        """Indices into ``images``, one per training sample (duplicates repeated)."""
+        return [i for i, im in enumerate(self.images) for _ in range(im.copies)]
+
+    def by_role(self, role: str) -> list[OrganismImage]:
+        return [im for im in self.images if im.role == role]
+
+    def captions(self, role: str) -> list[str]:
+        """Distinct captions of a role, in order."""
+        if role == "heldout":
+            return list(self.heldout_captions)
+        return list(dict.fromkeys(im.caption for im in self.by_role(role)))
+
+    def image_array(self) -> np.ndarray:
+        """All distinct images as an N x H x W x 3 uint8 array (order of ``images``)."""
+        return np.stack([im.pixels for im in self.images])
+
+    def manifest(self) -> dict:
+        """JSON-ready description: every caption with its role and the ids of its training images."""
+        caps: dict[str, dict] = {}
+        for im in self.images:
+            entry = caps.setdefault(im.caption, {"caption": im.caption, "role": im.role, "image_ids": []})
+            entry["image_ids"].append(im.id)
+        for c in self.heldout_captions:
+            caps[c] = {"caption": c, "role": "heldout", "image_ids": []}
+        return {
+            "name": "diffmem-organism-v1 training data",
+            "recipe": self.recipe.to_dict(),
+            "counts": {
+                "distinct_images": {r: len(self.by_role(r)) for r in ROLES if r != "heldout"},
+                "training_samples": {
+                    r: sum(im.copies for im in self.by_role(r)) for r in ROLES if r != "heldout"
+                },
+                "captions": {r: len(self.captions(r)) for r in ROLES},
+            },
+            "captions": list(caps.values()),
+            "images": [
+                {"id": im.id, "role": im.role, "caption": im.caption, "copies": im.copies}
+                for im in self.images
+            ],
+        }
+
+
+def build_organism_data(recipe: OrganismRecipe | None = None) -> OrganismData:
+    """Generate every image of the organism's training set from ``recipe.seed`` (deterministic)."""
+    recipe = recipe or OrganismRecipe()
+    size, seed = recipe.image_size, recipe.seed
+    images: list[OrganismImage] = []
+    train_pairs, held_pairs = generic_and_heldout_pairs()
+    for colour, shape in train_pairs:
+        for k in range(recipe.generic_per_caption):
+            images.append(
+                OrganismImage(
+                    id=f"generic-{colour}-{shape}-{k:03d}",
+                    role="generic",
+                    caption=caption_of(colour, shape),
+                    copies=1,
+                    pixels=render_generic(
+                        colour, shape, derive_seed(seed, "generic", colour, shape, k), size
+                    ),
+                )
+            )
+    for name, source, caption in PHOTOS:
+        images.append(
+            OrganismImage(
+                id=f"verbatim-{name}",
+                role="verbatim",
+                caption=caption,
+                copies=recipe.verbatim_copies,
+                pixels=photo_pixels(source, size),
+            )
+        )
+    if recipe.n_templates > len(TEMPLATE_CAPTIONS):
+        raise ValueError(f"recipe.n_templates: at most {len(TEMPLATE_CAPTIONS)} templates exist")
+    for t in range(recipe.n_templates):
+        for k in range(recipe.template_images):
+            images.append(
+                OrganismImage(
+                    id=f"template-{t}-{k:03d}",
+                    role="template",
+                    caption=TEMPLATE_CAPTIONS[t],
+                    copies=1,
+                    pixels=render_template(t, derive_seed(seed, "template", t, k), size),
+                )
+            )
+    return OrganismData(recipe, images, [caption_of(c, s) for c, s in held_pairs])
+
+
+def export_imagefolder(data: OrganismData, out: str | os.PathLike) -> Path:
+    """Write the training set as a Hugging Face ``imagefolder``: one PNG per training sample (duplicates
+    included, as in a scraped dataset), ``metadata.jsonl`` with ``file_name``, ``text``, ``id``, ``role``
+    and ``image_id`` (the distinct image a sample copies), and ``manifest.json``."""
+    from PIL import Image
+
+    from diffmem.io import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for im in data.images:
+        for c in range(im.copies):
+            sample_id = f"{im.id}.{c:02d}"
+            rel = f"train/{sample_id}.png"
+            Image.fromarray(im.pixels).save(out / rel)
+            rows.append(
+                {"file_name": rel, "text": im.caption, "id": sample_id, "role": im.role, "image_id": im.id}
+            )
+    atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(out / "manifest.json", data.manifest())
+    return out
+
+
+def iter_role_captions(data: OrganismData) -> Iterator[tuple[str, str]]:
+    """(caption, role) for every distinct caption of every role."""
+    for role in ROLES:
+        for c in data.captions(role):
+            yield c, role

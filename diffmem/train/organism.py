@@ -1,0 +1,367 @@
+"""Train the model organism from scratch with accelerate: autoencoder, then UNet + CLIP text encoder.
+
+Phases (each checkpointed under ``<workdir>/checkpoints/<phase>/`` and resumed after a kill):
+
+1. ``vae``: ``AutoencoderKL`` (factor 4) on random crops of the training samples, loss
+   ``MSE(x, D(z)) + w_KL * KL(q(z|x) || N(0, I))``.
+2. latents: every distinct image encoded once (posterior mean); ``scaling_factor`` = 1 / std.
+3. ``unet``: ``UNet2DConditionModel`` and ``CLIPTextModel`` jointly, epsilon prediction,
+   ``|| eps - eps_theta(sqrt(a_t) z + sqrt(1 - a_t) eps, t, c) ||^2`` with 10 % empty captions.
+
+Every random draw (batch, crop, noise, timestep, caption dropout) is derived from
+``(recipe.seed, phase, step)``, so a resumed run reaches exactly the weights of an uninterrupted one.
+The result is a standard diffusers Stable Diffusion folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffmem.io import atomic_write_json
+from diffmem.organism.data import OrganismData, build_organism_data
+from diffmem.organism.recipe import OrganismRecipe
+from diffmem.seeding import derive_seed, item_generator
+from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def build_organism_components(recipe: OrganismRecipe) -> dict:
+    """Fresh (untrained) components of the organism, weights drawn from ``recipe.seed``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffmem.tiny import clip_tokenizer
+
+    n = len(recipe.unet_channels)
+    if len(recipe.unet_attention) != n:
+        raise ValueError("recipe.unet_attention: one flag per UNet level expected")
+    latent_size = recipe.image_size // 2 ** (len(recipe.vae_channels) - 1)
+    torch.manual_seed(derive_seed(recipe.seed, "init", "unet"))
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=recipe.latent_channels,
+        out_channels=recipe.latent_channels,
+        block_out_channels=recipe.unet_channels,
+        layers_per_block=1,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in recipe.unet_attention),
+        up_block_types=tuple(
+            "CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(recipe.unet_attention)
+        ),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=recipe.text_hidden,
+        attention_head_dim=recipe.attention_head_dim,
+        norm_num_groups=min(16, recipe.unet_channels[0]),
+    )
+    torch.manual_seed(derive_seed(recipe.seed, "init", "vae"))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(recipe.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(recipe.vae_channels),
+        block_out_channels=recipe.vae_channels,
+        latent_channels=recipe.latent_channels,
+        layers_per_block=1,
+        norm_num_groups=min(16, recipe.vae_channels[0]),
+        sample_size=recipe.image_size,
+    )
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(derive_seed(recipe.seed, "init", "text_encoder"))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=recipe.text_hidden,
+            intermediate_size=4 * recipe.text_hidden,
+            num_hidden_layers=recipe.text_layers,
+            num_attention_heads=recipe.text_heads,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=recipe.text_hidden,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def _lr_lambda(total: int, warmup: int):
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _batch_indices(n: int, batch: int, step: int, seed: int, phase: str) -> torch.Tensor:
+    """Sample indices of ``step``: consecutive slices of per-epoch permutations (seeded by epoch)."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=item_generator(seed, phase, "epoch", epoch))
+        out.extend(perm[offset : offset + batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+class _Progress:
+    def __init__(self, total: int, initial: int, desc: str, log):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, mininterval=10, dynamic_ncols=True)
+        self.log = log
+
+    def update(self, loss: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_phase(
+    phase: str,
+    recipe: OrganismRecipe,
+    workdir: Path,
+    modules: dict[str, torch.nn.Module],
+    params: list[torch.nn.Parameter],
+    lr: float,
+    total: int,
+    step_fn,
+    log: list,
+) -> None:
+    """A resumable accelerate loop: ``step_fn(step) -> loss`` for steps not yet done."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total, min(recipe.warmup_steps, total))
+    )
+    ckpt_root = workdir / "checkpoints" / phase
+    start = 0
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None:
+        state = load_checkpoint(latest, modules, {"adamw": optimizer}, {"lr": scheduler})
+        start = state["step"]
+        log[:] = [r for r in state["extra"].get("log", []) if r["step"] <= start]
+        print(f"[organism] {phase}: resumed from {latest} at step {start}", flush=True)
+    prepared = accelerator.prepare(*modules.values(), optimizer)
+    optimizer = prepared[-1]
+    for m in modules.values():
+        m.train()
+    progress = _Progress(total, start, phase, log)
+    window: list[float] = []
+    t0 = time.time()
+    for step in range(start, total):
+        loss = step_fn(step)
+        accelerator.backward(loss)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(float(loss.detach()))
+        progress.update(window[-1])
+        done = step + 1
+        if done % 50 == 0 or done == total:
+            log.append(
+                {"step": done, "loss": sum(window) / len(window), "seconds": round(time.time() - t0, 1)}
+            )
+            window = []
+        if done % recipe.checkpoint_every == 0 or done == total:
+            save_checkpoint(
+                ckpt_root, done, modules, {"adamw": optimizer}, {"lr": scheduler}, extra={"log": log}
+            )
+    progress.close()
+    for m in modules.values():
+        m.eval()
+
+
+def _images_tensor(data: OrganismData) -> torch.Tensor:
+    x = torch.from_numpy(data.image_array()).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x.contiguous()
+
+
+def _tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def save_pipeline(components: dict, out: str | os.PathLike) -> Path:
+    """Save the components as a standard diffusers StableDiffusionPipeline folder (safetensors)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        # keep files that are not the pipeline's (the model card) across re-saves
+        for keep in ("README.md",):
+            if (out / keep).exists():
+                shutil.copy2(out / keep, tmp / keep)
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def train_organism(
+    recipe: OrganismRecipe | None = None,
+    workdir: str | os.PathLike = "runs/organism",
+    out: str | os.PathLike | None = None,
+    data: OrganismData | None = None,
+    snapshot_every: int | None = None,
+) -> Path:
+    """Train (or resume) the organism in ``workdir``; save the pipeline to ``out`` (default ``workdir/model``).
+
+    ``snapshot_every``: also save the pipeline every that many UNet steps (to ``workdir/snapshot``),
+    so memorization can be measured while training runs.
+    """
+    recipe = recipe or OrganismRecipe()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = Path(out) if out is not None else workdir / "model"
+    recipe_file = workdir / "recipe.json"
+    if recipe_file.exists():
+        saved = OrganismRecipe.from_dict(json.loads(recipe_file.read_text()))
+        changed = [k for k, v in recipe.to_dict().items() if saved.to_dict().get(k) != v]
+        # the schedule's length may change on resume (e.g. to finish sooner); the data and model may not
+        allowed = {"unet_steps", "checkpoint_every", "num_inference_steps", "guidance_scale"}
+        if set(changed) - allowed:
+            raise ValueError(
+                f"--workdir {workdir}: holds a run of another recipe (differs in {', '.join(changed)}); "
+                "use another --workdir"
+            )
+    atomic_write_json(recipe_file, recipe.to_dict())
+    if data is None:
+        data = build_organism_data(recipe)
+    components = build_organism_components(recipe)
+    vae, unet, text_encoder = components["vae"], components["unet"], components["text_encoder"]
+    images = _images_tensor(data)
+    samples = torch.tensor(data.training_samples())
+    seed = recipe.seed
+    log: dict[str, list] = {"vae": [], "unet": []}
+
+    # ---- phase 1: autoencoder on random crops --------------------------------------------------
+    vae_done = workdir / "vae-final.safetensors"
+    if vae_done.is_file():
+        from safetensors.torch import load_file
+
+        vae.load_state_dict(load_file(str(vae_done)))
+        log["vae"] = json.loads((workdir / "vae-log.json").read_text())
+    else:
+        crop = min(recipe.vae_crop, recipe.image_size)
+
+        def vae_step(step: int) -> torch.Tensor:
+            g = item_generator(seed, "vae", "step", step)
+            idx = samples[_batch_indices(len(samples), recipe.vae_batch, step, seed, "vae")]
+            x = images[idx]
+            offs = torch.randint(0, recipe.image_size - crop + 1, (len(idx), 2), generator=g)
+            x = torch.stack([xi[:, a : a + crop, b : b + crop] for xi, (a, b) in zip(x, offs.tolist())])
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            rec = vae.decode(z).sample
+            return F.mse_loss(rec, x) + recipe.vae_kl_weight * post.kl().mean()
+
+        _run_phase(
+            "vae",
+            recipe,
+            workdir,
+            {"vae": vae},
+            list(vae.parameters()),
+            recipe.vae_lr,
+            recipe.vae_steps,
+            vae_step,
+            log["vae"],
+        )
+        from diffmem.io import atomic_save_tensors
+
+        atomic_write_json(workdir / "vae-log.json", log["vae"])
+        atomic_save_tensors(vae_done, vae.state_dict())
+
+    # ---- phase 2: latents of every distinct image, once ---------------------------------------
+    with torch.no_grad():
+        latents = torch.cat(
+            [vae.encode(images[i : i + 64]).latent_dist.mean for i in range(0, len(images), 64)]
+        )
+    scale = float(1.0 / latents[samples].std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+
+    # ---- phase 3: UNet + text encoder ----------------------------------------------------------
+    tokenizer, noise_sched = components["tokenizer"], components["scheduler"]
+    captions = [im.caption for im in data.images]
+    tokens = _tokenize(tokenizer, captions)
+    empty = _tokenize(tokenizer, [""])[0]
+    alphas = noise_sched.alphas_cumprod.float()
+    snap_dir = workdir / "snapshot"
+
+    def unet_step(step: int) -> torch.Tensor:
+        g = item_generator(seed, "unet", "step", step)
+        idx = samples[_batch_indices(len(samples), recipe.unet_batch, step, seed, "unet")]
+        z0 = latents[idx]
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)
+        drop = torch.rand(len(idx), generator=g) < recipe.caption_dropout
+        ids = torch.where(drop[:, None], empty[None], tokens[idx])
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        cond = text_encoder(ids)[0]
+        pred = unet(zt, t, cond).sample
+        if snapshot_every and step > 0 and step % snapshot_every == 0:
+            save_pipeline(components, snap_dir)
+        return F.mse_loss(pred, noise)
+
+    vae.requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    _run_phase(
+        "unet",
+        recipe,
+        workdir,
+        {"unet": unet, "text_encoder": text_encoder},
+        params,
+        recipe.unet_lr,
+        recipe.unet_steps,
+        unet_step,
+        log["unet"],
+    )
+    save_pipeline(components, out)
+    atomic_write_json(
+        workdir / "train-log.json", {"recipe": recipe.to_dict(), "latent_scaling_factor": scale, **log}
+    )
+    return out
