@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 
 from diffmem.attention import ATTENTION_CHOICES, attention_processors
 from diffmem.hooks.noise import capture_noise_gap
+from diffmem.modelio import check_sd_folder
 from diffmem.scores.noise_gap import window_mean
 
 #: Values of ``mitigation`` this version supports (NeMo neuron blocking and embedding optimisation come later).
@@ -125,6 +127,15 @@ class StableDiffusionMemGuardPipeline(StableDiffusionPipeline):
     """
 
     memorization_threshold: float | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``StableDiffusionPipeline.from_pretrained``, with a clear error for a local folder that is not
+        a complete Stable Diffusion model (no ``model_index.json``, a missing component)."""
+        path = str(pretrained_model_name_or_path)
+        if os.path.isabs(path) or path.startswith(".") or os.path.exists(path) or path.count("/") != 1:
+            check_sd_folder(path, argument="pretrained_model_name_or_path")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __call__(
         self,
