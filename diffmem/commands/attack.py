@@ -1,0 +1,222 @@
+"""``diffmem attack``: the Finding Dori attack on a model, a saved edited model, or a model with an edit applied."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+NAME = "attack"
+HELP = (
+    "Finding Dori (Kowalczuk et al. 2026): for each (caption, training image) optimize the text embedding "
+    "against the frozen, possibly edited model, then generate from it and measure replication."
+)
+
+
+def add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    """``--mask`` / ``--neurons``: an edit applied at run time (shared by attack and finetune)."""
+    p.add_argument(
+        "--mask", default=None, help="a WeightMask (.safetensors from diffmem prune) applied while attacking"
+    )
+    p.add_argument(
+        "--neurons", default=None, help="a NeuronSet (.json from diffmem localize) applied while attacking"
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help="Stable Diffusion folder or hub id (default: the model organism)"
+    )
+    p.add_argument(
+        "--targets",
+        required=True,
+        help="targets: an image folder with metadata.jsonl/csv, or a .csv/.jsonl/.parquet table of caption + image path",
+    )
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    add_edit_arguments(p)
+    p.add_argument("--steps", type=int, default=50, help="Adam steps on the embedding (default 50)")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate (default 0.1)")
+    p.add_argument("--batch-size", type=int, default=8, help="(noise, timestep) pairs per step (default 8)")
+    p.add_argument("--init", choices=("prompt", "gaussian"), default="prompt")
+    p.add_argument("--eps-ball", type=float, default=None, help="optional L2 bound per token on the change")
+    p.add_argument("--seeds", type=int, default=4, help="generations per target and setting (default 4)")
+    p.add_argument(
+        "--gen-steps", type=int, default=50, help="denoising steps of the generations (default 50)"
+    )
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="replication: mean SSIM over seeds above this (default 0.5)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="attack only the first N targets")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
+def load_targets(path: str, argument: str = "--targets", limit: int | None = None):
+    """(id, caption, image path) records of a targets dataset; the first bad row is an error naming it."""
+    from diffmem.data import open_dataset, split_rows
+
+    records, bad = split_rows(open_dataset(path))
+    if bad:
+        b = bad[0]
+        raise ValueError(f"{argument}: {b.source or path} row {b.row} (id {b.id}): {b.reason}: {b.detail}")
+    if not records:
+        raise ValueError(f"{argument}: {path} holds no targets")
+    return records[:limit] if limit else records
+
+
+def load_image_tensor(path, argument: str = "--targets"):
+    """An image file as a float ``[3, H, W]`` tensor in [0, 1]."""
+    import numpy as np
+    import torch
+
+    from diffmem.data import BadImageError, load_rgb
+
+    try:
+        im = load_rgb(path)
+    except BadImageError as err:
+        raise ValueError(f"{argument}: {path}: {err}") from err
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def load_edit(args: argparse.Namespace):
+    """The edit named by ``--mask`` / ``--neurons`` (None without either)."""
+    if args.mask and args.neurons:
+        from diffmem.cli import UsageError
+
+        raise UsageError("give --mask or --neurons, not both")
+    if args.mask:
+        from diffmem.localize.prune import WeightMask
+
+        return WeightMask.load(args.mask, "--mask")
+    if args.neurons:
+        from diffmem.localize.neuron_set import NeuronSet
+
+        return NeuronSet.load(args.neurons)
+    return None
+
+
+def edit_context(unet, edit):
+    """``diffmem.edit.applied`` for an edit, a no-op without one."""
+    if edit is None:
+        return contextlib.nullcontext(unet)
+    from diffmem.edit import applied
+
+    edit.validate(unet)
+    return applied(unet, edit)
+
+
+def _hwc(image):
+    return image.permute(1, 2, 0).float().numpy()
+
+
+def _row_id(record) -> str:
+    return str(record.id)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    from diffmem.attack.dori import DoriConfig, attack_target
+    from diffmem.io import atomic_save_tensors, atomic_write_json, atomic_write_text
+    from diffmem.modelio import load_pipeline
+    from diffmem.report import img_tag, table_html, write_html
+
+    targets = load_targets(args.targets, limit=args.limit)
+    edit = load_edit(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.model, StableDiffusionPipeline, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    config = DoriConfig(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        init=args.init,
+        eps_ball=args.eps_ball,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path, triggers_path = out / "results.jsonl", out / "triggers.safetensors"
+    done: dict[str, dict] = {}
+    if results_path.is_file():
+        for line in results_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["id"]] = row
+    triggers = load_file(str(triggers_path)) if triggers_path.is_file() else {}
+    images_html: dict[str, str] = {}
+    seeds = list(range(args.seeds))
+    with edit_context(pipe.unet, edit):
+        for record in tqdm(targets, desc="Dori attack", unit="target"):
+            rid = _row_id(record)
+            if rid in done:
+                continue
+            image = load_image_tensor(record.image)
+            outcome = attack_target(
+                pipe,
+                rid,
+                record.caption,
+                image,
+                config,
+                seeds=[args.seed * 1000 + s for s in seeds],
+                threshold=args.threshold,
+                num_inference_steps=args.gen_steps,
+                guidance_scale=args.guidance_scale,
+                keep_images=True,
+            )
+            done[rid] = outcome.row()
+            triggers[rid] = outcome.embeds[0].contiguous()
+            images_html[rid] = (
+                img_tag(_hwc(image), "training image")
+                + " caption: "
+                + "".join(img_tag(_hwc(im), "from the caption") for im in outcome.images_before)
+                + " trigger: "
+                + "".join(img_tag(_hwc(im), "from the trigger") for im in outcome.images_after)
+            )
+            atomic_save_tensors(triggers_path, triggers, {"format": "diffmem.dori_triggers/1"})
+            atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in done.values()))
+    rows = [done[_row_id(r)] for r in targets]
+    n = len(rows)
+    summary = {
+        "model": args.model,
+        "edit": None if edit is None else {"mask": args.mask, "neurons": args.neurons},
+        "targets": n,
+        "similarity_before_mean": sum(r["similarity_before_mean"] for r in rows) / n,
+        "similarity_after_mean": sum(r["similarity_after_mean"] for r in rows) / n,
+        "replication_rate_before": sum(r["replicated_before"] for r in rows) / n,
+        "replication_rate_after": sum(r["replicated_after"] for r in rows) / n,
+        "threshold": args.threshold,
+        "similarity": "SSIM (torchmetrics) to the training image, mean over seeds",
+        "config": config.__dict__,
+    }
+    atomic_write_json(out / "report.json", summary)
+    columns = [
+        "id",
+        "caption",
+        "initial_loss",
+        "final_loss",
+        "similarity_before_mean",
+        "similarity_after_mean",
+    ]
+    columns += ["replicated_before", "replicated_after"]
+    sections = [
+        ("Summary", table_html([{k: v for k, v in summary.items() if k not in ("config", "edit")}])),
+        ("Targets", table_html(rows, columns)),
+    ]
+    if images_html:
+        body = "".join(f"<p>{table_html([{'id': k}])}{v}</p>" for k, v in images_html.items())
+        sections.append(("Images of this run (training image, from the caption, from the trigger)", body))
+    write_html(out / "report.html", "diffmem attack", sections)
+    print(
+        f"{n} targets: replication {summary['replication_rate_before']:.2f} -> {summary['replication_rate_after']:.2f} "
+        f"(mean SSIM {summary['similarity_before_mean']:.3f} -> {summary['similarity_after_mean']:.3f}); {out}"
+    )
+    return 0

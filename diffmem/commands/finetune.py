@@ -1,0 +1,237 @@
+"""``diffmem finetune --adversarial``: fine-tune a model so that Dori triggers no longer re-create training images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "finetune"
+HELP = (
+    "Adversarial fine-tuning (Finding Dori): each round attack the current model, teach the triggers to map to "
+    "surrogate images, keep quality with the denoising loss on retain data. Resumable."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from diffmem.commands.attack import add_edit_arguments
+
+    p.add_argument(
+        "--adversarial", action="store_true", help="adversarial fine-tuning against the Dori attack"
+    )
+    p.add_argument(
+        "--model", default=None, help="Stable Diffusion folder or hub id to fine-tune (default: the organism)"
+    )
+    p.add_argument(
+        "--targets", required=True, help="memorized targets: caption + training image (folder or table)"
+    )
+    p.add_argument("--retain", required=True, help="retain data: caption + image (folder or table)")
+    p.add_argument(
+        "--out", required=True, help="output folder: checkpoints/, model/, surrogates, log (rerun to resume)"
+    )
+    add_edit_arguments(p)  # the mitigation that makes the surrogate images
+    p.add_argument(
+        "--rounds", type=int, default=5, help="rounds (one attack + step per target each; default 5)"
+    )
+    p.add_argument("--steps-per-target", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--adv-weight", type=float, default=1.0)
+    p.add_argument("--adv-batch-size", type=int, default=4)
+    p.add_argument("--retain-batch-size", type=int, default=4)
+    p.add_argument("--retain-limit", type=int, default=None, help="use only the first N retain rows")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of the full UNet")
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--attack-steps", type=int, default=50)
+    p.add_argument("--attack-lr", type=float, default=0.1)
+    p.add_argument("--attack-batch-size", type=int, default=8)
+    p.add_argument(
+        "--surrogate-steps", type=int, default=50, help="denoising steps of the surrogate generations"
+    )
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+
+
+def _encode_images(pipe, paths, argument: str, batch: int = 16):
+    import torch
+
+    from diffmem.attack.dori import encode_images
+    from diffmem.commands.attack import load_image_tensor
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out = []
+    for i in range(0, len(paths), batch):
+        imgs = []
+        for path in paths[i : i + batch]:
+            img = load_image_tensor(path, argument).unsqueeze(0)
+            if img.shape[-2:] != (size, size):
+                img = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear", antialias=True)
+            imgs.append(img)
+        out.append(encode_images(pipe.vae, torch.cat(imgs).to(pipe.device)).cpu())
+    return torch.cat(out)
+
+
+def _encode_captions(pipe, captions, batch: int = 32):
+    import torch
+
+    from diffmem.attack.dori import encode_prompts
+
+    return torch.cat(
+        [encode_prompts(pipe, captions[i : i + batch]).cpu() for i in range(0, len(captions), batch)]
+    )
+
+
+def make_surrogates(pipe, ids, captions, *, steps: int, guidance_scale: float, seed: int):
+    """Latents ``[N, C, h, w]`` of one generation per caption by ``pipe`` as it is (edit applied by the caller)."""
+    import torch
+
+    from diffmem.seeding import item_generator
+
+    out = []
+    for rid, caption in zip(ids, captions):
+        res = pipe(
+            caption,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=item_generator(seed, "surrogate", rid, device=pipe.device),
+            output_type="latent",
+        )
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    import warnings
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from diffmem.attack.dori import DoriConfig
+    from diffmem.cli import UsageError
+    from diffmem.commands.attack import edit_context, load_edit, load_targets
+    from diffmem.io import atomic_save_tensors
+    from diffmem.modelio import load_pipeline
+    from diffmem.report import img_tag, table_html, write_html
+    from diffmem.train.adversarial import (
+        AdversarialConfig,
+        AdversarialTarget,
+        RetainSet,
+        adversarial_finetune,
+        merge_lora,
+        write_log,
+    )
+
+    if not args.adversarial:
+        raise UsageError("only adversarial fine-tuning is implemented: pass --adversarial")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
+    targets = load_targets(args.targets, "--targets")
+    retain_rows = load_targets(args.retain, "--retain", limit=args.retain_limit)
+    edit = load_edit(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.model, StableDiffusionPipeline, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ids = [str(r.id) for r in targets]
+    captions = [r.caption for r in targets]
+    surrogate_file = out / "surrogates.safetensors"
+    cached = load_file(str(surrogate_file)) if surrogate_file.is_file() else {}
+    if all(i in cached for i in ids):
+        surrogates = torch.stack([cached[i] for i in ids])
+    else:
+        if edit is None:
+            warnings.warn(
+                "no --mask/--neurons: the model itself makes the surrogate images; "
+                "that is right only if --model is already a mitigated model",
+                stacklevel=1,
+            )
+        with edit_context(pipe.unet, edit):
+            surrogates = make_surrogates(
+                pipe,
+                ids,
+                captions,
+                steps=args.surrogate_steps,
+                guidance_scale=args.guidance_scale,
+                seed=args.seed,
+            )
+        atomic_save_tensors(surrogate_file, {i: s for i, s in zip(ids, surrogates)})
+    surrogates = surrogates.view(len(ids), 1, *surrogates.shape[-3:])
+    image_latents = _encode_images(pipe, [r.image for r in targets], "--targets")
+    caption_embeds = _encode_captions(pipe, captions)
+    adv_targets = [
+        AdversarialTarget(i, image_latents[k : k + 1], surrogates[k], caption_embeds[k : k + 1])
+        for k, i in enumerate(ids)
+    ]
+    retain = RetainSet(
+        _encode_images(pipe, [r.image for r in retain_rows], "--retain"),
+        _encode_captions(pipe, [r.caption for r in retain_rows]),
+    )
+    config = AdversarialConfig(
+        rounds=args.rounds,
+        steps_per_target=args.steps_per_target,
+        lr=args.lr,
+        adv_weight=args.adv_weight,
+        adv_batch_size=args.adv_batch_size,
+        retain_batch_size=args.retain_batch_size,
+        mode="lora" if args.lora else "full",
+        lora_rank=args.lora_rank,
+        dori=DoriConfig(
+            steps=args.attack_steps, lr=args.attack_lr, batch_size=args.attack_batch_size, seed=args.seed
+        ),
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+    )
+
+    def report(rnd: int, entry: dict) -> None:
+        print(
+            f"round {rnd}/{config.rounds}: loss {entry['loss']:.4f} (adversarial {entry['adv']:.4f}, "
+            f"retain {entry['retain']:.4f}), attack loss {entry['attack_final_loss']:.4f}"
+        )
+
+    log = adversarial_finetune(
+        pipe.unet,
+        pipe.scheduler,
+        adv_targets,
+        retain,
+        config,
+        checkpoint_dir=out / "checkpoints",
+        resume=not args.no_resume,
+        on_round=report,
+    )
+    if args.lora:
+        merge_lora(pipe.unet)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if (out / "model").exists():
+            shutil.rmtree(out / "model")
+        tmp.rename(out / "model")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_log(out / "train_log.json", log, config)
+    with torch.no_grad():
+        decoded = pipe.vae.decode(surrogates[:, 0].to(pipe.device) / pipe.vae.config.scaling_factor).sample
+    decoded = ((decoded.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    write_html(
+        out / "report.html",
+        "diffmem finetune --adversarial",
+        [
+            ("Rounds", table_html(log.rounds)),
+            (
+                "Surrogate images (made once by the mitigated model)",
+                "".join(
+                    f"<p>{table_html([{'id': i, 'caption': c}])}{img_tag(d, 'surrogate')}</p>"
+                    for i, c, d in zip(ids, captions, decoded)
+                ),
+            ),
+        ],
+    )
+    print(f"fine-tuned model: {out / 'model'}")
+    return 0
