@@ -247,16 +247,16 @@ def generate_from_embeds(
 
 
 def ssim_similarity(generated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """SSIM (torchmetrics) of each generated image ``[N, 3, H, W]`` to one reference ``[3, H', W']``, in [0, 1] space."""
+    """SSIM (:func:`diffmem.scores.similarity.ssim`) of each generated image ``[N, 3, H, W]`` to one reference ``[3, H', W']``."""
     import torch.nn.functional as F
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    from diffmem.scores.similarity import ssim
 
     ref = reference.float().unsqueeze(0)
     gen = generated.float()
     if gen.shape[-2:] != ref.shape[-2:]:
         ref = F.interpolate(ref, size=gen.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
-    ref = ref.expand(gen.shape[0], -1, -1, -1)
-    return ssim(gen, ref, data_range=1.0, reduction="none")
+    return ssim(gen, ref.expand(gen.shape[0], -1, -1, -1).contiguous())
 
 
 @dataclass
