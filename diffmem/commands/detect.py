@@ -1,0 +1,242 @@
+"""``diffmem detect``: score prompts for memorization from the first denoising step(s), without generating images.
+
+Prompts come from a ``.txt`` file (one per line; blank lines are skipped) or a ``.jsonl`` / ``.csv``
+table with a caption column. Scores are written as JSONL or CSV (by the ``--out`` suffix), atomically
+after every chunk, so an interrupted run resumes where it stopped. With ``--labels COLUMN`` (1 =
+memorized) it prints AUC, TPR@1%FPR, accuracy and the threshold (Wen et al.'s definitions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+NAME = "detect"
+HELP = "Score prompts for memorization from the first denoising step(s) (Wen et al.'s noise gap)."
+
+_TRUE = {"1", "true", "yes", "memorized", "mem", "vm", "tm"}
+_FALSE = {"0", "false", "no", "not_memorized", "non_memorized", "clean"}
+SETTINGS = ("model_fingerprint", "num_gens", "window", "num_inference_steps", "guidance_scale", "seed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="Stable Diffusion folder or hub id (default: the model organism)"
+    )
+    parser.add_argument("--prompts", required=True, help="prompts: .txt (one per line), .jsonl or .csv")
+    parser.add_argument("--out", required=True, help="results file: .jsonl or .csv (resumed if it exists)")
+    parser.add_argument(
+        "--caption-column", default="caption", help="caption column of a .jsonl/.csv (default: caption)"
+    )
+    parser.add_argument(
+        "--id-column", default=None, help="id column (default: the row number); ids seed the noise"
+    )
+    parser.add_argument(
+        "--labels", default=None, metavar="COLUMN", help="label column (1/true = memorized): calibrate"
+    )
+    parser.add_argument(
+        "--num-gens", type=int, default=4, help="generations (noise draws) per prompt (default 4)"
+    )
+    parser.add_argument("--start", type=int, default=0, help="first step of the window (default 0)")
+    parser.add_argument(
+        "--steps", type=int, default=1, help="end of the step window, exclusive (default 1: first step)"
+    )
+    parser.add_argument(
+        "--num-inference-steps", type=int, default=50, help="length of the schedule (default 50)"
+    )
+    parser.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per UNet batch (default 8)")
+    parser.add_argument(
+        "--chunk", type=int, default=64, help="prompts between two writes of --out (default 64)"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers", "naive"])
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parse_label(value, where: str) -> int:
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return 1
+    if text in _FALSE:
+        return 0
+    raise ValueError(f"{where}: label {value!r} is not a 0/1 (or true/false) value")
+
+
+def read_prompts(
+    path: str | Path,
+    caption_column: str = "caption",
+    id_column: str | None = None,
+    label_column: str | None = None,
+) -> list[dict]:
+    """Rows ``{"id", "prompt"[, "label"]}`` from a .txt, .jsonl or .csv file; errors name the file and row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts: {path} does not exist")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".txt":
+        if id_column or label_column:
+            raise ValueError(
+                "--prompts: a .txt file has no columns; use .jsonl or .csv for --id-column/--labels"
+            )
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        rows = [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)]
+        if not rows:
+            raise ValueError(f"--prompts: {path} has no prompts")
+        return rows
+    if suffix == ".jsonl":
+        raw = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--prompts: {path} line {n} is not valid JSON ({err})") from err
+            if not isinstance(obj, dict):
+                raise ValueError(f"--prompts: {path} line {n} is not a JSON object")
+            raw.append((f"{path} line {n}", obj))
+    elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        raw = [(f"{path} row {n}", row) for n, row in enumerate(reader, start=2)]
+    else:
+        raise ValueError(f"--prompts: {path} has suffix {path.suffix!r} (expected .txt, .jsonl or .csv)")
+    if not raw:
+        raise ValueError(f"--prompts: {path} has no rows")
+    rows, seen = [], set()
+    for i, (where, obj) in enumerate(raw):
+        for column, flag in (
+            (caption_column, "--caption-column"),
+            (id_column, "--id-column"),
+            (label_column, "--labels"),
+        ):
+            if column is not None and column not in obj:
+                raise ValueError(f"{where}: no column {column!r} ({flag}); columns are {sorted(obj)}")
+        prompt = obj[caption_column]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: empty caption in column {caption_column!r}")
+        row = {"id": str(obj[id_column]) if id_column else str(i), "prompt": prompt.strip()}
+        if row["id"] in seen:
+            raise ValueError(f"{where}: duplicate id {row['id']!r} in column {id_column!r}")
+        seen.add(row["id"])
+        if label_column is not None:
+            row["label"] = _parse_label(obj[label_column], where)
+        rows.append(row)
+    return rows
+
+
+def read_results(path: Path) -> list[dict]:
+    """Rows already in ``--out`` (JSONL or CSV), for resuming."""
+    if not path.exists():
+        return []
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+        for row in rows:
+            for key in ("scores", "window"):
+                row[key] = json.loads(row[key])
+            for key in ("num_gens", "num_inference_steps", "seed"):
+                row[key] = int(row[key])
+            row["score"], row["guidance_scale"] = float(row["score"]), float(row["guidance_scale"])
+            if row.get("label") not in (None, ""):
+                row["label"] = int(row["label"])
+            else:
+                row.pop("label", None)
+        return rows
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    from diffmem.io import atomic_write_text
+
+    if path.suffix.lower() == ".csv":
+        buf = io.StringIO()
+        fields = ["id", "prompt", "score", "scores", "label", *SETTINGS]
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "scores": json.dumps(row["scores"]), "window": json.dumps(row["window"])})
+        atomic_write_text(path, buf.getvalue())
+    else:
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffmem.detect import calibrate, score_prompts
+    from diffmem.modelio import load_pipeline, model_fingerprint
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".jsonl", ".csv"):
+        raise ValueError(f"--out: {out} must end in .jsonl or .csv")
+    for name in ("num_gens", "steps", "num_inference_steps", "batch_size", "chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(
+                f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}"
+            )
+    if not 0 <= args.start < args.steps <= args.num_inference_steps:
+        raise ValueError(
+            f"--start/--steps: expected 0 <= start < steps <= --num-inference-steps={args.num_inference_steps}, "
+            f"got start={args.start}, steps={args.steps}"
+        )
+    rows = read_prompts(args.prompts, args.caption_column, args.id_column, args.labels)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.model, device=device)
+    settings = {
+        "model_fingerprint": model_fingerprint(pipe.unet),
+        "num_gens": args.num_gens,
+        "window": [args.start, args.steps],
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+    }
+    done = {}
+    for row in read_results(out):
+        if any(row.get(k) != v for k, v in settings.items()):
+            raise ValueError(
+                f"--out: {out} holds results made with other settings ({ {k: row.get(k) for k in SETTINGS} }); "
+                "use another --out or delete it"
+            )
+        done[row["id"]] = row
+    todo = [r for r in rows if r["id"] not in done]
+    if done:
+        print(f"resuming: {len(done)} of {len(rows)} prompts already scored in {out}")
+    from tqdm.auto import tqdm
+
+    with tqdm(
+        total=len(rows), initial=len(rows) - len(todo), desc="detect", unit="prompt", disable=args.no_progress
+    ) as bar:
+        for c in range(0, len(todo), args.chunk):
+            part = todo[c : c + args.chunk]
+            scores = score_prompts(
+                pipe,
+                [r["prompt"] for r in part],
+                num_gens=args.num_gens,
+                window=(args.start, args.steps),
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                seed=args.seed,
+                item_ids=[r["id"] for r in part],
+                batch_size=args.batch_size,
+                progress=False,
+                attention=args.attention,
+            )
+            for r, s in zip(part, scores.tolist()):
+                done[r["id"]] = {**r, "score": sum(s) / len(s), "scores": s, **settings}
+            write_results(out, [done[r["id"]] for r in rows if r["id"] in done])
+            bar.update(len(part))
+    print(f"wrote {len(rows)} scores to {out}")
+    if args.labels is not None:
+        metrics = calibrate([done[r["id"]]["score"] for r in rows], [r["label"] for r in rows])
+        print(
+            f"AUC {metrics.auc:.4f}  TPR@1%FPR {metrics.tpr_at_1pct_fpr:.4f}  accuracy {metrics.accuracy:.4f}  "
+            f"threshold {metrics.threshold:.6g}  ({metrics.n_positive} memorized, {metrics.n_negative} not)"
+        )
+    return 0
