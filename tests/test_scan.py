@@ -202,20 +202,16 @@ def test_two_stage_generates_only_the_top_fraction(reference, planted, tiny_sd1_
 
 def test_scores_only_mode_reads_caption_tables(tmp_path, tiny_sd1_dir):
     table = tmp_path / "captions.csv"
-    table.write_text("id,caption\na,one caption\nb,\nc,another caption\na,dup\n")
-    cfg = ScanConfig(
-        data=str(table),
-        out=str(tmp_path / "o"),
-        model=str(tiny_sd1_dir),
-        generate="none",
-        progress=False,
-        **SCAN,
-    )
+    table.write_text("id,caption\na,one caption\nb,\nc,another caption\na,dup\nd,one caption\n")
+    common = dict(model=str(tiny_sd1_dir), generate="none", progress=False, **SCAN)
+    cfg = ScanConfig(data=str(table), out=str(tmp_path / "o"), **common)
     summary = run_scan(cfg, pipe=_pipe(tiny_sd1_dir))
-    assert summary["captions_scored"] == 2 and summary["bad_rows_by_reason"] == {
-        "duplicate_id": 1,
-        "empty_caption": 1,
-    }
+    assert summary["bad_rows_by_reason"] == {"duplicate_id": 1, "empty_caption": 1}
+    # "d" repeats the caption of "a": scored once, at its first row
+    assert summary["captions_scored"] == 2 and summary["usable_rows_not_scored"] == 1
+    assert load_results(tmp_path / "o")["scores"].column("id").to_pylist() == ["a", "c"]
+    every = ScanConfig(data=str(table), out=str(tmp_path / "all"), unique_captions=False, **common)
+    assert run_scan(every, pipe=_pipe(tiny_sd1_dir))["captions_scored"] == 3
     assert "generations" not in summary and (tmp_path / "o" / "report.html").is_file()
 
 

@@ -108,6 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="convert CMYK and 16-bit images instead of setting them aside",
     )
+    d.add_argument(
+        "--all-rows",
+        action="store_true",
+        help="score and generate for every row (default: once per distinct caption, at its first usable row)",
+    )
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-progress", action="store_true")
 
@@ -148,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         label_column=args.label_column,
         convert_modes=args.convert_modes,
+        unique_captions=not args.all_rows,
         report=not args.no_report,
         progress=not args.no_progress,
     )

@@ -101,6 +101,8 @@ def write_summary(cfg, out: Path, describe: dict, image_bad: list[dict]) -> dict
     summary["bad_rows_by_reason"] = dict(sorted(Counter(b["reason"] for b in bad_all).items()))
     n_scored = scores.num_rows if scores is not None else 0
     summary["captions_scored"] = n_scored
+    summary["unique_captions"] = cfg.unique_captions
+    summary["usable_rows_not_scored"] = catalog_rows - len(image_bad) - n_scored  # rows repeating a caption
     score_vals = scores.column("score").to_numpy() if n_scored else np.zeros(0)
     summary.update(similarity_stats(score_vals, "score"))
 

@@ -63,6 +63,7 @@ class ScanConfig:
     image_column: str | None = None
     label_column: str | None = None
     convert_modes: bool = False
+    unique_captions: bool = True  # score and generate once per distinct caption (its first usable row)
     report: bool = True
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -343,8 +344,29 @@ def compute_background(cfg: ScanConfig, out: Path, train: TrainingSet) -> None:
     atomic_write(path, write)
 
 
+def eligible_rows(cfg: ScanConfig, catalog: Catalog, skip_rows: set[int]) -> set[int] | None:
+    """Rows to score: with ``unique_captions``, the first usable row of each distinct caption (a caption
+    shared by many training images is generated once); ``None`` = every usable row."""
+    if not cfg.unique_captions:
+        return None
+    seen: set[str] = set()
+    keep: set[int] = set()
+    for row, caption in zip(catalog.column("row"), catalog.column("caption")):
+        if row in skip_rows or caption in seen:
+            continue
+        seen.add(caption)
+        keep.add(row)
+    return keep
+
+
 def score_shards(
-    cfg: ScanConfig, out: Path, catalog: Catalog, pipe, skip_rows: set[int], procs: _Procs
+    cfg: ScanConfig,
+    out: Path,
+    catalog: Catalog,
+    pipe,
+    skip_rows: set[int],
+    eligible: set[int] | None,
+    procs: _Procs,
 ) -> None:
     """First-step memorization scores (Wen et al.) of every usable caption, one shard file each."""
     import pyarrow as pa
@@ -364,7 +386,11 @@ def score_shards(
     )
     todo = [k for k in procs.mine(catalog.n_shards) if not store.done(k)]
     for k in _bar(todo, len(todo), "first-step scores", cfg.progress and procs.main):
-        rows = [r for r in catalog.shard(k, ["row", "id", "caption", "label"]) if r["row"] not in skip_rows]
+        rows = [
+            r
+            for r in catalog.shard(k, ["row", "id", "caption", "label"])
+            if r["row"] not in skip_rows and (eligible is None or r["row"] in eligible)
+        ]
         table_rows = []
         if rows:
             scores = score_prompts(
@@ -592,7 +618,7 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
         timings["embed_index_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    score_shards(cfg, out, catalog, pipe, skip, procs)
+    score_shards(cfg, out, catalog, pipe, skip, eligible_rows(cfg, catalog, skip), procs)
     procs.barrier()
     timings["score_s"] = time.perf_counter() - t
 
