@@ -8,7 +8,8 @@ NAME = "scan"
 HELP = (
     "Scan a training set for replication: first-step memorization score of every caption, generations "
     "(all or the top fraction by score), nearest training image of each, dataset summary and HTML report. "
-    "Resumable; split over processes with `accelerate launch --num_processes N -m diffmem scan ...`."
+    "Resumable; split over processes with `accelerate launch --num_processes N -m diffmem scan ...` (one per GPU; on a CPU-only "
+    "machine add --multi_gpu, which then runs N CPU processes over gloo)."
 )
 
 

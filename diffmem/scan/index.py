@@ -40,6 +40,7 @@ class FaissIndex:
         nprobe: int = 16,
         seed: int = 0,
         use_gpu: bool | None = None,
+        gpu_device: int | None = None,
     ):
         faiss = _faiss()
         if faiss is None:
@@ -65,8 +66,13 @@ class FaissIndex:
         self.on_gpu = False
         if use_gpu is None:
             use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-        if use_gpu and hasattr(faiss, "index_cpu_to_all_gpus"):
-            index = faiss.index_cpu_to_all_gpus(index)
+        if use_gpu and hasattr(faiss, "StandardGpuResources"):
+            # one GPU per process under accelerate (gpu_device = the process's device), else all of them
+            if gpu_device is not None:
+                self._resources = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(self._resources, gpu_device, index)
+            else:
+                index = faiss.index_cpu_to_all_gpus(index)
             self.on_gpu = True
         index.add(vectors)
         self.index = index
@@ -113,11 +119,16 @@ class TorchIndex:
         return np.concatenate(out_s), np.concatenate(out_i)
 
 
-def build_index(vectors: np.ndarray, kind: str = "flat", **kwargs):
+def build_index(vectors: np.ndarray, kind: str = "flat", device=None, **kwargs):
     """A ``FaissIndex`` (``flat`` / ``ivf`` / ``auto``), or a ``TorchIndex`` for ``kind="torch"`` or
-    when faiss is missing and exact search was asked for."""
+    when faiss is missing and exact search was asked for. ``device``: the process's torch device; a
+    CUDA device puts the index on that GPU (faiss-gpu, or the torch search)."""
+    device = torch.device(device) if device is not None else None
+    cuda = device is not None and device.type == "cuda"
     if kind == "torch" or (_faiss() is None and kind in ("flat", "auto")):
-        return TorchIndex(vectors)
+        return TorchIndex(vectors, device=str(device) if cuda else None)
+    if cuda:
+        kwargs.setdefault("gpu_device", device.index or 0)
     return FaissIndex(vectors, kind=kind, **kwargs)
 
 

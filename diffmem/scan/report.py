@@ -23,9 +23,10 @@ def _training_image(path: str | None, size: tuple[int, int]):
 def _offenders_html(
     out: Path, gens, catalog_images: dict[int, str], captions: dict[int, str], n: int, thr: dict
 ) -> str:
+    import pyarrow.compute as pc
     from PIL import Image
 
-    rows = [r for r in gens.to_pylist() if r["image_file"]]
+    rows = gens.filter(pc.is_valid(gens["image_file"])).to_pylist()
     rows.sort(key=lambda r: (-(r["similarity"] if r["similarity"] is not None else -2), r["row"], r["gen"]))
     cells = []
     for r in rows[:n]:

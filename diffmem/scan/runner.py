@@ -291,7 +291,7 @@ def embed_training_shards(cfg: ScanConfig, out: Path, catalog: Catalog, embedder
 class TrainingSet:
     """All training descriptors in memory (``(n, d)`` float32) with their catalog rows, and the index."""
 
-    def __init__(self, cfg: ScanConfig, out: Path, catalog: Catalog):
+    def __init__(self, cfg: ScanConfig, out: Path, catalog: Catalog, device=None):
         store = ShardStore(out, "train", ".npz")
         embs, rows, bad = [], [], []
         for k in range(catalog.n_shards):
@@ -316,7 +316,9 @@ class TrainingSet:
         if len(self.vectors):
             from diffmem.scan.index import build_index
 
-            self.index = build_index(self.vectors, kind=cfg.index, nprobe=cfg.nprobe, seed=cfg.seed)
+            self.index = build_index(
+                self.vectors, kind=cfg.index, device=device, nprobe=cfg.nprobe, seed=cfg.seed
+            )
 
 
 def _id_lookup(catalog: Catalog) -> dict[int, str]:
@@ -611,7 +613,7 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
         t = time.perf_counter()
         embed_training_shards(cfg, out, catalog, embedder, procs)
         procs.barrier()
-        train = TrainingSet(cfg, out, catalog)
+        train = TrainingSet(cfg, out, catalog, device=procs.device)
         skip = train.bad_rows
         if procs.main:
             compute_background(cfg, out, train)
