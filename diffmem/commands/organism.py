@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unet-steps", type=int, default=None, help="override the recipe's UNet steps")
     p.add_argument("--vae-steps", type=int, default=None, help="override the recipe's autoencoder steps")
+    p.add_argument(
+        "--only",
+        choices=["vae", "decoder", "unet"],
+        default=None,
+        help="run only this phase (decoder and unet may run side by side in two processes)",
+    )
     p.add_argument("--snapshot-every", type=int, default=None, help="also save the pipeline every N steps")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)"
@@ -59,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
             recipe = recipe.with_(unet_steps=args.unet_steps)
         if args.vae_steps is not None:
             recipe = recipe.with_(vae_steps=args.vae_steps)
-        out = train_organism(recipe, args.workdir, args.out, snapshot_every=args.snapshot_every)
+        out = train_organism(
+            recipe, args.workdir, args.out, snapshot_every=args.snapshot_every, only=args.only
+        )
         print(f"organism saved to {out}")
         return 0
     if args.organism_command == "eval":

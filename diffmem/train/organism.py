@@ -5,6 +5,8 @@ Phases (each checkpointed under ``<workdir>/checkpoints/<phase>/`` and resumed a
 1. ``vae``: ``AutoencoderKL`` (factor 4) on random crops of the training samples, loss
    ``MSE(x, D(z)) + w_KL * KL(q(z|x) || N(0, I))``.
 2. latents: every distinct image encoded once (posterior mean); ``scaling_factor`` = 1 / std.
+2b. ``decoder``: the decoder alone, ``|x - D(z)|_1 + MSE(x, D(z))`` on the fixed latents (sharper
+   images; the latent space the UNet learns is unchanged, so this phase may also run in parallel).
 3. ``unet``: ``UNet2DConditionModel`` and ``CLIPTextModel`` jointly, epsilon prediction,
    ``|| eps - eps_theta(sqrt(a_t) z + sqrt(1 - a_t) eps, t, c) ||^2`` with 10 % empty captions.
 
@@ -246,12 +248,18 @@ def train_organism(
     out: str | os.PathLike | None = None,
     data: OrganismData | None = None,
     snapshot_every: int | None = None,
+    only: str | None = None,
 ) -> Path:
     """Train (or resume) the organism in ``workdir``; save the pipeline to ``out`` (default ``workdir/model``).
 
     ``snapshot_every``: also save the pipeline every that many UNet steps (to ``workdir/snapshot``),
-    so memorization can be measured while training runs.
+    so memorization can be measured while training runs. ``only``: ``"vae"``, ``"decoder"`` or ``"unet"``
+    runs just that phase (after the autoencoder, which both others need): the decoder and UNet
+    phases depend only on the autoencoder, so two processes may run them side by side; a final
+    run without ``only`` then assembles the pipeline from the finished phases.
     """
+    if only not in (None, "vae", "decoder", "unet"):
+        raise ValueError(f"only: expected vae, decoder or unet, got {only!r}")
     recipe = recipe or OrganismRecipe()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +283,7 @@ def train_organism(
     images = _images_tensor(data)
     samples = torch.tensor(data.training_samples())
     seed = recipe.seed
-    log: dict[str, list] = {"vae": [], "unet": []}
+    log: dict[str, list] = {"vae": [], "decoder": [], "unet": []}
 
     # ---- phase 1: autoencoder on random crops --------------------------------------------------
     vae_done = workdir / "vae-final.safetensors"
@@ -314,11 +322,61 @@ def train_organism(
         atomic_write_json(workdir / "vae-log.json", log["vae"])
         atomic_save_tensors(vae_done, vae.state_dict())
 
+    if only == "vae":
+        return vae_done
+
     # ---- phase 2: latents of every distinct image, once ---------------------------------------
+    vae.eval()
     with torch.no_grad():
         latents = torch.cat(
             [vae.encode(images[i : i + 64]).latent_dist.mean for i in range(0, len(images), 64)]
         )
+
+    # ---- phase 2b: decoder alone on the fixed latents ------------------------------------------
+    decoder_done = workdir / "decoder-final.safetensors"
+    decoder = torch.nn.ModuleDict({"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder})
+    if decoder_done.is_file():
+        from safetensors.torch import load_file
+
+        decoder.load_state_dict(load_file(str(decoder_done)))
+        log["decoder"] = json.loads((workdir / "decoder-log.json").read_text())
+    elif recipe.decoder_steps > 0 and only != "unet":
+        factor = recipe.image_size // latents.shape[-1]
+        lcrop = max(1, min(recipe.decoder_crop, recipe.image_size) // factor)
+
+        def decoder_step(step: int) -> torch.Tensor:
+            g = item_generator(seed, "decoder", "step", step)
+            idx = samples[_batch_indices(len(samples), recipe.vae_batch, step, seed, "decoder")].tolist()
+            offs = torch.randint(0, latents.shape[-1] - lcrop + 1, (len(idx), 2), generator=g).tolist()
+            z = torch.stack([latents[i, :, a : a + lcrop, b : b + lcrop] for i, (a, b) in zip(idx, offs)])
+            x = torch.stack(
+                [
+                    images[i, :, a * factor : (a + lcrop) * factor, b * factor : (b + lcrop) * factor]
+                    for i, (a, b) in zip(idx, offs)
+                ]
+            )
+            rec = vae.decode(z).sample
+            return F.l1_loss(rec, x) + F.mse_loss(rec, x)
+
+        vae.requires_grad_(False)
+        decoder.requires_grad_(True)
+        _run_phase(
+            "decoder",
+            recipe,
+            workdir,
+            {"decoder": decoder},
+            list(decoder.parameters()),
+            recipe.vae_lr,
+            recipe.decoder_steps,
+            decoder_step,
+            log["decoder"],
+        )
+        from diffmem.io import atomic_save_tensors
+
+        atomic_write_json(workdir / "decoder-log.json", log["decoder"])
+        atomic_save_tensors(decoder_done, decoder.state_dict())
+    if only == "decoder":
+        return decoder_done
     scale = float(1.0 / latents[samples].std())
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
@@ -360,6 +418,9 @@ def train_organism(
         unet_step,
         log["unet"],
     )
+    if only == "unet" or (recipe.decoder_steps > 0 and not decoder_done.is_file()):
+        print(f"[organism] UNet phase done; run without --only to assemble the pipeline in {out}", flush=True)
+        return workdir
     save_pipeline(components, out)
     atomic_write_json(
         workdir / "train-log.json", {"recipe": recipe.to_dict(), "latent_scaling_factor": scale, **log}
