@@ -1,0 +1,284 @@
+"""Measured ground truth of the organism: replication per caption role and Wen et al.'s detection.
+
+One pass of the guarded pipeline per (caption, seed) gives both the image (replication, against
+the nearest training image by SSIM, ``diffmem.organism.replication``) and the per-step noise gaps,
+from which the first-step, first-10-steps and all-steps scores of Wen et al. (ICLR 2024) are read.
+Starting noise of generation ``j`` of a caption comes from ``item_generator(seed, caption, j)``,
+so results do not depend on batching.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages
+
+#: Score windows reported: (name, start, end) with end=None for all steps.
+WINDOWS: tuple[tuple[str, int, int | None], ...] = (
+    ("first_step", 0, 1),
+    ("first_10", 0, 10),
+    ("all_steps", 0, None),
+)
+
+
+@dataclass
+class Generation:
+    """One generated image of one caption, measured."""
+
+    caption: str
+    role: str
+    seed_index: int
+    scores: dict  # window name -> Wen et al.'s score
+    nearest_id: str
+    nearest_role: str
+    nearest_caption: str
+    nearest_ssim: float
+    own_id: str | None  # the caption's most similar own training image (None: held-out)
+    own_ssim: float | None
+    replicates_own: bool
+    replicates_any: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def generate_and_measure(
+    pipe,
+    captions: Sequence[tuple[str, str]],
+    training: TrainingImages,
+    num_gens: int = 4,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 4,
+    threshold: float = REPLICATION_THRESHOLD,
+    progress: bool = True,
+) -> tuple[list[Generation], np.ndarray]:
+    """Generate ``num_gens`` images per ``(caption, role)`` with the guarded pipeline and measure each.
+
+    Returns the measurements and the images (``N x H x W x 3`` float in [0, 1], caption-major).
+    """
+    from tqdm.auto import tqdm
+
+    from diffmem.detect import initial_latents
+    from diffmem.scores.noise_gap import window_mean
+    from diffmem.scores.similarity import ssim
+
+    if not hasattr(type(pipe), "_empty_prompt_embeds"):
+        raise ValueError(
+            "pipe: expected diffmem's StableDiffusionMemGuardPipeline (it returns the step scores)"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    gens: list[Generation] = []
+    images: list[np.ndarray] = []
+    bar = tqdm(total=len(captions), desc="generating", unit="caption", disable=not progress)
+    for b in range(0, len(captions), batch_size):
+        chunk = list(captions[b : b + batch_size])
+        prompts = [c for c, _ in chunk]
+        latents = initial_latents(pipe, prompts, num_gens, seed)
+        with torch.no_grad():
+            out = pipe(
+                prompts,
+                num_images_per_prompt=num_gens,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                latents=latents,
+                output_type="np",
+                return_step_scores=True,
+            )
+        imgs = np.asarray(out.images, dtype=np.float32)
+        steps = out.memorization_step_scores
+        window_scores = {name: window_mean(steps, s, e) for name, s, e in WINDOWS}
+        own_captions = [c if r != "heldout" else None for c, r in chunk for _ in range(num_gens)]
+        nearest = training.nearest(imgs, captions=own_captions)
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
+        for k, match in enumerate(nearest):
+            caption, role = chunk[k // num_gens]
+            own_idx = training.indices_of_caption(caption) if role != "heldout" else []
+            own_id, own_ssim = None, None
+            if own_idx:
+                s = ssim(x[k : k + 1].expand(len(own_idx), -1, -1, -1), training.pixels[own_idx])
+                j = int(s.argmax())
+                own_id, own_ssim = training.ids[own_idx[j]], float(s[j])
+            gens.append(
+                Generation(
+                    caption=caption,
+                    role=role,
+                    seed_index=k % num_gens,
+                    scores={name: float(v[k]) for name, v in window_scores.items()},
+                    nearest_id=match.id,
+                    nearest_role=match.role,
+                    nearest_caption=match.caption,
+                    nearest_ssim=match.ssim,
+                    own_id=own_id,
+                    own_ssim=own_ssim,
+                    replicates_own=own_ssim is not None and own_ssim >= threshold,
+                    replicates_any=match.ssim >= threshold,
+                )
+            )
+        images.append(imgs)
+        bar.update(len(chunk))
+    bar.close()
+    return gens, np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.float32)
+
+
+def per_caption(gens: Sequence[Generation]) -> list[dict]:
+    """One row per caption: role, mean scores over its generations, replication counts."""
+    rows: dict[str, dict] = {}
+    for g in gens:
+        r = rows.setdefault(
+            g.caption,
+            {
+                "caption": g.caption,
+                "role": g.role,
+                "n": 0,
+                "replicated_own": 0,
+                "replicated_any": 0,
+                "scores": {},
+                "max_nearest_ssim": 0.0,
+                "mean_own_ssim": [],
+            },
+        )
+        r["n"] += 1
+        r["replicated_own"] += int(g.replicates_own)
+        r["replicated_any"] += int(g.replicates_any)
+        r["max_nearest_ssim"] = max(r["max_nearest_ssim"], g.nearest_ssim)
+        if g.own_ssim is not None:
+            r["mean_own_ssim"].append(g.own_ssim)
+        for name, v in g.scores.items():
+            r["scores"].setdefault(name, []).append(v)
+    for r in rows.values():
+        r["scores"] = {k: float(np.mean(v)) for k, v in r["scores"].items()}
+        r["mean_own_ssim"] = float(np.mean(r["mean_own_ssim"])) if r["mean_own_ssim"] else None
+    return list(rows.values())
+
+
+def summarize(gens: Sequence[Generation], threshold: float = REPLICATION_THRESHOLD) -> dict:
+    """The organism's targets: replication per role and detection metrics per window (Wen et al.)."""
+    from diffmem.scores.detection import detection_metrics
+
+    rows = per_caption(gens)
+    by_role = {
+        role: [r for r in rows if r["role"] == role]
+        for role in ("verbatim", "template", "generic", "heldout")
+    }
+    summary: dict = {"replication_threshold": threshold, "captions": {k: len(v) for k, v in by_role.items()}}
+    v, h = by_role["verbatim"], by_role["heldout"]
+    if v:
+        summary["verbatim_replicated_3of4"] = sum(r["replicated_own"] >= 0.75 * r["n"] for r in v) / len(v)
+        summary["verbatim_seed_replication_rate"] = sum(r["replicated_own"] for r in v) / sum(
+            r["n"] for r in v
+        )
+    if h:
+        summary["heldout_no_replication"] = sum(r["replicated_any"] == 0 for r in h) / len(h)
+    for role in ("template", "generic"):
+        if by_role[role]:
+            rs = by_role[role]
+            summary[f"{role}_seed_replication_rate"] = sum(r["replicated_own"] for r in rs) / sum(
+                r["n"] for r in rs
+            )
+            summary[f"{role}_seed_replicates_any_rate"] = sum(r["replicated_any"] for r in rs) / sum(
+                r["n"] for r in rs
+            )
+    detection: dict = {}
+    for name, _, _ in WINDOWS:
+        for pos in ("verbatim", "template", "generic"):
+            if by_role[pos] and h:
+                scores = [r["scores"][name] for r in by_role[pos] + h]
+                labels = [1] * len(by_role[pos]) + [0] * len(h)
+                detection.setdefault(name, {})[f"{pos}_vs_heldout"] = detection_metrics(
+                    scores, labels
+                ).to_dict()
+    summary["detection"] = detection
+    populations = {
+        "verbatim_own_ssim": [g.own_ssim for g in gens if g.role == "verbatim"],
+        "template_own_ssim": [g.own_ssim for g in gens if g.role == "template"],
+        "generic_nearest_ssim": [g.nearest_ssim for g in gens if g.role == "generic"],
+        "heldout_nearest_ssim": [g.nearest_ssim for g in gens if g.role == "heldout"],
+    }
+    summary["ssim_quantiles"] = {
+        k: {q: float(np.quantile(vals, float(q))) for q in ("0.0", "0.1", "0.5", "0.9", "1.0")}
+        for k, vals in populations.items()
+        if vals
+    }
+    return summary
+
+
+def summary_text(summary: dict) -> str:
+    """A few lines for the terminal."""
+    lines = [f"replication: SSIM >= {summary['replication_threshold']:.2f} at the generated size"]
+    if "verbatim_replicated_3of4" in summary:
+        lines.append(
+            f"  verbatim captions replicated in >= 3 of 4 seeds: {summary['verbatim_replicated_3of4']:.0%} "
+            f"(seeds: {summary['verbatim_seed_replication_rate']:.0%})"
+        )
+    if "heldout_no_replication" in summary:
+        lines.append(f"  held-out captions with no replicating seed: {summary['heldout_no_replication']:.0%}")
+    for name, d in summary.get("detection", {}).items():
+        for pair, m in d.items():
+            lines.append(f"  {name:10s} {pair:20s} AUC {m['auc']:.3f}  TPR@1%FPR {m['tpr_at_1pct_fpr']:.2f}")
+    return "\n".join(lines)
+
+
+def evaluation_captions(
+    data, roles: Sequence[str] = ("verbatim", "template", "heldout", "generic")
+) -> list[tuple[str, str]]:
+    return [(c, role) for role in roles for c in data.captions(role)]
+
+
+def run_evaluation(
+    model: str | os.PathLike | None,
+    out: str | os.PathLike,
+    seeds: int = 4,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    roles: Sequence[str] = ("verbatim", "template", "heldout", "generic"),
+) -> dict:
+    """Load the organism, generate and measure every caption of ``roles``; write ``results.json``,
+    ``generations.jsonl`` and ``images.npz`` to ``out`` atomically. Returns the results."""
+    from diffmem.io import atomic_write_json, atomic_write_text
+    from diffmem.modelio import load_pipeline
+    from diffmem.organism.data import build_organism_data
+    from diffmem.organism.recipe import OrganismRecipe
+
+    recipe = OrganismRecipe()
+    pipe = load_pipeline(model)
+    data = build_organism_data(recipe)
+    training = TrainingImages.from_data(data)
+    captions = evaluation_captions(data, roles)
+    gens, images = generate_and_measure(
+        pipe,
+        captions,
+        training,
+        num_gens=seeds,
+        num_inference_steps=steps or recipe.num_inference_steps,
+        guidance_scale=recipe.guidance_scale if guidance_scale is None else guidance_scale,
+        seed=recipe.seed,
+    )
+    summary = summarize(gens)
+    results = {
+        "model": str(model) if model else "default (diffmem-organism-v1)",
+        "num_inference_steps": steps or recipe.num_inference_steps,
+        "guidance_scale": recipe.guidance_scale if guidance_scale is None else guidance_scale,
+        "seeds": seeds,
+        "summary": summary,
+        "captions": per_caption(gens),
+        "summary_text": summary_text(summary),
+    }
+    out = Path(out)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "generations.jsonl", "".join(json.dumps(g.to_dict()) + "\n" for g in gens))
+    from diffmem.io import atomic_write
+
+    atomic_write(
+        out / "images.npz",
+        lambda tmp: np.savez_compressed(open(tmp, "wb"), images=(images * 255).round().astype(np.uint8)),
+    )
+    return results
