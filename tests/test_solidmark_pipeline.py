@@ -186,6 +186,16 @@ def test_passed_mitigations_are_really_applied_and_undone(pipes):
         assert (edited - plain).abs().max() > 1e-3, edit
         assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in state.items())
     torch.testing.assert_close(frames([]), plain, atol=0, rtol=0)
+
+    # a prompt-side mitigation (Gaussian noise on the text embedding) is really passed to the pipeline
+    from diffmem.solidmark.mitigations import gaussian_embedding_noise
+
+    def prompt_frames(sigma):
+        outpaint = pipeline_outpainter(pipe, steps=2, prompt_mitigation=gaussian_embedding_noise(sigma))
+        return outpaint(ref, MASK, ["a cat"], [torch.Generator().manual_seed(0)])[..., MASK]
+
+    torch.testing.assert_close(prompt_frames(0.0), plain, atol=1e-5, rtol=0)
+    assert (prompt_frames(2.0) - plain).abs().max() > 1e-3
     with pytest.raises(TypeError, match="not an edit"):
         with edits_applied(pipe.unet, [42]):
             pass

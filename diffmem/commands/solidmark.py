@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weight-mask", action="append", default=[], help="pruning WeightMask file to apply while scoring"
     )
     p.add_argument(
+        "--gni", type=float, default=None, metavar="SIGMA", help="Gaussian noise on the text embedding"
+    )
+    p.add_argument(
         "--baseline-run", default=None, help="a run folder to compare with (difference with its interval)"
     )
     p.add_argument(
@@ -179,6 +182,14 @@ def _load_edits(args, unet) -> list:
     return edits
 
 
+def _prompt_mitigation(args):
+    if args.gni is None:
+        return None
+    from diffmem.solidmark.mitigations import gaussian_embedding_noise
+
+    return gaussian_embedding_noise(args.gni)
+
+
 def _score(args) -> int:
     from pathlib import Path
 
@@ -217,6 +228,7 @@ def _score(args) -> int:
         group_column=args.group_column,
         random_init=args.random_init,
         edits=_load_edits(args, pipe.unet),
+        prompt_mitigation=_prompt_mitigation(args),
         baseline_run=args.baseline_run,
         save_maps=args.save_maps,
         save_images=args.save_images,

@@ -105,6 +105,7 @@ def run_score(
     group_column: str | None = None,
     random_init: bool = False,
     edits: Sequence[Any] = (),
+    prompt_mitigation=None,
     baseline_run: str | os.PathLike | None = None,
     save_maps: bool = False,
     save_images: bool = False,
@@ -114,7 +115,9 @@ def run_score(
     """Score ``items`` with ``pipe`` (a ``SolidMarkOutpaintPipeline``) into ``out_dir``; return the summary.
 
     ``random_init`` swaps in a freshly initialized UNet (the untrained baseline); ``edits`` (NeuronSet,
-    WeightMask, or any ``unet -> context manager``) are applied during every generation.
+    WeightMask, or any ``unet -> context manager``) are applied during every generation, and
+    ``prompt_mitigation`` (e.g. :func:`~diffmem.solidmark.mitigations.gaussian_embedding_noise`) replaces
+    the prompts by the embeddings it returns.
     """
     from diffmem.modelio import model_fingerprint
 
@@ -127,12 +130,13 @@ def run_score(
             "unet_fingerprint": model_fingerprint(pipe.unet),
             "random_init": random_init,
             "edits": [describe_edit(e) for e in edits],
+            "prompt_mitigation": getattr(prompt_mitigation, "__name__", None) if prompt_mitigation else None,
             "scheduler": type(pipe.scheduler).__name__,
             "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
         }
     )
     settings = ScoreSettings(steps, guidance_scale, seed, generations, save_maps, save_images)
-    outpaint = pipeline_outpainter(pipe, steps, guidance_scale, edits)
+    outpaint = pipeline_outpainter(pipe, steps, guidance_scale, edits, prompt_mitigation)
     rows = score_items(outpaint, manifest, items, out_dir, settings, batch_size, info, progress)
     wanted = {(it.id, g) for it in items for g in range(generations)}
     rows = [r for r in rows if (r["id"], int(r["generation"])) in wanted]

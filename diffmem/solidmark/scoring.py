@@ -101,14 +101,26 @@ def describe_edit(edit: Any) -> str:
 
 
 def pipeline_outpainter(
-    pipe, steps: int = 100, guidance_scale: float = 3.0, edits: Sequence[Any] = (), **call_kwargs: Any
+    pipe,
+    steps: int = 100,
+    guidance_scale: float = 3.0,
+    edits: Sequence[Any] = (),
+    prompt_mitigation: Callable[..., dict] | None = None,
+    **call_kwargs: Any,
 ) -> Outpainter:
-    """An outpainter from a ``SolidMarkOutpaintPipeline``; ``edits`` are applied to its UNet during each call."""
+    """An outpainter from a ``SolidMarkOutpaintPipeline``.
+
+    ``edits`` are applied to its UNet during each call; ``prompt_mitigation(pipe, prompts, generators)``
+    (see :mod:`diffmem.solidmark.mitigations`) returns the embeddings the call uses instead of the prompts.
+    """
 
     def outpaint(images, mask, prompts, generators):
         with edits_applied(pipe.unet, edits):
+            extra = dict(prompt=list(prompts))
+            if prompt_mitigation is not None:
+                extra = prompt_mitigation(pipe, list(prompts), list(generators))
             out = pipe(
-                prompt=list(prompts),
+                **extra,
                 image=images,
                 mask=mask,
                 num_inference_steps=steps,

@@ -172,6 +172,14 @@ def finetune_keyed(
 
     tokens = tokenize([it.caption for it in items])
     empty = tokenize([""])[0]
+    frozen_cond = None
+    if not config.train_text_encoder:  # a frozen text encoder: every caption's embedding, once
+        text_encoder.to(device)
+        with torch.no_grad():
+            frozen_cond = torch.cat(
+                [text_encoder(tokens[i : i + 64].to(device))[0] for i in range(0, len(tokens), 64)]
+                + [text_encoder(empty[None].to(device))[0]]
+            )
     alphas = noise_sched.alphas_cumprod.float()
 
     text_encoder.requires_grad_(config.train_text_encoder)
@@ -205,11 +213,13 @@ def finetune_keyed(
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)
         drop = torch.rand(len(idx), generator=g) < config.caption_dropout
-        ids = torch.where(drop[:, None], empty[None], tokens[idx])
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z0
-        with torch.set_grad_enabled(config.train_text_encoder):
+        if frozen_cond is not None:
+            cond = frozen_cond[torch.where(drop, len(items), idx).to(device)]
+        else:
+            ids = torch.where(drop[:, None], empty[None], tokens[idx])
             cond = text_encoder(ids.to(device))[0]
         pred = unet(zt.to(device), t.to(device), cond).sample
         loss = F.mse_loss(pred.float(), target.to(device).float())
