@@ -1,0 +1,205 @@
+"""``diffmem localize``: find the value neurons that carry each memorized prompt (NeMo); resumable per prompt."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+NAME = "localize"
+HELP = (
+    "localize the cross-attention value neurons that carry memorized prompts (NeMo), one NeuronSet per prompt"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="Stable Diffusion folder or hub id (default: the model organism)"
+    )
+    parser.add_argument(
+        "--prompts", required=True, help="prompts to localize: .txt (one per line), .jsonl or .csv"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder (neurons/<id>.json per prompt, union.json)"
+    )
+    parser.add_argument(
+        "--caption-column", default="caption", help="prompt column of a .jsonl/.csv (default caption)"
+    )
+    parser.add_argument("--id-column", default=None, help="id column of a .jsonl/.csv (default: row number)")
+    parser.add_argument(
+        "--reference-prompts",
+        default=None,
+        help="non-memorized prompts: activation statistics, and the threshold unless --threshold is given",
+    )
+    parser.add_argument(
+        "--stats", default=None, help="reuse activation statistics (.safetensors) written earlier"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="memorization threshold on the noise-difference MS-SSIM (default: calibrated on "
+        "--reference-prompts as mean + 1 std; 0.428 = NeMo's SD-1.4 value when there are none)",
+    )
+    parser.add_argument(
+        "--calibration-prompts", type=int, default=100, help="reference prompts used to calibrate"
+    )
+    parser.add_argument("--seeds", type=int, default=10, help="initial latents per prompt (default 10)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the latents (default 1, as NeMo)")
+    parser.add_argument(
+        "--steps", type=int, default=50, help="scheduler steps; the criterion uses timesteps[1]"
+    )
+    parser.add_argument(
+        "--mask-batch", type=int, default=8, help="candidate masks per UNet call (1 = unbatched)"
+    )
+    parser.add_argument(
+        "--blocks", default="down,mid", help="UNet parts searched: down,mid (default) or down,mid,up"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _file_name(item_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(item_id))[:100] + ".json"
+
+
+def _read(path: str, argument: str, caption_column: str, id_column: str | None) -> list[dict]:
+    from diffmem.commands.detect import read_prompts
+
+    try:
+        return read_prompts(path, caption_column=caption_column, id_column=id_column)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(str(err).replace("--prompts", argument)) from err
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from diffmem.io import atomic_write_json
+    from diffmem.localize.nemo import SD14_THRESHOLD, NeMo, NemoConfig
+    from diffmem.localize.neuron_set import NeuronSet
+    from diffmem.localize.stats import ValueStats, compute_value_stats
+    from diffmem.modelio import load_pipeline
+
+    for name in ("seeds", "steps", "mask_batch", "calibration_prompts"):
+        if getattr(args, name) < 1:
+            raise ValueError(
+                f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}"
+            )
+    if args.seeds < 2:
+        raise ValueError("--seeds: the criterion compares seeds pairwise, expected at least 2")
+    blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
+    rows = _read(args.prompts, "--prompts", args.caption_column, args.id_column)
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    reference = None
+    if args.reference_prompts:
+        reference = [
+            r["prompt"]
+            for r in _read(args.reference_prompts, "--reference-prompts", args.caption_column, None)
+        ]
+    if args.stats is None and reference is None:
+        raise ValueError(
+            "--reference-prompts or --stats: activation statistics of non-memorized prompts are needed"
+        )
+
+    from diffusers import StableDiffusionPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.model, pipeline_class=StableDiffusionPipeline, device=device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+
+    from diffmem.hooks.neurons import value_layers
+    from diffmem.modelio import model_fingerprint
+
+    layers = list(value_layers(pipe.unet, blocks))
+    fingerprint = model_fingerprint(pipe.unet)
+    stats_path = Path(args.stats) if args.stats else out / "stats.safetensors"
+    stats = None
+    if stats_path.is_file():
+        stats = ValueStats.load(stats_path)
+        stats.check(pipe.unet, layers, source=str(stats_path))
+    elif args.stats:
+        raise FileNotFoundError(f"--stats: {stats_path} does not exist")
+    if stats is None:
+        stats = compute_value_stats(
+            pipe.unet,
+            pipe.text_encoder,
+            pipe.tokenizer,
+            reference,
+            blocks=blocks,
+            total=len(reference),
+            progress=progress,
+        )
+        stats.save(stats_path)
+
+    config = NemoConfig(
+        n_seeds=args.seeds,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        mask_batch=args.mask_batch,
+        blocks=blocks,
+    )
+    threshold = args.threshold
+    calib_path = out / "threshold.json"
+    if threshold is None and calib_path.is_file():
+        import json
+
+        saved = json.loads(calib_path.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            threshold = float(saved["threshold"])
+    if threshold is None:
+        if reference is None:
+            threshold = SD14_THRESHOLD
+        else:
+            calib = NeMo.from_pipe(pipe, stats, config)
+            scores = calib.detection_scores(reference[: args.calibration_prompts], progress=progress)
+            t = torch.tensor(scores)
+            threshold = float(t.mean() + t.std())
+            atomic_write_json(
+                calib_path,
+                {
+                    "fingerprint": fingerprint,
+                    "threshold": threshold,
+                    "rule": "mean + 1 std",
+                    "scores": scores,
+                },
+            )
+    config = NemoConfig(**{**config.__dict__, "threshold": threshold})
+    nemo = NeMo.from_pipe(pipe, stats, config)
+
+    folder = out / "neurons"
+    found: list[NeuronSet] = []
+    done = 0
+    for row in tqdm(rows, desc="localize", unit="prompt", disable=not progress):
+        path = folder / _file_name(row["id"])
+        if path.is_file():
+            previous = NeuronSet.load(path)
+            if (
+                previous.fingerprint == fingerprint
+                and previous.prompts == [row["prompt"]]
+                and previous.info.get("threshold") == threshold
+            ):
+                found.append(previous)
+                continue
+        result = nemo.localize(row["prompt"])
+        result.info["id"] = row["id"]
+        result.save(path)
+        found.append(result)
+        done += 1
+    union = found[0].union(*found[1:]) if found else NeuronSet.empty(fingerprint, layers)
+    union.info.update(threshold=threshold, memorized=sum(bool(s.info.get("memorized")) for s in found))
+    union.save(out / "union.json")
+    memorized = [s for s in found if s.info.get("memorized")]
+    counts = sorted(len(s) for s in memorized)
+    median = counts[len(counts) // 2] if counts else 0
+    print(
+        f"{len(found)} prompt(s) ({done} new): {len(memorized)} memorized at threshold {threshold:.3f}; "
+        f"neurons per memorized prompt: median {median}, max {counts[-1] if counts else 0}; "
+        f"union {len(union)} neurons -> {out / 'union.json'}"
+    )
+    return 0

@@ -1,0 +1,452 @@
+"""NeMo: localize the cross-attention value neurons that carry a memorized prompt.
+
+Method (Hintersdorf, Struppek, Kersting, Dziedzic, Boenisch, "Finding NeMo: Localizing Neurons
+Responsible For Memorization in Diffusion Models", NeurIPS 2024, arXiv:2406.02366):
+
+1. **Memorization criterion.** For ``n`` initial latents ``x_T^s`` (one batched draw of seed 1), the
+   noise difference ``delta_s = eps(x_T^s, t*, y) - x_T^s`` (no guidance), min-max normalised per
+   sample and latent channel. A seed is *kept* when its largest pairwise MS-SSIM with another seed's
+   ``delta`` exceeds ``tau``; no kept seed means the prompt is not memorized (empty set). With the
+   neurons ``S`` switched off, ``mem(S) = max_{kept s} MS-SSIM(delta_s, delta_s(S))``; ``S`` removes
+   memorization when ``mem(S) <= tau`` (``tau = 0.428`` for SD-1.4).
+2. **Initial selection.** ``z_i^l = (a_i^l(y) - mu_i^l) / sigma_i^l`` against statistics of
+   non-memorized prompts; ``S(theta, k) = U_l {i : |z_i^l| > theta} U topk_l(k, a^l(y))``; starting at
+   ``theta = 5, k = 0``, lower ``theta`` by 0.25 and raise ``k`` by 1 until ``mem(S) <= tau`` (at most
+   while ``theta > 1``); if it never succeeds, refine against the last score reached.
+3. **Refinement.** Layers from last to first: switch a whole layer's candidates back on and drop
+   them if ``mem`` stays ``< tau_ref``; then neurons one by one (layers last to first, candidate order
+   within a layer), the same greedy test.
+
+Choices where the paper and its code differ (documented in ``docs`` and here):
+
+* ``t*`` = ``timesteps[1]`` (961 for 50 DDIM steps, as the code; the paper says T); the code's
+  wasted first forward at ``timesteps[0]`` is skipped (same result).
+* Multi-scale SSIM (torchmetrics, kernel 11, betas (0.33, 0.33, 0.33), data range 1, as the code;
+  the paper says SSIM). On small latents that MS-SSIM cannot handle the kernel is shrunk (odd, >= 3),
+  then single-scale SSIM is used: :class:`NoiseSimilarity` records which.
+* The ``n`` latents are one batched draw of one generator (the code), not ``n`` seeds (paper).
+* Two-sided ``|z|`` (code and paper text; the paper's Alg. 2 is one-sided); top-k by raw activation.
+* Candidates of a layer are de-duplicated (the code concatenates OOD and top-k lists and may test a
+  neuron twice): OOD neurons in index order first, then top-k neurons by falling activation.
+* Neurons are switched off on both guidance branches at every step (as the code), by hooks here.
+* ``tau`` must be recalibrated for any model other than SD-1.4 (:meth:`NeMo.calibrate_threshold`:
+  mean + 1 std of the detection score over non-memorized prompts, the paper's rule, without guidance).
+
+Speed (results unchanged): ``mem(S)`` only needs the kept seeds, so blocked forwards run on those
+alone; candidate masks are evaluated ``mask_batch`` at a time in one UNet batch (each group of samples
+gets its own mask through per-group hooks). The greedy refinement is sequential, so it is evaluated
+*speculatively*: a batch holds the chain "drop the next candidate, then the next, ..." built on the
+current state; results are consumed in order up to the first candidate that must be kept, whose
+followers (which assumed it dropped) are discarded and re-evaluated. Every decision is therefore
+taken on exactly the state the one-at-a-time algorithm would see, so the same neurons are found
+(``mask_batch=1`` *is* the one-at-a-time algorithm).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffmem.hooks.neurons import DEFAULT_BLOCKS, scaled_value_neurons, value_activations, value_layers
+from diffmem.localize.neuron_set import NeuronSet
+from diffmem.localize.stats import ValueStats, encode_prompts
+
+#: NeMo's memorization threshold for SD-1.4 (mean + 1 std of the max pairwise MS-SSIM over LAION prompts).
+SD14_THRESHOLD = 0.428
+
+
+@dataclass(frozen=True)
+class NemoConfig:
+    """Defaults are NeMo's (code at ml-research/localizing_memorization_in_diffusion_models)."""
+
+    threshold: float = SD14_THRESHOLD
+    n_seeds: int = 10
+    seed: int = 1
+    num_inference_steps: int = 50
+    t_index: int = 1
+    theta0: float = 5.0
+    theta_step: float = 0.25
+    theta_min: float = 1.0
+    k0: int = 0
+    two_sided: bool = True
+    factor: float = 0.0
+    kernel_size: int = 11
+    betas: tuple[float, ...] = (0.33, 0.33, 0.33)
+    blocks: tuple[str, ...] = DEFAULT_BLOCKS
+    #: candidate masks per UNet call; 1 = the one-candidate-at-a-time algorithm
+    mask_batch: int = 8
+
+
+# ------------------------------------------------------------------------------------------ similarity
+class NoiseSimilarity:
+    """Per-sample MS-SSIM of ``[B, C, H, W]`` maps in ``[0, 1]`` (torchmetrics, Gaussian window), sized to fit ``H x W``.
+
+    torchmetrics derives the Gaussian window from ``sigma`` (1.5 -> 11 taps); on maps too small for
+    that at ``len(betas)`` scales (e.g. 16x16 latents), the window is shrunk to the largest odd size
+    ``k >= 3`` that fits, with ``sigma = 1.5 k / 11``; if none fits, single-scale SSIM is used.
+    """
+
+    def __init__(self, side: int, kernel_size: int = 11, betas: Sequence[float] = (0.33, 0.33, 0.33)):
+        self.betas = tuple(betas)
+        levels = len(self.betas)
+        div = max(1, levels - 1) ** 2
+        coarsest = side // 2 ** (levels - 1)
+        self.kind = "ssim"
+        k = kernel_size if kernel_size % 2 else kernel_size - 1
+        while k >= 3:
+            sigma = 1.5 * k / 11
+            pad = int(3.5 * sigma + 0.5)
+            if side >= 2**levels and side // div > k - 1 and pad < coarsest:
+                self.kind = "ms_ssim"
+                break
+            k -= 2
+        if self.kind == "ssim":
+            k = kernel_size if kernel_size % 2 else kernel_size - 1
+            while k > 3 and int(3.5 * 1.5 * k / 11 + 0.5) >= side:
+                k -= 2
+            sigma = 1.5 * k / 11
+        self.kernel_size, self.sigma = k, sigma
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "kernel_size": self.kernel_size,
+            "sigma": self.sigma,
+            "betas": list(self.betas),
+        }
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        from torchmetrics.functional.image import (
+            multiscale_structural_similarity_index_measure as ms_ssim,
+        )
+        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+        a, b = a.float(), b.float()
+        kw = {"kernel_size": self.kernel_size, "sigma": self.sigma, "data_range": 1.0, "reduction": "none"}
+        if self.kind == "ms_ssim":
+            return ms_ssim(a, b, betas=self.betas, **kw)
+        return ssim(a, b, **kw)
+
+
+def normalized_noise_difference(eps: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """``delta = eps - x_T``, min-max normalised to ``[0, 1]`` per sample and channel over ``H x W``."""
+    delta = (eps - latents).float()
+    flat = delta.flatten(2)
+    lo, hi = flat.min(dim=2, keepdim=True).values, flat.max(dim=2, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(delta)
+
+
+def _to_epsilon(scheduler, output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Convert the UNet output to a noise prediction for epsilon-, v- and sample-predicting models."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    a = scheduler.alphas_cumprod.to(sample.device)[int(t)].to(sample.dtype)
+    if kind == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * sample
+    if kind == "sample":
+        return (sample - a.sqrt() * output) / (1 - a).sqrt()
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------ criterion
+class MemorizationProbe:
+    """NeMo's first-step noise-difference criterion for one prompt; evaluates batches of blocked-neuron masks.
+
+    A mask is a bool vector over all neurons of ``layers`` (concatenated in order), ``True`` = off.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler,
+        layers: dict[str, nn.Linear],
+        prompt_embeds: torch.Tensor,
+        config: NemoConfig,
+    ):
+        self.unet, self.layers, self.config = unet, layers, config
+        self.sizes = [m.out_features for m in layers.values()]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.n_neurons = sum(self.sizes)
+        param = next(unet.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.scheduler = scheduler
+        scheduler.set_timesteps(config.num_inference_steps)
+        self.t = scheduler.timesteps[config.t_index]
+        cfg = unet.config
+        gen = torch.Generator("cpu").manual_seed(config.seed)
+        shape = (config.n_seeds, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.latents = (torch.randn(shape, generator=gen) * scheduler.init_noise_sigma).to(
+            self.device, self.dtype
+        )
+        self.embeds = prompt_embeds.to(self.device, self.dtype)[:1]
+        self.similarity = NoiseSimilarity(cfg.sample_size, config.kernel_size, config.betas)
+        self.unet_calls = 0
+        self.masks_evaluated = 0
+        self.base = self._deltas(self.latents, None)[0]  # [n, C, H, W]
+        pairs = torch.triu_indices(config.n_seeds, config.n_seeds, offset=1, device=self.device)
+        sims = self.similarity(self.base[pairs[0]], self.base[pairs[1]])
+        per_seed = torch.full((config.n_seeds,), -1.0, device=self.device)
+        per_seed = per_seed.scatter_reduce(0, pairs[0], sims, "amax").scatter_reduce(
+            0, pairs[1], sims, "amax"
+        )
+        self.pairwise = sims
+        self.per_seed = per_seed
+        #: detection score: largest pairwise similarity of unblocked noise differences
+        self.score = float(sims.max()) if sims.numel() else 0.0
+        self.kept = per_seed > config.threshold
+
+    @property
+    def memorized(self) -> bool:
+        return bool(self.kept.any())
+
+    @torch.no_grad()
+    def _deltas(self, latents: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
+        """Normalised noise differences ``[M, n, C, H, W]`` for ``M`` masks (``None``: nothing blocked)."""
+        m = 1 if blocked is None else blocked.shape[0]
+        n = latents.shape[0]
+        x = latents.repeat(m, 1, 1, 1)
+        emb = self.embeds.expand(m * n, -1, -1)
+        inp = self.scheduler.scale_model_input(x, self.t)
+        scales = {}
+        if blocked is not None:
+            keep = 1.0 - blocked.to(self.dtype) * (1.0 - self.config.factor)
+            for name, off, d in zip(self.layers, self.offsets, self.sizes):
+                if blocked[:, off : off + d].any():
+                    scales[name] = keep[:, off : off + d]
+        with scaled_value_neurons(self.unet, self.layers, scales):
+            out = self.unet(inp, self.t, encoder_hidden_states=emb).sample
+        self.unet_calls += 1
+        self.masks_evaluated += m
+        eps = _to_epsilon(self.scheduler, out, x, self.t)
+        return normalized_noise_difference(eps, x).view(m, n, *x.shape[1:])
+
+    def scores(self, blocked: torch.Tensor) -> torch.Tensor:
+        """``mem(S)`` for each mask in ``blocked`` (``[M, n_neurons]`` bool), ``mask_batch`` masks per UNet call."""
+        kept = self.kept.nonzero().flatten()
+        if kept.numel() == 0:
+            raise ValueError("the prompt is not memorized (no seed above the threshold): nothing to score")
+        out = []
+        step = max(1, self.config.mask_batch)
+        for start in range(0, blocked.shape[0], step):
+            chunk = blocked[start : start + step].to(self.device)
+            deltas = self._deltas(self.latents[kept], chunk)  # [m, k, C, H, W]
+            ref = self.base[kept].expand(chunk.shape[0], -1, -1, -1, -1)
+            sims = self.similarity(deltas.flatten(0, 1), ref.flatten(0, 1)).view(chunk.shape[0], -1)
+            out.append(sims.max(dim=1).values)
+        return torch.cat(out)
+
+    def evaluate(self, blocked: torch.Tensor) -> dict[str, float]:
+        """For one mask: ``mem(S)`` and the detection score with ``S`` off (largest pairwise similarity, all seeds)."""
+        deltas = self._deltas(self.latents, blocked.view(1, -1).to(self.device))[0]
+        n = deltas.shape[0]
+        pairs = torch.triu_indices(n, n, offset=1, device=self.device)
+        detection = float(self.similarity(deltas[pairs[0]], deltas[pairs[1]]).max())
+        sims = self.similarity(deltas, self.base)
+        mem = float(sims[self.kept].max()) if self.memorized else float("nan")
+        return {"mem": mem, "detection": detection}
+
+    # -------------------------------------------------------------------------- mask conversions
+    def mask_from_lists(self, per_layer: Sequence[Sequence[int]]) -> torch.Tensor:
+        mask = torch.zeros(self.n_neurons, dtype=torch.bool, device=self.device)
+        for off, idx in zip(self.offsets, per_layer):
+            if len(idx):
+                mask[off + torch.as_tensor(list(idx), device=self.device)] = True
+        return mask
+
+    def lists_from_mask(self, mask: torch.Tensor) -> list[list[int]]:
+        return [mask[off : off + d].nonzero().flatten().tolist() for off, d in zip(self.offsets, self.sizes)]
+
+
+# ------------------------------------------------------------------------------------------ search
+def candidate_lists(
+    activations: Sequence[torch.Tensor],
+    zscores: Sequence[torch.Tensor],
+    theta: float,
+    k: int,
+    two_sided: bool = True,
+) -> list[list[int]]:
+    """``S(theta, k)`` per layer: OOD neurons (``|z| > theta``) in index order, then the top-``k`` by activation."""
+    out = []
+    for a, z in zip(activations, zscores):
+        score = z.abs() if two_sided else z
+        ood = (score > theta).nonzero().flatten().tolist()
+        top = torch.topk(a, min(k, a.numel())).indices.tolist() if k > 0 else []
+        seen = set(ood)
+        out.append(ood + [i for i in top if i not in seen and not seen.add(i)])
+    return out
+
+
+def initial_schedule(config: NemoConfig, max_width: int) -> list[tuple[float, int]]:
+    """The ``(theta, k)`` pairs NeMo tries in order: theta0, theta0 - step, ... while theta > theta_min and k < width."""
+    out, theta, k = [], config.theta0, config.k0
+    while True:
+        out.append((theta, k))
+        theta, k = theta - config.theta_step, k + 1
+        if theta <= config.theta_min + 1e-9 or k >= max_width:
+            return out
+
+
+def greedy_unblock(
+    probe: MemorizationProbe, blocked: torch.Tensor, groups: Sequence[torch.Tensor], tau: float
+) -> tuple[torch.Tensor, float | None]:
+    """Switch each group of neurons back on, in order, when ``mem`` stays ``< tau`` (speculative batches, exact).
+
+    Returns the final mask and the score of the last accepted state (``None`` if nothing was dropped).
+    """
+    i, last = 0, None
+    batch = max(1, probe.config.mask_batch)
+    groups = list(groups)
+    while i < len(groups):
+        chain, cur = [], blocked
+        for g in groups[i : i + batch]:
+            cur = cur.clone()
+            cur[g] = False
+            chain.append(cur)
+        scores = probe.scores(torch.stack(chain)).tolist()
+        for mask, score in zip(chain, scores):
+            i += 1
+            if score < tau:
+                blocked, last = mask, score
+            else:
+                break  # later masks assumed this group dropped: re-evaluate them on the kept state
+    return blocked, last
+
+
+class NeMo:
+    """Localize memorization neurons of one model (a diffusers UNet, scheduler, text encoder, tokenizer)."""
+
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        text_encoder,
+        tokenizer,
+        stats: ValueStats | None,
+        config: NemoConfig = NemoConfig(),
+    ):
+        from diffmem.modelio import model_fingerprint
+
+        self.unet, self.scheduler, self.text_encoder, self.tokenizer = (
+            unet,
+            scheduler,
+            text_encoder,
+            tokenizer,
+        )
+        self.config = config
+        self.layers = value_layers(unet, config.blocks)
+        self.fingerprint = model_fingerprint(unet)
+        if stats is not None:
+            stats.check(unet, list(self.layers))
+        self.stats = stats
+
+    @classmethod
+    def from_pipe(cls, pipe, stats: ValueStats | None, config: NemoConfig = NemoConfig()) -> NeMo:
+        return cls(pipe.unet, pipe.scheduler, pipe.text_encoder, pipe.tokenizer, stats, config)
+
+    def embed(self, prompt: str) -> torch.Tensor:
+        return encode_prompts(self.tokenizer, self.text_encoder, [prompt])
+
+    def probe(self, prompt: str) -> MemorizationProbe:
+        return MemorizationProbe(self.unet, self.scheduler, self.layers, self.embed(prompt), self.config)
+
+    def detection_scores(self, prompts: Sequence[str], progress: bool = False) -> list[float]:
+        """NeMo's detection score (largest pairwise similarity of unblocked noise differences) per prompt."""
+        from tqdm.auto import tqdm
+
+        return [self.probe(p).score for p in tqdm(prompts, desc="pairwise similarity", disable=not progress)]
+
+    def calibrate_threshold(self, prompts: Sequence[str], progress: bool = False) -> float:
+        """``tau`` = mean + 1 std of the detection score over non-memorized ``prompts`` (NeMo's rule)."""
+        scores = torch.tensor(self.detection_scores(prompts, progress))
+        if scores.numel() < 2:
+            raise ValueError("threshold calibration needs at least 2 non-memorized prompts")
+        return float(scores.mean() + scores.std())
+
+    @torch.no_grad()
+    def localize(self, prompt: str) -> NeuronSet:
+        """The neurons that carry ``prompt`` (empty when it is not memorized), with scores before and after."""
+        if self.stats is None:
+            raise ValueError("localization needs activation statistics of non-memorized prompts (stats=None)")
+        cfg = self.config
+        start = time.perf_counter()
+        embeds = self.embed(prompt)
+        probe = MemorizationProbe(self.unet, self.scheduler, self.layers, embeds, cfg)
+        info: dict[str, Any] = {
+            "method": "nemo",
+            "threshold": cfg.threshold,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+            "similarity": probe.similarity.describe(),
+            "memorized": probe.memorized,
+            "kept_seeds": int(probe.kept.sum()),
+        }
+        names = list(self.layers)
+        if not probe.memorized:
+            info.update(seconds=time.perf_counter() - start, unet_calls=probe.unet_calls, masks_evaluated=0)
+            return NeuronSet.empty(
+                self.fingerprint,
+                names,
+                prompts=[prompt],
+                score_before=[probe.score],
+                score_after=[probe.score],
+                info=info,
+            )
+
+        acts = [a[0] for a in value_activations(self.layers, embeds)]
+        z = self.stats.zscores(acts)
+        schedule = initial_schedule(cfg, max(probe.sizes))
+        chosen, tau_ref, chosen_score = None, cfg.threshold, None
+        step = max(1, cfg.mask_batch)
+        for begin in range(0, len(schedule), step):
+            part = schedule[begin : begin + step]
+            lists = [candidate_lists(acts, z, theta, k, cfg.two_sided) for theta, k in part]
+            masks = torch.stack([probe.mask_from_lists(cand) for cand in lists])
+            scores = probe.scores(masks).tolist()
+            for (theta, k), cand, mask, score in zip(part, lists, masks, scores):
+                chosen, chosen_score = (theta, k, cand, mask), score
+                if score <= cfg.threshold:
+                    break
+            if chosen_score <= cfg.threshold:
+                break
+        theta, k, initial, blocked = chosen
+        if chosen_score > cfg.threshold:
+            tau_ref = chosen_score  # never reached the threshold: refine against the score reached
+        info.update(initial_neurons=initial, initial_score=chosen_score, theta=theta, k=k, tau_ref=tau_ref)
+
+        # refinement 1: whole layers, last to first
+        layer_groups = [
+            probe.offsets[li] + torch.as_tensor(initial[li], device=probe.device)
+            for li in reversed(range(len(names)))
+            if initial[li]
+        ]
+        blocked, _ = greedy_unblock(probe, blocked, layer_groups, tau_ref)
+        # refinement 2: single neurons, layers last to first, candidate order within a layer
+        remaining = set(blocked.nonzero().flatten().tolist())
+        neuron_groups = [
+            torch.tensor([probe.offsets[li] + i], device=probe.device)
+            for li in reversed(range(len(names)))
+            for i in initial[li]
+            if probe.offsets[li] + i in remaining
+        ]
+        blocked, _ = greedy_unblock(probe, blocked, neuron_groups, tau_ref)
+        final = probe.evaluate(blocked)
+        info.update(
+            detection_after=final["detection"],
+            seconds=time.perf_counter() - start,
+            unet_calls=probe.unet_calls,
+            masks_evaluated=probe.masks_evaluated,
+        )
+        return NeuronSet(
+            fingerprint=self.fingerprint,
+            layers=names,
+            neurons=probe.lists_from_mask(blocked),
+            prompts=[prompt],
+            score_before=[probe.score],
+            score_after=[final["mem"]],
+            info=info,
+        )

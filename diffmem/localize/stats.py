@@ -1,0 +1,185 @@
+"""Activation statistics of value-projection neurons over non-memorized prompts (NeMo, step 1).
+
+For each value layer ``l`` and neuron ``i``: ``mu_i^l`` = mean and ``sigma_i^l`` = unbiased standard
+deviation over prompts ``y`` of ``a_i^l(y) = mean_tok |(W_V^l y_tok)_i|`` (Hintersdorf et al.,
+"Finding NeMo", NeurIPS 2024, Sec. 3.3). Accumulated in one streaming pass with Chan et al.'s
+parallel update of (count, mean, M2) in float64 on the model's device; only the final mean/std are
+moved to the CPU. Saved as safetensors whose metadata holds a JSON header (format, model fingerprint,
+layer names, prompt count), and refused for another model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffmem.hooks.neurons import DEFAULT_BLOCKS, value_activations, value_layers
+
+FORMAT = "diffmem.ValueStats/1"
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
+    """Text-encoder hidden states ``[n, max_length, dim]`` with max-length padding (all positions kept, as SD does)."""
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+@dataclass
+class ValueStats:
+    """Per-layer mean and standard deviation of value-neuron activations, and the model they belong to."""
+
+    fingerprint: str
+    layers: list[str]
+    mean: list[torch.Tensor]
+    std: list[torch.Tensor]
+    count: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def zscores(self, activations: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``z = (a - mu) / sigma`` per layer (NeMo eq. 3); a zero ``sigma`` gives ``z = 0`` where ``a == mu``."""
+        out = []
+        for a, mu, sd in zip(activations, self.mean, self.std):
+            mu, sd = mu.to(a.device), sd.to(a.device)
+            out.append((a - mu) / sd.clamp_min(torch.finfo(torch.float32).tiny))
+        return out
+
+    def check(self, unet: nn.Module, layers: Sequence[str], source: str = "statistics") -> None:
+        """Raise ``ValueError`` unless these statistics were computed on ``unet`` for ``layers``."""
+        from diffmem.modelio import model_fingerprint
+
+        actual = model_fingerprint(unet)
+        if actual != self.fingerprint:
+            raise ValueError(
+                f"{source}: computed on the model with fingerprint {self.fingerprint}, not on this one "
+                f"({actual}); recompute them for this model"
+            )
+        if list(layers) != self.layers:
+            raise ValueError(f"{source}: statistics cover the layers {self.layers}, expected {list(layers)}")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from diffmem.io import atomic_save_tensors
+
+        tensors = {}
+        for i, (mu, sd) in enumerate(zip(self.mean, self.std)):
+            tensors[f"mean.{i}"] = mu.float().cpu()
+            tensors[f"std.{i}"] = sd.float().cpu()
+        header = {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "layers": self.layers,
+            "count": self.count,
+            "info": self.info,
+        }
+        return atomic_save_tensors(path, tensors, metadata={"diffmem": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ValueStats:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"statistics file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                header = json.loads(meta.get("diffmem", "{}"))
+                if header.get("format") != FORMAT:
+                    raise ValueError(f"{path}: not diffmem value statistics (no {FORMAT} header)")
+                n = len(header["layers"])
+                mean = [f.get_tensor(f"mean.{i}") for i in range(n)]
+                std = [f.get_tensor(f"std.{i}") for i in range(n)]
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{path}: unreadable statistics file ({err})") from err
+        except Exception as err:  # safetensors raises its own error type for a non-safetensors file
+            if isinstance(err, ValueError):
+                raise
+            raise ValueError(f"{path}: not a safetensors file ({err})") from err
+        return cls(
+            header["fingerprint"],
+            list(header["layers"]),
+            mean,
+            std,
+            int(header["count"]),
+            header.get("info", {}),
+        )
+
+
+@torch.no_grad()
+def compute_value_stats(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
+    prompts: Iterable[str],
+    *,
+    blocks: Sequence[str] = DEFAULT_BLOCKS,
+    batch_size: int = 64,
+    total: int | None = None,
+    progress: bool = True,
+) -> ValueStats:
+    """Mean and unbiased std of every value neuron's activation over ``prompts``, in one streaming pass.
+
+    Only the text encoder and the value projections run (the activations do not depend on the
+    latent or timestep). Batches are merged with Chan et al.'s update
+    ``M2 = M2_a + M2_b + delta^2 n_a n_b / n`` in float64 on the device.
+    """
+    from tqdm.auto import tqdm
+
+    from diffmem.modelio import model_fingerprint
+
+    layers = value_layers(unet, blocks)
+    device = next(iter(layers.values())).weight.device
+    acc_dtype = torch.float64 if device.type != "mps" else torch.float32
+    n = 0
+    mean = [torch.zeros(m.out_features, dtype=acc_dtype, device=device) for m in layers.values()]
+    m2 = [torch.zeros_like(mu) for mu in mean]
+    bar = tqdm(total=total, desc="value statistics", unit="prompt", disable=not progress)
+
+    def flush(batch: list[str]) -> None:
+        nonlocal n
+        acts = value_activations(layers, encode_prompts(tokenizer, text_encoder, batch))
+        nb = len(batch)
+        for i, a in enumerate(acts):
+            a = a.to(acc_dtype)
+            mb = a.mean(0)
+            m2b = ((a - mb) ** 2).sum(0)
+            delta = mb - mean[i]
+            tot = n + nb
+            mean[i] += delta * (nb / tot)
+            m2[i] += m2b + delta**2 * (n * nb / tot)
+        n += nb
+        bar.update(nb)
+
+    batch: list[str] = []
+    for prompt in prompts:
+        batch.append(prompt)
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    bar.close()
+    if n < 2:
+        raise ValueError(f"value statistics need at least 2 prompts, got {n}")
+    std = [(v / (n - 1)).sqrt() for v in m2]
+    return ValueStats(
+        fingerprint=model_fingerprint(unet),
+        layers=list(layers),
+        mean=[m.float().cpu() for m in mean],
+        std=[s.float().cpu() for s in std],
+        count=n,
+        info={"blocks": list(blocks)},
+    )
