@@ -226,10 +226,11 @@ class StableDiffusionMemGuardPipeline(StableDiffusionPipeline):
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         alphas_cumprod = getattr(self.scheduler, "alphas_cumprod", None)
 
-        # 3. the upstream denoising loop, with the capture hook (and attention processors) in place;
-        #    both are removed when the call ends or fails
+        # 3. the upstream denoising loop, with attention processors, mitigation and the capture hook in
+        #    place; all are removed when the call ends or fails
         with contextlib.ExitStack() as stack:
             stack.enter_context(attention_processors(self.unet, attention))
+            stack.enter_context(self._mitigation_context(mitigation, call))
             record = stack.enter_context(
                 capture_noise_gap(
                     self.unet,
@@ -260,6 +261,16 @@ class StableDiffusionMemGuardPipeline(StableDiffusionPipeline):
             memorized=memorized,
             memorization_step_scores=step_scores if return_step_scores else None,
         )
+
+    def _mitigation_context(self, mitigation: str | None, call: dict) -> contextlib.AbstractContextManager:
+        """The context that applies ``mitigation`` for one call; ``None``: nothing.
+
+        Extension point for mitigations (NeMo neuron blocking, prompt-embedding optimisation): such a
+        context may install hooks on the model or edit ``call`` (the stock pipeline's arguments, e.g.
+        ``prompt_embeds``) before the loop, and must undo its hooks on exit. It is entered before the
+        score's capture hook, so UNet calls it makes itself are not counted as sampling steps.
+        """
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def _empty_prompt_embeds(self, prompt_embeds, cross_attention_kwargs, clip_skip) -> torch.Tensor:

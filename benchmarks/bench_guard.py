@@ -1,0 +1,174 @@
+"""Benchmark: the guarded pipeline (scoring on) against the stock pipeline, and early scoring against generation.
+
+1. Overhead of scoring: ``StableDiffusionMemGuardPipeline`` vs ``StableDiffusionPipeline`` on the same
+   model (shared modules, ``from_pipe``), same prompt and seed, runs interleaved in ABBA order;
+   medians of wall-clock and process CPU time; the images are checked bit-identical.
+2. Throughput: prompts per second of first-step scoring (``diffmem.detect.score_prompts``,
+   ``window=(0, 1)`` of a 50-step schedule) against full 50-step generation with the guarded pipeline.
+
+The model is a tiny SD-1.x-like pipeline (diffmem.tiny's text encoder, tokenizer, VAE and DDIM
+scheduler) at 64x64 latents (128 px images) whose UNet has attention only at 16x16 and below:
+attention over 64x64 = 4,096 tokens is impractically slow on a CPU.
+
+    .venv/bin/python benchmarks/bench_guard.py [--repeats 7] [--steps 10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def build_pipeline():
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from diffmem.tiny import TinySDConfig, build_components
+
+    components = build_components(TinySDConfig(variant="sd1", sample_size=128), seed=0)
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ).eval()
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - w, time.process_time() - c, result
+
+
+def overhead(stock, guarded, repeats: int, steps: int) -> dict:
+    kw = dict(prompt="a photo of a red circle on grass", num_inference_steps=steps, output_type="np")
+
+    def run(pipe):
+        return pipe(generator=torch.Generator().manual_seed(0), **kw)
+
+    run(stock), run(guarded)  # warm-up
+    times = {"stock": [], "guarded": []}
+    images = {}
+    for r in range(repeats):
+        order = ("stock", "guarded") if r % 2 == 0 else ("guarded", "stock")  # ABBA
+        for name in order:
+            wall, cpu, out = timed(lambda n=name: run(stock if n == "stock" else guarded))
+            times[name].append((wall, cpu))
+            images[name] = out.images
+    identical = bool(np.array_equal(images["stock"], images["guarded"]))
+    med = {
+        n: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for n, t in times.items()
+    }
+    return {
+        "steps": steps,
+        "repeats": repeats,
+        "stock_wall_s": med["stock"][0],
+        "guarded_wall_s": med["guarded"][0],
+        "wall_ratio": med["guarded"][0] / med["stock"][0],
+        "stock_cpu_s": med["stock"][1],
+        "guarded_cpu_s": med["guarded"][1],
+        "cpu_ratio": med["guarded"][1] / med["stock"][1],
+        "all_wall_s": {n: [round(w, 3) for w, _ in t] for n, t in times.items()},
+        "images_bit_identical": identical,
+    }
+
+
+def throughput(guarded, n_score: int, n_generate: int, num_gens: int) -> dict:
+    from diffmem.detect import score_prompts
+
+    prompts = [f"a photo of object number {i} on a table" for i in range(max(n_score, n_generate))]
+    score_prompts(guarded, prompts[:1], num_gens=num_gens, window=(0, 1), progress=False)  # warm-up
+    wall_s, _, _ = timed(
+        lambda: score_prompts(
+            guarded, prompts[:n_score], num_gens=num_gens, window=(0, 1), batch_size=n_score, progress=False
+        )
+    )
+    wall_g, _, _ = timed(
+        lambda: guarded(
+            prompts[:n_generate],
+            num_images_per_prompt=num_gens,
+            num_inference_steps=50,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
+    )
+    return {
+        "num_gens": num_gens,
+        "first_step_prompts": n_score,
+        "first_step_wall_s": wall_s,
+        "first_step_prompts_per_s": n_score / wall_s,
+        "generation_prompts": n_generate,
+        "generation_wall_s": wall_g,
+        "generation_prompts_per_s": n_generate / wall_g,
+        "speedup": (n_score / wall_s) / (n_generate / wall_g),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--score-prompts", type=int, default=8)
+    parser.add_argument("--generate-prompts", type=int, default=2)
+    parser.add_argument("--num-gens", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared CPU)")
+    parser.add_argument("--json", default=None, help="also write the results here (atomically)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline
+
+    stock = build_pipeline()
+    guarded = StableDiffusionMemGuardPipeline.from_pipe(stock)
+    guarded.set_progress_bar_config(disable=True)
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": args.threads,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "overhead": overhead(stock, guarded, args.repeats, args.steps),
+        "throughput": throughput(guarded, args.score_prompts, args.generate_prompts, args.num_gens),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        from diffmem.io import atomic_write_json
+
+        atomic_write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
