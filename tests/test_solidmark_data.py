@@ -270,3 +270,27 @@ def test_a_frame_painted_in_the_wrong_value_space_does_not_score_as_memorized(tm
     for r in rows:
         assert r["predicted_key"] == pytest.approx(2 * r["frame_key"] - 1, abs=1e-5)
         assert r["distance"] == pytest.approx(abs(r["frame_key"] - 1), abs=1e-5)
+
+
+def test_fresh_keys_of_copies_are_also_scored_against_the_nearest_copy(keyed):
+    # every copy of img0 has its own key; a model that paints img0-copy1's key for all three copies
+    tmp_path, result = keyed
+    manifest, items = load_score_items(tmp_path / "keyed", result.manifest_path)
+    copy1 = manifest.by_id()["img0-copy1"].frame_key
+    caption_of_img0 = next(it.caption for it in items if it.id == "img0")
+
+    def paints_copy1_key(images, mask, prompts, generators):
+        out = images.clone()
+        for j, prompt in enumerate(prompts):
+            if prompt == caption_of_img0:
+                out[j][:, mask] = copy1
+        return out
+
+    rows = {
+        r["id"]: r for r in score_items(paints_copy1_key, manifest, items, tmp_path / "run", progress=False)
+    }
+    for i in ("img0", "img0-copy0", "img0-copy1"):
+        assert rows[i]["copies"] == 3 and rows[i]["nearest_copy_distance"] < 1e-6
+    assert rows["img0"]["distance"] > 1e-3 and rows["img0-copy1"]["distance"] < 1e-6
+    assert rows["img3"]["copies"] == 1
+    assert rows["img3"]["nearest_copy_distance"] == pytest.approx(rows["img3"]["distance"], abs=1e-6)

@@ -188,8 +188,10 @@ def score_items(
 
     Row fields: ``id``, ``generation``, ``seed``, ``caption``, ``group``, ``key``, ``frame_key``,
     ``predicted_key``, ``distance`` (``|predicted_key - frame_key|``, in the manifest's value space),
-    ``pixel_distance`` (mean per-pixel ``|x - frame_key|`` over the key region), and the items' extra
-    columns. Items must already be checked against the manifest (:func:`check_keyed_dataset`).
+    ``pixel_distance`` (mean per-pixel ``|x - frame_key|`` over the key region), ``copies`` (images of
+    the dataset with the same pixels) and ``nearest_copy_distance`` (distance to the nearest key among
+    those copies: the paper's duplication measure when every copy has a fresh key; its chance rate
+    grows with ``copies``, about ``1 - (1 - 2*delta)**copies``), and the items' extra columns. Items must already be checked against the manifest (:func:`check_keyed_dataset`).
     """
     settings = settings or ScoreSettings()
     out = Path(out_dir)
@@ -202,6 +204,9 @@ def score_items(
     }
     _check_run_record(out, record)
     table = manifest.by_id()
+    copy_keys: dict[str, list[float]] = {}
+    for e in manifest.entries:
+        copy_keys.setdefault(e.group or e.id, []).append(e.frame_key)
     done = {(r["id"], int(r["generation"])) for r in read_rows(out)}
     by_id = {it.id: it for it in items}
     units = [(it.id, g) for it in items for g in range(settings.generations)]
@@ -256,6 +261,10 @@ def score_items(
                         "predicted_key": float(k_hat[j]),
                         "distance": float(dist[j]),
                         "pixel_distance": float(pixel_d[j]),
+                        "copies": len(copy_keys[e.group or e.id]),
+                        "nearest_copy_distance": float(
+                            np.min(np.abs(np.array(copy_keys[e.group or e.id]) - k_hat[j]))
+                        ),
                         **{
                             k: v for k, v in by_id[i].extra.items() if k not in ("file_name", "solidmark_key")
                         },
