@@ -206,6 +206,34 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
 
     table: list[dict] = []
 
+    def write_table() -> None:
+        """Write the table of every stage done so far (called after each stage)."""
+
+        def fmt(v, digits=2):
+            return "–" if v is None else f"{v:.{digits}f}"
+
+        lines = [
+            f"Model organism ({args.model or 'weights/diffmem-organism-v1'}), {len(targets)} verbatim targets, {len(controls)} "
+            f"non-memorized controls, {args.seeds} seeds, {args.gen_steps} DDIM steps, guidance {args.guidance_scale}; "
+            f"Dori: {dori.steps} Adam steps, lr {dori.lr}, batch {dori.batch_size}; replication = mean SSIM over seeds > "
+            f"{args.threshold}. Machine: {platform.machine()} ({args.device}), {time.strftime('%Y-%m-%d', time.gmtime())}, "
+            f"{(time.time() - t_start) / 60:.1f} min for this run (cached stages excluded).",
+            "",
+            "| setting | SSIM to training image (mean ± std) | memorization rate | held-out median SSIM to unedited |",
+            "|---|---|---|---|",
+        ]
+        for r in table:
+            if "ssim_mean" not in r:
+                lines.append(f"| {r['setting']} | – | – | – |")
+                continue
+            lines.append(
+                f"| {r['setting']} | {fmt(r['ssim_mean'], 3)} ± {fmt(r['ssim_std'], 3)} | {fmt(r['rate'])} | {fmt(r.get('heldout'), 3)} |"
+            )
+        text = "\n".join(lines) + "\n"
+        (out / "table.md").write_text(text)
+        Stage(out, "table").save(table)
+        print(text)
+
     # --- no mitigation, and the false-positive control -----------------------------------------
     st = Stage(out, "none")
     none_rows = st.load() if st.done() else st.save(attack_rows(pipe, targets))
@@ -213,61 +241,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
         {"setting": "Memorized captions, no mitigation", **summarize(none_rows, "before"), "heldout": 1.0}
     )
     table.append({"setting": "No mitigation + Dori", **summarize(none_rows, "after"), "heldout": 1.0})
-    st = Stage(out, "controls")
-    ctrl_rows = st.load() if st.done() else st.save(attack_rows(pipe, controls))
-    table.append(
-        {"setting": "Non-memorized images, their captions", **summarize(ctrl_rows, "before"), "heldout": None}
-    )
-    table.append(
-        {
-            "setting": "Non-memorized images + Dori (false positives)",
-            **summarize(ctrl_rows, "after"),
-            "heldout": None,
-        }
-    )
-    print(json.dumps(table[-4:], indent=1))
-
-    # --- NeMo ------------------------------------------------------------------------------------
-    nemo_set = None
-    if not args.no_nemo:
-        from diffmem.localize.neuron_set import NeuronSet
-
-        nemo_file = out / "nemo_neurons.json"
-        if args.neurons:
-            nemo_set = NeuronSet.load(args.neurons)
-        elif nemo_file.is_file():
-            nemo_set = NeuronSet.load(nemo_file)
-        else:
-            try:
-                from diffmem.localize.nemo import NeMo, NemoConfig
-                from diffmem.localize.stats import compute_value_stats
-
-                nonmem = data.captions("generic") + data.captions("heldout")
-                stats = compute_value_stats(
-                    pipe.unet, pipe.text_encoder, pipe.tokenizer, nonmem, progress=False
-                )
-                probe = NeMo.from_pipe(pipe, stats)
-                threshold = probe.calibrate_threshold(nonmem[:16])
-                nemo = NeMo.from_pipe(pipe, stats, NemoConfig(threshold=threshold))
-                sets = [nemo.localize(cap) for _, cap, _ in targets]
-                nemo_set = sets[0].union(*sets[1:])
-                nemo_set.save(nemo_file)
-            except Exception as err:  # report, do not hide: the row says why it is missing
-                print(f"NeMo localization failed: {type(err).__name__}: {err}")
-                table.append({"setting": f"NeMo: not run ({type(err).__name__}: {err})"})
-        if nemo_set is not None:
-            st = Stage(out, "nemo")
-            rows = st.load() if st.done() else st.save(attack_rows(pipe, targets, nemo_set))
-            st_q = Stage(out, "nemo_heldout")
-            if st_q.done():
-                q = st_q.load()
-            else:
-                with edit_context(pipe.unet, nemo_set):
-                    q = st_q.save(heldout_quality(pipe))
-            table.append(
-                {"setting": f"NeMo ({len(nemo_set)} neurons)", **summarize(rows, "before"), "heldout": q}
-            )
-            table.append({"setting": "NeMo + Dori", **summarize(rows, "after"), "heldout": q})
+    write_table()
 
     # --- subspace pruning ----------------------------------------------------------------------------
     from diffmem.hooks.ffn import ffn_layers
@@ -354,6 +328,67 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
         {"setting": f"Pruning rho={ratio} + Dori", **summarize(rows, "after"), "heldout": row["heldout"]}
     )
 
+    write_table()
+
+    # --- the false-positive control ----------------------------------------------------------------
+    st = Stage(out, "controls")
+    ctrl_rows = st.load() if st.done() else st.save(attack_rows(pipe, controls))
+    table.append(
+        {"setting": "Non-memorized images, their captions", **summarize(ctrl_rows, "before"), "heldout": None}
+    )
+    table.append(
+        {
+            "setting": "Non-memorized images + Dori (false positives)",
+            **summarize(ctrl_rows, "after"),
+            "heldout": None,
+        }
+    )
+    write_table()
+
+    # --- NeMo ------------------------------------------------------------------------------------
+    nemo_set = None
+    if not args.no_nemo:
+        from diffmem.localize.neuron_set import NeuronSet
+
+        nemo_file = out / "nemo_neurons.json"
+        if args.neurons:
+            nemo_set = NeuronSet.load(args.neurons)
+        elif nemo_file.is_file():
+            nemo_set = NeuronSet.load(nemo_file)
+        else:
+            try:
+                from diffmem.localize.nemo import NeMo, NemoConfig
+                from diffmem.localize.stats import compute_value_stats
+
+                nonmem = data.captions("generic") + data.captions("heldout")
+                stats = compute_value_stats(
+                    pipe.unet, pipe.text_encoder, pipe.tokenizer, nonmem, progress=False
+                )
+                probe = NeMo.from_pipe(pipe, stats)
+                threshold = probe.calibrate_threshold(nonmem[:16])
+                nemo = NeMo.from_pipe(pipe, stats, NemoConfig(threshold=threshold))
+                sets = [nemo.localize(cap) for _, cap, _ in targets]
+                nemo_set = sets[0].union(*sets[1:])
+                nemo_set.save(nemo_file)
+            except Exception as err:  # report, do not hide: the row says why it is missing
+                print(f"NeMo localization failed: {type(err).__name__}: {err}")
+                table.append({"setting": f"NeMo: not run ({type(err).__name__}: {err})"})
+        if nemo_set is not None:
+            st = Stage(out, "nemo")
+            rows = st.load() if st.done() else st.save(attack_rows(pipe, targets, nemo_set))
+            st_q = Stage(out, "nemo_heldout")
+            if st_q.done():
+                q = st_q.load()
+            else:
+                with edit_context(pipe.unet, nemo_set):
+                    q = st_q.save(heldout_quality(pipe))
+            table.append(
+                {"setting": f"NeMo ({len(nemo_set)} neurons)", **summarize(rows, "before"), "heldout": q}
+            )
+            table.append({"setting": "NeMo + Dori", **summarize(rows, "after"), "heldout": q})
+
+    write_table()
+
     # --- adversarial fine-tuning ---------------------------------------------------------------------
     if not args.no_finetune:
         from diffmem.attack.dori import encode_images, encode_prompts
@@ -435,31 +470,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
         )
         Stage(out, "finetune_log").save(log.rounds)
 
-    # --- the table -----------------------------------------------------------------------------------
-    def fmt(v, digits=2):
-        return "–" if v is None else f"{v:.{digits}f}"
-
-    lines = [
-        f"Model organism ({args.model or 'weights/diffmem-organism-v1'}), {len(targets)} verbatim targets, {len(controls)} "
-        f"non-memorized controls, {args.seeds} seeds, {args.gen_steps} DDIM steps, guidance {args.guidance_scale}; "
-        f"Dori: {dori.steps} Adam steps, lr {dori.lr}, batch {dori.batch_size}; replication = mean SSIM over seeds > "
-        f"{args.threshold}. Machine: {platform.machine()} ({args.device}), {time.strftime('%Y-%m-%d', time.gmtime())}, "
-        f"{(time.time() - t_start) / 60:.1f} min for this run (cached stages excluded).",
-        "",
-        "| setting | SSIM to training image (mean ± std) | memorization rate | held-out median SSIM to unedited |",
-        "|---|---|---|---|",
-    ]
-    for r in table:
-        if "ssim_mean" not in r:
-            lines.append(f"| {r['setting']} | – | – | – |")
-            continue
-        lines.append(
-            f"| {r['setting']} | {fmt(r['ssim_mean'], 3)} ± {fmt(r['ssim_std'], 3)} | {fmt(r['rate'])} | {fmt(r.get('heldout'), 3)} |"
-        )
-    text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
-    Stage(out, "table").save(table)
-    print(text)
+    write_table()
 
 
 if __name__ == "__main__":
