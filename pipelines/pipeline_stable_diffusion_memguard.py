@@ -43,8 +43,8 @@ from diffmem.hooks.noise import capture_noise_gap
 from diffmem.modelio import check_sd_folder
 from diffmem.scores.noise_gap import window_mean
 
-#: Values of ``mitigation`` this version supports (NeMo neuron blocking and embedding optimisation come later).
-SUPPORTED_MITIGATIONS = (None,)
+#: Values of ``mitigation``: off, NeMo neuron blocking, Wen et al.'s prompt-embedding optimisation.
+SUPPORTED_MITIGATIONS = (None, "nemo", "embedding")
 
 _STOCK_CALL_SIGNATURE = inspect.signature(StableDiffusionPipeline.__call__)
 
@@ -64,6 +64,9 @@ class StableDiffusionMemGuardPipelineOutput(StableDiffusionPipelineOutput):
     memorization_scores: list[float] | None = None
     memorized: list[bool] | None = None
     memorization_step_scores: torch.Tensor | None = None
+    #: per image, with a mitigation: first-step score, flagged, action taken ("none", "nemo",
+    #: "embedding"), neurons switched off or embedding loss before/after, seconds it added
+    mitigations: list[dict] | None = None
 
 
 def check_memorization_threshold(value, argument: str = "memorization_threshold") -> float | None:
@@ -145,6 +148,9 @@ class StableDiffusionMemGuardPipeline(StableDiffusionPipeline):
         memorization_window: tuple[int, int | None] = (0, None),
         return_step_scores: bool = False,
         mitigation: str | None = None,
+        neuron_set=None,
+        mitigation_threshold: float | None = None,
+        mitigation_options: dict | None = None,
         attention: str | None = None,
         **kwargs,
     ):
@@ -168,7 +174,13 @@ class StableDiffusionMemGuardPipeline(StableDiffusionPipeline):
             return_step_scores (`bool`, defaults to ``False``):
                 Also return the per-step gaps ``memorization_step_scores`` ``[n_images, n_calls]``.
             mitigation (`str`, *optional*):
-                Memorization mitigation; only ``None`` (off) is supported so far.
+                ``None`` (off), ``"nemo"`` or ``"embedding"``. Images whose first-step score is ``>=``
+                ``mitigation_threshold`` (default: the memorization threshold) are mitigated, the
+                others are generated as without mitigation (see ``diffmem.mitigation``): ``"nemo"``
+                switches off the value neurons of ``neuron_set`` (or of a NeMo localization of the
+                prompt when ``pipe.nemo_stats`` is set) for those images; ``"embedding"`` optimises
+                their prompt embedding (Wen et al.; ``mitigation_options``: ``lr``, ``iterations``,
+                ``target_loss``). ``output.mitigations`` says what was done to each image.
             attention (`str`, *optional*):
                 ``None`` keeps the model's attention processors (bit-identical to the stock pipeline);
                 ``"auto"`` uses xformers on CUDA when installed, PyTorch SDPA otherwise; ``"sdpa"``,
@@ -230,7 +242,16 @@ class StableDiffusionMemGuardPipeline(StableDiffusionPipeline):
         #    place; all are removed when the call ends or fails
         with contextlib.ExitStack() as stack:
             stack.enter_context(attention_processors(self.unet, attention))
-            stack.enter_context(self._mitigation_context(mitigation, call))
+            stack.enter_context(
+                self._mitigation_context(
+                    mitigation,
+                    call,
+                    threshold=threshold if mitigation_threshold is None else mitigation_threshold,
+                    guidance=guidance,
+                    neuron_set=neuron_set,
+                    options=mitigation_options,
+                )
+            )
             record = stack.enter_context(
                 capture_noise_gap(
                     self.unet,
@@ -260,9 +281,11 @@ class StableDiffusionMemGuardPipeline(StableDiffusionPipeline):
             memorization_scores=memorization_scores,
             memorized=memorized,
             memorization_step_scores=step_scores if return_step_scores else None,
+            mitigations=self.__dict__.pop("_diffmem_mitigation_report", None),
         )
 
-    def _mitigation_context(self, mitigation: str | None, call: dict) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def _mitigation_context(self, mitigation: str | None, call: dict, **options):
         """The context that applies ``mitigation`` for one call; ``None``: nothing.
 
         Extension point for mitigations (NeMo neuron blocking, prompt-embedding optimisation): such a
@@ -270,7 +293,29 @@ class StableDiffusionMemGuardPipeline(StableDiffusionPipeline):
         ``prompt_embeds``) before the loop, and must undo its hooks on exit. It is entered before the
         score's capture hook, so UNet calls it makes itself are not counted as sampling steps.
         """
-        return contextlib.nullcontext()
+        self.__dict__.pop("_diffmem_mitigation_report", None)
+        if mitigation is None:
+            yield
+            return
+        from diffmem.mitigation import plan_mitigation
+
+        if options["threshold"] is None:
+            raise ValueError(
+                f"mitigation={mitigation!r} needs memorization_threshold or mitigation_threshold"
+            )
+        plan = plan_mitigation(
+            self,
+            call,
+            mitigation,
+            check_memorization_threshold(options["threshold"], "mitigation_threshold"),
+            guidance=options["guidance"],
+            neuron_set=options["neuron_set"],
+            embedding_options=options["options"],
+        )
+        call.update(plan.call)
+        self.__dict__["_diffmem_mitigation_report"] = plan.report
+        with plan.context:
+            yield
 
     @torch.no_grad()
     def _empty_prompt_embeds(self, prompt_embeds, cross_attention_kwargs, clip_skip) -> torch.Tensor:

@@ -346,7 +346,8 @@ def test_rejects_a_folder_with_a_missing_component(tiny_sd1_dir, tmp_path):
         (dict(prompt="a cat", memorization_threshold=-1.0), "memorization_threshold"),
         (dict(prompt="a cat", memorization_window=(0, NUM_STEPS + 1)), "memorization_window"),
         (dict(prompt="a cat", memorization_window=(2, 1)), "memorization_window"),
-        (dict(prompt="a cat", mitigation="nemo"), "supported values so far: None"),
+        (dict(prompt="a cat", mitigation="prune"), "supported values so far: None"),
+        (dict(prompt="a cat", mitigation="nemo"), "needs memorization_threshold"),
         (dict(prompt="a cat", attention="flash"), "attention="),
     ],
 )
