@@ -68,6 +68,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     from diffmem.modelio import load_pipeline
     from diffmem.organism.data import build_organism_data, generic_and_heldout_pairs, render_generic
     from diffmem.organism.recipe import OrganismRecipe
+    from diffmem.organism.replication import REPLICATION_THRESHOLD
     from diffmem.scores.similarity import ssim
     from diffmem.seeding import derive_seed, item_generator
 
@@ -86,7 +87,10 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     ap.add_argument("--attack-steps", type=int, default=50)
     ap.add_argument("--attack-batch", type=int, default=8)
     ap.add_argument(
-        "--threshold", type=float, default=0.5, help="replication: mean SSIM over seeds above this"
+        "--threshold",
+        type=float,
+        default=REPLICATION_THRESHOLD,
+        help="replication: mean SSIM over seeds above this (default: the organism's SSIM threshold, 0.5)",
     )
     ap.add_argument(
         "--ratios", default="0.01,0.02,0.05,0.1", help="pruning ratios rho to try (first = paper default)"
