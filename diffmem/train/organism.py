@@ -157,8 +157,13 @@ def _run_phase(
     total: int,
     step_fn,
     log: list,
-) -> None:
-    """A resumable accelerate loop: ``step_fn(step) -> loss`` for steps not yet done."""
+    until_step: int | None = None,
+) -> bool:
+    """A resumable accelerate loop: ``step_fn(step) -> loss`` for steps not yet done.
+
+    ``until_step`` stops after that step with a checkpoint, as an interruption would; returns whether
+    the phase is complete.
+    """
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
@@ -181,7 +186,8 @@ def _run_phase(
     progress = _Progress(total, start, phase, log)
     window: list[float] = []
     t0 = time.time()
-    for step in range(start, total):
+    end = total if until_step is None else min(total, until_step)
+    for step in range(start, end):
         loss = step_fn(step)
         accelerator.backward(loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -196,13 +202,14 @@ def _run_phase(
                 {"step": done, "loss": sum(window) / len(window), "seconds": round(time.time() - t0, 1)}
             )
             window = []
-        if done % recipe.checkpoint_every == 0 or done == total:
+        if done % recipe.checkpoint_every == 0 or done == end:
             save_checkpoint(
                 ckpt_root, done, modules, {"adamw": optimizer}, {"lr": scheduler}, extra={"log": log}
             )
     progress.close()
     for m in modules.values():
         m.eval()
+    return end == total
 
 
 def _images_tensor(data: OrganismData) -> torch.Tensor:
@@ -249,6 +256,7 @@ def train_organism(
     data: OrganismData | None = None,
     snapshot_every: int | None = None,
     only: str | None = None,
+    until_step: int | None = None,
 ) -> Path:
     """Train (or resume) the organism in ``workdir``; save the pipeline to ``out`` (default ``workdir/model``).
 
@@ -256,7 +264,8 @@ def train_organism(
     so memorization can be measured while training runs. ``only``: ``"vae"``, ``"decoder"`` or ``"unet"``
     runs just that phase (after the autoencoder, which both others need): the decoder and UNet
     phases depend only on the autoencoder, so two processes may run them side by side; a final
-    run without ``only`` then assembles the pipeline from the finished phases.
+    run without ``only`` then assembles the pipeline from the finished phases. ``until_step`` stops
+    the UNet phase after that step (checkpointed), as an interruption would; rerun to continue.
     """
     if only not in (None, "vae", "decoder", "unet"):
         raise ValueError(f"only: expected vae, decoder or unet, got {only!r}")
@@ -407,7 +416,7 @@ def train_organism(
 
     vae.requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    _run_phase(
+    finished = _run_phase(
         "unet",
         recipe,
         workdir,
@@ -417,7 +426,10 @@ def train_organism(
         recipe.unet_steps,
         unet_step,
         log["unet"],
+        until_step=until_step,
     )
+    if not finished:
+        return workdir
     if only == "unet" or (recipe.decoder_steps > 0 and not decoder_done.is_file()):
         print(f"[organism] UNet phase done; run without --only to assemble the pipeline in {out}", flush=True)
         return workdir

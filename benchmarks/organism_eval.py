@@ -1,0 +1,138 @@
+"""Measured ground truth of the model organism (``weights/diffmem-organism-v1``).
+
+Generates every verbatim, template, held-out and generic caption with ``--seeds`` seeds through the
+guarded pipeline, and measures:
+
+* replication: SSIM (at 64 px) of each generation to its nearest training image
+  (``diffmem.organism.replication``), per caption role, with the histogram of the populations;
+* detection: Wen et al.'s score over the first step, the first 10 steps and all steps, AUC and TPR
+  at 1 % FPR of verbatim (and, separately, template and generic) captions against held-out ones.
+
+Writes ``<out>/results.json``, ``generations.jsonl``, ``images.npz``, ``ssim_histogram.png`` and
+prints the markdown for ``benchmarks/RESULTS.md``. ``--write-calibration`` stores the first-step
+flag threshold in the model folder (``diffmem_calibration.json``), which ``diffmem demo`` uses.
+
+    python benchmarks/organism_eval.py --write-calibration
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+
+def histogram_png(generations: list[dict], threshold: float, path: Path) -> Path:
+    from diffmem.report import histogram_figure
+
+    groups = {
+        "verbatim: SSIM to own photo": [g["own_ssim"] for g in generations if g["role"] == "verbatim"],
+        "template: SSIM to own template": [g["own_ssim"] for g in generations if g["role"] == "template"],
+        "generic: SSIM to nearest": [g["nearest_ssim"] for g in generations if g["role"] == "generic"],
+        "held-out: SSIM to nearest": [g["nearest_ssim"] for g in generations if g["role"] == "heldout"],
+    }
+    fig = histogram_figure(groups, "SSIM at 64 px", threshold=threshold, bins=40)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def markdown(results: dict, seconds: float) -> str:
+    s = results["summary"]
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__} CPU, "
+        f"{datetime.date.today().isoformat()}. Script: `python benchmarks/organism_eval.py` "
+        f"({results['seeds']} seeds per caption, {results['num_inference_steps']} DDIM steps, guidance "
+        f"{results['guidance_scale']}; {seconds / 60:.1f} min).",
+        "",
+        f"Replication = SSIM >= {s['replication_threshold']:.2f} between a generation and a training image at 64 px "
+        "(nearest training image over the whole training set).",
+        "",
+        "| target | measured |",
+        "|---|---|",
+        f"| verbatim captions with >= 3 of 4 seeds replicating their photo (target >= 90 %) | "
+        f"{s.get('verbatim_replicated_3of4', float('nan')):.0%} (seeds: {s.get('verbatim_seed_replication_rate', float('nan')):.0%}) |",
+        f"| held-out captions with no replicating seed (target >= 90 %) | {s.get('heldout_no_replication', float('nan')):.0%} |",
+        f"| template generations replicating one of their own training images | {s.get('template_seed_replication_rate', float('nan')):.0%} |",
+        f"| generic generations replicating one of their own training images | {s.get('generic_seed_replication_rate', float('nan')):.0%} |",
+        "",
+        "| window | positives vs held-out | AUC | TPR@1%FPR | threshold |",
+        "|---|---|---|---|---|",
+    ]
+    for name, d in s["detection"].items():
+        for pair, m in d.items():
+            lines.append(
+                f"| {name} | {pair.replace('_vs_heldout', '')} ({m['n_positive']} vs {m['n_negative']}) | "
+                f"{m['auc']:.3f} | {m['tpr_at_1pct_fpr']:.2f} | {m['threshold']:.3f} |"
+            )
+    lines += ["", "SSIM quantiles (0 / 10 / 50 / 90 / 100 %):", ""]
+    for k, q in s["ssim_quantiles"].items():
+        lines.append(f"- {k}: " + " / ".join(f"{v:.2f}" for v in q.values()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffmem.io import atomic_write_json
+    from diffmem.modelio import default_model
+    from diffmem.organism.demo import CALIBRATION_FILE
+    from diffmem.organism.evaluate import run_evaluation
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--model", default=None, help="organism folder (default: weights/diffmem-organism-v1)"
+    )
+    parser.add_argument("--out", default="runs/organism-eval")
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write-calibration", action="store_true", help="store the first-step threshold")
+    parser.add_argument(
+        "--copy-histogram", action="store_true", help="copy the histogram into the model folder"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = args.model or default_model()
+    if model is None:
+        raise SystemExit("no organism: train it (diffmem organism train) or pass --model")
+    t0 = time.time()
+    results = run_evaluation(model, args.out, seeds=args.seeds, steps=args.steps)
+    seconds = time.time() - t0
+    import json
+
+    gens = [json.loads(line) for line in (Path(args.out) / "generations.jsonl").read_text().splitlines()]
+    hist = histogram_png(
+        gens, results["summary"]["replication_threshold"], Path(args.out) / "ssim_histogram.png"
+    )
+    if args.copy_histogram:
+        shutil.copy2(hist, Path(model) / "ssim_histogram.png")
+    first = results["summary"]["detection"]["first_step"]["verbatim_vs_heldout"]
+    if args.write_calibration:
+        atomic_write_json(
+            Path(model) / CALIBRATION_FILE,
+            {
+                "memorization_threshold": first["threshold"],
+                "memorization_window": [0, 1],
+                "calibrated_on": "verbatim vs held-out captions of the organism, "
+                f"{results['seeds']} seeds, {results['num_inference_steps']} DDIM steps, "
+                f"guidance {results['guidance_scale']} (benchmarks/organism_eval.py)",
+                "first_step_auc": first["auc"],
+                "first_step_tpr_at_1pct_fpr": first["tpr_at_1pct_fpr"],
+                "replication_threshold_ssim": results["summary"]["replication_threshold"],
+            },
+        )
+    print(results["summary_text"])
+    print()
+    print(markdown(results, seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
