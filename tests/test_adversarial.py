@@ -113,6 +113,7 @@ def test_lora_trains_only_the_adapters_and_merges(tmp_path):
     assert any(not torch.equal(v, base[k]) for k, v in unet.state_dict().items())
 
 
+@pytest.mark.slow
 def test_finetune_cli_lora_writes_a_model_and_resumes(tiny_sd1_dir, tmp_path, capsys):
     import json
 

@@ -70,6 +70,7 @@ def test_attack_lowers_the_denoising_loss_and_leaves_the_model_alone(tiny_sd_dir
     assert float((bounded.embeds - init).norm(dim=-1).max()) <= 0.05 + 1e-5
 
 
+@pytest.mark.slow
 def test_attack_cli_under_an_edit_and_resume(tiny_sd1_dir, tmp_path, capsys):
     from PIL import Image
 
