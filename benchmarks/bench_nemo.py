@@ -1,0 +1,146 @@
+"""Benchmark: NeMo localization with batched candidate evaluation against the one-candidate-at-a-time algorithm.
+
+Both run in the same process on the same model, statistics and threshold, prompt by prompt in
+alternating order (ABBA), so machine load hits both alike. ``mask_batch=1`` is the original
+algorithm (one UNet call per candidate set, at the kept seeds); ``mask_batch=B`` evaluates ``B``
+candidate sets per UNet call and the greedy refinement speculatively (``diffmem.localize.nemo``).
+Reported: seconds per prompt, UNet calls, candidate sets evaluated, and whether the neurons found
+are identical.
+
+Models: ``--model DIR`` (e.g. the organism, with its verbatim captions as prompts and its generic
+captions as non-memorized references), or by default the planted-neuron tiny model of the tests
+with several trigger words.
+
+    .venv/bin/python benchmarks/bench_nemo.py [--model weights/diffmem-organism-v1] [--mask-batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def planted_setup():
+    """The tests' planted-neuron model, with the trigger in several prompts."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_nemo import REFERENCE, TRIGGER, plant_trigger_neuron
+
+    from diffmem.tiny import TinySDConfig, build_components
+
+    c = build_components(TinySDConfig(variant="sd1"), seed=0)
+    plant_trigger_neuron(c)
+    prompts = [f"a photo of {TRIGGER}", f"{TRIGGER} on a bike", f"a painting of {TRIGGER} at night", TRIGGER]
+    return c, prompts, REFERENCE, "tiny SD-1.x with a planted trigger neuron (tests/test_nemo.py)"
+
+
+def organism_setup(model: str, limit: int):
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.modelio import load_pipeline
+    from diffmem.organism.data import build_organism_data
+
+    pipe = load_pipeline(model, pipeline_class=StableDiffusionPipeline)
+    data = build_organism_data()
+    prompts = data.captions("verbatim")[:limit]
+    reference = data.captions("generic")
+    c = {k: getattr(pipe, k) for k in ("unet", "scheduler", "text_encoder", "tokenizer")}
+    return c, prompts, reference, f"{model} (verbatim captions)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="SD folder (default: the planted tiny model)")
+    parser.add_argument("--limit", type=int, default=4, help="prompts (organism: first N verbatim captions)")
+    parser.add_argument("--mask-batch", type=int, default=8)
+    parser.add_argument("--threshold", type=float, default=None, help="default: calibrated on the references")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/bench_nemo.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    from diffmem.localize.nemo import NeMo, NemoConfig
+    from diffmem.localize.stats import compute_value_stats
+
+    c, prompts, reference, label = organism_setup(args.model, args.limit) if args.model else planted_setup()
+    prompts = prompts[: args.limit]
+    stats = compute_value_stats(c["unet"], c["text_encoder"], c["tokenizer"], reference, progress=False)
+    parts = (c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], stats)
+    threshold = args.threshold
+    if threshold is None:
+        threshold = NeMo(*parts, NemoConfig()).calibrate_threshold(reference[:12])
+    runs = {
+        "one_at_a_time": NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=1)),
+        "batched": NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=args.mask_batch)),
+    }
+    rows = []
+    for i, prompt in enumerate(prompts):
+        order = list(runs) if i % 2 == 0 else list(reversed(runs))
+        row = {"prompt": prompt}
+        for name in order:
+            start = time.perf_counter()
+            res = runs[name].localize(prompt)
+            row[name] = {
+                "seconds": time.perf_counter() - start,
+                "unet_calls": res.info["unet_calls"],
+                "masks": res.info.get("masks_evaluated", 0),
+                "neurons": res.items(),
+                "memorized": res.info["memorized"],
+            }
+            print(
+                f"{name:14s} {row[name]['seconds']:7.2f} s  calls {row[name]['unet_calls']:4d}  "
+                f"neurons {len(row[name]['neurons'])}  {prompt!r}",
+                flush=True,
+            )
+        row["same_neurons"] = row["batched"]["neurons"] == row["one_at_a_time"]["neurons"]
+        rows.append(row)
+    mem = [r for r in rows if r["batched"]["memorized"]]
+    t_one = statistics.mean(r["one_at_a_time"]["seconds"] for r in mem) if mem else float("nan")
+    t_bat = statistics.mean(r["batched"]["seconds"] for r in mem) if mem else float("nan")
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, threads {torch.get_num_threads()}",
+        "model": label,
+        "threshold": threshold,
+        "mask_batch": args.mask_batch,
+        "memorized_prompts": len(mem),
+        "seconds_per_prompt": {"one_at_a_time": t_one, "batched": t_bat},
+        "speedup": t_one / t_bat if mem else None,
+        "unet_calls_per_prompt": {
+            name: statistics.mean(r[name]["unet_calls"] for r in mem) if mem else None for name in runs
+        },
+        "same_neurons": all(r["same_neurons"] for r in rows),
+        "rows": rows,
+    }
+    from diffmem.io import atomic_write_json
+
+    atomic_write_json(args.json, result)
+    print(
+        f"\n{label}: {len(mem)}/{len(rows)} memorized prompts; one-at-a-time {t_one:.2f} s/prompt, "
+        f"batched (x{args.mask_batch}) {t_bat:.2f} s/prompt, speed-up {result['speedup'] or float('nan'):.2f}x; "
+        f"same neurons: {result['same_neurons']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""NeMo on the model organism: localize each memorized caption's neurons, switch them off, measure.
+
+Steps (all seeds from the organism recipe; generation j of a caption starts from
+``item_generator(recipe.seed, caption, j)`` as in ``diffmem.organism.evaluate``):
+
+1. Value statistics and NeMo's threshold (mean + 1 std of the detection score) on the organism's
+   generic captions (the non-memorized reference set).
+2. ``NeMo.localize`` for every verbatim and template caption (one NeuronSet each, resumable).
+3. Replication (own training image at SSIM >= the organism's replication threshold) and Wen et al.'s
+   score over ``--seeds`` generations, before and with the caption's neurons off (weights scaled to 0).
+4. The union of all found neurons off: held-out captions' images against the unedited ones (SSIM,
+   median), and verbatim replication; the same with random neurons (same count per layer, seeded).
+5. The guarded pipeline's mitigations (``"nemo"`` with the union, ``"embedding"``) on verbatim and
+   held-out captions: replication, score, seconds added per flagged and per unflagged prompt.
+
+    .venv/bin/python benchmarks/nemo_eval.py [--model weights/diffmem-organism-v1] [--seeds 10]
+
+Writes ``benchmarks/results/nemo_eval/results.json`` (+ ``neurons/``) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _generate(pipe, captions, role, seeds, steps, guidance, seed, **kw):
+    """Images ``[n*seeds, H, W, 3]``, per-image Wen scores (first step, all steps), seconds."""
+    from diffmem.detect import initial_latents
+
+    latents = initial_latents(pipe, captions, seeds, seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = pipe(
+            list(captions),
+            num_images_per_prompt=seeds,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=latents,
+            output_type="np",
+            return_step_scores=True,
+            **kw,
+        )
+    seconds = time.perf_counter() - start
+    steps_scores = out.memorization_step_scores
+    return (
+        np.asarray(out.images, dtype=np.float32),
+        steps_scores[:, 0].tolist(),
+        steps_scores.mean(dim=1).tolist(),
+        seconds,
+        out.mitigations,
+    )
+
+
+def _replication(training, images, caption, threshold):
+    from diffmem.scores.similarity import ssim
+
+    own = training.indices_of_caption(caption)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    best = []
+    for k in range(len(x)):
+        s = ssim(x[k : k + 1].expand(len(own), -1, -1, -1), training.pixels[own])
+        best.append(float(s.max()))
+    return sum(b >= threshold for b in best), best
+
+
+def _ssim_pairs(a, b):
+    from diffmem.scores.similarity import ssim
+
+    x = torch.from_numpy(a).permute(0, 3, 1, 2)
+    y = torch.from_numpy(b).permute(0, 3, 1, 2)
+    return ssim(x, y).tolist()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(ROOT / "weights/diffmem-organism-v1"))
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--limit", type=int, default=None, help="at most N captions per role")
+    parser.add_argument("--mask-batch", type=int, default=8)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/nemo_eval"))
+    parser.add_argument("--skip-pipeline", action="store_true", help="skip step 5")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    from diffmem.edit import applied
+    from diffmem.io import atomic_write_json
+    from diffmem.localize.nemo import NeMo, NemoConfig
+    from diffmem.localize.neuron_set import NeuronSet
+    from diffmem.localize.stats import compute_value_stats
+    from diffmem.modelio import check_sd_folder, load_pipeline, model_fingerprint
+    from diffmem.organism.data import build_organism_data
+    from diffmem.organism.recipe import OrganismRecipe
+    from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages
+
+    check_sd_folder(args.model)
+    out = Path(args.out)
+    (out / "neurons").mkdir(parents=True, exist_ok=True)
+    recipe_path = Path(args.model) / "recipe.json"
+    recipe = OrganismRecipe()
+    if recipe_path.is_file():
+        recipe = OrganismRecipe.from_dict(json.loads(recipe_path.read_text()))
+    steps = args.steps or recipe.num_inference_steps
+    guidance, seed, seeds = recipe.guidance_scale, recipe.seed, args.seeds
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    data = build_organism_data(recipe)
+    training = TrainingImages.from_data(data)
+    roles = {r: data.captions(r)[: args.limit] for r in ("verbatim", "template", "heldout", "generic")}
+    t0 = time.perf_counter()
+
+    # 1. statistics and threshold on the generic (non-memorized) captions
+    stats = compute_value_stats(
+        pipe.unet, pipe.text_encoder, pipe.tokenizer, data.captions("generic"), progress=False
+    )
+    stats.save(out / "stats.safetensors")
+    base = NeMo.from_pipe(pipe, stats, NemoConfig())
+    generic_scores = base.detection_scores(data.captions("generic"))
+    g = torch.tensor(generic_scores)
+    tau = float(g.mean() + g.std())
+    nemo = NeMo.from_pipe(pipe, stats, NemoConfig(threshold=tau, mask_batch=args.mask_batch))
+    print(f"NeMo threshold {tau:.3f} (generic captions: mean {g.mean():.3f}, std {g.std():.3f})", flush=True)
+
+    # 2. localization per verbatim / template caption (resumable)
+    sets: dict[str, NeuronSet] = {}
+    for role in ("verbatim", "template"):
+        for i, caption in enumerate(roles[role]):
+            path = out / "neurons" / f"{role}-{i:03d}.json"
+            if path.is_file():
+                ns = NeuronSet.load(path)
+                if ns.prompts == [caption] and ns.info.get("threshold") == tau:
+                    sets[caption] = ns
+                    continue
+            ns = nemo.localize(caption)
+            ns.info["role"] = role
+            ns.save(path)
+            sets[caption] = ns
+            print(
+                f"{role:8s} {len(ns):4d} neurons  {ns.info['seconds']:.1f} s  before {ns.score_before[0]:.3f} "
+                f"after {ns.score_after[0]:.3f}  {caption!r}",
+                flush=True,
+            )
+
+    # 3. replication before / after, per caption
+    per_caption = []
+    for role in ("verbatim", "template"):
+        for caption in roles[role]:
+            ns = sets[caption]
+            imgs, first, allm, _, _ = _generate(pipe, [caption], role, seeds, steps, guidance, seed)
+            rep_before, _ = _replication(training, imgs, caption, REPLICATION_THRESHOLD)
+            with applied(pipe.unet, ns, mode="weight"):
+                imgs2, first2, all2, _, _ = _generate(pipe, [caption], role, seeds, steps, guidance, seed)
+            rep_after, _ = _replication(training, imgs2, caption, REPLICATION_THRESHOLD)
+            per_caption.append(
+                {
+                    "caption": caption,
+                    "role": role,
+                    "memorized_by_nemo": ns.info["memorized"],
+                    "neurons": len(ns),
+                    "nemo_score_before": ns.score_before[0],
+                    "nemo_score_after": ns.score_after[0],
+                    "nemo_detection_after": ns.info.get("detection_after"),
+                    "localize_seconds": ns.info["seconds"],
+                    "replicated_before": rep_before,
+                    "replicated_after": rep_after,
+                    "wen_first_before": statistics.mean(first),
+                    "wen_first_after": statistics.mean(first2),
+                    "wen_all_before": statistics.mean(allm),
+                    "wen_all_after": statistics.mean(all2),
+                }
+            )
+            print(
+                f"{role:8s} replicated {rep_before}/{seeds} -> {rep_after}/{seeds}  {caption!r}", flush=True
+            )
+
+    # Wen first-step threshold for flagging: balanced-accuracy optimum, verbatim vs generic captions
+    from diffmem.detect import calibrate
+
+    gen_first = []
+    for caption in roles["generic"]:
+        _, first, _, _, _ = _generate(pipe, [caption], "generic", 2, 1, guidance, seed)
+        gen_first.append(statistics.mean(first))
+    verb_first = [r["wen_first_before"] for r in per_caption if r["role"] == "verbatim"]
+    wen = calibrate(verb_first + gen_first, [1] * len(verb_first) + [0] * len(gen_first))
+    wen_tau = wen.threshold
+
+    # 4. union of all neurons off; random control with the same count per layer
+    found = [sets[c] for c in roles["verbatim"] + roles["template"]]
+    union = found[0].union(*found[1:])
+    union.save(out / "union.json")
+    gen = torch.Generator().manual_seed(0)
+    modules = dict(pipe.unet.named_modules())
+    rand_lists = []
+    for name, idx in zip(union.layers, union.neurons):
+        width = modules[name].out_features
+        rand_lists.append(torch.randperm(width, generator=gen)[: len(idx)].tolist() if idx else [])
+    control = NeuronSet(model_fingerprint(pipe.unet), union.layers, rand_lists, info={"control": "random"})
+    held = roles["heldout"]
+    h_before, _, _, _, _ = _generate(pipe, held, "heldout", seeds, steps, guidance, seed)
+    summary_sets = {}
+    for label, ns in (("union", union), ("random", control)):
+        with applied(pipe.unet, ns, mode="weight"):
+            h_after, _, _, _, _ = _generate(pipe, held, "heldout", seeds, steps, guidance, seed)
+            reps = []
+            for caption in roles["verbatim"]:
+                imgs, _, _, _, _ = _generate(pipe, [caption], "verbatim", seeds, steps, guidance, seed)
+                reps.append(_replication(training, imgs, caption, REPLICATION_THRESHOLD)[0])
+        summary_sets[label] = {
+            "neurons": len(ns),
+            "heldout_ssim_median": _median(_ssim_pairs(h_before, h_after)),
+            "heldout_ssim_min": min(_ssim_pairs(h_before, h_after)),
+            "verbatim_replicated": reps,
+        }
+        print(f"{label}: {summary_sets[label]}", flush=True)
+
+    # 5. the guarded pipeline's mitigations
+    pipeline_rows = {}
+    if not args.skip_pipeline:
+        for mode, kw in (
+            ("none", {}),
+            ("nemo", {"mitigation": "nemo", "neuron_set": union, "memorization_threshold": wen_tau}),
+            ("embedding", {"mitigation": "embedding", "memorization_threshold": wen_tau}),
+        ):
+            reps, scores, t_flag, t_plain, actions = [], [], [], [], []
+            for caption in roles["verbatim"]:
+                imgs, _, allm, sec, report = _generate(
+                    pipe, [caption], "verbatim", seeds, steps, guidance, seed, **kw
+                )
+                reps.append(_replication(training, imgs, caption, REPLICATION_THRESHOLD)[0])
+                scores.append(statistics.mean(allm))
+                t_flag.append(sec)
+                actions += [r["action"] for r in report] if report else []
+            for caption in held:
+                _, _, _, sec, report = _generate(
+                    pipe, [caption], "heldout", seeds, steps, guidance, seed, **kw
+                )
+                t_plain.append(sec)
+                actions += [r["action"] for r in report] if report else []
+            pipeline_rows[mode] = {
+                "verbatim_replicated": reps,
+                "verbatim_wen_all": scores,
+                "seconds_verbatim_prompt": statistics.mean(t_flag),
+                "seconds_heldout_prompt": statistics.mean(t_plain),
+                "actions": {a: actions.count(a) for a in set(actions)},
+            }
+            print(f"pipeline {mode}: {pipeline_rows[mode]}", flush=True)
+
+    verb = [r for r in per_caption if r["role"] == "verbatim"]
+    tmpl = [r for r in per_caption if r["role"] == "template"]
+
+    def role_summary(rows):
+        mem = [r for r in rows if r["memorized_by_nemo"]]
+        ok = [r for r in rows if r["replicated_after"] <= 1 and r["nemo_score_after"] <= tau]
+        counts = [r["neurons"] for r in mem]
+        return {
+            "captions": len(rows),
+            "memorized_by_nemo": len(mem),
+            "replicating_before (>=5/10)": sum(r["replicated_before"] * 10 >= 5 * seeds for r in rows),
+            "success (<=1 seed replicates and score <= tau)": len(ok),
+            "success_rate": len(ok) / len(rows) if rows else None,
+            "neurons_median": _median(counts),
+            "neurons_max": max(counts) if counts else None,
+            "replicated_before_mean": statistics.mean(r["replicated_before"] for r in rows) if rows else None,
+            "replicated_after_mean": statistics.mean(r["replicated_after"] for r in rows) if rows else None,
+            "localize_seconds_mean": statistics.mean(r["localize_seconds"] for r in rows) if rows else None,
+        }
+
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model,
+        "fingerprint": model_fingerprint(pipe.unet),
+        "seeds": seeds,
+        "steps": steps,
+        "guidance": guidance,
+        "nemo_threshold": tau,
+        "wen_first_step_threshold": wen_tau,
+        "wen_first_step_detection": wen.to_dict(),
+        "verbatim": role_summary(verb),
+        "template": role_summary(tmpl),
+        "union_and_control": summary_sets,
+        "pipeline": pipeline_rows,
+        "captions": per_caption,
+        "seconds_total": time.perf_counter() - t0,
+    }
+    atomic_write_json(out / "results.json", results)
+    print(json.dumps({k: results[k] for k in ("verbatim", "template", "union_and_control")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
