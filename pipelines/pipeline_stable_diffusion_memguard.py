@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+from diffusers.utils import logging
 
 from diffmem.attention import ATTENTION_CHOICES, attention_processors
 from diffmem.hooks.noise import capture_noise_gap
@@ -45,6 +46,8 @@ from diffmem.scores.noise_gap import window_mean
 
 #: Values of ``mitigation``: off, NeMo neuron blocking, Wen et al.'s prompt-embedding optimisation.
 SUPPORTED_MITIGATIONS = (None, "nemo", "embedding")
+
+logger = logging.get_logger(__name__)
 
 _STOCK_CALL_SIGNATURE = inspect.signature(StableDiffusionPipeline.__call__)
 
@@ -232,6 +235,10 @@ class StableDiffusionMemGuardPipeline(StableDiffusionPipeline):
         guidance = call["guidance_scale"] > 1 and self.unet.config.time_cond_proj_dim is None
         uncond_embeds = None
         if not guidance:
+            logger.info(
+                "guidance_scale <= 1: the memorization score runs one extra unconditional UNet call per step "
+                "(empty-prompt embedding); under classifier-free guidance it costs no extra call"
+            )
             uncond_embeds = self._empty_prompt_embeds(
                 call["prompt_embeds"], call["cross_attention_kwargs"], call["clip_skip"]
             )

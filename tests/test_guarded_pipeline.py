@@ -357,3 +357,45 @@ def test_bad_input_names_the_argument(pipes, kwargs, match):
     with pytest.raises(ValueError, match=match):
         guarded(num_inference_steps=NUM_STEPS, output_type="latent", **kwargs)
     assert hook_state(guarded) == before
+
+
+# --- attention processors ------------------------------------------------------------------------
+
+
+def test_attention_choice_on_this_machine():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from diffmem.attention import fast_attention_processor, xformers_usable
+
+    assert not xformers_usable("cpu")
+    assert isinstance(fast_attention_processor("auto", "cpu"), AttnProcessor2_0)  # SDPA without CUDA
+    assert type(fast_attention_processor("naive", "cpu")) is AttnProcessor
+    with pytest.raises(ValueError, match="attention='xformers' needs a CUDA device"):
+        fast_attention_processor("xformers", "cpu")
+
+
+def test_attention_context_restores_processors_and_leaves_custom_ones(pipes):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from diffmem.attention import attention_processors
+
+    _, guarded = pipes["sd1"]
+    unet = guarded.unet
+    original = dict(unet.attn_processors)
+
+    class Custom(AttnProcessor):
+        pass
+
+    first = next(iter(original))
+    unet.set_attn_processor({**original, first: Custom()})
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with attention_processors(unet, "naive"):
+                inside = unet.attn_processors
+                assert type(inside[first]) is Custom  # a processor that is not plain attention stays
+                assert all(type(p) is AttnProcessor for k, p in inside.items() if k != first)
+                raise RuntimeError("inside")
+        assert type(unet.attn_processors[first]) is Custom
+        assert all(unet.attn_processors[k] is p for k, p in original.items() if k != first)
+    finally:
+        unet.set_attn_processor(dict(original))
