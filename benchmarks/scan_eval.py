@@ -121,6 +121,7 @@ def main() -> None:
         pixel_size=32,
         tiled_l2=True,
         keep_images=4,
+        ssim_rerank=8,
         background_sample=0,
     )
     t = time.perf_counter()

@@ -37,7 +37,16 @@ CAPTIONS = [
     "an old wooden door",
 ]
 PLANTED = {"c0", "c3", "c6"}
-SCAN = dict(num_gens=2, steps=2, shard_size=2, batch_size=2, pixel_size=16, tiled_l2=True, keep_images=2)
+SCAN = dict(
+    num_gens=2,
+    steps=2,
+    shard_size=2,
+    batch_size=2,
+    pixel_size=16,
+    tiled_l2=True,
+    keep_images=2,
+    ssim_rerank=2,
+)
 BAD = {
     "missing_file": 1,
     "empty_caption": 1,
@@ -142,10 +151,13 @@ def test_scan_finds_the_planted_copies(reference):
     for cid, g in best.items():
         if cid in PLANTED:
             assert g["gen"] == 0 and g["nn_id"] == cid and g["similarity"] > 0.99 and g["verbatim"]
+            assert g["ssim_nn_id"] == cid and g["ssim"] > 0.95 and g["ssim_replicated"]
         else:
             assert g["similarity"] < 0.8 and not g["replicated"]
+    assert max(g["ssim"] for g in gens if g["id"] not in PLANTED) < 0.5
     assert summary["flags_verbatim"]["precision"] == 1.0 and summary["flags_verbatim"]["recall"] == 1.0
     assert summary["captions_verbatim"] == 3 and summary["max_similarity_auc"] == 1.0
+    assert summary["flags_ssim"]["precision"] == 1.0 and summary["flags_ssim"]["recall"] == 1.0
     # Somepalli et al.'s statistics, from the rows themselves
     sims = np.array([g["similarity"] for g in gens])
     assert summary["sim_mean"] == pytest.approx(sims.mean(), abs=1e-6)
@@ -227,7 +239,7 @@ def test_cli_errors_name_the_argument(tmp_path, capsys):
 def _cli(planted, model, out) -> list[str]:
     return [
         "scan", "--data", str(planted), "--out", str(out), "--model", str(model), "--num-gens", "2", "--steps", "2",
-        "--shard-size", "2", "--batch-size", "2", "--pixel-size", "16", "--tiled-l2", "--keep-images", "2",
+        "--shard-size", "2", "--batch-size", "2", "--pixel-size", "16", "--tiled-l2", "--keep-images", "2", "--ssim-rerank", "2",
         "--no-progress",
     ]  # fmt: skip
 

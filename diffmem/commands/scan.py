@@ -90,6 +90,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--carlini-min-clique", type=int, default=None, help="default min(10, --num-gens), at least 2"
     )
     s.add_argument(
+        "--ssim-rerank",
+        type=int,
+        default=0,
+        help="also take the SSIM of each generation to its K nearest training images (copy: SSIM >= 0.5); 0 = off",
+    )
+    s.add_argument(
         "--keep-images",
         type=int,
         default=8,
@@ -149,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         carlini_delta=args.carlini_delta,
         carlini_min_clique=args.carlini_min_clique,
         keep_images=args.keep_images,
+        ssim_rerank=args.ssim_rerank,
         id_column=args.id_column,
         caption_column=args.caption_column,
         image_column=args.image_column,

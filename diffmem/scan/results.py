@@ -131,6 +131,27 @@ def write_summary(cfg, out: Path, describe: dict, image_bad: list[dict]) -> dict
             summary["captions_carlini"] = sum(
                 (v["carlini_clique"] or 0) >= cfg.min_clique for v in per.values()
             )
+        ssim_vals = gens.column("ssim").to_pylist()
+        if any(v is not None for v in ssim_vals):
+            from diffmem.scan.runner import SSIM_THRESHOLD
+
+            summary.update(
+                similarity_stats([v for v in ssim_vals if v is not None], "ssim", {"thr": SSIM_THRESHOLD})
+            )
+            best_ssim: dict[str, float] = {}
+            for i, v in zip(gens.column("id").to_pylist(), ssim_vals):
+                if v is not None:
+                    best_ssim[i] = max(best_ssim.get(i, -1.0), v)
+            summary["ssim_threshold"] = SSIM_THRESHOLD
+            summary["captions_ssim_replicated"] = sum(v >= SSIM_THRESHOLD for v in best_ssim.values())
+            if labels is not None:
+                ids_s = [i for i in labels if i in best_ssim]
+                summary["flags_ssim"] = {
+                    "threshold": SSIM_THRESHOLD,
+                    **flag_metrics(
+                        [best_ssim[i] >= SSIM_THRESHOLD for i in ids_s], [labels[i] for i in ids_s]
+                    ),
+                }
         if labels is not None:
             lab_ids = [i for i in labels if i in per]
             for name, t in (("replication", rep_t), ("verbatim", ver_t)):

@@ -58,6 +58,7 @@ class ScanConfig:
     carlini_delta: float = 0.15
     carlini_min_clique: int | None = None
     keep_images: int = 8
+    ssim_rerank: int = 0  # > 0: SSIM of each generation to its K nearest training images (by descriptor)
     id_column: str | None = None
     caption_column: str | None = None
     image_column: str | None = None
@@ -79,8 +80,8 @@ class ScanConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {v!r}")
         if not 0 < self.top_fraction <= 1:
             raise ValueError(f"--top-fraction: expected 0 < fraction <= 1, got {self.top_fraction}")
-        if self.keep_images < 0 or self.background_sample < 0:
-            raise ValueError("--keep-images and --background-sample must be >= 0")
+        if self.keep_images < 0 or self.background_sample < 0 or self.ssim_rerank < 0:
+            raise ValueError("--keep-images, --background-sample and --ssim-rerank must be >= 0")
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
@@ -445,6 +446,9 @@ def _gens_schema():
             ("verbatim", pa.bool_()),
             ("carlini_clique", pa.int32()),
             ("carlini_min_dist", pa.float32()),
+            ("ssim", pa.float32()),
+            ("ssim_nn_id", pa.string()),
+            ("ssim_replicated", pa.bool_()),
             ("image_file", pa.string()),
         ]
     )
@@ -471,6 +475,7 @@ def generate_shards(
 
     store = ShardStore(out, "gens")
     scores = ShardStore(out, "scores")
+    image_paths = dict(zip(catalog.column("row"), catalog.column("image"))) if cfg.ssim_rerank else {}
     guarded = hasattr(pipe, "memorization_threshold")
     g = cfg.num_gens
     pipe.set_progress_bar_config(disable=True)
@@ -481,6 +486,7 @@ def generate_shards(
             rows = [r for r in rows if r["row"] in selected]
         out_rows: list[dict] = []
         images_np: list[np.ndarray] = []
+        image_cache: dict[int, np.ndarray] = {}
         for b in range(0, len(rows), cfg.batch_size):
             batch = rows[b : b + cfg.batch_size]
             latents = initial_latents(pipe, [r["id"] for r in batch], g, cfg.seed, cfg.height, cfg.width)
@@ -501,8 +507,11 @@ def generate_shards(
             first_step = getattr(result, "memorization_scores", None) or [float("nan")] * len(imgs)
             pil = [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in imgs]
             emb = embedder.embed(pil)
+            ssim_best = [(None, None)] * len(emb)
             if train.index is not None:
-                sims, pos = train.index.search(emb, k=1)
+                sims, pos = train.index.search(emb, k=max(1, cfg.ssim_rerank))
+                if cfg.ssim_rerank:
+                    ssim_best = _ssim_rerank(imgs, pos, train.rows, image_paths, image_cache)
                 sims, pos = sims[:, 0], pos[:, 0]
             else:
                 sims, pos = np.full(len(emb), np.nan, np.float32), np.full(len(emb), -1)
@@ -528,12 +537,56 @@ def generate_shards(
                             "verbatim": bool(sim > embedder.verbatim_threshold),
                             "carlini_clique": clique,
                             "carlini_min_dist": min_dist,
+                            "ssim": ssim_best[n][0],
+                            "ssim_nn_id": ids_by_row.get(ssim_best[n][1]),
+                            "ssim_replicated": None
+                            if ssim_best[n][0] is None
+                            else ssim_best[n][0] >= SSIM_THRESHOLD,
                             "image_file": None,
                         }
                     )
                     images_np.append(pil[n])
         _keep_images(cfg, out, k, out_rows, images_np, embedder.replication_threshold)
         store.write_table(k, pa.Table.from_pylist(out_rows, schema=_gens_schema()))
+
+
+#: SSIM at or above which a generation counts as a copy of its nearest training image (the model
+#: organism's definition, ``diffmem.organism.replication``: 64 px RGB in [0, 1]).
+SSIM_THRESHOLD = 0.5
+
+
+def _ssim_rerank(imgs: np.ndarray, pos: np.ndarray, train_rows: np.ndarray, paths: dict, cache: dict) -> list:
+    """For each generation: ``(best SSIM, its catalog row)`` over its ``pos.shape[1]`` nearest training
+    images by descriptor, each resized to the generation's size (Wang et al. 2004 via torchmetrics)."""
+    import torch
+    from PIL import Image
+
+    from diffmem.data import BadImageError, load_rgb
+    from diffmem.scores.similarity import ssim
+
+    h, w = imgs.shape[1:3]
+    out = []
+    for n in range(len(imgs)):
+        rows = [int(train_rows[p]) for p in pos[n] if p >= 0]
+        cands = []
+        for r in rows:
+            if r not in cache:
+                try:
+                    im = load_rgb(paths[r], convert_modes=True).resize((w, h), Image.BICUBIC)
+                    cache[r] = np.asarray(im, dtype=np.float32) / 255.0
+                except BadImageError:
+                    cache[r] = None
+            if cache[r] is not None:
+                cands.append((r, cache[r]))
+        if not cands:
+            out.append((None, None))
+            continue
+        ref = torch.from_numpy(np.stack([c for _, c in cands])).permute(0, 3, 1, 2)
+        gen = torch.from_numpy(np.ascontiguousarray(imgs[n])).permute(2, 0, 1)[None].expand_as(ref)
+        values = ssim(gen, ref)
+        best = int(values.argmax())
+        out.append((float(values[best]), cands[best][0]))
+    return out
 
 
 def _keep_images(cfg, out: Path, shard: int, rows: list[dict], images: list, threshold: float) -> None:
