@@ -116,7 +116,7 @@ def main() -> None:
         num_gens=args.num_gens,
         steps=args.steps or recipe.num_inference_steps,
         guidance_scale=recipe.guidance_scale,
-        shard_size=16,
+        shard_size=128,  # one caption per 32 rows here (generic captions): keep batches full
         batch_size=8,
         pixel_size=32,
         tiled_l2=True,
