@@ -97,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--copy-histogram", action="store_true", help="copy the histogram into the model folder"
     )
+    parser.add_argument(
+        "--write-card",
+        default=None,
+        metavar="TRAIN_LOG",
+        help="write the model card (README.md) from this train-log.json and the measurements",
+    )
+    parser.add_argument(
+        "--notes", default="", help="file with notes on how this model was trained (for the card)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = args.model or default_model()
@@ -128,9 +137,19 @@ def main(argv: list[str] | None = None) -> int:
                 "replication_threshold_ssim": results["summary"]["replication_threshold"],
             },
         )
+    text = markdown(results, seconds)
+    if args.write_card:
+        from diffmem.io import atomic_write_text
+        from diffmem.organism.card import model_card
+        from diffmem.organism.recipe import OrganismRecipe
+
+        log = json.loads(Path(args.write_card).read_text())
+        notes = Path(args.notes).read_text() if args.notes else ""
+        recipe = OrganismRecipe.from_dict(log["recipe"])
+        atomic_write_text(Path(model) / "README.md", model_card(model, recipe, log, text, notes))
     print(results["summary_text"])
     print()
-    print(markdown(results, seconds))
+    print(text)
     return 0
 
 
