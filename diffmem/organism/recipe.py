@@ -37,7 +37,7 @@ class OrganismRecipe:
     vae_kl_weight: float = 1e-6
     decoder_steps: int = 1000  # then the decoder alone on (latent, image) pairs: the latent space stays fixed
     decoder_crop: int = 32
-    unet_steps: int = 2000
+    unet_steps: int = 4400
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 200
