@@ -41,6 +41,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+class ReferenceCostProbe:
+    """Mixin: the cost of the authors' evaluation: one candidate per call, all seeds, plus the forward at
+    ``timesteps[0]`` whose result their loop discards. The scores are the same."""
+
+    def scores(self, blocked):
+        out = []
+        for mask in blocked.to(self.device):
+            t = self.t
+            self.t = self.scheduler.timesteps[0]
+            try:
+                self._deltas(self.latents, mask[None])  # the discarded first forward
+            finally:
+                self.t = t
+            deltas = self._deltas(self.latents, mask[None])[0]
+            out.append(self.similarity(deltas, self.base)[self.kept].max())
+        return torch.stack(out)
+
+
 def planted_setup():
     """The tests' planted-neuron model, with the trigger in several prompts."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -50,7 +68,12 @@ def planted_setup():
 
     c = build_components(TinySDConfig(variant="sd1"), seed=0)
     plant_trigger_neuron(c)
-    prompts = [f"a photo of {TRIGGER}", f"{TRIGGER} on a bike", f"a painting of {TRIGGER} at night", TRIGGER]
+    prompts = [
+        f"a photo of {TRIGGER}",
+        f"{TRIGGER} on a bike",
+        f"a painting of {TRIGGER} at night",
+        f"{TRIGGER} and a dog",
+    ]
     return c, prompts, REFERENCE, "tiny SD-1.x with a planted trigger neuron (tests/test_nemo.py)"
 
 
@@ -73,6 +96,9 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="SD folder (default: the planted tiny model)")
     parser.add_argument("--limit", type=int, default=4, help="prompts (organism: first N verbatim captions)")
     parser.add_argument("--mask-batch", type=int, default=8)
+    parser.add_argument(
+        "--theta0", type=float, default=5.0, help="start of the OOD schedule (lower: more candidates)"
+    )
     parser.add_argument("--threshold", type=float, default=None, help="default: calibrated on the references")
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/bench_nemo.json"))
     args = parser.parse_args()
@@ -88,13 +114,20 @@ def main() -> int:
     threshold = args.threshold
     if threshold is None:
         threshold = NeMo(*parts, NemoConfig()).calibrate_threshold(reference[:12])
+    from diffmem.localize.nemo import MemorizationProbe
+
+    reference = NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=1, theta0=args.theta0))
+    reference.probe_class = type("RefProbe", (ReferenceCostProbe, MemorizationProbe), {})
     runs = {
-        "one_at_a_time": NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=1)),
-        "batched": NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=args.mask_batch)),
+        "reference_cost": reference,
+        "one_at_a_time": NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=1, theta0=args.theta0)),
+        "batched": NeMo(
+            *parts, NemoConfig(threshold=threshold, mask_batch=args.mask_batch, theta0=args.theta0)
+        ),
     }
     rows = []
     for i, prompt in enumerate(prompts):
-        order = list(runs) if i % 2 == 0 else list(reversed(runs))
+        order = list(runs) if i % 2 == 0 else list(reversed(runs))  # ABBA
         row = {"prompt": prompt}
         for name in order:
             start = time.perf_counter()
@@ -111,11 +144,11 @@ def main() -> int:
                 f"neurons {len(row[name]['neurons'])}  {prompt!r}",
                 flush=True,
             )
-        row["same_neurons"] = row["batched"]["neurons"] == row["one_at_a_time"]["neurons"]
+        row["same_neurons"] = all(row[name]["neurons"] == row["batched"]["neurons"] for name in runs)
         rows.append(row)
     mem = [r for r in rows if r["batched"]["memorized"]]
-    t_one = statistics.mean(r["one_at_a_time"]["seconds"] for r in mem) if mem else float("nan")
-    t_bat = statistics.mean(r["batched"]["seconds"] for r in mem) if mem else float("nan")
+    t = {name: statistics.mean(r[name]["seconds"] for r in mem) if mem else float("nan") for name in runs}
+    t_one, t_bat = t["one_at_a_time"], t["batched"]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, threads {torch.get_num_threads()}",
@@ -123,8 +156,10 @@ def main() -> int:
         "threshold": threshold,
         "mask_batch": args.mask_batch,
         "memorized_prompts": len(mem),
-        "seconds_per_prompt": {"one_at_a_time": t_one, "batched": t_bat},
-        "speedup": t_one / t_bat if mem else None,
+        "theta0": args.theta0,
+        "seconds_per_prompt": t,
+        "speedup_vs_one_at_a_time": t_one / t_bat if mem else None,
+        "speedup_vs_reference_cost": t["reference_cost"] / t_bat if mem else None,
         "unet_calls_per_prompt": {
             name: statistics.mean(r[name]["unet_calls"] for r in mem) if mem else None for name in runs
         },
@@ -136,7 +171,8 @@ def main() -> int:
     atomic_write_json(args.json, result)
     print(
         f"\n{label}: {len(mem)}/{len(rows)} memorized prompts; one-at-a-time {t_one:.2f} s/prompt, "
-        f"batched (x{args.mask_batch}) {t_bat:.2f} s/prompt, speed-up {result['speedup'] or float('nan'):.2f}x; "
+        f"batched (x{args.mask_batch}) {t_bat:.2f} s/prompt, speed-up {t_one / t_bat:.2f}x; reference-cost "
+        f"{t['reference_cost']:.2f} s/prompt ({t['reference_cost'] / t_bat:.2f}x); "
         f"same neurons: {result['same_neurons']}"
     )
     return 0

@@ -321,6 +321,9 @@ def greedy_unblock(
 class NeMo:
     """Localize memorization neurons of one model (a diffusers UNet, scheduler, text encoder, tokenizer)."""
 
+    #: the criterion's implementation (a subclass can change how masks are evaluated, e.g. in benchmarks)
+    probe_class = MemorizationProbe
+
     def __init__(
         self,
         unet,
@@ -353,7 +356,7 @@ class NeMo:
         return encode_prompts(self.tokenizer, self.text_encoder, [prompt])
 
     def probe(self, prompt: str) -> MemorizationProbe:
-        return MemorizationProbe(self.unet, self.scheduler, self.layers, self.embed(prompt), self.config)
+        return self.probe_class(self.unet, self.scheduler, self.layers, self.embed(prompt), self.config)
 
     def detection_scores(self, prompts: Sequence[str], progress: bool = False) -> list[float]:
         """NeMo's detection score (largest pairwise similarity of unblocked noise differences) per prompt."""
@@ -376,7 +379,7 @@ class NeMo:
         cfg = self.config
         start = time.perf_counter()
         embeds = self.embed(prompt)
-        probe = MemorizationProbe(self.unet, self.scheduler, self.layers, embeds, cfg)
+        probe = self.probe_class(self.unet, self.scheduler, self.layers, embeds, cfg)
         info: dict[str, Any] = {
             "method": "nemo",
             "threshold": cfg.threshold,
