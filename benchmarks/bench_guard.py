@@ -1,6 +1,7 @@
 """Benchmark: the guarded pipeline (scoring on) against the stock pipeline, and early scoring against generation.
 
-1. Overhead of scoring: ``StableDiffusionMemGuardPipeline`` vs ``StableDiffusionPipeline`` on the same
+1. Overhead of scoring (and, separately, its cost with guidance off, where it needs one extra
+   unconditional UNet call per step): ``StableDiffusionMemGuardPipeline`` vs ``StableDiffusionPipeline`` on the same
    model (shared modules, ``from_pipe``), same prompt and seed, runs interleaved in ABBA order;
    medians of wall-clock and process CPU time; the images are checked bit-identical.
 2. Throughput: prompts per second of first-step scoring (``diffmem.detect.score_prompts``,
@@ -71,8 +72,13 @@ def timed(fn):
     return time.perf_counter() - w, time.process_time() - c, result
 
 
-def overhead(stock, guarded, repeats: int, steps: int) -> dict:
-    kw = dict(prompt="a photo of a red circle on grass", num_inference_steps=steps, output_type="np")
+def overhead(stock, guarded, repeats: int, steps: int, guidance_scale: float = 7.5) -> dict:
+    kw = dict(
+        prompt="a photo of a red circle on grass",
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        output_type="np",
+    )
 
     def run(pipe):
         return pipe(generator=torch.Generator().manual_seed(0), **kw)
@@ -93,6 +99,7 @@ def overhead(stock, guarded, repeats: int, steps: int) -> dict:
     return {
         "steps": steps,
         "repeats": repeats,
+        "guidance_scale": guidance_scale,
         "stock_wall_s": med["stock"][0],
         "guarded_wall_s": med["guarded"][0],
         "wall_ratio": med["guarded"][0] / med["stock"][0],
@@ -161,6 +168,10 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "overhead": overhead(stock, guarded, args.repeats, args.steps),
+        # guidance off: the score needs one extra unconditional UNet call per step (about 2x the UNet time)
+        "overhead_guidance_off": overhead(
+            stock, guarded, max(3, args.repeats // 2), args.steps, guidance_scale=1.0
+        ),
         "throughput": throughput(guarded, args.score_prompts, args.generate_prompts, args.num_gens),
     }
     print(json.dumps(result, indent=2))
