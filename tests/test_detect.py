@@ -248,3 +248,60 @@ def test_cli_rejects_a_folder_that_is_not_a_model(tmp_path, capsys):
         == 2
     )
     assert "--model" in capsys.readouterr().err
+
+
+# --- a planted model: the answer is known ----------------------------------------------------------
+
+PLANTED = ["the no limits business woman podcast", "mothers influence on her young hippo"]
+ORDINARY = ["a cat on grass", "a dog in a field", "a red circle", "a photo of a house", "two birds on a wire"]
+
+
+def planted_pipeline(path):
+    """A tiny model whose text conditioning only reacts to the two ``PLANTED`` prompts.
+
+    Every cross-attention layer attends uniformly (keys zeroed) and its values are non-zero only
+    along the directions (mean text embedding of a planted prompt - that of the empty prompt): the
+    conditional prediction departs from the unconditional one far more for those prompts, which is
+    the signature Wen et al.'s score detects.
+    """
+    pipe = StableDiffusionMemGuardPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+
+        def mean_embedding(texts):
+            return pipe.encode_prompt(texts, "cpu", 1, False)[0].mean(1)
+
+        d = mean_embedding(PLANTED) - mean_embedding([""])
+        d = d / d.norm(dim=1, keepdim=True)
+        g = torch.Generator().manual_seed(1)
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_k.weight.zero_()
+                r = torch.randn(module.to_v.weight.shape[0], d.shape[0], generator=g)
+                module.to_v.weight.copy_(4.0 * r @ d)
+    return pipe
+
+
+def test_planted_prompts_detected_and_calibrated_threshold_flags_them(tiny_sd1_dir):
+    pipe = planted_pipeline(tiny_sd1_dir)
+    prompts = PLANTED + ORDINARY
+    labels = [1] * len(PLANTED) + [0] * len(ORDINARY)
+    scores = score_prompts(pipe, prompts, num_gens=2, num_inference_steps=10, progress=False)
+    metrics = calibrate(scores, labels)
+    assert metrics.auc == 1.0 and metrics.accuracy == 1.0 and metrics.tpr_at_1pct_fpr == 1.0
+    # the calibrated threshold, as the pipeline's default, flags exactly the planted prompts
+    pipe.memorization_threshold = metrics.threshold
+    out = pipe(
+        prompts,
+        num_images_per_prompt=2,
+        num_inference_steps=10,
+        latents=initial_latents(pipe, range(len(prompts)), 2, seed=0),
+        memorization_window=(0, 1),
+        callback_on_step_end=lambda p, i, t, kw: (setattr(p, "_interrupt", True), {})[1],
+        output_type="latent",
+    )
+    per_prompt = torch.tensor(out.memorization_scores).reshape(len(prompts), 2).mean(1)
+    assert [bool(s >= metrics.threshold) for s in per_prompt] == [bool(v) for v in labels]
+    # per image, the pipeline's flag uses the same (default) threshold; the calibration was per prompt
+    assert out.memorized == [s >= metrics.threshold for s in out.memorization_scores]
+    assert any(out.memorized[:2]) and any(out.memorized[2:4])
