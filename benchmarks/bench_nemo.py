@@ -130,17 +130,18 @@ def main() -> int:
         order = list(runs) if i % 2 == 0 else list(reversed(runs))  # ABBA
         row = {"prompt": prompt}
         for name in order:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             res = runs[name].localize(prompt)
             row[name] = {
                 "seconds": time.perf_counter() - start,
+                "cpu_seconds": time.process_time() - cpu,
                 "unet_calls": res.info["unet_calls"],
                 "masks": res.info.get("masks_evaluated", 0),
                 "neurons": res.items(),
                 "memorized": res.info["memorized"],
             }
             print(
-                f"{name:14s} {row[name]['seconds']:7.2f} s  calls {row[name]['unet_calls']:4d}  "
+                f"{name:14s} {row[name]['seconds']:7.2f} s (cpu {row[name]['cpu_seconds']:7.2f} s)  calls {row[name]['unet_calls']:4d}  "
                 f"neurons {len(row[name]['neurons'])}  {prompt!r}",
                 flush=True,
             )
@@ -149,6 +150,9 @@ def main() -> int:
     mem = [r for r in rows if r["batched"]["memorized"]]
     t = {name: statistics.mean(r[name]["seconds"] for r in mem) if mem else float("nan") for name in runs}
     t_one, t_bat = t["one_at_a_time"], t["batched"]
+    cpu = {
+        name: statistics.mean(r[name]["cpu_seconds"] for r in mem) if mem else float("nan") for name in runs
+    }
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, threads {torch.get_num_threads()}",
@@ -158,6 +162,7 @@ def main() -> int:
         "memorized_prompts": len(mem),
         "theta0": args.theta0,
         "seconds_per_prompt": t,
+        "cpu_seconds_per_prompt": cpu,
         "speedup_vs_one_at_a_time": t_one / t_bat if mem else None,
         "speedup_vs_reference_cost": t["reference_cost"] / t_bat if mem else None,
         "unet_calls_per_prompt": {
