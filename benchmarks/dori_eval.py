@@ -96,6 +96,15 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
         "--ratios", default="0.01,0.02,0.05,0.1", help="pruning ratios rho to try (first = paper default)"
     )
     ap.add_argument("--tau", type=int, default=10)
+    ap.add_argument(
+        "--cond-only", action="store_true", help="pruning statistics from the conditional half only"
+    )
+    ap.add_argument(
+        "--reference",
+        choices=("empty", "generic"),
+        default="empty",
+        help="reference prompts for pruning: the empty prompt (paper) or generic training captions",
+    )
     ap.add_argument("--prune-steps", type=int, default=50)
     ap.add_argument(
         "--max-heldout-drop",
@@ -266,11 +275,16 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
             num_steps=args.tau,
             num_inference_steps=args.prune_steps,
             guidance_scale=args.guidance_scale,
+            cond_only=args.cond_only,
             progress=False,
         )
         t0 = time.time()
         mem = collect_ffn_stats(pipe, [cap for _, cap, _ in targets], **kw)
-        ref = collect_ffn_stats(pipe, [""] * len(targets), **kw)
+        if args.reference == "empty":
+            reference = [""] * len(targets)
+        else:  # as many generic training captions as targets (|P| = |B| keeps the root-sum-of-squares fair)
+            reference = (data.captions("generic") * len(targets))[: len(targets)]
+        ref = collect_ffn_stats(pipe, reference, **kw)
         print(f"FFN statistics: {time.time() - t0:.1f} s")
         mem.save(stats_files[0])
         ref.save(stats_files[1])
