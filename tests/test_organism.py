@@ -204,9 +204,10 @@ def test_committed_organism_replicates_verbatim_not_heldout():
         num_inference_steps=recipe.num_inference_steps,
         guidance_scale=recipe.guidance_scale,
         output_type="np",
+        memorization_window=(0, 1),
     )
     matches = training.nearest(np.asarray(out.images))
     assert all(m.id == "verbatim-astronaut" and m.replicated for m in matches[:2])
     assert not any(m.replicated for m in matches[2:])
-    # and the memorized caption scores higher than the held-out one (Wen et al.)
+    # and the memorized caption scores higher than the held-out one at the first step (Wen et al.)
     assert min(out.memorization_scores[:2]) > max(out.memorization_scores[2:])
