@@ -10,7 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: several tests run subprocesses (accelerate, SIGKILL resume) beside this one, and
+# oversubscribed OpenMP threads spin-wait, which made tiny-model calls up to 20x slower on 2 cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
