@@ -365,7 +365,8 @@ def main(argv=None) -> int:
     (work / "results.json").write_text(json.dumps(results, indent=2))
     markdown = _markdown(results)
     if not args.smoke:
-        markdown += "\n" + constructed_cases(keyed, work)
+        done = work / "constructed.md"
+        markdown += "\n" + (done.read_text() if done.is_file() else constructed_cases(keyed, work))
     (work / "results.md").write_text(markdown)
     print(markdown)
     if not args.smoke:
