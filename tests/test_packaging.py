@@ -1,7 +1,10 @@
 """Every package folder is listed in pyproject (diffmem.pipelines lives in pipelines/, so the list is explicit)."""
 
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parents[1]
 
