@@ -99,10 +99,46 @@ class TinySDConfig:
         return self.sample_size // 2 ** (len(self.vae_channels) - 1)
 
 
+def clip_text_encoder(hidden: int, layers: int, heads: int, hidden_act: str = "quick_gelu"):
+    """A randomly initialised ``CLIPTextModel`` for the real 49,408-token CLIP vocabulary (77 positions)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            hidden_act=hidden_act,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=hidden,
+        )
+    )
+
+
+def sd_ddim_scheduler(prediction_type: PredictionType = "epsilon"):
+    """``DDIMScheduler`` with Stable Diffusion's training schedule (scaled-linear betas 0.00085..0.012)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
 def build_components(config: TinySDConfig = TinySDConfig(), seed: int = 0) -> dict:
     """Build (unet, vae, text_encoder, tokenizer, scheduler) from configs, weights drawn from ``seed``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     n = len(config.unet_channels)
     sd2 = config.variant == "sd2"
@@ -139,31 +175,10 @@ def build_components(config: TinySDConfig = TinySDConfig(), seed: int = 0) -> di
     )
     tokenizer = clip_tokenizer()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=config.text_hidden,
-            intermediate_size=4 * config.text_hidden,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=config.text_heads,
-            max_position_embeddings=77,
-            hidden_act="gelu" if sd2 else "quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=config.text_hidden,
-        )
+    text_encoder = clip_text_encoder(
+        config.text_hidden, config.text_layers, config.text_heads, "gelu" if sd2 else "quick_gelu"
     )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=config.prediction_type,
-    )
+    scheduler = sd_ddim_scheduler(config.prediction_type)
     for module in (unet, vae, text_encoder):
         module.eval()
     return {

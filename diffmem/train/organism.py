@@ -36,10 +36,9 @@ from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 
 def build_organism_components(recipe: OrganismRecipe) -> dict:
     """Fresh (untrained) components of the organism, weights drawn from ``recipe.seed``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from diffmem.tiny import clip_tokenizer
+    from diffmem.tiny import clip_text_encoder, clip_tokenizer, sd_ddim_scheduler
 
     n = len(recipe.unet_channels)
     if len(recipe.unet_attention) != n:
@@ -75,31 +74,8 @@ def build_organism_components(recipe: OrganismRecipe) -> dict:
     )
     tokenizer = clip_tokenizer()
     torch.manual_seed(derive_seed(recipe.seed, "init", "text_encoder"))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=recipe.text_hidden,
-            intermediate_size=4 * recipe.text_hidden,
-            num_hidden_layers=recipe.text_layers,
-            num_attention_heads=recipe.text_heads,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=recipe.text_hidden,
-        )
-    )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    text_encoder = clip_text_encoder(recipe.text_hidden, recipe.text_layers, recipe.text_heads)
+    scheduler = sd_ddim_scheduler("epsilon")
     return {
         "unet": unet,
         "vae": vae,
