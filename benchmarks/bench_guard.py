@@ -20,23 +20,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 import torch
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
 
 def build_pipeline():
