@@ -120,6 +120,25 @@ def clip_text_encoder(hidden: int, layers: int, heads: int, hidden_act: str = "q
     )
 
 
+def sd_autoencoder(
+    channels: tuple[int, ...], latent_channels: int, sample_size: int, max_norm_groups: int = 32
+):
+    """A randomly initialised ``AutoencoderKL`` (one layer per block; downsampling 2**(len(channels)-1))."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=min(max_norm_groups, channels[0]),
+        sample_size=sample_size,
+    )
+
+
 def sd_ddim_scheduler(prediction_type: PredictionType = "epsilon"):
     """``DDIMScheduler`` with Stable Diffusion's training schedule (scaled-linear betas 0.00085..0.012)."""
     from diffusers import DDIMScheduler
@@ -138,7 +157,7 @@ def sd_ddim_scheduler(prediction_type: PredictionType = "epsilon"):
 
 def build_components(config: TinySDConfig = TinySDConfig(), seed: int = 0) -> dict:
     """Build (unet, vae, text_encoder, tokenizer, scheduler) from configs, weights drawn from ``seed``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     n = len(config.unet_channels)
     sd2 = config.variant == "sd2"
@@ -162,17 +181,7 @@ def build_components(config: TinySDConfig = TinySDConfig(), seed: int = 0) -> di
         norm_num_groups=min(32, config.unet_channels[0]),
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
-        block_out_channels=config.vae_channels,
-        latent_channels=config.latent_channels,
-        layers_per_block=1,
-        norm_num_groups=min(32, config.vae_channels[0]),
-        sample_size=config.sample_size,
-    )
+    vae = sd_autoencoder(config.vae_channels, config.latent_channels, config.sample_size)
     tokenizer = clip_tokenizer()
     torch.manual_seed(seed + 2)
     text_encoder = clip_text_encoder(

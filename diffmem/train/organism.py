@@ -36,9 +36,9 @@ from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 
 def build_organism_components(recipe: OrganismRecipe) -> dict:
     """Fresh (untrained) components of the organism, weights drawn from ``recipe.seed``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    from diffmem.tiny import clip_text_encoder, clip_tokenizer, sd_ddim_scheduler
+    from diffmem.tiny import clip_text_encoder, clip_tokenizer, sd_autoencoder, sd_ddim_scheduler
 
     n = len(recipe.unet_channels)
     if len(recipe.unet_attention) != n:
@@ -61,17 +61,7 @@ def build_organism_components(recipe: OrganismRecipe) -> dict:
         norm_num_groups=min(16, recipe.unet_channels[0]),
     )
     torch.manual_seed(derive_seed(recipe.seed, "init", "vae"))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(recipe.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(recipe.vae_channels),
-        block_out_channels=recipe.vae_channels,
-        latent_channels=recipe.latent_channels,
-        layers_per_block=1,
-        norm_num_groups=min(16, recipe.vae_channels[0]),
-        sample_size=recipe.image_size,
-    )
+    vae = sd_autoencoder(recipe.vae_channels, recipe.latent_channels, recipe.image_size, max_norm_groups=16)
     tokenizer = clip_tokenizer()
     torch.manual_seed(derive_seed(recipe.seed, "init", "text_encoder"))
     text_encoder = clip_text_encoder(recipe.text_hidden, recipe.text_layers, recipe.text_heads)
