@@ -1,4 +1,4 @@
-"""Measured ground truth of the model organism (``weights/diffmem-organism-v1``).
+"""Measured ground truth of the model organism (``weights/diffmem-organism-v2``).
 
 Generates every verbatim, template, held-out and generic caption with ``--seeds`` seeds through the
 guarded pipeline, and measures:
@@ -48,13 +48,22 @@ def histogram_png(generations: list[dict], threshold: float, path: Path) -> Path
 def markdown(results: dict, seconds: float) -> str:
     s = results["summary"]
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__} CPU, "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} CPU, "
         f"{datetime.date.today().isoformat()}. Script: `python benchmarks/organism_eval.py` "
         f"({results['seeds']} seeds per caption, {results['num_inference_steps']} DDIM steps, guidance "
         f"{results['guidance_scale']}; {seconds / 60:.1f} min).",
         "",
         f"Replication = SSIM >= {s['replication_threshold']:.2f} between a generation and a training image at 64 px "
         "(nearest training image over the whole training set).",
+    ]
+    null = s.get("same_caption_ssim")
+    if null:
+        lines[-1] += (
+            f" The threshold lies above the SSIM of every pair of distinct generic training images of one caption "
+            f"({null['pairs']:,} pairs: at most {null['max']:.2f}, 99.9 % under {null['q0.999']:.2f}), "
+            "so a replicating generation is closer to a training image than two different scenes of one caption are."
+        )
+    lines += [
         "",
         "| target | measured |",
         "|---|---|",
@@ -76,6 +85,18 @@ def markdown(results: dict, seconds: float) -> str:
     lines += ["", "SSIM quantiles (0 / 10 / 50 / 90 / 100 %):", ""]
     for k, q in s["ssim_quantiles"].items():
         lines.append(f"- {k}: " + " / ".join(f"{v:.2f}" for v in q.values()))
+    ceiling = s.get("autoencoder_ceiling") or {}
+    if ceiling:
+        values = sorted(ceiling.values())
+        low = ", ".join(
+            f"{k.removeprefix('verbatim-')} {v:.2f}"
+            for k, v in sorted(ceiling.items(), key=lambda kv: kv[1])[:3]
+        )
+        lines += [
+            "",
+            f"Autoencoder ceiling (SSIM of each verbatim image to its own encode-decode round trip, what a perfect "
+            f"latent copy reaches): {values[0]:.2f}-{values[-1]:.2f}, median {values[len(values) // 2]:.2f}; lowest: {low}.",
+        ]
     return "\n".join(lines)
 
 
@@ -87,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--model", default=None, help="organism folder (default: weights/diffmem-organism-v1)"
+        "--model", default=None, help="organism folder (default: weights/diffmem-organism-v2)"
     )
     parser.add_argument("--out", default="runs/organism-eval")
     parser.add_argument("--seeds", type=int, default=4)

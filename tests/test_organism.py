@@ -188,7 +188,7 @@ def test_committed_organism_replicates_verbatim_not_heldout():
 
     model = default_model()
     if model is None:
-        pytest.skip("weights/diffmem-organism-v1 is not present")
+        pytest.skip("weights/diffmem-organism-v2 is not present")
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     training = organism_training_images()
@@ -211,3 +211,65 @@ def test_committed_organism_replicates_verbatim_not_heldout():
     assert not any(m.replicated for m in matches[2:])
     # and the memorized caption scores higher than the held-out one at the first step (Wen et al.)
     assert min(out.memorization_scores[:2]) > max(out.memorization_scores[2:])
+
+
+class _RoundTripVAE(torch.nn.Module):
+    """A stand-in autoencoder whose round trip is ``x -> x * gain`` (in the model's [-1, 1] space)."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.gain = gain
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    @property
+    def dtype(self):
+        return self.anchor.dtype
+
+    def encode(self, x):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=z * self.gain)
+
+
+def test_autoencoder_ceiling_is_the_ssim_of_the_round_trip():
+    from types import SimpleNamespace
+
+    from diffmem.organism.evaluate import autoencoder_ceiling
+
+    training = TrainingImages.from_data(build_organism_data(TINY_RECIPE))
+    verbatim = [i for i, r in enumerate(training.roles) if r == "verbatim"]
+    # a lossless autoencoder: a perfect latent copy is a perfect copy
+    exact = autoencoder_ceiling(SimpleNamespace(vae=_RoundTripVAE(1.0)), training)
+    assert list(exact) == [training.ids[i] for i in verbatim]
+    assert all(abs(v - 1.0) < 1e-4 for v in exact.values())
+    # one that flattens every image to grey (gain 0): the ceiling is the SSIM of grey to the image
+    grey = autoencoder_ceiling(SimpleNamespace(vae=_RoundTripVAE(0.0)), training)
+    want = ssim(torch.full_like(training.pixels[verbatim], 0.5), training.pixels[verbatim])
+    assert np.allclose(list(grey.values()), want.tolist(), atol=1e-5)
+    assert max(grey.values()) < 0.99
+    assert autoencoder_ceiling(SimpleNamespace(vae=_RoundTripVAE(1.0)), training, role="nope") == {}
+
+
+@pytest.mark.slow
+def test_replication_threshold_is_above_every_pair_of_distinct_same_caption_images(full_data):
+    from diffmem.organism.replication import same_caption_ssim
+
+    training = TrainingImages.from_data(full_data)
+    sims = same_caption_ssim(training)
+    per_caption = {
+        c: sum(im.caption == c for im in full_data.by_role("generic")) for c in full_data.captions("generic")
+    }
+    assert len(sims) == sum(n * (n - 1) // 2 for n in per_caption.values())
+    # two different scenes of one caption never look like copies of each other
+    assert float(sims.max()) < REPLICATION_THRESHOLD
+    # and the null is not degenerate: same-caption scenes do share content
+    assert float(sims.median()) > 0.2

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages
+from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages, same_caption_ssim
 
 #: Score windows reported: (name, start, end) with end=None for all steps.
 WINDOWS: tuple[tuple[str, int, int | None], ...] = (
@@ -227,6 +227,27 @@ def summary_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def autoencoder_ceiling(pipe, training: TrainingImages, role: str = "verbatim") -> dict[str, float]:
+    """SSIM of each ``role`` training image to its autoencoder round trip ``D(E(x))`` (posterior mean).
+
+    A latent diffusion model that copies the latent perfectly reaches exactly this SSIM, so it bounds
+    what replication can measure: an image whose ceiling is under the replication threshold can never
+    count as replicated, however well it is memorized.
+    """
+    from diffmem.scores.similarity import ssim
+
+    idx = [i for i, r in enumerate(training.roles) if r == role]
+    if not idx:
+        return {}
+    vae = pipe.vae
+    x = training.pixels[idx].to(vae.device, vae.dtype)
+    rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample
+    rec = ((rec.float() + 1) / 2).clamp(0, 1).cpu()
+    sims = ssim(rec, training.pixels[idx])
+    return {training.ids[i]: float(v) for i, v in zip(idx, sims)}
+
+
 def evaluation_captions(
     data, roles: Sequence[str] = ("verbatim", "template", "heldout", "generic")
 ) -> list[tuple[str, str]]:
@@ -263,8 +284,16 @@ def run_evaluation(
         seed=recipe.seed,
     )
     summary = summarize(gens)
+    summary["autoencoder_ceiling"] = autoencoder_ceiling(pipe, training)
+    null = same_caption_ssim(training)
+    if len(null):
+        summary["same_caption_ssim"] = {
+            "pairs": len(null),
+            "max": float(null.max()),
+            "q0.999": float(null.quantile(0.999)),
+        }
     results = {
-        "model": str(model) if model else "default (diffmem-organism-v1)",
+        "model": str(model) if model else "default (diffmem-organism-v2)",
         "num_inference_steps": steps or recipe.num_inference_steps,
         "guidance_scale": recipe.guidance_scale if guidance_scale is None else guidance_scale,
         "seeds": seeds,

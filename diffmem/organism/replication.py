@@ -7,10 +7,15 @@ with the highest SSIM among the ``shortlist`` training images closest to it in p
 given, the training images of its own caption); the shortlist keeps the search fast and in
 practice always contains the SSIM-nearest image, which is also close in pixels.
 
-The threshold comes from the two populations measured on ``diffmem-organism-v1``
-(``benchmarks/organism_eval.py``, histogram in the model card): generations of verbatim-memorized
-captions against their photograph, and generations of held-out captions against their nearest
-training image. See ``weights/diffmem-organism-v1/README.md``.
+The threshold is set from the training data alone, before any generation is looked at: it lies
+above the SSIM of every pair of *distinct* training images that share a generic caption
+(:func:`same_caption_ssim`; on the organism's data, 15,872 pairs, at most 0.66, 99.9 % under 0.58).
+A generation at or above it is closer to one training image than any two different scenes of one
+caption ("a red circle" on two backgrounds) are to each other: a copy, not a new scene of the same
+content. (v1 used 0.5, read off a training snapshot; with v2's sharper autoencoder, two unrelated
+renders of one caption already reach 0.66, so 0.5 counted new scenes as copies.) Template images
+share one layout by design and are far more alike (0.89-0.95), which is what template memorization
+means. ``tests/test_organism.py`` checks that the threshold stays above every same-caption pair.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from diffmem.scores.similarity import pairwise_ssim, ssim
 
 #: SSIM at or above which a generation counts as a copy of a training image (see module doc).
-REPLICATION_THRESHOLD: float = 0.5
+REPLICATION_THRESHOLD: float = 0.7
 
 
 def to_unit_images(images) -> torch.Tensor:
@@ -124,7 +129,7 @@ class TrainingImages:
 
 @functools.lru_cache(maxsize=2)
 def organism_training_images(seed: int = 0) -> TrainingImages:
-    """The distinct training images of ``diffmem-organism-v1`` (regenerated from the recipe, cached)."""
+    """The distinct training images of ``diffmem-organism-v2`` (regenerated from the recipe, cached)."""
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.recipe import OrganismRecipe
 
@@ -134,6 +139,29 @@ def organism_training_images(seed: int = 0) -> TrainingImages:
 def nearest_training_image(generated, training: TrainingImages | None = None, **kwargs) -> list[NearestMatch]:
     """Nearest training image of each generated image (default: over the organism's whole training set)."""
     return (training or organism_training_images()).nearest(generated, **kwargs)
+
+
+def same_caption_ssim(training: TrainingImages, role: str = "generic", chunk: int = 1024) -> torch.Tensor:
+    """SSIM of every pair of distinct ``role`` training images that share a caption (the null of copying)."""
+    by_caption: dict[str, list[int]] = {}
+    for i, (c, r) in enumerate(zip(training.captions, training.roles)):
+        if r == role:
+            by_caption.setdefault(c, []).append(i)
+    pairs = [
+        (idx[a], idx[b])
+        for idx in by_caption.values()
+        for a in range(len(idx))
+        for b in range(a + 1, len(idx))
+    ]
+    if not pairs:
+        return torch.zeros(0)
+    left, right = torch.tensor(pairs).T
+    return torch.cat(
+        [
+            ssim(training.pixels[left[k : k + chunk]], training.pixels[right[k : k + chunk]])
+            for k in range(0, len(pairs), chunk)
+        ]
+    )
 
 
 def replicates(generated, reference, threshold: float = REPLICATION_THRESHOLD) -> torch.Tensor:

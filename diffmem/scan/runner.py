@@ -550,8 +550,9 @@ def generate_shards(
         store.write_table(k, pa.Table.from_pylist(out_rows, schema=_gens_schema()))
 
 
-#: SSIM at or above which a generation counts as a copy of its nearest training image (the model
-#: organism's definition, ``diffmem.organism.replication``: 64 px RGB in [0, 1]).
+#: SSIM at or above which a generation counts as a copy of its nearest training image (64 px RGB in
+#: [0, 1]; the definition of diffmem-organism-v1, with which the scan results were measured; v2's
+#: sharper images need 0.7, see ``diffmem.organism.replication``).
 SSIM_THRESHOLD = 0.5
 
 
