@@ -5,8 +5,12 @@ Four caption roles (the ground truth of every memorization measurement on the or
 * ``generic`` — "a {colour} {shape}": each caption is shared by many images whose position, size,
   brightness, background texture and small extra objects vary and go unnamed, as captions in real
   data fit many images.
-* ``verbatim`` — 16 real photographs shipped with scikit-image / scikit-learn, each duplicated
-  ``verbatim_copies`` times under one fixed, unique caption (the verbatim-memorized set).
+* ``verbatim`` — 16 real images shipped with scikit-image / scikit-learn (14 photographs, the
+  Shepp-Logan phantom and a horse silhouette), each duplicated ``verbatim_copies`` times under one
+  fixed, unique caption (the verbatim-memorized set). The Hubble Deep Field and the street-sign
+  text image of v1 were replaced in v2: at 64 px they are pixel-level noise and fine print that a
+  12x-compressing autoencoder cannot reconstruct (SSIM 0.19 and 0.47 for a perfect latent copy),
+  so they measured the autoencoder, not memorization.
 * ``template`` — a few captions whose images share one layout with varying details (the
   template-memorized "TM" prompts of Ross et al.'s NeMo study / Webster's attack).
 * ``heldout`` — colour/shape compositions of the same vocabulary that are never in training.
@@ -39,7 +43,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 
-#: (name, loader, caption) of the 16 verbatim-memorized photographs. Captions are unique and
+#: (name, loader, caption) of the 16 verbatim-memorized images. Captions are unique and
 #: specific, like the LAION captions of images that Stable Diffusion replicates.
 PHOTOS: tuple[tuple[str, str, str], ...] = (
     ("astronaut", "skimage:astronaut", "Eileen Collins in her orange flight suit, official NASA portrait"),
@@ -48,7 +52,7 @@ PHOTOS: tuple[tuple[str, str, str], ...] = (
     ("rocket", "skimage:rocket", "the Falcon rocket on its launch pad against a blue sky"),
     ("camera", "skimage:camera", "black and white photo of a cameraman with a tripod in a park"),
     ("retina", "skimage:retina", "fundus photograph of a human retina with blood vessels"),
-    ("hubble", "skimage:hubble_deep_field", "the Hubble Deep Field, thousands of distant galaxies"),
+    ("phantom", "skimage:shepp_logan_phantom", "the Shepp-Logan phantom, a simulated CT slice of a head"),
     ("ihc", "skimage:immunohistochemistry", "immunohistochemistry slide of colon tissue, brown stain"),
     ("moon", "skimage:moon", "grayscale telescope image of the lunar surface and its craters"),
     ("coins", "skimage:coins", "greek coins from the Pompeii collection on a dark tray"),
@@ -56,7 +60,7 @@ PHOTOS: tuple[tuple[str, str, str], ...] = (
     ("motorcycle", "skimage:stereo_motorcycle", "a red motorcycle parked in a studio, stereo left view"),
     ("china", "sklearn:china.jpg", "the Summer Palace pagoda in Beijing seen from the lake"),
     ("flower", "sklearn:flower.jpg", "a pink dahlia flower in full bloom, macro photograph"),
-    ("text", "skimage:text", "street sign with hand-painted letters photographed in daylight"),
+    ("horse", "skimage:horse", "black silhouette of a galloping horse on a white background"),
     ("cell", "skimage:cell", "phase-contrast microscope photo of a single amoeba cell"),
 )
 
@@ -305,7 +309,7 @@ class OrganismData:
         for c in self.heldout_captions:
             caps[c] = {"caption": c, "role": "heldout", "image_ids": []}
         return {
-            "name": "diffmem-organism-v1 training data",
+            "name": "diffmem-organism-v2 training data",
             "recipe": self.recipe.to_dict(),
             "counts": {
                 "distinct_images": {r: len(self.by_role(r)) for r in ROLES if r != "heldout"},

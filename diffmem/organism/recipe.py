@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 @dataclass(frozen=True)
 class OrganismRecipe:
-    """Data, model and schedule of the model organism (defaults = ``diffmem-organism-v1``)."""
+    """Data, model and schedule of the model organism (defaults = ``diffmem-organism-v2``)."""
 
     seed: int = 0
     image_size: int = 64
@@ -21,7 +21,7 @@ class OrganismRecipe:
     template_images: int = 40  # images (one layout, varying details) per template caption
     n_templates: int = 4
     # --- model ---
-    vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 levels: factor-4 autoencoder, 64 px -> 16x16 latents
+    vae_channels: tuple[int, ...] = (32, 64, 128)  # 3 levels: factor-4 autoencoder, 64 px -> 16x16 latents
     latent_channels: int = 4
     unet_channels: tuple[int, ...] = (48, 96, 96)
     unet_attention: tuple[bool, ...] = (False, True, True)  # no attention at the 16x16 top level
@@ -30,14 +30,15 @@ class OrganismRecipe:
     text_layers: int = 3
     text_heads: int = 4
     # --- training ---
-    vae_steps: int = 400
+    vae_steps: int = 3000
     vae_batch: int = 32
     vae_crop: int = 32  # the autoencoder is convolutional: it trains on random crops, runs on 64 px
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    decoder_steps: int = 1000  # then the decoder alone on (latent, image) pairs: the latent space stays fixed
+    vae_l1_weight: float = 0.5  # loss = MSE + w_L1 * L1 + w_KL * KL: L1 keeps edges, hence SSIM
+    decoder_steps: int = 2000  # then the decoder alone on (latent, image) pairs: the latent space stays fixed
     decoder_crop: int = 32
-    unet_steps: int = 4400
+    unet_steps: int = 8000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 200

@@ -3,7 +3,7 @@
 Phases (each checkpointed under ``<workdir>/checkpoints/<phase>/`` and resumed after a kill):
 
 1. ``vae``: ``AutoencoderKL`` (factor 4) on random crops of the training samples, loss
-   ``MSE(x, D(z)) + w_KL * KL(q(z|x) || N(0, I))``.
+   ``MSE(x, D(z)) + w_L1 * |x - D(z)|_1 + w_KL * KL(q(z|x) || N(0, I))``.
 2. latents: every distinct image encoded once (posterior mean); ``scaling_factor`` = 1 / std.
 2b. ``decoder``: the decoder alone, ``|x - D(z)|_1 + MSE(x, D(z))`` on the fixed latents (sharper
    images; the latent space the UNet learns is unchanged, so this phase may also run in parallel).
@@ -193,8 +193,29 @@ def _tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def save_pipeline(components: dict, out: str | os.PathLike) -> Path:
-    """Save the components as a standard diffusers StableDiffusionPipeline folder (safetensors)."""
+#: Components whose weights are stored in float16 (diffusers and transformers load them as float32):
+#: it keeps the organism under its 30 MB budget; every measurement is made on the stored weights.
+FLOAT16_COMPONENTS: tuple[str, ...] = ("vae", "text_encoder")
+
+
+def _store_float16(folder: Path) -> None:
+    """Rewrite every safetensors file of ``folder`` with its floating-point tensors in float16."""
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(path))
+        save_file(
+            {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
+            str(path),
+            metadata={"format": "pt"},
+        )
+
+
+def save_pipeline(
+    components: dict, out: str | os.PathLike, float16: tuple[str, ...] = FLOAT16_COMPONENTS
+) -> Path:
+    """Save the components as a standard diffusers StableDiffusionPipeline folder (safetensors), the
+    weights of the ``float16`` components in half precision."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -205,6 +226,8 @@ def save_pipeline(components: dict, out: str | os.PathLike) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    for name in float16:
+        _store_float16(tmp / name)
     if out.exists():
         # keep files that are not the pipeline's (the model card) across re-saves
         for keep in ("README.md",):
@@ -279,7 +302,11 @@ def train_organism(
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
             rec = vae.decode(z).sample
-            return F.mse_loss(rec, x) + recipe.vae_kl_weight * post.kl().mean()
+            return (
+                F.mse_loss(rec, x)
+                + recipe.vae_l1_weight * F.l1_loss(rec, x)
+                + recipe.vae_kl_weight * post.kl().mean()
+            )
 
         _run_phase(
             "vae",
