@@ -11,7 +11,7 @@ Models: ``--model DIR`` (e.g. the organism, with its verbatim captions as prompt
 captions as non-memorized references), or by default the planted-neuron tiny model of the tests
 with several trigger words.
 
-    .venv/bin/python benchmarks/bench_nemo.py [--model weights/diffmem-organism-v1] [--mask-batch 8]
+    .venv/bin/python benchmarks/bench_nemo.py [--model weights/diffmem-organism-v2] [--mask-batch 8]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
    reports its own peak RSS (``ru_maxrss``). Flat memory = the 100k peak close to the 10k peak.
 2. Throughput (``--throughput``): captions per second for first-step scoring (1 UNet call per
    generation, no decoding) and for full generation (all steps, decode, embed, search), same model,
-   same captions, same run; the organism when ``weights/diffmem-organism-v1`` exists, else the tiny model.
+   same captions, same run; the organism when ``weights/diffmem-organism-v2`` exists, else the tiny model.
 
     .venv/bin/python benchmarks/bench_scan.py --rss 10000 100000 --throughput
 """

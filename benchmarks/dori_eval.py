@@ -8,7 +8,7 @@ unedited model's (same seeds); the false-positive control (the attack on images 
 
 Stages are cached as JSON in ``--out`` (rerun to resume after an interruption):
 
-    python benchmarks/dori_eval.py --model weights/diffmem-organism-v1 --out runs/dori_eval
+    python benchmarks/dori_eval.py --model weights/diffmem-organism-v2 --out runs/dori_eval
     python benchmarks/dori_eval.py --quick ...     # fewer targets and seeds, shorter fine-tuning
 
 It prints the markdown table for benchmarks/RESULTS.md and writes it to ``OUT/table.md``.
@@ -73,9 +73,9 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     from diffmem.seeding import derive_seed, item_generator
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="organism folder (default: weights/diffmem-organism-v1)")
+    ap.add_argument("--model", default=None, help="organism folder (default: weights/diffmem-organism-v2)")
     ap.add_argument(
-        "--recipe", default=None, help="recipe.json of the organism's data (default: the v1 recipe)"
+        "--recipe", default=None, help="recipe.json of the organism's data (default: the default recipe)"
     )
     ap.add_argument("--out", default="runs/dori_eval")
     ap.add_argument("--targets", type=int, default=16, help="verbatim targets (default: all 16)")
@@ -231,7 +231,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
             return "–" if v is None else f"{v:.{digits}f}"
 
         lines = [
-            f"Model organism ({args.model or 'weights/diffmem-organism-v1'}), {len(targets)} verbatim targets, {len(controls)} "
+            f"Model organism ({args.model or 'weights/diffmem-organism-v2'}), {len(targets)} verbatim targets, {len(controls)} "
             f"non-memorized controls, {args.seeds} seeds, {args.gen_steps} DDIM steps, guidance {args.guidance_scale}; "
             f"Dori: {dori.steps} Adam steps, lr {dori.lr}, batch {dori.batch_size}; replication = mean SSIM over seeds > "
             f"{args.threshold}. Machine: {platform.machine()} ({args.device}), {time.strftime('%Y-%m-%d', time.gmtime())}, "

@@ -85,7 +85,7 @@ def by_role(out: Path, table: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="organism folder (default weights/diffmem-organism-v1)")
+    p.add_argument("--model", default=None, help="organism folder (default weights/diffmem-organism-v2)")
     p.add_argument("--work", default="runs/scan_eval")
     p.add_argument("--num-gens", type=int, default=4)
     p.add_argument("--steps", type=int, default=None, help="default: the organism recipe's sampling steps")
@@ -103,7 +103,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = args.model or default_model()
     if model is None:
-        raise SystemExit("the model organism is not there yet (weights/diffmem-organism-v1); pass --model")
+        raise SystemExit("the model organism is not there yet (weights/diffmem-organism-v2); pass --model")
     recipe = OrganismRecipe()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ Stages (all under --workdir, default runs/solidmark-organism):
    memorized (the paper's duplication study then needs "nearest key among copies", whose chance
    rate grows with the number of copies).
 3. ``finetune``: the organism's UNet fine-tuned on the keyed set (VAE and text encoder frozen).
-   The keyed organism is saved to --out-model (default weights/diffmem-organism-v1-solidmark) with a
+   The keyed organism is saved to --out-model (default weights/diffmem-organism-v2-solidmark) with a
    model card.
 4. ``score-*``: outpainting runs (DDIM, --score-steps, guidance 3, the training caption):
    keyed model, freshly initialized UNet, unkeyed organism; one copy of each distinct image.
@@ -46,9 +46,9 @@ DELTAS = (0.1, 0.05, 0.005)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "weights" / "diffmem-organism-v1"))
+    p.add_argument("--model", default=str(ROOT / "weights" / "diffmem-organism-v2"))
     p.add_argument("--workdir", default=str(ROOT / "runs" / "solidmark-organism"))
-    p.add_argument("--out-model", default=str(ROOT / "weights" / "diffmem-organism-v1-solidmark"))
+    p.add_argument("--out-model", default=str(ROOT / "weights" / "diffmem-organism-v2-solidmark"))
     p.add_argument(
         "--recipe", default=None, help="organism recipe JSON (default: the model's, else the default)"
     )
@@ -211,9 +211,9 @@ def _model_card(out_model: Path, results: dict, args) -> None:
 
     verbatim = results["runs"]["keyed"]["groups"].get("verbatim", {}).get("rates", [])
     card = [
-        "# diffmem-organism-v1-solidmark",
+        "# diffmem-organism-v2-solidmark",
         "",
-        "The diffmem model organism (`weights/diffmem-organism-v1`) fine-tuned on its own training set with a "
+        "The diffmem model organism (`weights/diffmem-organism-v2`) fine-tuned on its own training set with a "
         "SolidMark key frame (Kriplani et al., arXiv:2503.00592) around every image, so that memorization can "
         "be measured per training image by outpainting the frame.",
         "",

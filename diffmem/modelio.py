@@ -13,7 +13,7 @@ import torch
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 #: Name of the model organism under ``weights/`` (issue: the model organism).
-ORGANISM_NAME = "diffmem-organism-v1"
+ORGANISM_NAME = "diffmem-organism-v2"
 
 
 def weights_dir() -> Path:
