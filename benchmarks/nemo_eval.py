@@ -13,7 +13,7 @@ Steps (all seeds from the organism recipe; generation j of a caption starts from
 5. The guarded pipeline's mitigations (``"nemo"`` with the union, ``"embedding"``) on verbatim and
    held-out captions: replication, score, seconds added per flagged and per unflagged prompt.
 
-    .venv/bin/python benchmarks/nemo_eval.py [--model weights/diffmem-organism-v1] [--seeds 10]
+    .venv/bin/python benchmarks/nemo_eval.py [--model weights/diffmem-organism-v2] [--seeds 10]
 
 Writes ``benchmarks/results/nemo_eval/results.json`` (+ ``neurons/``) and prints a markdown table.
 """
@@ -91,15 +91,19 @@ def _ssim_pairs(a, b):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=str(ROOT / "weights/diffmem-organism-v1"))
+    parser.add_argument("--model", default=str(ROOT / "weights/diffmem-organism-v2"))
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--limit", type=int, default=None, help="at most N captions per role")
     parser.add_argument("--mask-batch", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/nemo_eval"))
     parser.add_argument("--skip-pipeline", action="store_true", help="skip step 5")
+    parser.add_argument(
+        "--blocks", default="down,mid", help="UNet parts searched: down,mid (NeMo's default) or down,mid,up"
+    )
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads))
 
     from diffmem.edit import applied
     from diffmem.io import atomic_write_json
@@ -125,18 +129,19 @@ def main() -> int:
     data = build_organism_data(recipe)
     training = TrainingImages.from_data(data)
     roles = {r: data.captions(r)[: args.limit] for r in ("verbatim", "template", "heldout", "generic")}
+    blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
     t0 = time.perf_counter()
 
     # 1. statistics and threshold on the generic (non-memorized) captions
     stats = compute_value_stats(
-        pipe.unet, pipe.text_encoder, pipe.tokenizer, data.captions("generic"), progress=False
+        pipe.unet, pipe.text_encoder, pipe.tokenizer, data.captions("generic"), blocks=blocks, progress=False
     )
     stats.save(out / "stats.safetensors")
-    base = NeMo.from_pipe(pipe, stats, NemoConfig())
+    base = NeMo.from_pipe(pipe, stats, NemoConfig(blocks=blocks))
     generic_scores = base.detection_scores(data.captions("generic"))
     g = torch.tensor(generic_scores)
     tau = float(g.mean() + g.std())
-    nemo = NeMo.from_pipe(pipe, stats, NemoConfig(threshold=tau, mask_batch=args.mask_batch))
+    nemo = NeMo.from_pipe(pipe, stats, NemoConfig(threshold=tau, mask_batch=args.mask_batch, blocks=blocks))
     print(f"NeMo threshold {tau:.3f} (generic captions: mean {g.mean():.3f}, std {g.std():.3f})", flush=True)
 
     # 2. localization per verbatim / template caption (resumable)
@@ -146,7 +151,8 @@ def main() -> int:
             path = out / "neurons" / f"{role}-{i:03d}.json"
             if path.is_file():
                 ns = NeuronSet.load(path)
-                if ns.prompts == [caption] and ns.info.get("threshold") == tau:
+                same_run = ns.info.get("threshold") == tau and list(ns.layers) == list(nemo.layers)
+                if ns.prompts == [caption] and same_run:
                     sets[caption] = ns
                     continue
             ns = nemo.localize(caption)
