@@ -198,12 +198,21 @@ def main() -> int:
             )
 
     # Wen first-step threshold for flagging: balanced-accuracy optimum, verbatim vs generic captions
-    from diffmem.detect import calibrate
+    # (the generic captions' first-step scores on the same 'steps' schedule as the verbatim ones: the
+    # first timestep, hence the score's scale, depends on the number of steps)
+    from diffmem.detect import calibrate, score_prompts
 
-    gen_first = []
-    for caption in roles["generic"]:
-        _, first, _, _, _ = _generate(pipe, [caption], "generic", 2, 1, guidance, seed)
-        gen_first.append(statistics.mean(first))
+    gen_first = score_prompts(
+        pipe,
+        roles["generic"],
+        num_gens=2,
+        window=(0, 1),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        progress=False,
+    )
+    gen_first = gen_first.mean(dim=1).tolist()
     verb_first = [r["wen_first_before"] for r in per_caption if r["role"] == "verbatim"]
     wen = calibrate(verb_first + gen_first, [1] * len(verb_first) + [0] * len(gen_first))
     wen_tau = wen.threshold
