@@ -168,7 +168,7 @@ def _fmt_rate(e) -> str:
 def _markdown(results: dict) -> str:
     lines = [
         f"Run: {results['date']} on {results['machine']}; `python benchmarks/solidmark_eval.py` "
-        f"(model `{results['model']}`, frame {results['frame_width']} px, keys shared by copies, "
+        f"(model `{_shown(results['model'])}`, frame {results['frame_width']} px, keys shared by copies, "
         f"fine-tune {results['finetune_steps']} steps, outpainting {results['score_steps']} DDIM steps, guidance "
         f"{results['guidance_scale']}). One copy of each distinct image; 95 % Wilson intervals; chance = 2δ−δ².",
         "",
@@ -206,6 +206,12 @@ def _write_results_section(markdown: str) -> None:
     path.write_text(text[:start] + "\n" + markdown + "\n" + text[end:], encoding="utf-8")
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (cards must not carry local paths)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
 def _model_card(out_model: Path, results: dict, args) -> None:
     from diffmem.io import atomic_write_text
 
@@ -218,7 +224,7 @@ def _model_card(out_model: Path, results: dict, args) -> None:
         "be measured per training image by outpainting the frame.",
         "",
         "## Training",
-        f"- Base: `{results['model']}`; data: `diffmem organism data`, keyed with "
+        f"- Base: `{_shown(results['model'])}`; data: `diffmem organism data`, keyed with "
         f"`diffmem solidmark key --frame-width {args.frame_width} --share-duplicate-keys --seed 42` "
         "(64 px images -> 80 px, value space pixel; the key manifest is in the run folder).",
         f"- `diffmem solidmark finetune --steps {args.finetune_steps} --batch-size {args.batch_size} --lr {args.lr}` "
@@ -309,6 +315,10 @@ def main(argv=None) -> int:
         steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=100
     )
     finetune_keyed(model, keyed, work / "finetune", out_model, config)
+    from diffmem.train.organism import FLOAT16_COMPONENTS, store_float16
+
+    for name in FLOAT16_COMPONENTS:  # frozen, and float16 in the organism already: lossless, and < 30 MB
+        store_float16(out_model / name)
 
     manifest, items = _select(keyed, args.rest_sample)
     runs = {

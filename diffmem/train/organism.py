@@ -198,7 +198,7 @@ def _tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 FLOAT16_COMPONENTS: tuple[str, ...] = ("vae", "text_encoder")
 
 
-def _store_float16(folder: Path) -> None:
+def store_float16(folder: Path) -> None:
     """Rewrite every safetensors file of ``folder`` with its floating-point tensors in float16."""
     from safetensors.torch import load_file, save_file
 
@@ -227,7 +227,7 @@ def save_pipeline(
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
     for name in float16:
-        _store_float16(tmp / name)
+        store_float16(tmp / name)
     if out.exists():
         # keep files that are not the pipeline's (the model card) across re-saves
         for keep in ("README.md",):
