@@ -199,14 +199,16 @@ FLOAT16_COMPONENTS: tuple[str, ...] = ("vae", "text_encoder")
 
 
 def store_float16(folder: Path) -> None:
-    """Rewrite every safetensors file of ``folder`` with its floating-point tensors in float16."""
-    from safetensors.torch import load_file, save_file
+    """Rewrite every safetensors file of ``folder`` with its floating-point tensors in float16 (atomically)."""
+    from safetensors.torch import load_file
+
+    from diffmem.io import atomic_save_tensors
 
     for path in sorted(folder.glob("*.safetensors")):
         tensors = load_file(str(path))
-        save_file(
+        atomic_save_tensors(
+            path,
             {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()},
-            str(path),
             metadata={"format": "pt"},
         )
 
