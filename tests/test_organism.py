@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -230,19 +231,13 @@ class _RoundTripVAE(torch.nn.Module):
         return self.anchor.dtype
 
     def encode(self, x):
-        from types import SimpleNamespace
-
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
 
     def decode(self, z):
-        from types import SimpleNamespace
-
         return SimpleNamespace(sample=z * self.gain)
 
 
 def test_autoencoder_ceiling_is_the_ssim_of_the_round_trip():
-    from types import SimpleNamespace
-
     from diffmem.organism.evaluate import autoencoder_ceiling
 
     training = TrainingImages.from_data(build_organism_data(TINY_RECIPE))

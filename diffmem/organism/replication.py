@@ -7,13 +7,14 @@ with the highest SSIM among the ``shortlist`` training images closest to it in p
 given, the training images of its own caption); the shortlist keeps the search fast and in
 practice always contains the SSIM-nearest image, which is also close in pixels.
 
-The threshold is set from the training data alone, before any generation is looked at: it lies
+The threshold is set from the training data alone, no generation enters it: it lies
 above the SSIM of every pair of *distinct* training images that share a generic caption
 (:func:`same_caption_ssim`; on the organism's data, 15,872 pairs, at most 0.66, 99.9 % under 0.58).
 A generation at or above it is closer to one training image than any two different scenes of one
 caption ("a red circle" on two backgrounds) are to each other: a copy, not a new scene of the same
 content. (v1 used 0.5, read off a training snapshot; with v2's sharper autoencoder, two unrelated
-renders of one caption already reach 0.66, so 0.5 counted new scenes as copies.) Template images
+renders of one caption already reach 0.66, so 0.5 counted new scenes as copies; this rule was
+adopted after the first evaluation of v2 had shown that.) Template images
 share one layout by design and are far more alike (0.89-0.95), which is what template memorization
 means. ``tests/test_organism.py`` checks that the threshold stays above every same-caption pair.
 """
@@ -21,6 +22,7 @@ means. ``tests/test_organism.py`` checks that the threshold stays above every sa
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -147,12 +149,7 @@ def same_caption_ssim(training: TrainingImages, role: str = "generic", chunk: in
     for i, (c, r) in enumerate(zip(training.captions, training.roles)):
         if r == role:
             by_caption.setdefault(c, []).append(i)
-    pairs = [
-        (idx[a], idx[b])
-        for idx in by_caption.values()
-        for a in range(len(idx))
-        for b in range(a + 1, len(idx))
-    ]
+    pairs = [pair for idx in by_caption.values() for pair in itertools.combinations(idx, 2)]
     if not pairs:
         return torch.zeros(0)
     left, right = torch.tensor(pairs).T
