@@ -95,7 +95,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--limit", type=int, default=None, help="at most N captions per role")
-    parser.add_argument("--mask-batch", type=int, default=8)
+    parser.add_argument("--mask-batch", type=int, default=None, help="default: 8 on CUDA, 1 on CPU")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/nemo_eval"))
     parser.add_argument("--skip-pipeline", action="store_true", help="skip step 5")
     parser.add_argument(

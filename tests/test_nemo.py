@@ -28,6 +28,7 @@ from diffmem.localize.nemo import (
     NemoConfig,
     NoiseSimilarity,
     candidate_lists,
+    default_mask_batch,
     greedy_unblock,
     initial_schedule,
 )
@@ -122,9 +123,9 @@ def nemo(planted):
     c, _, stats = planted
     calib = NeMo(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], stats, NemoConfig())
     threshold = calib.calibrate_threshold(REFERENCE[:8])
-    return NeMo(
-        c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], stats, NemoConfig(threshold=threshold)
-    )
+    # batched search (the CUDA default) even on a CPU; test_batched_search_equals_one_at_a_time needs it
+    config = NemoConfig(threshold=threshold, mask_batch=8)
+    return NeMo(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], stats, config)
 
 
 def test_planted_neuron_is_found(planted, nemo):
@@ -186,13 +187,19 @@ class _FakeProbe:
     """Scores masks by a rule: memorization is gone iff neuron 3 and (7 or 9) are off."""
 
     def __init__(self, mask_batch: int):
-        self.config = NemoConfig(mask_batch=mask_batch)
+        self.mask_batch = mask_batch
         self.calls = 0
 
     def scores(self, masks: torch.Tensor) -> torch.Tensor:
-        self.calls += -(-len(masks) // self.config.mask_batch)
+        self.calls += -(-len(masks) // self.mask_batch)
         gone = masks[:, 3] & (masks[:, 7] | masks[:, 9])
         return torch.where(gone, 0.2, 0.8)
+
+
+def test_default_mask_batch_batches_on_cuda_only():
+    assert default_mask_batch(torch.device("cuda", 0)) == 8
+    assert default_mask_batch(torch.device("cpu")) == 1
+    assert default_mask_batch("cpu") == 1
 
 
 @pytest.mark.parametrize("mask_batch", [2, 4, 16])

@@ -50,7 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=int, default=50, help="scheduler steps; the criterion uses timesteps[1]"
     )
     parser.add_argument(
-        "--mask-batch", type=int, default=8, help="candidate masks per UNet call (1 = unbatched)"
+        "--mask-batch",
+        type=int,
+        default=None,
+        help="candidate masks per UNet call (1 = unbatched; default 8 on CUDA, 1 on CPU)",
     )
     parser.add_argument(
         "--blocks", default="down,mid", help="UNet parts searched: down,mid (default) or down,mid,up"
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.modelio import load_pipeline
 
     for name in ("seeds", "steps", "mask_batch", "calibration_prompts"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(
                 f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}"
             )

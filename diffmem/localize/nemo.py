@@ -78,8 +78,18 @@ class NemoConfig:
     kernel_size: int = 11
     betas: tuple[float, ...] = (0.33, 0.33, 0.33)
     blocks: tuple[str, ...] = DEFAULT_BLOCKS
-    #: candidate masks per UNet call; 1 = the one-candidate-at-a-time algorithm
-    mask_batch: int = 8
+    #: candidate masks per UNet call; 1 = the one-candidate-at-a-time algorithm; ``None`` = by device
+    #: (:func:`default_mask_batch`)
+    mask_batch: int | None = None
+
+
+def default_mask_batch(device: torch.device) -> int:
+    """Masks per UNet call when none is given: 8 on CUDA, 1 elsewhere.
+
+    On a CPU a batch of ``B`` masks costs about ``B`` single calls, so the speculative batches only add
+    work (organism v2: batched 0.39x the speed of one-at-a-time, ``benchmarks/RESULTS.md``).
+    """
+    return 8 if torch.device(device).type == "cuda" else 1
 
 
 # ------------------------------------------------------------------------------------------ similarity
@@ -186,6 +196,7 @@ class MemorizationProbe:
         )
         self.embeds = prompt_embeds.to(self.device, self.dtype)[:1]
         self.similarity = NoiseSimilarity(cfg.sample_size, config.kernel_size, config.betas)
+        self.mask_batch = max(1, config.mask_batch or default_mask_batch(self.device))
         self.unet_calls = 0
         self.masks_evaluated = 0
         self.base = self._deltas(self.latents, None)[0]  # [n, C, H, W]
@@ -232,7 +243,7 @@ class MemorizationProbe:
         if kept.numel() == 0:
             raise ValueError("the prompt is not memorized (no seed above the threshold): nothing to score")
         out = []
-        step = max(1, self.config.mask_batch)
+        step = self.mask_batch
         for start in range(0, blocked.shape[0], step):
             chunk = blocked[start : start + step].to(self.device)
             deltas = self._deltas(self.latents[kept], chunk)  # [m, k, C, H, W]
@@ -300,7 +311,7 @@ def greedy_unblock(
     Returns the final mask and the score of the last accepted state (``None`` if nothing was dropped).
     """
     i, last = 0, None
-    batch = max(1, probe.config.mask_batch)
+    batch = probe.mask_batch
     groups = list(groups)
     while i < len(groups):
         chain, cur = [], blocked
@@ -404,7 +415,7 @@ class NeMo:
         z = self.stats.zscores(acts)
         schedule = initial_schedule(cfg, max(probe.sizes))
         chosen, tau_ref, chosen_score = None, cfg.threshold, None
-        step = max(1, cfg.mask_batch)
+        step = probe.mask_batch
         for begin in range(0, len(schedule), step):
             part = schedule[begin : begin + step]
             lists = [candidate_lists(acts, z, theta, k, cfg.two_sided) for theta, k in part]
