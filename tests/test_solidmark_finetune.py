@@ -28,13 +28,15 @@ def _unet_weights(folder):
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, keyed_dir, tiny_sd1_dir):
+@pytest.mark.parametrize("lr_scheduler", ["constant", "linear"])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, keyed_dir, tiny_sd1_dir, lr_scheduler):
     tiny_sd_dir = tiny_sd1_dir
-    cfg = FinetuneConfig(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, seed=3)
+    cfg = FinetuneConfig(
+        steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, seed=3, lr_scheduler=lr_scheduler
+    )
     straight = finetune_keyed(tiny_sd_dir, keyed_dir, tmp_path / "a", config=cfg, progress=False)
-    # the same run stopped after 2 steps (its checkpoint), then resumed to 4
-    finetune_keyed(tiny_sd_dir, keyed_dir, tmp_path / "b", config=FinetuneConfig(**{**cfg.to_dict(), "steps": 2}),
-                   progress=False)  # fmt: skip
+    # the same run interrupted after 2 steps (its checkpoint), then resumed to 4
+    finetune_keyed(tiny_sd_dir, keyed_dir, tmp_path / "b", config=cfg, progress=False, until_step=2)
     assert (tmp_path / "b" / "checkpoints" / "step-00000002" / "state.json").is_file()
     resumed = finetune_keyed(tiny_sd_dir, keyed_dir, tmp_path / "b", config=cfg, progress=False)
     a, b = _unet_weights(straight), _unet_weights(resumed)
@@ -56,6 +58,13 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, keyed_dir, tiny_s
     with pytest.raises(ValueError, match="other settings"):
         finetune_keyed(tiny_sd_dir, keyed_dir, tmp_path / "b", config=FinetuneConfig(**{**cfg.to_dict(), "lr": 1.0}),
                        progress=False)  # fmt: skip
+
+
+def test_refuses_an_unknown_lr_scheduler(tmp_path, keyed_dir, tiny_sd1_dir):
+    with pytest.raises(ValueError, match="--lr-scheduler: expected one of .*linear.*got 'exponential'"):
+        finetune_keyed(
+            tiny_sd1_dir, keyed_dir, tmp_path / "w", config=FinetuneConfig(lr_scheduler="exponential")
+        )
 
 
 def test_refuses_an_unkeyed_dataset(tmp_path, keyed_dir, tiny_sd1_dir):

@@ -119,6 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4, the paper's)")
+    p.add_argument(
+        "--lr-scheduler",
+        default="constant",
+        help="learning-rate schedule, a diffusers get_scheduler name (default constant, the paper's; "
+        "linear or cosine decay to 0)",
+    )
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder")
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -299,6 +305,7 @@ def _finetune(args) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_scheduler=args.lr_scheduler,
         caption_dropout=args.caption_dropout,
         train_text_encoder=args.train_text_encoder,
         checkpoint_every=args.checkpoint_every,

@@ -7,7 +7,8 @@ are frozen (the text encoder optionally trained), the UNet learns the standard d
 
 with ``target = eps`` (epsilon models) or ``v = sqrt(a_t) eps - sqrt(1 - a_t) z0`` (v-prediction),
 AdamW (lr 1e-4, weight decay 1e-2, gradient clipping 1.0), a constant learning rate after an
-optional warm-up. Latents are the VAE posterior modes, computed once. Every random draw of step
+optional warm-up (the paper's; ``lr_scheduler`` takes any of diffusers' ``get_scheduler`` names,
+e.g. ``"linear"`` to decay to 0). Latents are the VAE posterior modes, computed once. Every random draw of step
 ``s`` (batch, noise, timesteps, caption dropout) comes from ``(seed, s)``, and checkpoints hold the
 UNet, the optimizer and the LR schedule, so an interrupted run resumes to exactly the weights an
 uninterrupted one reaches.
@@ -44,6 +45,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    lr_scheduler: str = "constant"  # diffusers.optimization.get_scheduler name
     caption_dropout: float = 0.1
     train_text_encoder: bool = False
     checkpoint_every: int = 100
@@ -102,8 +104,12 @@ def finetune_keyed(
     config: FinetuneConfig | None = None,
     manifest: str | os.PathLike | None = None,
     progress: bool = True,
+    until_step: int | None = None,
 ) -> Path:
     """Fine-tune (or resume fine-tuning) ``model`` on the keyed dataset ``data``; save the pipeline to ``out``.
+
+    ``until_step`` stops after that step (checkpointed, as an interruption would) and returns the
+    checkpoint folder instead; rerun without it to continue.
 
     ``data`` must be a keyed dataset with its manifest (checked image by image, see
     :func:`diffmem.solidmark.run.load_score_items`); all its images must have one size.
@@ -120,6 +126,11 @@ def finetune_keyed(
     config = config or FinetuneConfig()
     if config.steps < 1 or config.batch_size < 1:
         raise ValueError("--steps and --batch-size must be at least 1")
+    from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+    names = sorted(t.value for t in TYPE_TO_SCHEDULER_FUNCTION)
+    if config.lr_scheduler not in names:
+        raise ValueError(f"--lr-scheduler: expected one of {', '.join(names)}, got {config.lr_scheduler!r}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(out) if out is not None else workdir / "model"
@@ -187,9 +198,13 @@ def finetune_keyed(
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8
     )
-    warm = max(0, config.warmup_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+    from diffusers.optimization import get_scheduler
+
+    name = config.lr_scheduler
+    if name == "constant" and config.warmup_steps > 0:
+        name = "constant_with_warmup"
+    schedule = get_scheduler(
+        name, optimizer, num_warmup_steps=max(0, config.warmup_steps), num_training_steps=config.steps
     )
     modules = {"unet": unet} | ({"text_encoder": text_encoder} if config.train_text_encoder else {})
     ckpt_root = workdir / "checkpoints"
@@ -206,7 +221,8 @@ def finetune_keyed(
         total=config.steps, initial=min(start, config.steps), desc="keyed fine-tune", disable=not progress
     )
     window, t0 = [], time.time()
-    for step in range(start, config.steps):
+    end = config.steps if until_step is None else min(config.steps, until_step)
+    for step in range(start, end):
         g = item_generator(config.seed, "keyed-finetune", "step", step)
         idx = batch_indices(len(items), config.batch_size, step, config.seed)
         z0 = latents[idx]
@@ -238,11 +254,13 @@ def finetune_keyed(
                 {"step": done, "loss": sum(window) / len(window), "seconds": round(time.time() - t0, 1)}
             )
             window = []
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        if done % config.checkpoint_every == 0 or done in (config.steps, end):
             save_checkpoint(
                 ckpt_root, done, modules, {"adamw": optimizer}, {"lr": schedule}, extra={"log": log}
             )
     bar.close()
+    if end < config.steps:
+        return latest_checkpoint(ckpt_root)
 
     pipe.unet = accelerator.unwrap_model(unet).eval()
     pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
