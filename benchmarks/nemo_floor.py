@@ -1,0 +1,75 @@
+"""How low can NeMo's memorization criterion go on a model? (the floor behind docs/nemo.md)
+
+For each verbatim caption of the organism, with NeMo's 10 latents (seed 1) and its first-step noise
+differences ``delta_s`` (min-max normalised, MS-SSIM as in ``diffmem.localize.nemo``):
+
+* ``all off``: ``mem(S)`` with every value neuron of the searched blocks switched off;
+* ``empty``: the largest same-seed similarity between the caption's ``delta_s`` and the empty
+  prompt's (no text at all), the lowest any set of neurons could plausibly reach.
+
+Then the same-seed similarity of generic captions to the empty prompt, against their cross-seed
+score (what the threshold is calibrated on). ~10 s on 2 CPU cores::
+
+    .venv/bin/python benchmarks/nemo_floor.py [--model weights/diffmem-organism-v2] [--threshold 0.448]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GENERIC = ("a red circle", "a blue square", "a green triangle", "a yellow star")
+
+
+def main(argv=None) -> int:
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.localize.nemo import NeMo, NemoConfig
+    from diffmem.organism.data import PHOTOS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(ROOT / "weights" / "diffmem-organism-v2"))
+    p.add_argument("--threshold", type=float, default=0.448, help="NeMo's tau for this model")
+    p.add_argument("--blocks", default="down,mid")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None)
+    nemo = NeMo.from_pipe(
+        pipe, None, NemoConfig(threshold=args.threshold, blocks=tuple(args.blocks.split(",")))
+    )
+    empty = nemo.probe("").base
+    print(f"| verbatim caption | detection | all {args.blocks} off: mem | empty prompt: max / median |")
+    print("|---|---|---|---|")
+    floors = []
+    for _, _, caption in PHOTOS:
+        probe = nemo.probe(caption)
+        all_off = probe.evaluate(torch.ones(probe.n_neurons, dtype=torch.bool))["mem"]
+        sim = probe.similarity(empty, probe.base)
+        floors.append(float(sim.max()))
+        print(
+            f"| {caption[:48]} | {probe.score:.3f} | {all_off:.3f} | {sim.max():.3f} / {sim.median():.3f} |"
+        )
+    above = sum(f > args.threshold for f in floors)
+    print(
+        f"\nempty-prompt floor: {min(floors):.3f}-{max(floors):.3f}, mean {sum(floors) / len(floors):.3f}; "
+        f"above tau {args.threshold} for {above}/{len(floors)}\n"
+    )
+    print("| generic caption | cross-seed score | same seed vs empty prompt: max / median |")
+    print("|---|---|---|")
+    for caption in GENERIC:
+        probe = nemo.probe(caption)
+        sim = probe.similarity(probe.base, empty)
+        print(f"| {caption} | {probe.score:.3f} | {sim.max():.3f} / {sim.median():.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
