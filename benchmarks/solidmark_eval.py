@@ -19,13 +19,17 @@ Stages (all under --workdir, default runs/solidmark-organism):
    key per copy, 48 copies under one caption carry 48 different frames and no single key can be
    memorized (the paper's duplication study then needs "nearest key among copies", whose chance
    rate grows with the number of copies).
-3. ``finetune``: the organism's UNet fine-tuned on the keyed set (VAE and text encoder frozen).
+3. ``finetune``: the organism's UNet (and with --train-text-encoder its text encoder) fine-tuned on
+   the keyed set; the VAE stays frozen.
    The keyed organism is saved to --out-model (default weights/diffmem-organism-v2-solidmark) with a
    model card.
 4. ``score-*``: outpainting runs (DDIM, --score-steps, guidance 3, the training caption):
    keyed model, freshly initialized UNet, unkeyed organism; one copy of each distinct image.
 5. ``nemo`` (optional): neurons of every verbatim caption on the keyed model (NeMo, statistics and
    threshold from the generic captions), the union switched off during a scoring run.
+6. ``adversarial`` (optional): ``diffmem finetune --adversarial`` of the keyed model, the verbatim
+   keyed photos as targets, surrogates made with the NeMo union off, generic keyed images as retain
+   data; then the verbatim photos are scored again.
 
 Results: ``WORKDIR/results.json`` and ``WORKDIR/results.md`` (the RESULTS.md section).
 """
@@ -56,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--finetune-steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr-scheduler", default="constant", help="diffusers get_scheduler name (e.g. linear)")
+    p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
     p.add_argument("--score-steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--rest-sample", type=int, default=64, help="distinct non-verbatim images to score")
@@ -64,6 +70,15 @@ def parse_args(argv=None):
         "--nemo", action="store_true", help="also score with the NeMo neurons of the verbatim captions"
     )
     p.add_argument("--neurons", default=None, help="use this NeuronSet instead of localizing with NeMo")
+    p.add_argument(
+        "--adversarial",
+        action="store_true",
+        help="also score after adversarial fine-tuning of the keyed model (Finding Dori; surrogates from "
+        "the keyed model with the NeMo neurons off; implies --nemo)",
+    )
+    p.add_argument("--adversarial-rounds", type=int, default=5, help="rounds (default 5, the paper's epochs)")
+    p.add_argument("--adversarial-lr", type=float, default=1e-4)
+    p.add_argument("--adversarial-retain", type=int, default=64, help="generic keyed images as retain data")
     p.add_argument("--write-results", action="store_true", help="replace the SolidMark section of RESULTS.md")
     p.add_argument(
         "--smoke", action="store_true", help="tiny recipe, a few steps: checks the pipeline of stages"
@@ -161,6 +176,37 @@ def _nemo_neurons(model, captions_mem, captions_generic, out: Path):
     return union
 
 
+def _adversarial_finetune(model, keyed: Path, items, neurons: Path, out: Path, args) -> Path:
+    """``diffmem finetune --adversarial`` on the verbatim keyed photos (one copy each); returns the model folder."""
+    from diffmem.cli import main as cli
+    from diffmem.io import atomic_write_text
+    from diffmem.solidmark.run import load_score_items
+
+    _, all_items = load_score_items(keyed, keyed / "solidmark_manifest.json", one_per_group=True)
+    files = {json.loads(line)["id"]: json.loads(line) for line in (keyed / "metadata.jsonl").open()}
+    verbatim = [it for it in items if it.extra.get("role") == "verbatim"]
+    generic = [it for it in all_items if it.extra.get("role") == "generic"][: args.adversarial_retain]
+    tables = {}
+    for name, chosen in (("targets", verbatim), ("retain", generic)):
+        rows = [
+            {"file_name": str((keyed / files[it.id]["file_name"]).resolve()), "id": it.id, "text": it.caption}
+            for it in chosen
+        ]
+        tables[name] = out.parent / f"adversarial-{name}.jsonl"
+        atomic_write_text(tables[name], "".join(json.dumps(r) + "\n" for r in rows))
+    model_dir = out / "model"
+    if not (model_dir / "model_index.json").is_file():
+        rc = cli(
+            ["finetune", "--adversarial", "--model", str(model), "--targets", str(tables["targets"])]
+            + ["--retain", str(tables["retain"]), "--neurons", str(neurons), "--out", str(out)]
+            + ["--rounds", str(args.adversarial_rounds), "--lr", str(args.adversarial_lr)]
+            + ["--adv-batch-size", "8", "--retain-batch-size", "8"]
+        )
+        if rc != 0:
+            raise RuntimeError(f"adversarial fine-tuning failed (exit {rc}); see the message above")
+    return model_dir
+
+
 def _fmt_rate(e) -> str:
     return f"{e['count']}/{e['n']} = {e['rate']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
 
@@ -169,8 +215,9 @@ def _markdown(results: dict) -> str:
     lines = [
         f"Run: {results['date']} on {results['machine']}; `python benchmarks/solidmark_eval.py` "
         f"(model `{_shown(results['model'])}`, frame {results['frame_width']} px, keys shared by copies, "
-        f"fine-tune {results['finetune_steps']} steps, outpainting {results['score_steps']} DDIM steps, guidance "
-        f"{results['guidance_scale']}). One copy of each distinct image; 95 % Wilson intervals; chance = 2δ−δ².",
+        f"fine-tune {results['finetune_steps']} steps ({results.get('lr_scheduler', 'constant')} lr), outpainting {results['score_steps']} DDIM steps, guidance "
+        f"{results['guidance_scale']}). One copy of each distinct image, {results.get('generations', 1)} "
+        "generation(s) each; 95 % Wilson intervals; chance = 2δ−δ².",
         "",
         "| run | images | δ | memorized (count/n = rate [95 % CI]) | chance | shuffled keys |",
         "|---|---|---|---|---|---|",
@@ -227,8 +274,14 @@ def _model_card(out_model: Path, results: dict, args) -> None:
         f"- Base: `{_shown(results['model'])}`; data: `diffmem organism data`, keyed with "
         f"`diffmem solidmark key --frame-width {args.frame_width} --share-duplicate-keys --seed 42` "
         "(64 px images -> 80 px, value space pixel; the key manifest is in the run folder).",
-        f"- `diffmem solidmark finetune --steps {args.finetune_steps} --batch-size {args.batch_size} --lr {args.lr}` "
-        "(UNet only; VAE and text encoder frozen; caption dropout 0.1; AdamW, weight decay 1e-2).",
+        f"- `diffmem solidmark finetune --steps {args.finetune_steps} --batch-size {args.batch_size} --lr {args.lr} "
+        f"--lr-scheduler {args.lr_scheduler}{' --train-text-encoder' if args.train_text_encoder else ''}` "
+        + (
+            "(UNet and text encoder trained, the text encoder stored in float32; VAE frozen; "
+            if args.train_text_encoder
+            else "(UNet only; VAE and text encoder frozen; "
+        )
+        + "caption dropout 0.1; AdamW, weight decay 1e-2).",
         "",
         "## Measured memorization (verbatim-duplicated photos, one copy each)",
         "",
@@ -312,12 +365,18 @@ def main(argv=None) -> int:
         return 0
     out_model = Path(args.out_model) if not args.smoke else work / "keyed-model"
     config = FinetuneConfig(
-        steps=args.finetune_steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=100
+        steps=args.finetune_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_scheduler=args.lr_scheduler,
+        train_text_encoder=args.train_text_encoder,
+        checkpoint_every=100,
     )
     finetune_keyed(model, keyed, work / "finetune", out_model, config)
     from diffmem.train.organism import FLOAT16_COMPONENTS, store_float16
 
-    for name in FLOAT16_COMPONENTS:  # frozen, and float16 in the organism already: lossless, and < 30 MB
+    frozen = [n for n in FLOAT16_COMPONENTS if not (n == "text_encoder" and args.train_text_encoder)]
+    for name in frozen:  # frozen, and float16 in the organism already: lossless, and < 30 MB
         store_float16(out_model / name)
 
     manifest, items = _select(keyed, args.rest_sample)
@@ -330,7 +389,7 @@ def main(argv=None) -> int:
     }
     comparisons = {}
     verbatim = [it for it in items if it.extra.get("role") == "verbatim"]
-    if args.nemo or args.neurons:
+    if args.nemo or args.neurons or args.adversarial:
         from diffmem.localize.neuron_set import NeuronSet
 
         generic = sorted({it.caption for it in items if it.extra.get("role") == "generic"})
@@ -348,6 +407,15 @@ def main(argv=None) -> int:
         comparisons["Verbatim photos: keyed + NeMo − keyed"] = compare_runs(
             read_rows(work / "score-keyed-nemo"), base
         )
+    if args.adversarial:
+        neurons_file = Path(args.neurons) if args.neurons else work / "nemo-neurons.json"
+        tuned = _adversarial_finetune(out_model, keyed, items, neurons_file, work / "adversarial", args)
+        runs["keyed + adversarial FT"] = _score(
+            tuned, manifest, verbatim, work / "score-keyed-adversarial", args
+        )
+        comparisons["Verbatim photos: keyed + adversarial FT − keyed"] = compare_runs(
+            read_rows(work / "score-keyed-adversarial"), base
+        )
     keyed_v = [r for r in read_rows(work / "score-keyed") if r.get("role") == "verbatim"]
     init_v = [r for r in read_rows(work / "score-random-init") if r.get("role") == "verbatim"]
     comparisons["Verbatim photos: keyed model − random-init UNet"] = compare_runs(keyed_v, init_v)
@@ -360,7 +428,9 @@ def main(argv=None) -> int:
         "model": str(model),
         "frame_width": args.frame_width,
         "finetune_steps": args.finetune_steps,
+        "lr_scheduler": args.lr_scheduler,
         "score_steps": args.score_steps,
+        "generations": args.generations,
         "guidance_scale": args.guidance_scale,
         "runs": runs,
         "comparisons": comparisons,
