@@ -398,6 +398,7 @@ class NeMo:
             "similarity": probe.similarity.describe(),
             "memorized": probe.memorized,
             "kept_seeds": int(probe.kept.sum()),
+            "mask_batch": probe.mask_batch,
         }
         names = list(self.layers)
         if not probe.memorized:
