@@ -1,12 +1,14 @@
 """SolidMark on the model organism: key its training set, fine-tune it on the keyed set, score every
 verbatim-duplicated photo and a sample of the other images against chance, a shuffled-key null, a
-freshly initialized UNet and the unkeyed organism; optionally before and after NeMo.
+freshly initialized UNet and the unkeyed organism; optionally before and after NeMo and adversarial
+fine-tuning.
 
 Recipe (CPU, resumable at every stage; rerun the same command after an interruption)::
 
     python benchmarks/solidmark_eval.py                      # everything, defaults below
     python benchmarks/solidmark_eval.py --write-results      # also rewrite RESULTS.md's SolidMark section
     python benchmarks/solidmark_eval.py --nemo               # also localize the verbatim captions with NeMo
+    python benchmarks/solidmark_eval.py --adversarial        # ... and adversarially fine-tune (implies --nemo)
     python benchmarks/solidmark_eval.py --smoke              # a minutes-long dry run on the tiny recipe
 
 Stages (all under --workdir, default runs/solidmark-organism):
@@ -57,15 +59,20 @@ def parse_args(argv=None):
         "--recipe", default=None, help="organism recipe JSON (default: the model's, else the default)"
     )
     p.add_argument("--frame-width", type=int, default=8)
-    p.add_argument("--finetune-steps", type=int, default=1500)
+    p.add_argument("--finetune-steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--lr-scheduler", default="constant", help="diffusers get_scheduler name (e.g. linear)")
-    p.add_argument("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
+    p.add_argument(
+        "--train-text-encoder",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fine-tune the text encoder with the UNet (default; it recalls keys better)",
+    )
     p.add_argument("--score-steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--rest-sample", type=int, default=64, help="distinct non-verbatim images to score")
-    p.add_argument("--generations", type=int, default=1)
+    p.add_argument("--generations", type=int, default=2)
     p.add_argument(
         "--nemo", action="store_true", help="also score with the NeMo neurons of the verbatim captions"
     )
@@ -183,7 +190,7 @@ def _adversarial_finetune(model, keyed: Path, items, neurons: Path, out: Path, a
     from diffmem.solidmark.run import load_score_items
 
     _, all_items = load_score_items(keyed, keyed / "solidmark_manifest.json", one_per_group=True)
-    files = {json.loads(line)["id"]: json.loads(line) for line in (keyed / "metadata.jsonl").open()}
+    files = {r["id"]: r for r in map(json.loads, (keyed / "metadata.jsonl").open())}
     verbatim = [it for it in items if it.extra.get("role") == "verbatim"]
     generic = [it for it in all_items if it.extra.get("role") == "generic"][: args.adversarial_retain]
     tables = {}
@@ -376,7 +383,7 @@ def main(argv=None) -> int:
     from diffmem.train.organism import FLOAT16_COMPONENTS, store_float16
 
     frozen = [n for n in FLOAT16_COMPONENTS if not (n == "text_encoder" and args.train_text_encoder)]
-    for name in frozen:  # frozen, and float16 in the organism already: lossless, and < 30 MB
+    for name in frozen:  # frozen, and float16 in the organism already: lossless, and smaller
         store_float16(out_model / name)
 
     manifest, items = _select(keyed, args.rest_sample)
