@@ -183,24 +183,33 @@ def _nemo_neurons(model, captions_mem, captions_generic, out: Path):
     return union
 
 
-def _adversarial_finetune(model, keyed: Path, items, neurons: Path, out: Path, args) -> Path:
-    """``diffmem finetune --adversarial`` on the verbatim keyed photos (one copy each); returns the model folder."""
+def _adversarial_finetune(model, keyed: Path, verbatim, neurons: Path, out: Path, args) -> Path:
+    """``diffmem finetune --adversarial`` on the verbatim keyed photos (one copy each); returns the model folder.
+
+    Retain data: the first ``--adversarial-retain`` generic keyed images, read from the metadata alone.
+    """
     from diffmem.cli import main as cli
     from diffmem.io import atomic_write_text
-    from diffmem.solidmark.run import load_score_items
 
-    _, all_items = load_score_items(keyed, keyed / "solidmark_manifest.json", one_per_group=True)
-    files = {r["id"]: r for r in map(json.loads, (keyed / "metadata.jsonl").open())}
-    verbatim = [it for it in items if it.extra.get("role") == "verbatim"]
-    generic = [it for it in all_items if it.extra.get("role") == "generic"][: args.adversarial_retain]
+    rows = list(map(json.loads, (keyed / "metadata.jsonl").open()))
+    by_id = {r["id"]: r for r in rows}
+
+    def table_row(r: dict) -> dict:
+        return {"file_name": str((keyed / r["file_name"]).resolve()), "id": r["id"], "text": r["text"]}
+
+    first_copy: dict[str, dict] = {}
+    for r in rows:
+        if r["role"] == "generic":
+            first_copy.setdefault(r["image_id"], r)
+    generic = list(first_copy.values())
+    chosen = {
+        "targets": [by_id[it.id] for it in verbatim],
+        "retain": generic[: args.adversarial_retain],
+    }
     tables = {}
-    for name, chosen in (("targets", verbatim), ("retain", generic)):
-        rows = [
-            {"file_name": str((keyed / files[it.id]["file_name"]).resolve()), "id": it.id, "text": it.caption}
-            for it in chosen
-        ]
+    for name, picked in chosen.items():
         tables[name] = out.parent / f"adversarial-{name}.jsonl"
-        atomic_write_text(tables[name], "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(tables[name], "".join(json.dumps(table_row(r)) + "\n" for r in picked))
     model_dir = out / "model"
     if not (model_dir / "model_index.json").is_file():
         rc = cli(
@@ -396,34 +405,31 @@ def main(argv=None) -> int:
     }
     comparisons = {}
     verbatim = [it for it in items if it.extra.get("role") == "verbatim"]
+    keyed_v = [r for r in read_rows(work / "score-keyed") if r.get("role") == "verbatim"]
     if args.nemo or args.neurons or args.adversarial:
         from diffmem.localize.neuron_set import NeuronSet
 
+        neurons_file = Path(args.neurons) if args.neurons else work / "nemo-neurons.json"
         generic = sorted({it.caption for it in items if it.extra.get("role") == "generic"})
         neurons = (
-            NeuronSet.load(args.neurons)
+            NeuronSet.load(neurons_file)
             if args.neurons
-            else _nemo_neurons(
-                out_model, sorted({it.caption for it in verbatim}), generic, work / "nemo-neurons.json"
-            )
+            else _nemo_neurons(out_model, sorted({it.caption for it in verbatim}), generic, neurons_file)
         )
         runs["keyed + NeMo"] = _score(
             out_model, manifest, verbatim, work / "score-keyed-nemo", args, edits_fn=lambda p: [neurons]
         )
-        base = [r for r in read_rows(work / "score-keyed") if r.get("role") == "verbatim"]
         comparisons["Verbatim photos: keyed + NeMo − keyed"] = compare_runs(
-            read_rows(work / "score-keyed-nemo"), base
+            read_rows(work / "score-keyed-nemo"), keyed_v
         )
     if args.adversarial:
-        neurons_file = Path(args.neurons) if args.neurons else work / "nemo-neurons.json"
-        tuned = _adversarial_finetune(out_model, keyed, items, neurons_file, work / "adversarial", args)
+        tuned = _adversarial_finetune(out_model, keyed, verbatim, neurons_file, work / "adversarial", args)
         runs["keyed + adversarial FT"] = _score(
             tuned, manifest, verbatim, work / "score-keyed-adversarial", args
         )
         comparisons["Verbatim photos: keyed + adversarial FT − keyed"] = compare_runs(
-            read_rows(work / "score-keyed-adversarial"), base
+            read_rows(work / "score-keyed-adversarial"), keyed_v
         )
-    keyed_v = [r for r in read_rows(work / "score-keyed") if r.get("role") == "verbatim"]
     init_v = [r for r in read_rows(work / "score-random-init") if r.get("role") == "verbatim"]
     comparisons["Verbatim photos: keyed model − random-init UNet"] = compare_runs(keyed_v, init_v)
 
