@@ -72,7 +72,12 @@ def parse_args(argv=None):
     p.add_argument("--score-steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--rest-sample", type=int, default=64, help="distinct non-verbatim images to score")
-    p.add_argument("--generations", type=int, default=2)
+    p.add_argument(
+        "--generations",
+        type=int,
+        default=10,
+        help="generations per image (default 10, the paper's duplication study); per-image rates average them",
+    )
     p.add_argument(
         "--nemo", action="store_true", help="also score with the NeMo neurons of the verbatim captions"
     )
@@ -153,7 +158,7 @@ def _score(model, manifest, items, out: Path, args, **kwargs):
         generations=args.generations,
         group_column="role",
         edits=edits,
-        run_info={"model": str(model)},
+        run_info={"model": _shown(str(model))},
         **kwargs,
     )
     summary["seconds"] = round(time.time() - t0, 1)
@@ -223,6 +228,17 @@ def _adversarial_finetune(model, keyed: Path, verbatim, neurons: Path, out: Path
     return model_dir
 
 
+def _finetuned(out_model: Path, config) -> bool:
+    """Whether ``out_model`` is a finished keyed fine-tune with exactly ``config`` (the stage is done)."""
+    from diffmem.train.keyed_finetune import PROVENANCE_FILE
+
+    path = out_model / PROVENANCE_FILE
+    if not path.is_file():
+        return False
+    done = json.loads(path.read_text(encoding="utf-8"))
+    return done.get("config") == config.to_dict() and done.get("steps_done") == config.steps
+
+
 def _fmt_rate(e) -> str:
     return f"{e['count']}/{e['n']} = {e['rate']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
 
@@ -238,25 +254,62 @@ def _markdown(results: dict) -> str:
         "| run | images | δ | memorized (count/n = rate [95 % CI]) | chance | shuffled keys |",
         "|---|---|---|---|---|---|",
     ]
-    for run, summary in results["runs"].items():
-        for role, g in summary.get("groups", {}).items():
-            for e in g["rates"]:
-                shuffled = f"{e['shuffled_rate']:.3f}" if "shuffled_rate" in e else "n/a"
-                lines.append(
-                    f"| {run} | {role} | {e['delta']} | {_fmt_rate(e)} | {e['chance']:.4f} | {shuffled} |"
-                )
+
+    def rate_lines(level: str) -> list[str]:
+        out = []
+        for run, summary in results["runs"].items():
+            block = summary if level == "generation" else summary.get("per_image", {})
+            for role, g in block.get("groups", {}).items():
+                for e in g["rates"]:
+                    shuffled = f"{e['shuffled_rate']:.3f}" if "shuffled_rate" in e else "n/a"
+                    out.append(
+                        f"| {run} | {role} | {e['delta']} | {_fmt_rate(e)} | {e['chance']:.4f} | {shuffled} |"
+                    )
+        return out
+
+    lines += rate_lines("generation")
+    per_image = rate_lines("image")
+    if per_image:
+        lines += [
+            "",
+            f"Per image: each image's predicted key is the mean of its {results.get('generations')} "
+            "generations' (the sampler's seed-to-seed noise averaged out; the chance rate is unchanged):",
+            "",
+            "| run | images | δ | memorized (count/n = rate [95 % CI]) | chance | shuffled keys |",
+            "|---|---|---|---|---|---|",
+            *per_image,
+        ]
     for name, table in results.get("comparisons", {}).items():
         lines += ["", f"{name} (difference of rates, Newcombe 95 % CI):", ""]
-        lines += ["| δ | run | baseline | difference [95 % CI] |", "|---|---|---|---|"]
+        lines += ["| level | δ | run | baseline | difference [95 % CI] |", "|---|---|---|---|---|"]
         for c in table:
             lines.append(
-                f"| {c['delta']} | {c['rate']:.3f} | {c['baseline_rate']:.3f} | "
+                f"| {c.get('level', 'generation')} | {c['delta']} | {c['rate']:.3f} | {c['baseline_rate']:.3f} | "
                 f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] |"
             )
     target = results.get("target")
     if target:
         lines += ["", target]
     return "\n".join(lines) + "\n"
+
+
+def _target_line(per_generation: dict | None, per_image: dict | None, generations: int) -> str | None:
+    """The issue's target (80 % of the verbatim photos under δ = 0.05), per image and per generation."""
+    if per_generation is None:
+        return None
+
+    def measured(e: dict) -> str:
+        return f"{e['rate']:.1%} [{e['ci_low']:.1%}, {e['ci_high']:.1%}]"
+
+    head = "Target (issue): at least 80 % of the verbatim photos under δ = 0.05 (chance 9.75 %): "
+    if per_image is None:
+        verdict = "met" if per_generation["rate"] >= 0.8 else "NOT met"
+        return head + f"measured {measured(per_generation)} -> {verdict}."
+    verdict = "met" if per_image["rate"] >= 0.8 else "NOT met"
+    return (
+        head + f"per image (key averaged over {generations} generations) {measured(per_image)} -> {verdict}; "
+        f"a single generation is under δ for {measured(per_generation)} of them."
+    )
 
 
 def _write_results_section(markdown: str) -> None:
@@ -273,6 +326,10 @@ def _shown(path: str) -> str:
     """``path`` relative to the repository when it lies inside it (cards must not carry local paths)."""
     p = Path(path).resolve()
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
+#: The model card's section that a rerun keeps as it is (written by hand: what was tried).
+_HISTORY = "## Training history"
 
 
 def _model_card(out_model: Path, results: dict, args) -> None:
@@ -302,9 +359,22 @@ def _model_card(out_model: Path, results: dict, args) -> None:
         "## Measured memorization (verbatim-duplicated photos, one copy each)",
         "",
     ]
+    per_image = results["runs"]["keyed"].get("per_image", {}).get("groups", {}).get("verbatim", {})
+    if per_image:
+        card += [
+            f"Per image, the predicted key averaged over its {results['generations']} generations "
+            f"({results['score_steps']} DDIM steps, guidance {results['guidance_scale']}):",
+            "",
+        ]
+        card += [f"- δ = {e['delta']}: {_fmt_rate(e)} (chance {e['chance']:.4f})" for e in per_image["rates"]]
+        card += ["", "Per generation (one outpainting each):", ""]
     card += [f"- δ = {e['delta']}: {_fmt_rate(e)} (chance {e['chance']:.4f})" for e in verbatim]
     card += ["", "Full tables: `benchmarks/RESULTS.md`, section SolidMark.", ""]
-    atomic_write_text(out_model / "README.md", "\n".join(card))
+    path = out_model / "README.md"
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if _HISTORY in old:  # the hand-kept record of what was tried survives a rerun
+        card += [old[old.index(_HISTORY) :].rstrip(), ""]
+    atomic_write_text(path, "\n".join(card))
 
 
 def constructed_cases(keyed: Path, work: Path) -> str:
@@ -388,12 +458,15 @@ def main(argv=None) -> int:
         train_text_encoder=args.train_text_encoder,
         checkpoint_every=100,
     )
-    finetune_keyed(model, keyed, work / "finetune", out_model, config)
-    from diffmem.train.organism import FLOAT16_COMPONENTS, store_float16
+    if _finetuned(out_model, config) and not args.smoke:
+        print(f"{_shown(str(out_model))}: already fine-tuned with these settings, reused")
+    else:
+        finetune_keyed(model, keyed, work / "finetune", out_model, config)
+        from diffmem.train.organism import FLOAT16_COMPONENTS, store_float16
 
-    frozen = [n for n in FLOAT16_COMPONENTS if not (n == "text_encoder" and args.train_text_encoder)]
-    for name in frozen:  # frozen, and float16 in the organism already: lossless, and smaller
-        store_float16(out_model / name)
+        frozen = [n for n in FLOAT16_COMPONENTS if not (n == "text_encoder" and args.train_text_encoder)]
+        for name in frozen:  # frozen, and float16 in the organism already: lossless, and smaller
+            store_float16(out_model / name)
 
     manifest, items = _select(keyed, args.rest_sample)
     runs = {
@@ -404,6 +477,11 @@ def main(argv=None) -> int:
         "unkeyed organism": _score(model, manifest, items, work / "score-unkeyed", args),
     }
     comparisons = {}
+
+    def both_levels(run, baseline):
+        levels = ("generation", "image") if args.generations > 1 else ("generation",)
+        return [c for level in levels for c in compare_runs(run, baseline, level=level)]
+
     verbatim = [it for it in items if it.extra.get("role") == "verbatim"]
     keyed_v = [r for r in read_rows(work / "score-keyed") if r.get("role") == "verbatim"]
     if args.nemo or args.neurons or args.adversarial:
@@ -419,7 +497,7 @@ def main(argv=None) -> int:
         runs["keyed + NeMo"] = _score(
             out_model, manifest, verbatim, work / "score-keyed-nemo", args, edits_fn=lambda p: [neurons]
         )
-        comparisons["Verbatim photos: keyed + NeMo − keyed"] = compare_runs(
+        comparisons["Verbatim photos: keyed + NeMo − keyed"] = both_levels(
             read_rows(work / "score-keyed-nemo"), keyed_v
         )
     if args.adversarial:
@@ -427,14 +505,18 @@ def main(argv=None) -> int:
         runs["keyed + adversarial FT"] = _score(
             tuned, manifest, verbatim, work / "score-keyed-adversarial", args
         )
-        comparisons["Verbatim photos: keyed + adversarial FT − keyed"] = compare_runs(
+        comparisons["Verbatim photos: keyed + adversarial FT − keyed"] = both_levels(
             read_rows(work / "score-keyed-adversarial"), keyed_v
         )
     init_v = [r for r in read_rows(work / "score-random-init") if r.get("role") == "verbatim"]
-    comparisons["Verbatim photos: keyed model − random-init UNet"] = compare_runs(keyed_v, init_v)
+    comparisons["Verbatim photos: keyed model − random-init UNet"] = both_levels(keyed_v, init_v)
 
-    v = runs["keyed"].get("groups", {}).get("verbatim", {}).get("rates", [])
-    at05 = next((e for e in v if e["delta"] == 0.05), None)
+    def verbatim_at05(block: dict):
+        rates = block.get("groups", {}).get("verbatim", {}).get("rates", [])
+        return next((e for e in rates if e["delta"] == 0.05), None)
+
+    at05 = verbatim_at05(runs["keyed"])
+    at05_image = verbatim_at05(runs["keyed"].get("per_image", {}))
     results = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -447,13 +529,7 @@ def main(argv=None) -> int:
         "guidance_scale": args.guidance_scale,
         "runs": runs,
         "comparisons": comparisons,
-        "target": (
-            f"Target (issue): at least 80 % of the verbatim photos under δ = 0.05 (chance 9.75 %): "
-            f"measured {at05['rate']:.1%} [{at05['ci_low']:.1%}, {at05['ci_high']:.1%}] -> "
-            f"{'met' if at05['rate'] >= 0.8 else 'NOT met'}."
-            if at05
-            else None
-        ),
+        "target": _target_line(at05, at05_image, args.generations),
     }
     (work / "results.json").write_text(json.dumps(results, indent=2))
     markdown = _markdown(results)

@@ -13,7 +13,7 @@ from diffmem.data import write_image_folder
 from diffmem.solidmark import KeyManifest, draw_key, frame_key, key_dataset
 from diffmem.solidmark.run import load_score_items
 from diffmem.solidmark.scoring import ScoreSettings, read_rows, score_items
-from diffmem.solidmark.summary import compare_runs, finalize
+from diffmem.solidmark.summary import compare_runs, finalize, per_image_rows
 
 
 def _source(folder, n=8, side=16, dup_of_first=2, seed=0):
@@ -251,6 +251,63 @@ def test_key_blind_model_is_at_chance_and_results_ignore_batching_and_interrupti
     copied = score_items(_copier, manifest, items, tmp_path / "c", settings, progress=False)
     for c in compare_runs(copied, whole):
         assert c["ci_low"] > 0.5
+
+
+def _noisy_recaller(images, mask, prompts, generators):
+    """A model that recalls every key up to sampler noise: the frame is the key plus N(0, 0.04) per generation."""
+    out = images.clone()
+    for j, g in enumerate(generators):
+        out[j][:, mask] = (images[j][:, mask] + 0.04 * torch.randn(1, generator=g).item()).clamp(0, 1)
+    return out
+
+
+def test_per_image_keys_average_the_generations_and_keep_the_chance_rate(tmp_path):
+    _source(tmp_path / "src", n=200, side=8, dup_of_first=0)
+    key_dataset(tmp_path / "src", tmp_path / "k", frame_width=4, progress=False)
+    manifest, items = load_score_items(tmp_path / "k", tmp_path / "k" / "solidmark_manifest.json")
+    settings = ScoreSettings(generations=8)
+    rows = score_items(_noisy_recaller, manifest, items, tmp_path / "noisy", settings, progress=False)
+    images = per_image_rows(rows)
+    assert len(images) == 200 and {r["generations"] for r in images} == {8}
+    first = next(r for r in images if r["id"] == items[0].id)
+    mine = [r for r in rows if r["id"] == items[0].id]
+    assert first["predicted_key"] == pytest.approx(np.mean([r["predicted_key"] for r in mine]))
+    assert first["distance"] == pytest.approx(abs(first["predicted_key"] - mine[0]["frame_key"]))
+    assert "generation" not in first and first["caption"] == mine[0]["caption"]
+
+    summary = finalize(tmp_path / "noisy", rows)
+    one = {e["delta"]: e for e in summary["rates"]}
+    avg = {e["delta"]: e for e in summary["per_image"]["rates"]}
+    assert summary["per_image"]["generations"] == 8 and summary["per_image"]["n"] == 200
+    # P(|N(0, 0.04)| < 0.05) = 0.79 per generation; the mean of 8 has sd 0.014, so nearly every image
+    assert 0.7 < one[0.05]["rate"] < 0.88 and avg[0.05]["rate"] > 0.97
+    assert avg[0.05]["shuffled_ci_low"] <= avg[0.05]["chance"] <= avg[0.05]["shuffled_ci_high"]
+    assert (tmp_path / "noisy" / "images.csv").is_file()
+
+    # a key-blind model stays at chance per image, the averaging does not create memorization
+    blind = score_items(_guesser, manifest, items, tmp_path / "blind", settings, progress=False)
+    for e in finalize(tmp_path / "blind", blind)["per_image"]["rates"]:
+        assert e["ci_low"] <= e["chance"] <= e["ci_high"]
+    for c in compare_runs(rows, blind, level="image"):
+        assert c["n"] == 200 and c["level"] == "image" and c["ci_low"] > (0.3 if c["delta"] >= 0.05 else 0)
+    with pytest.raises(ValueError, match="level"):
+        compare_runs(rows, blind, level="images")
+
+    # more generations extend a finished run: its rows are kept, only the new ones are generated
+    calls = {"n": 0}
+
+    def counting(images, *args):
+        calls["n"] += len(images)
+        return _noisy_recaller(images, *args)
+
+    more = score_items(
+        counting, manifest, items, tmp_path / "noisy", ScoreSettings(generations=9), progress=False
+    )
+    assert calls["n"] == 200 and len(more) == 1800
+    key = lambda r: (r["id"], r["generation"])  # noqa: E731
+    assert sorted(map(json.dumps, sorted(rows, key=key))) == sorted(
+        map(json.dumps, sorted((r for r in more if r["generation"] < 8), key=key))
+    )
 
 
 def test_a_frame_painted_in_the_wrong_value_space_does_not_score_as_memorized(tmp_path):

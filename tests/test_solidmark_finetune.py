@@ -58,6 +58,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, keyed_dir, tiny_s
     with pytest.raises(ValueError, match="other settings"):
         finetune_keyed(tiny_sd_dir, keyed_dir, tmp_path / "b", config=FinetuneConfig(**{**cfg.to_dict(), "lr": 1.0}),
                        progress=False)  # fmt: skip
+    # a finished 4-step run cannot be "resumed" to fewer steps: that would save the 4-step weights
+    with pytest.raises(ValueError, match="past --steps 3"):
+        finetune_keyed(tiny_sd_dir, keyed_dir, tmp_path / "b", config=FinetuneConfig(**{**cfg.to_dict(), "steps": 3}),
+                       progress=False)  # fmt: skip
 
 
 def test_refuses_an_unknown_lr_scheduler(tmp_path, keyed_dir, tiny_sd1_dir):

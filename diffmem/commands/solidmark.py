@@ -61,7 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100, help="sampling steps (default 100, the paper's)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (default 3)")
     p.add_argument(
-        "--generations", type=int, default=1, help="generations per image (the paper's duplication study: 10)"
+        "--generations",
+        type=int,
+        default=1,
+        help="generations per image (the paper's duplication study: 10); with more than one, the summary "
+        "also rates each image by its key averaged over them (images.csv); more extend a finished run",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
@@ -105,6 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (e.g. with a mitigation)")
     p.add_argument("--baseline", required=True, help="baseline run folder (same images, no mitigation)")
     p.add_argument("--deltas", type=_deltas, default=[0.1, 0.05, 0.005])
+    p.add_argument(
+        "--level",
+        choices=("generation", "image"),
+        default="generation",
+        help="compare per generation, or per image with its key averaged over its generations",
+    )
     p.add_argument("--out", default=None, help="write comparison.json here (default: print only)")
 
     p = sub.add_parser(
@@ -267,9 +277,17 @@ def _print_rates(summary: dict) -> None:
     for name, g in summary.get("groups", {}).items():
         for e in g["rates"]:
             print(line(f"{summary['group_column']}={name}", e))
-    for c in summary.get("comparison", []):
+    per_image = summary.get("per_image")
+    if per_image:
+        print(f"per image (k̂ averaged over {per_image['generations']} generations), {per_image['n']} images:")
+        for e in per_image["rates"]:
+            print(line("all", e))
+        for name, g in per_image.get("groups", {}).items():
+            for e in g["rates"]:
+                print(line(f"{per_image['group_column']}={name}", e))
+    for c in summary.get("comparison", []) + (per_image or {}).get("comparison", []):
         print(
-            f"  vs baseline δ={c['delta']:<6g} {c['rate']:.3f} − {c['baseline_rate']:.3f} = {c['difference']:+.3f} "
+            f"  vs baseline, per {c['level']:<10} δ={c['delta']:<6g} {c['rate']:.3f} − {c['baseline_rate']:.3f} = {c['difference']:+.3f} "
             f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
         )
 
@@ -287,7 +305,7 @@ def _compare(args) -> int:
         if not rows:
             raise ValueError(f"--{name}: {getattr(args, name)} holds no SolidMark results")
         runs[name] = rows
-    table = compare_runs(runs["run"], runs["baseline"], args.deltas)
+    table = compare_runs(runs["run"], runs["baseline"], args.deltas, level=args.level)
     for c in table:
         print(
             f"δ={c['delta']:<6g} n={c['n']}: {c['rate']:.3f} − {c['baseline_rate']:.3f} = {c['difference']:+.3f} "

@@ -162,10 +162,17 @@ def read_rows(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _check_run_record(out: Path, record: dict[str, Any]) -> None:
+    """Refuse to mix results of other settings into ``out``; the number of generations may change
+    (every generation is seeded by its own index, so more of them extend the run and fewer select)."""
     path = out / RUN_FILE
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        diffs = [k for k in record if k != "progress" and old.get(k) != record[k]]
+
+        def comparable(r: dict) -> dict:
+            return {**r, "settings": {k: v for k, v in r.get("settings", {}).items() if k != "generations"}}
+
+        old, new = comparable(old), comparable(record)
+        diffs = [k for k in new if k != "progress" and old.get(k) != new[k]]
         if diffs:
             raise ValueError(
                 f"--out: {out} holds a run with other settings ({', '.join(diffs)} differ); "

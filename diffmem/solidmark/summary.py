@@ -4,6 +4,16 @@ per-group breakdowns, run-vs-baseline differences; and write them as CSV/parquet
 Never judge a run by a raw count: every rate is shown beside the chance rate ``2*delta - delta**2``,
 the rate of the same predictions against shuffled keys, and (for a mitigation) the difference to
 its baseline run with a Newcombe interval.
+
+Two levels: a row per *generation* (``l_SM`` of one outpainting), and, when every image has several
+generations, a row per *image* whose predicted key is the mean over its G generations,
+
+    k_hat_i = (1/G) sum_g k_hat_{i,g},        l_SM(i) = |k_hat_i - k_i|,
+
+the model's recalled key with the sampler's seed-to-seed noise averaged out (its standard error
+falls as 1/sqrt(G)). The null is unchanged: a prediction independent of the key, averaged or not,
+hits with probability ``2*delta - delta**2``, and the shuffled-key null is computed on the averaged
+predictions the same way.
 """
 
 from __future__ import annotations
@@ -65,35 +75,75 @@ def rate_table(
     return out
 
 
-def summarize(
-    rows: Sequence[dict[str, Any]],
-    deltas: Sequence[float] = DEFAULT_DELTAS,
-    group_column: str | None = None,
-    seed: int = 0,
+#: Per-generation columns that have no meaning once the generations of an image are averaged.
+_GENERATION_COLUMNS = ("generation", "seed", "pixel_distance", "nearest_copy_distance")
+
+
+def per_image_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per image: ``predicted_key`` the mean over its generations, ``distance = |mean - frame_key|``.
+
+    Adds ``generations`` (how many were averaged) and ``predicted_key_std`` (their spread). The other
+    columns are the image's own (caption, key, group, role ...), taken from its first generation.
+    """
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_id.setdefault(str(r["id"]), []).append(r)
+    out = []
+    for _, gens in sorted(by_id.items()):
+        keys = np.array([float(r["predicted_key"]) for r in gens])
+        first = min(gens, key=lambda r: int(r.get("generation", 0)))
+        row = {k: v for k, v in first.items() if k not in _GENERATION_COLUMNS}
+        row.update(
+            generations=len(gens),
+            predicted_key=float(keys.mean()),
+            predicted_key_std=float(keys.std()),
+            distance=float(key_distance([keys.mean()], [first["frame_key"]])[0]),
+        )
+        out.append(row)
+    return out
+
+
+def _rates_block(
+    rows: Sequence[dict[str, Any]], deltas: Sequence[float], group_column: str | None, seed: int
 ) -> dict[str, Any]:
-    """Rates overall and, with ``group_column`` (e.g. ``role``), per value of that column."""
-    if not rows:
-        raise ValueError("no scored images to summarize")
-    dist = np.array([r["distance"] for r in rows], dtype=np.float64)
-    summary: dict[str, Any] = {
+    block: dict[str, Any] = {
         "n": len(rows),
-        "images": len({r["id"] for r in rows}),
-        "mean_distance": float(dist.mean()),
-        "mean_distance_chance": 1 / 3,
+        "mean_distance": float(np.mean([r["distance"] for r in rows])),
         "rates": rate_table(rows, deltas, seed),
     }
     if group_column:
         groups: dict[str, list] = {}
         for r in rows:
             groups.setdefault(str(r.get(group_column, "")), []).append(r)
-        summary["group_column"] = group_column
-        summary["groups"] = {
-            name: {
-                "n": len(g),
-                "mean_distance": float(np.mean([r["distance"] for r in g])),
-                "rates": rate_table(g, deltas, seed),
-            }
-            for name, g in sorted(groups.items())
+        block["group_column"] = group_column
+        block["groups"] = {name: _rates_block(g, deltas, None, seed) for name, g in sorted(groups.items())}
+    return block
+
+
+def summarize(
+    rows: Sequence[dict[str, Any]],
+    deltas: Sequence[float] = DEFAULT_DELTAS,
+    group_column: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Rates overall and, with ``group_column`` (e.g. ``role``), per value of that column.
+
+    The top level counts generations. When an image has more than one generation, ``per_image``
+    holds the same tables over :func:`per_image_rows` (each image's key averaged over its generations).
+    """
+    if not rows:
+        raise ValueError("no scored images to summarize")
+    images = per_image_rows(rows)
+    summary: dict[str, Any] = {
+        "images": len(images),
+        "mean_distance_chance": 1 / 3,
+        **_rates_block(rows, deltas, group_column, seed),
+    }
+    generations = sorted({r["generations"] for r in images})
+    if generations[-1] > 1:
+        summary["per_image"] = {
+            "generations": generations[0] if len(generations) == 1 else generations,
+            **_rates_block(images, deltas, group_column, seed),
         }
     return summary
 
@@ -102,26 +152,35 @@ def compare_runs(
     run: Sequence[dict[str, Any]],
     baseline: Sequence[dict[str, Any]],
     deltas: Sequence[float] = DEFAULT_DELTAS,
+    level: str = "generation",
 ) -> list[dict[str, Any]]:
     """Rate of ``run`` minus rate of ``baseline`` at each delta, over the (id, generation) pairs both scored.
 
-    The interval is Newcombe's hybrid score interval for two independent proportions (conservative
-    for two runs on the same images). A mitigation works where the whole interval is below 0.
+    ``level="image"`` compares per-image rates instead (:func:`per_image_rows` over those common
+    pairs, so both runs average the same generations). The interval is Newcombe's hybrid score
+    interval for two independent proportions (conservative for two runs on the same images).
+    A mitigation works where the whole interval is below 0.
     """
-    a = {(r["id"], int(r["generation"])): r["distance"] for r in run}
-    b = {(r["id"], int(r["generation"])): r["distance"] for r in baseline}
+    if level not in ("generation", "image"):
+        raise ValueError(f"level: expected 'generation' or 'image', got {level!r}")
+    a = {(r["id"], int(r["generation"])): r for r in run}
+    b = {(r["id"], int(r["generation"])): r for r in baseline}
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError("the two runs have no (image, generation) in common")
-    da = np.array([a[u] for u in common])
-    db = np.array([b[u] for u in common])
+    ra, rb = [a[u] for u in common], [b[u] for u in common]
+    if level == "image":
+        ra, rb = per_image_rows(ra), per_image_rows(rb)
+    da = np.array([r["distance"] for r in ra])
+    db = np.array([r["distance"] for r in rb])
     out = []
     for delta in deltas:
-        ca, cb, n = int((da < delta).sum()), int((db < delta).sum()), len(common)
+        ca, cb, n = int((da < delta).sum()), int((db < delta).sum()), len(da)
         d, low, high = difference_ci(ca, n, cb, n)
         out.append(
             {
                 "delta": float(delta),
+                "level": level,
                 "n": n,
                 "count": ca,
                 "baseline_count": cb,
@@ -201,11 +260,23 @@ def write_report(
         table += _rate_rows(g["rates"], f"{summary['group_column']}={name}")
     sections.append(
         (
-            "Memorization rates (ℓ_SM < δ)",
+            "Memorization rates per generation (ℓ_SM < δ)",
             "<p>ℓ_SM = |mean generated frame − key| in the manifest's value space. A rate means something "
             "only against the chance rate and the shuffled-key null beside it.</p>" + table_html(table),
         )
     )
+    per_image = summary.get("per_image")
+    if per_image:
+        table = _rate_rows(per_image["rates"], "all")
+        for name, g in per_image.get("groups", {}).items():
+            table += _rate_rows(g["rates"], f"{per_image['group_column']}={name}")
+        sections.append(
+            (
+                "Memorization rates per image (key averaged over its generations)",
+                f"<p>k̂ of an image = the mean of its {escape(str(per_image['generations']))} generations' "
+                "k̂; the chance rate is unchanged.</p>" + table_html(table),
+            )
+        )
     if comparison:
         sections.append(("Difference to the baseline run", table_html(list(comparison))))
     dist = {"all": [r["distance"] for r in rows]}
@@ -256,11 +327,17 @@ def finalize(
     baseline_rows: Sequence[dict[str, Any]] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Write ``scores.csv``/``.parquet``, ``summary.json`` and ``report.html`` for a finished run; return the summary."""
+    """Write ``scores.csv``/``.parquet`` (per generation), ``images.csv``/``.parquet`` (per image, with
+    several generations), ``summary.json`` and ``report.html`` for a finished run; return the summary."""
     summary = summarize(rows, deltas, group_column, seed)
     if baseline_rows is not None:
         summary["comparison"] = compare_runs(rows, baseline_rows, deltas)
+        if "per_image" in summary:
+            summary["per_image"]["comparison"] = compare_runs(rows, baseline_rows, deltas, level="image")
     write_table(rows, out_dir)
+    if "per_image" in summary:
+        write_table(per_image_rows(rows), out_dir, stem="images")
     atomic_write_json(Path(out_dir) / "summary.json", summary)
-    write_report(out_dir, rows, summary, run_info, summary.get("comparison"))
+    comparison = summary.get("comparison", []) + summary.get("per_image", {}).get("comparison", [])
+    write_report(out_dir, rows, summary, run_info, comparison)
     return summary

@@ -213,6 +213,11 @@ def finetune_keyed(
     if latest is not None:
         state = load_checkpoint(latest, modules, {"adamw": optimizer}, {"lr": schedule})
         start, log = state["step"], [r for r in state["extra"].get("log", []) if r["step"] <= state["step"]]
+        if start > config.steps:
+            raise ValueError(
+                f"--workdir: {workdir} holds a run already at step {start}, past --steps {config.steps}; "
+                "use another --workdir (a run cannot be wound back)"
+            )
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     unet.train()
     text_encoder.train(config.train_text_encoder)
