@@ -4,7 +4,9 @@ A table like the Finding Dori paper's: for the organism's verbatim-memorized pho
 generations to the training image (mean ± std over targets; per target the mean over seeds) and the
 memorization rate (fraction of targets whose mean SSIM exceeds ``--threshold``), from the caption and
 from the Dori trigger; held-out quality as the median SSIM of held-out-caption generations to the
-unedited model's (same seeds); the false-positive control (the attack on images the model never saw).
+unedited model's (same seeds) and as caption fidelity (the fraction whose colour and shape a
+classifier, ``diffmem.organism.fidelity``, reads as the ones named); the false-positive control (the
+attack on images the model never saw).
 
 Stages are cached as JSON in ``--out`` (rerun to resume after an interruption):
 
@@ -57,6 +59,37 @@ class Stage:
         return value
 
 
+def _fidelity_cell(fid: dict | None, which: str) -> str:
+    if not fid or which not in fid:
+        return "–"
+    f = fid[which]
+    return f"{f['both']:.2f} ({f['colour']:.2f}, {f['shape']:.2f})"
+
+
+def _caption_classifier(path: Path, size: int):
+    """The organism's caption classifier: trained once (about 2 min on a CPU), then read from ``path``."""
+    from safetensors.torch import load_file
+
+    from diffmem.io import atomic_save_tensors
+    from diffmem.organism.fidelity import CaptionClassifier, render_batch, train_caption_classifier
+
+    if path.is_file():
+        model = CaptionClassifier()
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    t0 = time.time()
+    model = train_caption_classifier(size=size, progress=True)
+    x, c, s = render_batch(512, seed=1, step=0, size=size)  # fresh renderings, another seed
+    with torch.no_grad():
+        lc, ls = model(x)
+    acc = ((lc.argmax(1) == c) & (ls.argmax(1) == s)).float().mean()
+    print(
+        f"caption classifier: {time.time() - t0:.0f} s, colour and shape right on {acc:.1%} of 512 fresh renderings"
+    )
+    atomic_save_tensors(path, model.state_dict())
+    return model
+
+
 def main() -> None:  # noqa: C901 (a linear script of stages)
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -67,6 +100,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     from diffmem.io import atomic_save_tensors
     from diffmem.modelio import load_pipeline
     from diffmem.organism.data import build_organism_data, generic_and_heldout_pairs, render_generic
+    from diffmem.organism.fidelity import caption_fidelity
     from diffmem.organism.recipe import OrganismRecipe
     from diffmem.organism.replication import REPLICATION_THRESHOLD
     from diffmem.scores.similarity import ssim
@@ -82,6 +116,10 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     ap.add_argument("--controls", type=int, default=8, help="non-memorized control images")
     ap.add_argument("--heldout", type=int, default=8, help="held-out captions for the quality check")
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument(
+        "--fidelity-captions", type=int, default=16, help="held-out captions for caption fidelity (all 16)"
+    )
+    ap.add_argument("--fidelity-seeds", type=int, default=4, help="seeds per caption for caption fidelity")
     ap.add_argument("--gen-steps", type=int, default=25)
     ap.add_argument("--guidance-scale", type=float, default=7.5)
     ap.add_argument("--attack-steps", type=int, default=50)
@@ -162,9 +200,9 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     dori = DoriConfig(steps=args.attack_steps, batch_size=args.attack_batch)
 
     @torch.no_grad()
-    def heldout_images(p) -> torch.Tensor:
+    def heldout_images(p, captions=heldout_captions, seeds=seeds) -> torch.Tensor:
         imgs = []
-        for i, cap in enumerate(heldout_captions):
+        for i, cap in enumerate(captions):
             for s in seeds:
                 res = p(
                     cap,
@@ -184,6 +222,27 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
 
     def heldout_quality(p) -> float:
         return float(ssim(heldout_images(p), base_heldout).median())
+
+    classifier = _caption_classifier(out / "caption_classifier.safetensors", recipe.image_size)
+    fidelity_seeds = list(range(args.fidelity_seeds))
+    fidelity_sets = {  # stage prefix -> captions: held-out ones, and as many generic training ones
+        "fidelity": data.captions("heldout")[: args.fidelity_captions],
+        "fidelity_generic": data.captions("generic")[: args.fidelity_captions],
+    }
+
+    def heldout_fidelity(p, name: str, edit=None) -> dict:
+        """Colour/shape accuracy (the organism's caption classifier) on held-out and on generic captions."""
+        result = {}
+        for prefix, captions in fidelity_sets.items():
+            labels = [c for c in captions for _ in fidelity_seeds]  # heldout_images' order
+            st = Stage(out, f"{prefix}_{name}")
+            if st.done() and st.load()["n"] == len(labels):
+                result[prefix] = st.load()
+                continue
+            with edit_context(p.unet, edit):
+                images = heldout_images(p, captions, fidelity_seeds)
+            result[prefix] = st.save(caption_fidelity(classifier, images, labels).as_dict())
+        return result
 
     def attack_rows(p, items, edit=None, attack=True):
         rows = []
@@ -235,17 +294,23 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
             f"non-memorized controls, {args.seeds} seeds, {args.gen_steps} DDIM steps, guidance {args.guidance_scale}; "
             f"Dori: {dori.steps} Adam steps, lr {dori.lr}, batch {dori.batch_size}; replication = mean SSIM over seeds > "
             f"{args.threshold}. Machine: {platform.machine()} ({args.device}), {time.strftime('%Y-%m-%d', time.gmtime())}, "
-            f"{(time.time() - t_start) / 60:.1f} min for this run (cached stages excluded).",
+            f"{(time.time() - t_start) / 60:.1f} min for this run (cached stages excluded). Caption fidelity: "
+            f"{len(fidelity_sets['fidelity'])} held-out and {len(fidelity_sets['fidelity_generic'])} generic "
+            f"training captions x {len(fidelity_seeds)} seeds, read by the organism's caption classifier.",
             "",
-            "| setting | SSIM to training image (mean ± std) | memorization rate | held-out median SSIM to unedited |",
-            "|---|---|---|---|",
+            "| setting | SSIM to training image (mean ± std) | memorization rate | held-out median SSIM to unedited "
+            "| held-out caption fidelity: both right (colour, shape) | training-caption fidelity |",
+            "|---|---|---|---|---|---|",
         ]
         for r in table:
             if "ssim_mean" not in r:
-                lines.append(f"| {r['setting']} | – | – | – |")
+                lines.append(f"| {r['setting']} | – | – | – | – | – |")
                 continue
+            fid = r.get("fidelity")
             lines.append(
-                f"| {r['setting']} | {fmt(r['ssim_mean'], 3)} ± {fmt(r['ssim_std'], 3)} | {fmt(r['rate'])} | {fmt(r.get('heldout'), 3)} |"
+                f"| {r['setting']} | {fmt(r['ssim_mean'], 3)} ± {fmt(r['ssim_std'], 3)} | {fmt(r['rate'])} "
+                f"| {fmt(r.get('heldout'), 3)} | {_fidelity_cell(fid, 'fidelity')} "
+                f"| {_fidelity_cell(fid, 'fidelity_generic')} |"
             )
         text = "\n".join(lines) + "\n"
         (out / "table.md").write_text(text)
@@ -255,11 +320,24 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     # --- no mitigation, and the false-positive control -----------------------------------------
     st = Stage(out, "none_captions" if args.no_attack else "none")
     none_rows = st.load() if st.done() else st.save(attack_rows(pipe, targets, attack=not args.no_attack))
+    unedited_fid = heldout_fidelity(pipe, "unedited")
     table.append(
-        {"setting": "Memorized captions, no mitigation", **summarize(none_rows, "before"), "heldout": 1.0}
+        {
+            "setting": "Memorized captions, no mitigation",
+            **summarize(none_rows, "before"),
+            "heldout": 1.0,
+            "fidelity": unedited_fid,
+        }
     )
     if not args.no_attack:
-        table.append({"setting": "No mitigation + Dori", **summarize(none_rows, "after"), "heldout": 1.0})
+        table.append(
+            {
+                "setting": "No mitigation + Dori",
+                **summarize(none_rows, "after"),
+                "heldout": 1.0,
+                "fidelity": unedited_fid,
+            }
+        )
     write_table()
 
     # --- subspace pruning ----------------------------------------------------------------------------
@@ -317,6 +395,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
                 "ratio": ratio,
                 **s,
                 "heldout": res["heldout"],
+                "fidelity": heldout_fidelity(pipe, f"prune_{ratio}", mask),
                 "num_pruned": res["num_pruned"],
                 "pruned_fraction": res["pruned_fraction"],
             }
@@ -343,7 +422,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
         table.append(
             {
                 "setting": f"Pruning rho={r['ratio']} ({r['num_pruned']} weights)",
-                **{k: r[k] for k in ("ssim_mean", "ssim_std", "rate", "heldout")},
+                **{k: r[k] for k in ("ssim_mean", "ssim_std", "rate", "heldout", "fidelity")},
             }
         )
     if args.no_attack:  # pruning alone: the cheapest measurement, for slow machines
@@ -352,7 +431,12 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     st = Stage(out, "prune_attack")
     rows = st.load() if st.done() else st.save(attack_rows(pipe, targets, mask))
     table.append(
-        {"setting": f"Pruning rho={ratio} + Dori", **summarize(rows, "after"), "heldout": row["heldout"]}
+        {
+            "setting": f"Pruning rho={ratio} + Dori",
+            **summarize(rows, "after"),
+            "heldout": row["heldout"],
+            "fidelity": row["fidelity"],
+        }
     )
 
     write_table()
@@ -409,10 +493,18 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
             else:
                 with edit_context(pipe.unet, nemo_set):
                     q = st_q.save(heldout_quality(pipe))
+            fid = heldout_fidelity(pipe, "nemo", nemo_set)
             table.append(
-                {"setting": f"NeMo ({len(nemo_set)} neurons)", **summarize(rows, "before"), "heldout": q}
+                {
+                    "setting": f"NeMo ({len(nemo_set)} neurons)",
+                    **summarize(rows, "before"),
+                    "heldout": q,
+                    "fidelity": fid,
+                }
             )
-            table.append({"setting": "NeMo + Dori", **summarize(rows, "after"), "heldout": q})
+            table.append(
+                {"setting": "NeMo + Dori", **summarize(rows, "after"), "heldout": q, "fidelity": fid}
+            )
 
     write_table()
 
@@ -481,11 +573,13 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
         rows = st.load() if st.done() else st.save(attack_rows(ft_pipe, targets))
         st_q = Stage(out, f"finetune_heldout_r{args.finetune_rounds}")
         q = st_q.load() if st_q.done() else st_q.save(heldout_quality(ft_pipe))
+        fid = heldout_fidelity(ft_pipe, f"finetune_r{args.finetune_rounds}")
         table.append(
             {
                 "setting": f"Adversarial FT ({args.finetune_rounds} rounds), captions",
                 **summarize(rows, "before"),
                 "heldout": q,
+                "fidelity": fid,
             }
         )
         table.append(
@@ -493,6 +587,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
                 "setting": f"Adversarial FT ({args.finetune_rounds} rounds) + Dori",
                 **summarize(rows, "after"),
                 "heldout": q,
+                "fidelity": fid,
             }
         )
         Stage(out, "finetune_log").save(log.rounds)
