@@ -5,7 +5,7 @@ Never judge a run by a raw count: every rate is shown beside the chance rate ``2
 the rate of the same predictions against shuffled keys, and (for a mitigation) the difference to
 its baseline run with a Newcombe interval.
 
-Two levels: a row per *generation* (``l_SM`` of one outpainting), and, when every image has several
+Two levels: a row per *generation* (``l_SM`` of one outpainting), and, when images have several
 generations, a row per *image* whose predicted key is the mean over its G generations,
 
     k_hat_i = (1/G) sum_g k_hat_{i,g},        l_SM(i) = |k_hat_i - k_i|,
