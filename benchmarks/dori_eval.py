@@ -71,7 +71,13 @@ def _caption_classifier(path: Path, size: int):
     from safetensors.torch import load_file
 
     from diffmem.io import atomic_save_tensors
-    from diffmem.organism.fidelity import CaptionClassifier, render_batch, train_caption_classifier
+    from diffmem.organism.data import COLOURS, SHAPES, caption_of
+    from diffmem.organism.fidelity import (
+        CaptionClassifier,
+        caption_fidelity,
+        render_batch,
+        train_caption_classifier,
+    )
 
     if path.is_file():
         model = CaptionClassifier()
@@ -80,9 +86,8 @@ def _caption_classifier(path: Path, size: int):
     t0 = time.time()
     model = train_caption_classifier(size=size, progress=True)
     x, c, s = render_batch(512, seed=1, step=0, size=size)  # fresh renderings, another seed
-    with torch.no_grad():
-        lc, ls = model(x)
-    acc = ((lc.argmax(1) == c) & (ls.argmax(1) == s)).float().mean()
+    captions = [caption_of(list(COLOURS)[i], SHAPES[j]) for i, j in zip(c.tolist(), s.tolist())]
+    acc = caption_fidelity(model, x, captions).both
     print(
         f"caption classifier: {time.time() - t0:.0f} s, colour and shape right on {acc:.1%} of 512 fresh renderings"
     )
@@ -236,8 +241,9 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
         for prefix, captions in fidelity_sets.items():
             labels = [c for c in captions for _ in fidelity_seeds]  # heldout_images' order
             st = Stage(out, f"{prefix}_{name}")
-            if st.done() and st.load()["n"] == len(labels):
-                result[prefix] = st.load()
+            cached = st.load() if st.done() else None
+            if cached is not None and cached["n"] == len(labels):
+                result[prefix] = cached
                 continue
             with edit_context(p.unet, edit):
                 images = heldout_images(p, captions, fidelity_seeds)

@@ -244,6 +244,10 @@ def _fmt_rate(e) -> str:
 
 
 def _markdown(results: dict) -> str:
+    header = [
+        "| run | images | δ | memorized (count/n = rate [95 % CI]) | chance | shuffled keys |",
+        "|---|---|---|---|---|---|",
+    ]
     lines = [
         f"Run: {results['date']} on {results['machine']}; `python benchmarks/solidmark_eval.py` "
         f"(model `{_shown(results['model'])}`, frame {results['frame_width']} px, keys shared by copies, "
@@ -251,8 +255,7 @@ def _markdown(results: dict) -> str:
         f"{results['guidance_scale']}). One copy of each distinct image, {results.get('generations', 1)} "
         "generation(s) each; 95 % Wilson intervals; chance = 2δ−δ².",
         "",
-        "| run | images | δ | memorized (count/n = rate [95 % CI]) | chance | shuffled keys |",
-        "|---|---|---|---|---|---|",
+        *header,
     ]
 
     def rate_lines(level: str) -> list[str]:
@@ -275,8 +278,7 @@ def _markdown(results: dict) -> str:
             f"Per image: each image's predicted key is the mean of its {results.get('generations')} "
             "generations' (the sampler's seed-to-seed noise averaged out; the chance rate is unchanged):",
             "",
-            "| run | images | δ | memorized (count/n = rate [95 % CI]) | chance | shuffled keys |",
-            "|---|---|---|---|---|---|",
+            *header,
             *per_image,
         ]
     for name, table in results.get("comparisons", {}).items():

@@ -269,22 +269,21 @@ def _print_rates(summary: dict) -> None:
             s += f"  shuffled keys {e['shuffled_rate']:.3f} [{e['shuffled_ci_low']:.3f}, {e['shuffled_ci_high']:.3f}]"
         return s
 
+    def block_lines(block):
+        for e in block["rates"]:
+            print(line("all", e))
+        for name, g in block.get("groups", {}).items():
+            for e in g["rates"]:
+                print(line(f"{block['group_column']}={name}", e))
+
     print(
         f"SolidMark: {summary['n']} generations of {summary['images']} images, mean ℓ {summary['mean_distance']:.4f}"
     )
-    for e in summary["rates"]:
-        print(line("all", e))
-    for name, g in summary.get("groups", {}).items():
-        for e in g["rates"]:
-            print(line(f"{summary['group_column']}={name}", e))
+    block_lines(summary)
     per_image = summary.get("per_image")
     if per_image:
         print(f"per image (k̂ averaged over {per_image['generations']} generations), {per_image['n']} images:")
-        for e in per_image["rates"]:
-            print(line("all", e))
-        for name, g in per_image.get("groups", {}).items():
-            for e in g["rates"]:
-                print(line(f"{per_image['group_column']}={name}", e))
+        block_lines(per_image)
     for c in summary.get("comparison", []) + (per_image or {}).get("comparison", []):
         print(
             f"  vs baseline, per {c['level']:<10} δ={c['delta']:<6g} {c['rate']:.3f} − {c['baseline_rate']:.3f} = {c['difference']:+.3f} "

@@ -240,6 +240,14 @@ def _rate_rows(rates: Sequence[dict[str, Any]], label: str) -> list[dict[str, An
     return out
 
 
+def _block_rate_rows(block: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report rows of one level's block: overall, then each group."""
+    table = _rate_rows(block["rates"], "all")
+    for name, g in block.get("groups", {}).items():
+        table += _rate_rows(g["rates"], f"{block['group_column']}={name}")
+    return table
+
+
 def write_report(
     out_dir: str | os.PathLike,
     rows: Sequence[dict[str, Any]],
@@ -255,9 +263,7 @@ def write_report(
     sections = []
     if run_info:
         sections.append(("Run", table_html([{"setting": k, "value": v} for k, v in run_info.items()])))
-    table = _rate_rows(summary["rates"], "all")
-    for name, g in summary.get("groups", {}).items():
-        table += _rate_rows(g["rates"], f"{summary['group_column']}={name}")
+    table = _block_rate_rows(summary)
     sections.append(
         (
             "Memorization rates per generation (ℓ_SM < δ)",
@@ -267,9 +273,7 @@ def write_report(
     )
     per_image = summary.get("per_image")
     if per_image:
-        table = _rate_rows(per_image["rates"], "all")
-        for name, g in per_image.get("groups", {}).items():
-            table += _rate_rows(g["rates"], f"{per_image['group_column']}={name}")
+        table = _block_rate_rows(per_image)
         sections.append(
             (
                 "Memorization rates per image (key averaged over its generations)",

@@ -222,9 +222,7 @@ def finetune_keyed(
     unet.train()
     text_encoder.train(config.train_text_encoder)
 
-    bar = tqdm(
-        total=config.steps, initial=min(start, config.steps), desc="keyed fine-tune", disable=not progress
-    )
+    bar = tqdm(total=config.steps, initial=start, desc="keyed fine-tune", disable=not progress)
     window, t0 = [], time.time()
     end = config.steps if until_step is None else min(config.steps, until_step)
     for step in range(start, end):
