@@ -9,8 +9,10 @@ from diffmem.organism.data import COLOURS, SHAPES, caption_of
 from diffmem.organism.fidelity import (
     CaptionClassifier,
     caption_fidelity,
+    load_caption_classifier,
     parse_caption,
     render_batch,
+    save_caption_classifier,
     train_caption_classifier,
 )
 
@@ -51,3 +53,44 @@ def test_fidelity_rejects_mismatched_input():
         caption_fidelity(model, torch.rand(3, 3, 64, 64), ["a red circle"] * 2)
     with pytest.raises(ValueError, match="batch, 3, height, width"):
         caption_fidelity(model, torch.rand(3, 64, 64), ["a red circle"] * 3)
+
+
+def test_the_shipped_classifier_reads_renderings_it_never_saw():
+    """weights/diffmem-caption-classifier (the instrument of dori_eval's fidelity columns)."""
+    model = load_caption_classifier()
+    assert model.image_size == 64
+    x, c, s = render_batch(256, seed=7, step=0)  # neither its training seed (0) nor its test seed (1)
+    names, shapes = list(COLOURS), list(SHAPES)
+    right = caption_fidelity(
+        model, x, [caption_of(names[i], shapes[j]) for i, j in zip(c.tolist(), s.tolist())]
+    )
+    assert right.colour > 0.97 and right.shape > 0.95
+
+
+def test_classifier_files_round_trip_and_bad_files_name_the_argument(tmp_path):
+    model = CaptionClassifier(width=8, image_size=64)
+    save_caption_classifier(model, tmp_path / "clf", {"note": "test"})
+    back = load_caption_classifier(tmp_path / "clf")
+    assert back.width == 8 and back.image_size == 64
+    x = torch.rand(2, 3, 64, 64)
+    assert all(torch.equal(a, b) for a, b in zip(model.eval()(x), back(x)))
+    with pytest.raises(ValueError, match="reads 64x64 images, got 32x32"):
+        caption_fidelity(back, torch.rand(2, 3, 32, 32), ["a red circle"] * 2)
+    with pytest.raises(FileNotFoundError, match="--classifier: .*does not exist"):
+        load_caption_classifier(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="--classifier: .*not a safetensors file"):
+        load_caption_classifier(tmp_path / "junk")
+
+
+def test_the_classifier_command_writes_weights_and_a_card(tmp_path, capsys):
+    from diffmem.cli import main
+
+    out = tmp_path / "clf"
+    assert main(["organism", "classifier", "--out", str(out), "--steps", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "fresh renderings: colour" in text and "autoencoder reconstructions: colour" in text
+    card = (out / "README.md").read_text()
+    assert "--steps 3" in card and "| fresh renderings (1024 images) |" in card
+    assert load_caption_classifier(out).image_size == 64

@@ -1,4 +1,4 @@
-"""``diffmem organism data|train|eval``: build the model organism's data, train it, measure it."""
+"""``diffmem organism data|train|eval|classifier``: build the model organism's data, train it, measure it."""
 
 from __future__ import annotations
 
@@ -40,6 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=4, help="generations per caption")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
 
+    p = sub.add_parser("classifier", help="train the caption classifier that measures caption fidelity")
+    p.add_argument("--out", required=True, help="folder to write (model.safetensors, README.md)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="organism whose autoencoder reconstructions are also measured (default: the embedded one)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+
 
 def run(args: argparse.Namespace) -> int:
     from diffmem.cli import UsageError
@@ -76,4 +87,27 @@ def run(args: argparse.Namespace) -> int:
         results = run_evaluation(args.model, args.out, seeds=args.seeds, steps=args.steps)
         print(results["summary_text"])
         return 0
-    raise UsageError("choose a step: data, train or eval")
+    if args.organism_command == "classifier":
+        import torch
+        from diffusers import AutoencoderKL
+
+        from diffmem.modelio import check_sd_folder, default_model
+        from diffmem.organism.fidelity import build_caption_classifier
+
+        torch.set_num_threads(max(1, args.threads))
+        model = args.model or default_model()
+        vae = None
+        if model is not None:
+            vae = AutoencoderKL.from_pretrained(
+                str(check_sd_folder(model)), subfolder="vae", use_safetensors=True
+            )
+        metrics = build_caption_classifier(args.out, steps=args.steps, seed=args.seed, vae=vae)
+        for key in ("fresh_renderings", "autoencoder_reconstructions"):
+            if key in metrics:
+                f = metrics[key]
+                print(
+                    f"{key.replace('_', ' ')}: colour {f['colour']:.1%}, shape {f['shape']:.1%}, both {f['both']:.1%}"
+                )
+        print(f"caption classifier saved to {args.out}")
+        return 0
+    raise UsageError("choose a step: data, train, eval or classifier")

@@ -15,9 +15,12 @@ the sample a seed lands on, even when the new image fits its caption as well.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +30,11 @@ from diffmem.organism.data import COLOURS, SHAPES, render_generic
 from diffmem.seeding import derive_seed, item_generator
 
 _CAPTION = re.compile(r"^a (\w+) (\w+)$")
+
+#: Folder of the trained classifier under ``weights/`` (made by ``diffmem organism classifier``).
+CLASSIFIER_NAME = "diffmem-caption-classifier"
+CLASSIFIER_FORMAT = "diffmem.caption_classifier/1"
+_WEIGHTS_FILE = "model.safetensors"
 
 
 def parse_caption(caption: str) -> tuple[int, int]:
@@ -44,8 +52,10 @@ def parse_caption(caption: str) -> tuple[int, int]:
 class CaptionClassifier(nn.Module):
     """Images ``(B, 3, H, W)`` in [0, 1] -> (colour logits ``(B, 8)``, shape logits ``(B, 6)``)."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, image_size: int | None = None):
         super().__init__()
+        self.width = width
+        self.image_size = image_size  # the size it was trained at; caption_fidelity checks it when set
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
@@ -93,7 +103,7 @@ def train_caption_classifier(
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
-    model = CaptionClassifier()
+    model = CaptionClassifier(image_size=size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
@@ -130,6 +140,11 @@ def caption_fidelity(
         raise ValueError(f"images must be (batch, 3, height, width), got shape {tuple(images.shape)}")
     if len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions for {len(images)} images")
+    size = classifier.image_size
+    if size is not None and tuple(images.shape[-2:]) != (size, size):
+        raise ValueError(
+            f"the caption classifier reads {size}x{size} images, got {images.shape[-2]}x{images.shape[-1]}"
+        )
     target = torch.tensor([parse_caption(c) for c in captions])
     lc, ls = classifier.eval()(images.float().clamp(0, 1))
     colour_ok = lc.argmax(1) == target[:, 0]
@@ -140,3 +155,165 @@ def caption_fidelity(
         float(shape_ok.float().mean()),
         float((colour_ok & shape_ok).float().mean()),
     )
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def save_caption_classifier(
+    model: CaptionClassifier, folder: str | os.PathLike, info: dict | None = None
+) -> Path:
+    """Write ``folder/model.safetensors`` (architecture and ``info`` in its metadata), atomically."""
+    from diffmem.io import atomic_save_tensors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": CLASSIFIER_FORMAT,
+        "width": str(model.width),
+        "image_size": str(model.image_size or ""),
+        "info": json.dumps(info or {}),
+    }
+    return atomic_save_tensors(folder / _WEIGHTS_FILE, model.state_dict(), meta)
+
+
+def load_caption_classifier(
+    folder: str | os.PathLike | None = None, argument: str = "--classifier"
+) -> CaptionClassifier:
+    """The classifier saved by :func:`save_caption_classifier` (default: ``weights/diffmem-caption-classifier``).
+
+    Loads safetensors only; a missing folder or a file of another kind raises an error naming ``argument``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from diffmem.modelio import weights_dir
+
+    folder = Path(folder) if folder is not None else weights_dir() / CLASSIFIER_NAME
+    path = folder / _WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{argument}: {path} does not exist (make it with: diffmem organism classifier --out {folder})"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{argument}: {path} is not a safetensors file ({err})") from err
+    if meta.get("format") != CLASSIFIER_FORMAT:
+        raise ValueError(
+            f"{argument}: {path} is not a diffmem caption classifier (format {meta.get('format')!r})"
+        )
+    model = CaptionClassifier(int(meta["width"]), int(meta["image_size"]) if meta.get("image_size") else None)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@torch.no_grad()
+def _reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    out = []
+    for k in range(0, len(images), batch_size):
+        x = images[k : k + batch_size].to(vae.device, vae.dtype) * 2 - 1
+        z = vae.encode(x).latent_dist.mean
+        out.append(((vae.decode(z).sample.float().cpu() + 1) / 2).clamp(0, 1))
+    return torch.cat(out)
+
+
+def build_caption_classifier(
+    out: str | os.PathLike,
+    *,
+    steps: int = 1500,
+    seed: int = 0,
+    size: int = 64,
+    num_test: int = 1024,
+    vae=None,
+    progress: bool = True,
+) -> dict:
+    """Train the classifier, measure it on ``num_test`` renderings of another seed, save it with a card.
+
+    With an ``AutoencoderKL`` given, it is also measured on the autoencoder's reconstructions of those
+    renderings (what a generation of a perfect diffusion model would look like). Returns the metrics.
+    """
+    from diffmem.io import atomic_write_text
+    from diffmem.organism.data import caption_of
+
+    model = train_caption_classifier(steps=steps, seed=seed, size=size, progress=progress)
+    x, c, s = render_batch(num_test, seed=seed + 1, step=0, size=size)
+    names, shapes = list(COLOURS), list(SHAPES)
+    captions = [caption_of(names[i], shapes[j]) for i, j in zip(c.tolist(), s.tolist())]
+    metrics = {
+        "steps": steps,
+        "seed": seed,
+        "image_size": size,
+        "test_seed": seed + 1,
+        "fresh_renderings": caption_fidelity(model, x, captions).as_dict(),
+    }
+    if vae is not None:
+        metrics["autoencoder_reconstructions"] = caption_fidelity(
+            model, _reconstruct(vae, x), captions
+        ).as_dict()
+    save_caption_classifier(model, out, metrics)
+    atomic_write_text(Path(out) / "README.md", classifier_card(metrics))
+    return metrics
+
+
+def classifier_card(metrics: dict) -> str:
+    """Markdown model card of the caption classifier, from the metrics of :func:`build_caption_classifier`."""
+
+    def row(name: str, key: str) -> str:
+        f = metrics.get(key)
+        if not f:
+            return f"| {name} | not measured | | |"
+        return f"| {name} ({f['n']} images) | {f['colour']:.1%} | {f['shape']:.1%} | {f['both']:.1%} |"
+
+    return f"""---
+license: apache-2.0
+library_name: pytorch
+tags: [image-classification, evaluation, model-organism, diffmem]
+---
+
+# diffmem-caption-classifier
+
+The measuring instrument for **caption fidelity** on diffmem's model organism
+(`weights/diffmem-organism-v2`): does a generation for "a {{colour}} {{shape}}" show that colour and that
+shape? A small CNN (4 conv blocks of width 32-128, GroupNorm, SiLU, max-pool; global max pooling; a
+colour head over {len(COLOURS)} colours and a shape head over {len(SHAPES)} shapes; {metrics["image_size"]} px
+RGB in [0, 1]). It stands in for a CLIP score, which has no offline weights that know these renderings.
+
+## Training
+
+Trained by `diffmem organism classifier --out weights/diffmem-caption-classifier --steps {metrics["steps"]}
+--seed {metrics["seed"]}` on fresh renderings of **every** colour x shape pair (the held-out pairs
+included: it measures the organism, it is not the model under test), {metrics["steps"]} steps of 64
+images, each batch drawn from (seed, step) by `diffmem.organism.data.render_generic`; cross-entropy on
+both heads, AdamW (lr 2e-3, weight decay 1e-4), one-cycle schedule. About 5 min on 2 CPU cores,
+measurements included. Training is seeded: on 2026-12-01 the command gave weights bit-identical to the
+classifier behind the caption-fidelity numbers in `benchmarks/RESULTS.md`.
+
+## Measured (renderings of seed {metrics["test_seed"]}, never seen in training)
+
+| input | colour right | shape right | both right |
+|---|---|---|---|
+{row("fresh renderings", "fresh_renderings")}
+{row("the organism's autoencoder reconstructions of them", "autoencoder_reconstructions")}
+
+## Use
+
+```python
+from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
+
+classifier = load_caption_classifier()  # this folder
+fidelity = caption_fidelity(classifier, images, captions)  # images (B, 3, 64, 64) in [0, 1]
+print(fidelity.colour, fidelity.shape, fidelity.both)
+```
+
+`benchmarks/dori_eval.py` reads it for the held-out quality columns of the pruning / Dori /
+adversarial fine-tuning table. Weights: `model.safetensors` (architecture and these metrics in its
+metadata); no pickle.
+
+## Limits
+
+It reads only the organism's generic vocabulary ("a {{colour}} {{shape}}" over the colours and shapes
+above) and {metrics["image_size"]} px images; any other caption or size is refused with an error. It
+says nothing about the organism's photographs or about image quality beyond colour and shape.
+"""
