@@ -66,35 +66,6 @@ def _fidelity_cell(fid: dict | None, which: str) -> str:
     return f"{f['both']:.2f} ({f['colour']:.2f}, {f['shape']:.2f})"
 
 
-def _caption_classifier(path: Path, size: int):
-    """The organism's caption classifier: trained once (about 2 min on a CPU), then read from ``path``."""
-    from safetensors.torch import load_file
-
-    from diffmem.io import atomic_save_tensors
-    from diffmem.organism.data import COLOURS, SHAPES, caption_of
-    from diffmem.organism.fidelity import (
-        CaptionClassifier,
-        caption_fidelity,
-        render_batch,
-        train_caption_classifier,
-    )
-
-    if path.is_file():
-        model = CaptionClassifier()
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
-    t0 = time.time()
-    model = train_caption_classifier(size=size, progress=True)
-    x, c, s = render_batch(512, seed=1, step=0, size=size)  # fresh renderings, another seed
-    captions = [caption_of(list(COLOURS)[i], SHAPES[j]) for i, j in zip(c.tolist(), s.tolist())]
-    acc = caption_fidelity(model, x, captions).both
-    print(
-        f"caption classifier: {time.time() - t0:.0f} s, colour and shape right on {acc:.1%} of 512 fresh renderings"
-    )
-    atomic_save_tensors(path, model.state_dict())
-    return model
-
-
 def main() -> None:  # noqa: C901 (a linear script of stages)
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -105,7 +76,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     from diffmem.io import atomic_save_tensors
     from diffmem.modelio import load_pipeline
     from diffmem.organism.data import build_organism_data, generic_and_heldout_pairs, render_generic
-    from diffmem.organism.fidelity import caption_fidelity
+    from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
     from diffmem.organism.recipe import OrganismRecipe
     from diffmem.organism.replication import REPLICATION_THRESHOLD
     from diffmem.scores.similarity import ssim
@@ -125,6 +96,11 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
         "--fidelity-captions", type=int, default=16, help="held-out captions for caption fidelity (all 16)"
     )
     ap.add_argument("--fidelity-seeds", type=int, default=4, help="seeds per caption for caption fidelity")
+    ap.add_argument(
+        "--classifier",
+        default=None,
+        help="caption classifier folder (default: weights/diffmem-caption-classifier)",
+    )
     ap.add_argument("--gen-steps", type=int, default=25)
     ap.add_argument("--guidance-scale", type=float, default=7.5)
     ap.add_argument("--attack-steps", type=int, default=50)
@@ -157,6 +133,12 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     )
     ap.add_argument(
         "--neurons", default=None, help="NeuronSet for the NeMo row (default: localize with NeMo here)"
+    )
+    ap.add_argument(
+        "--nemo-sets",
+        default=None,
+        help="folder of per-target NeuronSets (matched by caption) for the per-target NeMo rows "
+        "(default: the ones localized here, OUT/nemo_neurons/)",
     )
     ap.add_argument("--no-nemo", action="store_true")
     ap.add_argument("--finetune-rounds", type=int, default=3)
@@ -228,7 +210,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     def heldout_quality(p) -> float:
         return float(ssim(heldout_images(p), base_heldout).median())
 
-    classifier = _caption_classifier(out / "caption_classifier.safetensors", recipe.image_size)
+    classifier = load_caption_classifier(args.classifier)
     fidelity_seeds = list(range(args.fidelity_seeds))
     fidelity_sets = {  # stage prefix -> captions: held-out ones, and as many generic training ones
         "fidelity": data.captions("heldout")[: args.fidelity_captions],
@@ -302,7 +284,8 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
             f"{args.threshold}. Machine: {platform.machine()} ({args.device}), {time.strftime('%Y-%m-%d', time.gmtime())}, "
             f"{(time.time() - t_start) / 60:.1f} min for this run (cached stages excluded). Caption fidelity: "
             f"{len(fidelity_sets['fidelity'])} held-out and {len(fidelity_sets['fidelity_generic'])} generic "
-            f"training captions x {len(fidelity_seeds)} seeds, read by the organism's caption classifier.",
+            f"training captions x {len(fidelity_seeds)} seeds, read by the caption classifier "
+            f"(`{args.classifier or 'weights/diffmem-caption-classifier'}`).",
             "",
             "| setting | SSIM to training image (mean ± std) | memorization rate | held-out median SSIM to unedited "
             "| held-out caption fidelity: both right (colour, shape) | training-caption fidelity |",
@@ -431,6 +414,27 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
                 **{k: r[k] for k in ("ssim_mean", "ssim_std", "rate", "heldout", "fidelity")},
             }
         )
+    # the ceiling of any FFN pruning: every weight of every FFN second linear layer zeroed
+    everything = WeightMask(
+        {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()},
+        model_fingerprint(pipe.unet),
+        {"all_ffn": True},
+    )
+    st = Stage(out, "prune_all_ffn")
+    if st.done():
+        res = st.load()
+    else:
+        rows = attack_rows(pipe, targets, everything, attack=False)
+        with edit_context(pipe.unet, everything):
+            res = st.save({"rows": rows, "heldout": heldout_quality(pipe)})
+    table.append(
+        {
+            "setting": f"Every FFN weight zeroed ({everything.num_pruned()}, the ceiling of FFN pruning)",
+            **summarize(res["rows"], "before"),
+            "heldout": res["heldout"],
+            "fidelity": heldout_fidelity(pipe, "prune_all_ffn", everything),
+        }
+    )
     if args.no_attack:  # pruning alone: the cheapest measurement, for slow machines
         write_table()
         return
@@ -468,6 +472,7 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
         from diffmem.localize.neuron_set import NeuronSet
 
         nemo_file = out / "nemo_neurons.json"
+        sets_dir = Path(args.nemo_sets) if args.nemo_sets else out / "nemo_neurons"
         if args.neurons:
             nemo_set = NeuronSet.load(args.neurons)
         elif nemo_file.is_file():
@@ -485,6 +490,8 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
                 threshold = probe.calibrate_threshold(nonmem[:16])
                 nemo = NeMo.from_pipe(pipe, stats, NemoConfig(threshold=threshold))
                 sets = [nemo.localize(cap) for _, cap, _ in targets]
+                for (rid, _, _), one in zip(targets, sets):
+                    one.save(sets_dir / f"{rid}.json")
                 nemo_set = sets[0].union(*sets[1:])
                 nemo_set.save(nemo_file)
             except Exception as err:  # report, do not hide: the row says why it is missing
@@ -511,6 +518,29 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
             table.append(
                 {"setting": "NeMo + Dori", **summarize(rows, "after"), "heldout": q, "fidelity": fid}
             )
+        # NeMo as deployed: each memorized caption's own neurons, switched off only for that caption
+        # (held-out captions are not flagged, so they are untouched: no held-out columns)
+        per_target = {}
+        if sets_dir.is_dir():
+            by_caption = {}
+            for f in sorted(sets_dir.glob("*.json")):
+                one = NeuronSet.load(f)
+                for prompt in one.prompts:
+                    by_caption[prompt] = one
+            per_target = {rid: by_caption[cap] for rid, cap, _ in targets if cap in by_caption}
+        if len(per_target) == len(targets):
+            st = Stage(out, "nemo_per_target")
+            if st.done():
+                rows = st.load()
+            else:
+                rows = [attack_rows(pipe, [t], per_target[t[0]])[0] for t in targets]
+                st.save(rows)
+            sizes = [len(per_target[rid]) for rid, _, _ in targets]
+            label = f"NeMo per target (its own {min(sizes)}-{max(sizes)} neurons)"
+            table.append({"setting": label, **summarize(rows, "before"), "heldout": None})
+            table.append({"setting": f"{label} + Dori", **summarize(rows, "after"), "heldout": None})
+        elif per_target or args.nemo_sets:
+            print(f"per-target NeMo rows skipped: NeuronSets for {len(per_target)} of {len(targets)} targets")
 
     write_table()
 
