@@ -92,5 +92,5 @@ def test_the_classifier_command_writes_weights_and_a_card(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "fresh renderings: colour" in text and "autoencoder reconstructions: colour" in text
     card = (out / "README.md").read_text()
-    assert "--steps 3" in card and "| fresh renderings (1024 images) |" in card
+    assert f"--out {out} --steps 3" in card and "| fresh renderings (1024 images) |" in card
     assert load_caption_classifier(out).image_size == 64

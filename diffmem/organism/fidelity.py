@@ -253,11 +253,11 @@ def build_caption_classifier(
             model, _reconstruct(vae, x), captions
         ).as_dict()
     save_caption_classifier(model, out, metrics)
-    atomic_write_text(Path(out) / "README.md", classifier_card(metrics))
+    atomic_write_text(Path(out) / "README.md", classifier_card(metrics, out))
     return metrics
 
 
-def classifier_card(metrics: dict) -> str:
+def classifier_card(metrics: dict, out: str | os.PathLike = f"weights/{CLASSIFIER_NAME}") -> str:
     """Markdown model card of the caption classifier, from the metrics of :func:`build_caption_classifier`."""
 
     def row(name: str, key: str) -> str:
@@ -282,7 +282,7 @@ RGB in [0, 1]). It stands in for a CLIP score, which has no offline weights that
 
 ## Training
 
-Trained by `diffmem organism classifier --out weights/diffmem-caption-classifier --steps {metrics["steps"]}
+Trained by `diffmem organism classifier --out {out} --steps {metrics["steps"]}
 --seed {metrics["seed"]}` on fresh renderings of **every** colour x shape pair (the held-out pairs
 included: it measures the organism, it is not the model under test), {metrics["steps"]} steps of 64
 images, each batch drawn from (seed, step) by `diffmem.organism.data.render_generic`; cross-entropy on
