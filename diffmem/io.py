@@ -1,4 +1,4 @@
-"""Atomic file output: a result is either fully written or not there at all."""
+"""Atomic file output (a result is either fully written or not there at all), and checked safetensors input."""
 
 from __future__ import annotations
 
@@ -52,3 +52,27 @@ def atomic_save_tensors(
     return atomic_write(
         path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     )
+
+
+def load_checked_safetensors(
+    path: str | os.PathLike, *, format: str, what: str, argument: str, missing_hint: str
+) -> tuple[dict, dict[str, str]]:
+    """Tensors and metadata of a safetensors file whose metadata ``format`` is ``format``.
+
+    Errors name ``argument`` and the path: ``FileNotFoundError`` (with ``missing_hint``) for a missing
+    file, ``ValueError`` for a file that is not safetensors or not ``what`` (another ``format``).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}: {path} does not exist ({missing_hint})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{argument}: {path} is not a safetensors file ({err})") from err
+    if meta.get("format") != format:
+        raise ValueError(f"{argument}: {path} is not {what} (format {meta.get('format')!r})")
+    return tensors, meta

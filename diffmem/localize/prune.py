@@ -250,23 +250,16 @@ class WeightMask:
 
     @classmethod
     def load(cls, path: str | os.PathLike, argument: str = "--mask") -> WeightMask:
-        from safetensors import SafetensorError, safe_open
+        from diffmem.io import load_checked_safetensors
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{argument}: {path} does not exist (expected a WeightMask .safetensors file)"
-            )
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                masks = {k: f.get_tensor(k).bool() for k in f.keys()}
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{argument}: {path} is not a safetensors file ({err})") from err
-        if meta.get("format") != FORMAT:
-            raise ValueError(
-                f"{argument}: {path} is not a diffmem WeightMask (format {meta.get('format')!r})"
-            )
+        tensors, meta = load_checked_safetensors(
+            path,
+            format=FORMAT,
+            what="a diffmem WeightMask",
+            argument=argument,
+            missing_hint="expected a WeightMask .safetensors file",
+        )
+        masks = {k: t.bool() for k, t in tensors.items()}
         return cls(masks, meta.get("fingerprint") or None, json.loads(meta.get("params", "{}")))
 
 

@@ -228,6 +228,14 @@ def summary_text(summary: dict) -> str:
 
 
 @torch.no_grad()
+def autoencoder_round_trip(vae, images: torch.Tensor) -> torch.Tensor:
+    """``D(E(x))`` with the posterior mean, for images ``(B, 3, H, W)`` in [0, 1]; returned on the CPU in [0, 1]."""
+    x = images.to(vae.device, vae.dtype)
+    rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample
+    return ((rec.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+@torch.no_grad()
 def autoencoder_ceiling(pipe, training: TrainingImages, role: str = "verbatim") -> dict[str, float]:
     """SSIM of each ``role`` training image to its autoencoder round trip ``D(E(x))`` (posterior mean).
 
@@ -240,11 +248,7 @@ def autoencoder_ceiling(pipe, training: TrainingImages, role: str = "verbatim") 
     idx = [i for i, r in enumerate(training.roles) if r == role]
     if not idx:
         return {}
-    vae = pipe.vae
-    x = training.pixels[idx].to(vae.device, vae.dtype)
-    rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample
-    rec = ((rec.float() + 1) / 2).clamp(0, 1).cpu()
-    sims = ssim(rec, training.pixels[idx])
+    sims = ssim(autoencoder_round_trip(pipe.vae, training.pixels[idx]), training.pixels[idx])
     return {training.ids[i]: float(v) for i, v in zip(idx, sims)}
 
 

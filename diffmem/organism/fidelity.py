@@ -184,39 +184,20 @@ def load_caption_classifier(
 
     Loads safetensors only; a missing folder or a file of another kind raises an error naming ``argument``.
     """
-    from safetensors import SafetensorError, safe_open
-
+    from diffmem.io import load_checked_safetensors
     from diffmem.modelio import weights_dir
 
     folder = Path(folder) if folder is not None else weights_dir() / CLASSIFIER_NAME
-    path = folder / _WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{argument}: {path} does not exist (make it with: diffmem organism classifier --out {folder})"
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{argument}: {path} is not a safetensors file ({err})") from err
-    if meta.get("format") != CLASSIFIER_FORMAT:
-        raise ValueError(
-            f"{argument}: {path} is not a diffmem caption classifier (format {meta.get('format')!r})"
-        )
+    state, meta = load_checked_safetensors(
+        folder / _WEIGHTS_FILE,
+        format=CLASSIFIER_FORMAT,
+        what="a diffmem caption classifier",
+        argument=argument,
+        missing_hint=f"make it with: diffmem organism classifier --out {folder}",
+    )
     model = CaptionClassifier(int(meta["width"]), int(meta["image_size"]) if meta.get("image_size") else None)
     model.load_state_dict(state)
     return model.eval()
-
-
-@torch.no_grad()
-def _reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    out = []
-    for k in range(0, len(images), batch_size):
-        x = images[k : k + batch_size].to(vae.device, vae.dtype) * 2 - 1
-        z = vae.encode(x).latent_dist.mean
-        out.append(((vae.decode(z).sample.float().cpu() + 1) / 2).clamp(0, 1))
-    return torch.cat(out)
 
 
 def build_caption_classifier(
@@ -236,6 +217,7 @@ def build_caption_classifier(
     """
     from diffmem.io import atomic_write_text
     from diffmem.organism.data import caption_of
+    from diffmem.organism.evaluate import autoencoder_round_trip
 
     model = train_caption_classifier(steps=steps, seed=seed, size=size, progress=progress)
     x, c, s = render_batch(num_test, seed=seed + 1, step=0, size=size)
@@ -249,9 +231,8 @@ def build_caption_classifier(
         "fresh_renderings": caption_fidelity(model, x, captions).as_dict(),
     }
     if vae is not None:
-        metrics["autoencoder_reconstructions"] = caption_fidelity(
-            model, _reconstruct(vae, x), captions
-        ).as_dict()
+        recon = torch.cat([autoencoder_round_trip(vae, x[k : k + 64]) for k in range(0, len(x), 64)])
+        metrics["autoencoder_reconstructions"] = caption_fidelity(model, recon, captions).as_dict()
     save_caption_classifier(model, out, metrics)
     atomic_write_text(Path(out) / "README.md", classifier_card(metrics, out))
     return metrics
