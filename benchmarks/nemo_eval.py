@@ -251,7 +251,14 @@ def main() -> int:
     if not args.skip_pipeline:
         for mode, kw in (
             ("none", {}),
-            ("nemo", {"mitigation": "nemo", "neuron_set": union, "memorization_threshold": wen_tau}),
+            (
+                "nemo",
+                {
+                    "mitigation": "nemo",
+                    "mitigation_options": {"neuron_set": union},
+                    "memorization_threshold": wen_tau,
+                },
+            ),
             ("embedding", {"mitigation": "embedding", "memorization_threshold": wen_tau}),
         ):
             reps, scores, t_flag, t_plain, actions = [], [], [], [], []

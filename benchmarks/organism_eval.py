@@ -101,9 +101,8 @@ def markdown(results: dict, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffmem.io import atomic_write_json
+    from diffmem.guard.calibration import GuardCalibration
     from diffmem.modelio import default_model
-    from diffmem.organism.demo import CALIBRATION_FILE
     from diffmem.organism.evaluate import run_evaluation
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -145,19 +144,27 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy2(hist, Path(model) / "ssim_histogram.png")
     first = results["summary"]["detection"]["first_step"]["verbatim_vs_heldout"]
     if args.write_calibration:
-        atomic_write_json(
-            Path(model) / CALIBRATION_FILE,
-            {
-                "memorization_threshold": first["threshold"],
-                "memorization_window": [0, 1],
-                "calibrated_on": "verbatim vs held-out captions of the organism, "
-                f"{results['seeds']} seeds, {results['num_inference_steps']} DDIM steps, "
-                f"guidance {results['guidance_scale']} (benchmarks/organism_eval.py)",
-                "first_step_auc": first["auc"],
-                "first_step_tpr_at_1pct_fpr": first["tpr_at_1pct_fpr"],
-                "replication_threshold_ssim": results["summary"]["replication_threshold"],
-            },
-        )
+        from diffmem.modelio import load_pipeline, model_fingerprint
+
+        pipe = load_pipeline(model)
+        size = pipe.image_size()
+        GuardCalibration(
+            memorization_threshold=first["threshold"],
+            memorization_window=(0, 1),
+            num_inference_steps=results["num_inference_steps"],
+            scheduler=type(pipe.scheduler).__name__,
+            height=size[0],
+            width=size[1],
+            guidance_scale=results["guidance_scale"],
+            model_fingerprint=model_fingerprint(pipe.unet),
+            auc=first["auc"],
+            tpr_at_1pct_fpr=first["tpr_at_1pct_fpr"],
+            n_positive=first.get("n_positive"),
+            n_negative=first.get("n_negative"),
+            num_gens=results["seeds"],
+            data="verbatim vs held-out captions of the organism (benchmarks/organism_eval.py)",
+            extra={"replication_threshold_ssim": results["summary"]["replication_threshold"]},
+        ).save_pretrained(model)
     text = markdown(results, seconds)
     if args.write_card:
         from diffmem.io import atomic_write_text

@@ -23,8 +23,10 @@ __all__ = ["calibrate", "initial_latents", "score_prompts"]
 
 
 def _is_guarded(pipe) -> bool:
-    """True for diffmem's guarded pipeline (it scores the loop itself, mitigation included)."""
-    return hasattr(pipe, "memorization_threshold") and hasattr(type(pipe), "_empty_prompt_embeds")
+    """True for diffmem's guarded pipelines (they score the loop themselves, mitigation included)."""
+    from diffmem.guard.pipeline import MemGuardMixin
+
+    return isinstance(pipe, MemGuardMixin)
 
 
 def initial_latents(

@@ -1,26 +1,31 @@
-"""Apply an edit found by a localization method to a UNet: at run time (always restored) or permanently.
+"""One edit type for what localization finds (``NeuronSet``, ``WeightMask``), applied at run time or for good.
 
-An *edit* is any object with
+An *edit* is an :class:`Edit`: it carries the fingerprint of the model it was found on and
 
-* ``fingerprint`` (the model it was found on) and ``validate(unet)`` (raises on another model or
-  out-of-range indices), and
-* ``weight_multipliers(unet, factor) -> {parameter: multiplier}`` (multipliers broadcastable to the
-  parameter: rows for a :class:`~diffmem.localize.neuron_set.NeuronSet`, single weights for an FFN
-  weight mask).
+* ``validate(unet)`` (raises :class:`FingerprintMismatchError` on another model, ``ValueError`` on
+  layers or indices that do not fit),
+* ``weight_multipliers(unet, factor) -> {parameter: multiplier}`` (broadcastable to the parameter:
+  rows for a :class:`~diffmem.localize.neuron_set.NeuronSet`, single weights for a
+  :class:`~diffmem.localize.prune.WeightMask`),
+* ``save_pretrained(folder)`` / ``Edit.from_pretrained(folder)``: a folder with ``edit_config.json``
+  (the class, fingerprint and settings, diffusers' ``ConfigMixin`` style) and ``edit.safetensors``
+  (the indices or masks; no pickle).
 
-Objects that can also act on module outputs (``scales(unet, factor) -> {value-layer name: [d]}``,
+Edits that can also act on module outputs (``scales(unet, factor) -> {value-layer name: [d]}``,
 e.g. ``NeuronSet``) can be applied by forward hooks (``mode="hook"``). Weight mode is the default: it
 works with any attention processor; hook mode leaves the weights untouched and checks that its hooks
-fired. Either way the model is restored when the ``with`` block ends, even on error.
+fired. Either way the model is restored when the ``with`` block ends, even on error. A guarded
+pipeline loads an edit for all later calls with ``pipe.load_edit(path)`` / ``pipe.unload_edit()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,18 +35,108 @@ from diffmem.hooks.restore import scaled_weights
 
 #: File written beside an exported edited model, describing the edit that was applied.
 EDIT_RECORD = "diffmem_edit.json"
+EDIT_FORMAT = "diffmem.Edit/1"
 
 
-class UNetEdit(Protocol):
-    fingerprint: str
+class FingerprintMismatchError(ValueError):
+    """An edit (``NeuronSet``, ``WeightMask``) was found on another model than the one it is applied to."""
 
-    def validate(self, unet: nn.Module) -> Any: ...
 
-    def weight_multipliers(
-        self, unet: nn.Module, factor: float = 0.0
-    ) -> dict[torch.Tensor, torch.Tensor]: ...
+class Edit:
+    """Base class of UNet edits; subclasses are dataclasses that fill in the methods below."""
 
-    def to_dict(self) -> dict[str, Any]: ...
+    config_name: ClassVar[str] = "edit_config.json"
+    weights_name: ClassVar[str] = "edit.safetensors"
+    _classes: ClassVar[dict[str, type[Edit]]] = {}
+
+    fingerprint: str | None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Edit._classes[cls.__name__] = cls
+
+    # ----------------------------------------------------------------------------------- the protocol
+    def validate(self, unet: nn.Module) -> Any:
+        raise NotImplementedError
+
+    def weight_multipliers(self, unet: nn.Module, factor: float = 0.0) -> dict[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON config, tensors) that :meth:`_from_parts` turns back into the edit."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_parts(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> Edit:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------- folders
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the edit as a folder (``edit_config.json`` + ``edit.safetensors``), each file atomically."""
+        import diffmem
+        from diffmem.io import atomic_save_tensors, atomic_write_json
+
+        folder = Path(save_directory)
+        config, tensors = self._parts()
+        atomic_save_tensors(folder / self.weights_name, tensors, {"format": EDIT_FORMAT})
+        header = {"_class_name": type(self).__name__, "_diffmem_version": diffmem.__version__}
+        atomic_write_json(folder / self.config_name, {**header, "format": EDIT_FORMAT, **config})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, pretrained_path: str | os.PathLike) -> Edit:
+        """Read an edit folder written by :meth:`save_pretrained` (the class comes from its config)."""
+        from diffmem.io import load_checked_safetensors
+
+        folder = Path(pretrained_path)
+        config_path = folder / cls.config_name
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{folder}: not an edit folder (no {cls.config_name})")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+        if not isinstance(config, dict) or config.get("format") != EDIT_FORMAT:
+            raise ValueError(f'{config_path}: not a diffmem edit (expected "format": "{EDIT_FORMAT}")')
+        target = Edit._classes.get(str(config.get("_class_name")))
+        if target is None or not issubclass(target, cls):
+            raise ValueError(
+                f"{config_path}: _class_name {config.get('_class_name')!r} is not a {cls.__name__}"
+            )
+        tensors, _ = load_checked_safetensors(
+            folder / cls.weights_name,
+            format=EDIT_FORMAT,
+            what="a diffmem edit",
+            argument=str(folder),
+            missing_hint=f"an edit folder holds {cls.weights_name}",
+        )
+        return target._from_parts(config, tensors, str(folder))
+
+
+#: An edit as the functions below take it (kept for code that typed against the old protocol).
+UNetEdit = Edit
+
+
+def load_edit(path: str | os.PathLike) -> Edit:
+    """An edit from a folder (:meth:`Edit.from_pretrained`), a ``NeuronSet`` JSON file or a ``WeightMask`` .safetensors."""
+    from diffmem.localize.neuron_set import NeuronSet
+    from diffmem.localize.prune import WeightMask
+
+    path = Path(path)
+    if path.is_dir():
+        return Edit.from_pretrained(path)
+    if path.suffix == ".json":
+        return NeuronSet.load(path)
+    if path.suffix == ".safetensors":
+        return WeightMask.load(path, argument=str(path))
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist (expected an edit folder, a NeuronSet .json or a WeightMask .safetensors)"
+        )
+    raise ValueError(f"{path}: expected an edit folder, a NeuronSet .json or a WeightMask .safetensors")
 
 
 @contextlib.contextmanager

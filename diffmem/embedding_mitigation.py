@@ -73,13 +73,17 @@ def optimize_prompt_embeds(
     iterations: int = 10,
     timestep: torch.Tensor | int | None = None,
     freeze_bos: bool = True,
+    unet_kwargs: dict | None = None,
+    negative_unet_kwargs: dict | None = None,
 ) -> EmbeddingMitigationResult:
     """Minimise the first-step noise gap ``L(e)`` over the conditional embedding (Wen et al.'s mitigation).
 
     ``prompt_embeds`` / ``negative_prompt_embeds``: ``[1, tokens, dim]`` (or one per latent);
     ``latents``: the initial ``x_T`` of the images to generate (``[n, C, H, W]``, already scaled by the
     scheduler's ``init_noise_sigma``); ``timestep``: default the scheduler's first timestep (set
-    ``scheduler.set_timesteps`` beforehand). Returns embeddings of the input's shape and dtype.
+    ``scheduler.set_timesteps`` beforehand); ``unet_kwargs`` / ``negative_unet_kwargs``: extra
+    arguments of the conditional / unconditional UNet calls (SDXL's ``added_cond_kwargs``, one row
+    per latent). Returns embeddings of the input's shape and dtype.
     """
     n = latents.shape[0]
     if timestep is None:
@@ -93,7 +97,10 @@ def optimize_prompt_embeds(
 
     with torch.no_grad():
         uncond = unet(
-            x, timestep, encoder_hidden_states=expand(negative_prompt_embeds).to(param_dtype)
+            x,
+            timestep,
+            encoder_hidden_states=expand(negative_prompt_embeds).to(param_dtype),
+            **(negative_unet_kwargs or {}),
         ).sample.float()
     e = prompt_embeds.detach().float().clone().requires_grad_(True)
     bos = e[:, 0].detach().clone()
@@ -101,7 +108,9 @@ def optimize_prompt_embeds(
     losses: list[float] = []
     with frozen(unet), torch.enable_grad():
         for it in range(iterations + 1):
-            cond = unet(x, timestep, encoder_hidden_states=expand(e).to(param_dtype)).sample.float()
+            cond = unet(
+                x, timestep, encoder_hidden_states=expand(e).to(param_dtype), **(unet_kwargs or {})
+            ).sample.float()
             loss = torch.linalg.vector_norm(cond - uncond)
             losses.append(float(loss.detach()))
             if (target_loss is not None and losses[-1] <= target_loss) or it == iterations:

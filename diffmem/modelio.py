@@ -28,9 +28,30 @@ def default_model() -> str | None:
     return str(path) if (path / "model_index.json").is_file() else None
 
 
-def check_sd_folder(path: str | os.PathLike, argument: str = "--model") -> Path:
-    """Raise a ``ValueError`` naming ``argument`` unless ``path`` is a complete SD folder on disk."""
+def looks_local(model: str | os.PathLike) -> bool:
+    """True when ``model`` names a folder on disk rather than a hub id (``owner/name``)."""
+    model = str(model)
+    return os.path.isabs(model) or model.startswith(".") or Path(model).exists() or model.count("/") != 1
+
+
+def required_components(pipeline_class=None) -> tuple[str, ...]:
+    """The components a folder for ``pipeline_class`` must have (default: Stable Diffusion's)."""
+    if pipeline_class is None:
+        return SD_COMPONENTS
+    expected, _ = pipeline_class._get_signature_keys(pipeline_class)
+    optional = set(getattr(pipeline_class, "_optional_components", []))
+    required = [name for name in SD_COMPONENTS if name in expected]
+    return tuple(required + sorted(n for n in expected if n not in optional and n not in required))
+
+
+def check_sd_folder(path: str | os.PathLike, argument: str = "--model", pipeline_class=None) -> Path:
+    """Raise a ``ValueError`` naming ``argument`` unless ``path`` is a complete model folder on disk.
+
+    Every component ``model_index.json`` lists (and every one ``pipeline_class`` requires; default:
+    Stable Diffusion's) must be a folder.
+    """
     folder = Path(path)
+    components = required_components(pipeline_class)
     if not folder.exists():
         raise FileNotFoundError(
             f"{argument}: {folder} does not exist (expected a Stable Diffusion folder or hub id)"
@@ -39,13 +60,19 @@ def check_sd_folder(path: str | os.PathLike, argument: str = "--model") -> Path:
     if not index.is_file():
         raise ValueError(
             f"{argument}: {folder} is not a Stable Diffusion folder: it has no model_index.json "
-            f"(expected one with the components {', '.join(SD_COMPONENTS)})"
+            f"(expected one with the components {', '.join(components)})"
         )
     try:
         entries = json.loads(index.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{argument}: {index} is not valid JSON ({err})") from err
-    missing = [c for c in SD_COMPONENTS if c not in entries or not (folder / c).is_dir()]
+    listed = [
+        name
+        for name, value in entries.items()
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None
+    ]
+    missing = [c for c in components if c not in entries or not (folder / c).is_dir()]
+    missing += [c for c in listed if c not in missing and not (folder / c).is_dir()]
     if missing:
         raise ValueError(
             f"{argument}: {folder} lacks the component(s) {', '.join(missing)} of a Stable Diffusion pipeline"
@@ -66,9 +93,6 @@ def load_pipeline(
     weights load from safetensors only. Without the organism, a tiny model built from configs
     (``diffmem.tiny``) stands in and a warning says so.
     """
-    if pipeline_class is None:
-        from diffmem.pipelines import StableDiffusionMemGuardPipeline as pipeline_class
-
     if model is None:
         model = default_model()
         if model is None:
@@ -81,14 +105,13 @@ def load_pipeline(
                 "using an untrained tiny model built from configs",
                 stacklevel=2,
             )
-            pipe = build_tiny_pipeline(pipeline_class=pipeline_class)
+            pipe = build_tiny_pipeline(pipeline_class=pipeline_class or guarded_pipeline_class(None))
             return pipe.to(device) if device is not None else pipe
     model = str(model)
-    looks_local = (
-        os.path.isabs(model) or model.startswith(".") or Path(model).exists() or model.count("/") != 1
-    )
-    if looks_local:
-        check_sd_folder(model, argument)
+    if pipeline_class is None:
+        pipeline_class = guarded_pipeline_class(model)
+    if looks_local(model):
+        check_sd_folder(model, argument, pipeline_class=pipeline_class)
     pipe = pipeline_class.from_pretrained(
         model,
         torch_dtype=torch_dtype,
@@ -99,6 +122,31 @@ def load_pipeline(
     if device is not None:
         pipe = pipe.to(device)
     return pipe
+
+
+def guarded_pipeline_class(model: str | os.PathLike | None):
+    """The guarded pipeline for ``model``: SDXL's when its ``model_index.json`` names an SDXL pipeline."""
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
+
+    if model is None:
+        return StableDiffusionMemGuardPipeline
+    index = Path(str(model)) / "model_index.json"
+    name = None
+    if index.is_file():
+        try:
+            name = json.loads(index.read_text()).get("_class_name")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            name = None  # check_sd_folder reports it
+    elif not looks_local(model):
+        try:
+            from diffusers import DiffusionPipeline
+
+            name = DiffusionPipeline.load_config(str(model)).get("_class_name")
+        except Exception:  # not reachable: from_pretrained gives the error
+            name = None
+    if isinstance(name, str) and "XL" in name:
+        return StableDiffusionXLMemGuardPipeline
+    return StableDiffusionMemGuardPipeline
 
 
 def model_fingerprint(unet: torch.nn.Module) -> str:

@@ -64,14 +64,17 @@ def clip_tokenizer_files() -> tuple[str, str]:
     return str(vocab_path), str(merges_path)
 
 
-def clip_tokenizer(model_max_length: int = 77):
-    """The real CLIP tokenizer, built offline: ``"a photo of a cat"`` -> ``[49406, 320, 1125, 539, 320, 2368, 49407]``."""
+def clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """The real CLIP tokenizer, built offline: ``"a photo of a cat"`` -> ``[49406, 320, 1125, 539, 320, 2368, 49407]``.
+
+    ``pad_token="!"`` gives SDXL's second tokenizer (OpenCLIP's padding).
+    """
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_tokenizer_files()
     # transformers 5.x silently builds a broken tokenizer from vocab_file=/merges_file= keywords:
     # the two paths must be positional.
-    tok = CLIPTokenizer(vocab, merges, model_max_length=model_max_length, pad_token="<|endoftext|>")
+    tok = CLIPTokenizer(vocab, merges, model_max_length=model_max_length, pad_token=pad_token)
     return tok
 
 
@@ -99,11 +102,18 @@ class TinySDConfig:
         return self.sample_size // 2 ** (len(self.vae_channels) - 1)
 
 
-def clip_text_encoder(hidden: int, layers: int, heads: int, hidden_act: str = "quick_gelu"):
-    """A randomly initialised ``CLIPTextModel`` for the real 49,408-token CLIP vocabulary (77 positions)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def clip_text_encoder(
+    hidden: int, layers: int, heads: int, hidden_act: str = "quick_gelu", with_projection: bool = False
+):
+    """A randomly initialised ``CLIPTextModel`` for the real 49,408-token CLIP vocabulary (77 positions).
 
-    return CLIPTextModel(
+    ``with_projection``: a ``CLIPTextModelWithProjection`` (SDXL's second text encoder, whose pooled,
+    projected output conditions the UNet).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_class(
         CLIPTextConfig(
             vocab_size=49408,
             hidden_size=hidden,
@@ -121,7 +131,11 @@ def clip_text_encoder(hidden: int, layers: int, heads: int, hidden_act: str = "q
 
 
 def sd_autoencoder(
-    channels: tuple[int, ...], latent_channels: int, sample_size: int, max_norm_groups: int = 32
+    channels: tuple[int, ...],
+    latent_channels: int,
+    sample_size: int,
+    max_norm_groups: int = 32,
+    scaling_factor: float = 0.18215,
 ):
     """A randomly initialised ``AutoencoderKL`` (one layer per block; downsampling 2**(len(channels)-1))."""
     from diffusers import AutoencoderKL
@@ -136,6 +150,7 @@ def sd_autoencoder(
         layers_per_block=1,
         norm_num_groups=min(max_norm_groups, channels[0]),
         sample_size=sample_size,
+        scaling_factor=scaling_factor,
     )
 
 
@@ -212,4 +227,108 @@ def build_tiny_pipeline(config: TinySDConfig = TinySDConfig(), seed: int = 0, pi
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ SDXL
+@dataclass(frozen=True)
+class TinySDXLConfig:
+    """Sizes of a tiny SDXL pipeline: SDXL's component classes and conditioning, only narrower.
+
+    The UNet has SDXL's block layout (a plain first down block, cross-attention below it, several
+    transformer layers per block, linear projections) and ``text_time`` micro-conditioning; the two
+    text encoders' hidden states are concatenated (``2 * text_hidden`` = the cross-attention width)
+    and the second one's pooled output (projected to ``text_hidden``) joins the time ids.
+    """
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    transformer_layers_per_block: tuple[int, ...] = (1, 2)
+    attention_head_dim: tuple[int, ...] = (2, 4)
+    addition_time_embed_dim: int = 8
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    vae_channels: tuple[int, ...] = (32, 64)
+    latent_channels: int = 4
+    sample_size: int = 32  # image side in pixels
+
+    @property
+    def latent_size(self) -> int:
+        return self.sample_size // 2 ** (len(self.vae_channels) - 1)
+
+
+def sdxl_euler_scheduler():
+    """``EulerDiscreteScheduler`` as SDXL checkpoints configure it (SD's betas, leading spacing, offset 1)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def build_sdxl_components(config: TinySDXLConfig = TinySDXLConfig(), seed: int = 0) -> dict:
+    """Build the seven SDXL components from configs, weights drawn from ``seed``."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(config.unet_channels)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=config.latent_size,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        block_out_channels=config.unet_channels,
+        layers_per_block=config.layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        transformer_layers_per_block=config.transformer_layers_per_block,
+        attention_head_dim=config.attention_head_dim,
+        use_linear_projection=True,
+        cross_attention_dim=2 * config.text_hidden,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=config.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * config.addition_time_embed_dim + config.text_hidden,
+        norm_num_groups=min(32, config.unet_channels[0]),
+    )
+    torch.manual_seed(seed + 1)
+    vae = sd_autoencoder(
+        config.vae_channels, config.latent_channels, config.sample_size, scaling_factor=0.13025
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = clip_text_encoder(config.text_hidden, config.text_layers, config.text_heads)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = clip_text_encoder(
+        config.text_hidden, config.text_layers, config.text_heads, "gelu", with_projection=True
+    )
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(pad_token="!"),
+        "scheduler": sdxl_euler_scheduler(),
+    }
+
+
+def build_tiny_sdxl_pipeline(config: TinySDXLConfig = TinySDXLConfig(), seed: int = 0, pipeline_class=None):
+    """A complete tiny ``StableDiffusionXLPipeline`` (or ``pipeline_class``), deterministic in ``seed``.
+
+    No watermarker, no image encoder, ``force_zeros_for_empty_prompt`` as in SDXL's release.
+    """
+    if pipeline_class is None:
+        from diffusers import StableDiffusionXLPipeline as pipeline_class
+    return pipeline_class(
+        **build_sdxl_components(config, seed),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )

@@ -11,6 +11,11 @@ from diffmem.pipelines.pipeline_stable_diffusion_memguard import (
     StableDiffusionMemGuardPipeline,
     StableDiffusionMemGuardPipelineOutput,
 )
+from diffmem.pipelines.pipeline_stable_diffusion_xl_memguard import (
+    StableDiffusionXLMemGuardPipeline,
+    StableDiffusionXLMemGuardPipelineOutput,
+)
 
 __all__ = ["StableDiffusionMemGuardPipeline", "StableDiffusionMemGuardPipelineOutput"]
+__all__ += ["StableDiffusionXLMemGuardPipeline", "StableDiffusionXLMemGuardPipelineOutput"]
 __all__ += ["SolidMarkOutpaintPipeline", "SolidMarkOutpaintPipelineOutput"]

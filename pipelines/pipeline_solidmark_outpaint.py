@@ -22,16 +22,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from diffmem.guard.signature import extended_call, keyword
+
+#: Stock arguments the reference image fixes (the call refuses them).
+FIXED_BY_REFERENCE = ("height", "width", "latents", "num_images_per_prompt", "timesteps", "sigmas")
 
 
 @dataclass
-class SolidMarkOutpaintPipelineOutput(BaseOutput):
-    """``images``: the outpainted images (``output_type``); ``mask``: the pixel mask (True = generated)."""
+class SolidMarkOutpaintPipelineOutput(StableDiffusionPipelineOutput):
+    """``images``: the outpainted images (``output_type``); ``nsfw_content_detected`` as the stock
+    pipeline's; ``mask``: the pixel mask (True = generated)."""
 
-    images: object
-    mask: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
@@ -69,27 +74,17 @@ class SolidMarkOutpaintPipeline(StableDiffusionPipeline):
     """
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image=None,
-        mask: torch.Tensor | None = None,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 3.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "pt",
-        paste_reference: bool = True,
-        return_dict: bool = True,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-        **kwargs,
-    ):
+    def _outpaint(self, call: dict, own: dict, extra: dict):
+        image, mask, paste_reference = own["image"], own["mask"], own["paste_reference"]
+        num_inference_steps, generator = call["num_inference_steps"], call["generator"]
+        output_type, return_dict = call["output_type"], call["return_dict"]
+        callback_on_step_end = call["callback_on_step_end"]
         if image is None or mask is None:
             raise ValueError(
                 "SolidMarkOutpaintPipeline needs `image` (the reference) and `mask` (True = generate)"
             )
-        for name in ("latents", "height", "width", "num_images_per_prompt", "timesteps", "sigmas"):
-            if kwargs.get(name) is not None:
+        for name in FIXED_BY_REFERENCE:
+            if extra.get(name) is not None:
                 raise ValueError(
                     f"`{name}` cannot be set in SolidMarkOutpaintPipeline (the reference fixes it)"
                 )
@@ -136,23 +131,21 @@ class SolidMarkOutpaintPipeline(StableDiffusionPipeline):
                 callback_kwargs.update(callback_on_step_end(pipe, i, t, callback_kwargs) or {})
             return callback_kwargs
 
-        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+        tensor_inputs = list(call["callback_on_step_end_tensor_inputs"] or ["latents"])
         if "latents" not in tensor_inputs:
             tensor_inputs.append("latents")
-        out = super().__call__(
-            prompt=prompt,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            latents=latents,
-            output_type="latent" if output_type == "latent" else "pt",
-            return_dict=True,
-            callback_on_step_end=replace_known,
-            callback_on_step_end_tensor_inputs=tensor_inputs,
-            **kwargs,
-        )
+        stock = {
+            **call,
+            **{k: v for k, v in extra.items() if k not in FIXED_BY_REFERENCE},
+            "height": height,
+            "width": width,
+            "latents": latents,
+            "output_type": "latent" if output_type == "latent" else "pt",
+            "return_dict": True,
+            "callback_on_step_end": replace_known,
+            "callback_on_step_end_tensor_inputs": tensor_inputs,
+        }
+        out = super().__call__(**stock)
         images = out.images
         if output_type != "latent":
             images = images.to(ref.dtype)
@@ -167,5 +160,25 @@ class SolidMarkOutpaintPipeline(StableDiffusionPipeline):
                 raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (images, mask)
-        return SolidMarkOutpaintPipelineOutput(images=images, mask=mask)
+            return (images, out.nsfw_content_detected)
+        return SolidMarkOutpaintPipelineOutput(
+            images=images, nsfw_content_detected=out.nsfw_content_detected, mask=mask
+        )
+
+    __call__ = extended_call(
+        StableDiffusionPipeline.__call__,
+        [keyword("image", None), keyword("mask", None), keyword("paste_reference", True, "bool")],
+        _outpaint,
+        doc="""Outpaint ``mask`` of ``image`` (the stock call's arguments, less those the reference fixes).
+
+        Args:
+            image: the reference, ``(B, 3, H, W)`` in [0, 1], an array or PIL image(s).
+            mask (`torch.Tensor`): ``(H, W)`` bool, True = generate.
+            paste_reference (`bool`, defaults to ``True``): paste the reference back outside the mask.
+
+        Returns ``SolidMarkOutpaintPipelineOutput`` (``images``, ``nsfw_content_detected``, ``mask``), or
+        with ``return_dict=False`` the stock tuple ``(images, nsfw_content_detected)``.
+        """,
+        drop=FIXED_BY_REFERENCE,
+        defaults={"num_inference_steps": 100, "guidance_scale": 3.0, "output_type": "pt"},
+    )

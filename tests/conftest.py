@@ -39,3 +39,13 @@ def tiny_sd2_dir(tmp_path_factory):
 def tiny_sd_dir(request, tiny_sd1_dir, tiny_sd2_dir):
     """Both variants, for tests that must hold for epsilon and v-prediction alike."""
     return tiny_sd1_dir if request.param == "sd1" else tiny_sd2_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny SDXL (two text encoders, text_time micro-conditioning) saved as a standard diffusers folder."""
+    from diffmem.tiny import build_tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl_pipeline(seed=0).save_pretrained(path)
+    return path

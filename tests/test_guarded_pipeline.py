@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from diffmem.pipelines import StableDiffusionMemGuardPipeline
-from pipeline_mixin import NUM_STEPS, PipelineTesterMixin, as_array, hook_state
+from diffusers import StableDiffusionPipeline
+from pipeline_mixin import NUM_STEPS, DiffusersContractMixin, PipelineTesterMixin, as_array, hook_state
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "pipeline_stable_diffusion_memguard.py"
 SCHEDULERS = [
@@ -22,8 +23,9 @@ SCHEDULERS = [
 ]
 
 
-class TestGuardedPipelineMixin(PipelineTesterMixin):
+class TestGuardedPipelineMixin(PipelineTesterMixin, DiffusersContractMixin):
     pipeline_class = StableDiffusionMemGuardPipeline
+    stock_class = StableDiffusionPipeline
 
     @pytest.fixture(scope="class")
     def model_dir(self, tiny_sd1_dir):
@@ -196,13 +198,15 @@ def test_user_callback_still_works(pipes):
     assert steps == list(range(NUM_STEPS)) * 2
 
 
-def test_return_dict_false_gives_the_scores_too(pipes):
-    _, guarded = pipes["sd1"]
-    out = guarded(
-        "a cat", num_inference_steps=NUM_STEPS, output_type="np", return_dict=False, memorization_threshold=0
-    )
-    images, nsfw, scores, memorized = out
-    assert images.shape[0] == 1 and nsfw is None and len(scores) == 1 and memorized == [True]
+def test_return_dict_false_is_the_stock_tuple(pipes):
+    stock, guarded = pipes["sd1"]
+    kw = dict(prompt="a cat", num_inference_steps=NUM_STEPS, output_type="np", return_dict=False)
+    a = stock(generator=torch.Generator().manual_seed(0), **kw)
+    b = guarded(generator=torch.Generator().manual_seed(0), memorization_threshold=0, **kw)
+    assert type(a) is type(b) is tuple and len(a) == len(b) == 2
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] is None and b[1] is None
+    images, nsfw = b  # the stock unpacking works
 
 
 # --- the score -----------------------------------------------------------------------------------
@@ -346,8 +350,8 @@ def test_rejects_a_folder_with_a_missing_component(tiny_sd1_dir, tmp_path):
         (dict(prompt="a cat", memorization_threshold=-1.0), "memorization_threshold"),
         (dict(prompt="a cat", memorization_window=(0, NUM_STEPS + 1)), "memorization_window"),
         (dict(prompt="a cat", memorization_window=(2, 1)), "memorization_window"),
-        (dict(prompt="a cat", mitigation="prune"), "supported values so far: None"),
-        (dict(prompt="a cat", mitigation="nemo"), "needs memorization_threshold"),
+        (dict(prompt="a cat", mitigation="prune"), "mitigation='prune' is not registered"),
+        (dict(prompt="a cat", mitigation="embedding"), "needs memorization_threshold"),
         (dict(prompt="a cat", attention="flash"), "attention="),
     ],
 )

@@ -10,6 +10,7 @@ from test_nemo import REFERENCE, TRIGGER, plant_trigger_neuron  # noqa: I001
 from diffmem.localize.nemo import NeMo, NemoConfig
 from diffmem.localize.neuron_set import FingerprintMismatchError, NeuronSet
 from diffmem.localize.stats import compute_value_stats
+from diffmem.mitigations.nemo import NeMoMitigation
 from diffmem.tiny import TinySDConfig, build_components
 
 PROMPTS = [f"a photo of {TRIGGER}", "a photo of a horse"]
@@ -39,7 +40,10 @@ def _call(pipe, **kw):
 @pytest.fixture(scope="module")
 def baseline(guarded):
     pipe, _ = guarded
-    probe = _call(pipe, mitigation="nemo", memorization_threshold=1e9)  # nothing flagged: only the check runs
+    nothing = NeMoMitigation(stats=guarded[1])
+    probe = _call(
+        pipe, mitigation=nothing, memorization_threshold=1e9
+    )  # nothing flagged: only the check runs
     gaps = [r["first_step_score"] for r in probe.mitigations]
     assert gaps[0] > 2 * gaps[1]  # the trigger's first-step gap stands out
     plain = _call(pipe, memorization_threshold=1e9)
@@ -54,7 +58,9 @@ def test_nemo_with_a_given_neuron_set(guarded, baseline):
     nemo = NeMo.from_pipe(pipe, stats, NemoConfig(threshold=0.45))
     neurons = nemo.localize(PROMPTS[0])
     assert 1 <= len(neurons) <= 3
-    out = _call(pipe, mitigation="nemo", neuron_set=neurons, memorization_threshold=threshold)
+    out = _call(
+        pipe, mitigation="nemo", mitigation_options={"neuron_set": neurons}, memorization_threshold=threshold
+    )
     assert [r["flagged"] for r in out.mitigations] == [True, False]
     assert out.mitigations[0]["action"] == "nemo" and out.mitigations[0]["neurons"] == len(neurons)
     np.testing.assert_array_equal(out.images[1], plain.images[1])
@@ -66,13 +72,14 @@ def test_nemo_with_a_given_neuron_set(guarded, baseline):
 def test_nemo_localizes_automatically(guarded, baseline):
     pipe, stats = guarded
     plain, threshold = baseline
-    pipe.nemo_stats, pipe.nemo_config = stats, NemoConfig(threshold=0.45)
-    try:
-        out = _call(pipe, mitigation="nemo", memorization_threshold=threshold)
-    finally:
-        pipe.nemo_stats = pipe.nemo_config = None
+    mitigation = NeMoMitigation(stats=stats, config=NemoConfig(threshold=0.45))
+    out = _call(pipe, mitigation=mitigation, memorization_threshold=threshold)
     assert out.mitigations[0]["action"] == "nemo" and 1 <= out.mitigations[0]["neurons"] <= 3
     assert out.memorization_scores[0] < 0.5 * plain.memorization_scores[0]
+    assert not hasattr(pipe, "_diffmem_nemo_cache")  # no per-call state on the pipeline
+    again = _call(pipe, mitigation=mitigation, memorization_threshold=threshold)  # localized once, cached
+    assert len(mitigation._found) == 1
+    np.testing.assert_array_equal(again.images, out.images)
 
 
 def test_embedding_mitigation(guarded, baseline):
@@ -95,10 +102,14 @@ def test_bad_mitigation_inputs(guarded):
     names = list(value_layers(other))
     foreign = NeuronSet(model_fingerprint(other), names, [[0]] + [[] for _ in names[1:]])
     with pytest.raises(FingerprintMismatchError):
-        _call(pipe, mitigation="nemo", neuron_set=foreign, memorization_threshold=0.0)
+        _call(pipe, mitigation=NeMoMitigation(neuron_set=foreign), memorization_threshold=0.0)
+    with pytest.raises(FingerprintMismatchError):  # checked also when no image is flagged
+        _call(pipe, mitigation=NeMoMitigation(neuron_set=foreign), memorization_threshold=1e9)
     with pytest.raises(ValueError, match="threshold"):
         _call(pipe, mitigation="embedding")
-    with pytest.raises(ValueError, match="nemo_stats"):
+    with pytest.raises(ValueError, match="needs neuron_set= .* or stats="):
         _call(pipe, mitigation="nemo", memorization_threshold=0.0)
     with pytest.raises(ValueError, match="mitigation="):
         _call(pipe, mitigation="prune")
+    with pytest.raises(ValueError, match="mitigation_options for 'embedding'"):
+        _call(pipe, mitigation="embedding", mitigation_options={"steps": 3}, memorization_threshold=0.0)

@@ -297,3 +297,24 @@ def test_cli_scores_with_and_without_a_mitigation_and_compares(tmp_path, tiny_sd
         main(["solidmark", "compare", "--run", str(tmp_path / "nemo"), "--baseline", str(tmp_path / "base")])
         == 0
     )
+
+
+def test_signature_is_the_stock_one_plus_the_reference(pipes):
+    import inspect
+
+    from diffmem.pipelines.pipeline_solidmark_outpaint import FIXED_BY_REFERENCE
+    from diffusers import StableDiffusionPipeline
+
+    params = inspect.signature(SolidMarkOutpaintPipeline.__call__).parameters
+    stock = set(inspect.signature(StableDiffusionPipeline.__call__).parameters)
+    assert stock - set(params) == set(FIXED_BY_REFERENCE)  # only what the reference fixes is left out
+    assert {"image", "mask", "paste_reference"} <= set(params)
+    assert params["num_inference_steps"].default == 100 and params["guidance_scale"].default == 3.0
+
+
+def test_return_dict_false_is_the_stock_tuple(pipes):
+    call = dict(prompt="a cat", image=_reference(), mask=MASK, num_inference_steps=2, output_type="np")
+    out = pipes["sd1"](generator=torch.Generator().manual_seed(0), **call)
+    images, nsfw = pipes["sd1"](generator=torch.Generator().manual_seed(0), return_dict=False, **call)
+    np.testing.assert_array_equal(images, out.images)
+    assert nsfw is None and out.nsfw_content_detected is None and out.mask.shape == MASK.shape

@@ -3,7 +3,10 @@
 Prompts come from a ``.txt`` file (one per line; blank lines are skipped) or a ``.jsonl`` / ``.csv``
 table with a caption column. Scores are written as JSONL or CSV (by the ``--out`` suffix), atomically
 after every chunk, so an interrupted run resumes where it stopped. With ``--labels COLUMN`` (1 =
-memorized) it prints AUC, TPR@1%FPR, accuracy and the threshold (Wen et al.'s definitions).
+memorized) it prints AUC, TPR@1%FPR, accuracy and the threshold (Wen et al.'s definitions);
+``--save-calibration MODEL_DIR`` then stores that threshold with the conditions it holds under
+(window, schedule, resolution, guidance, model fingerprint) as ``MODEL_DIR/diffmem_calibration.json``,
+which the guarded pipelines read back to fill ``memorized`` with no threshold passed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ HELP = "Score prompts for memorization from the first denoising step(s) (Wen et 
 
 _TRUE = {"1", "true", "yes", "memorized", "mem", "vm", "tm"}
 _FALSE = {"0", "false", "no", "not_memorized", "non_memorized", "clean"}
-SETTINGS = ("model_fingerprint", "num_gens", "window", "num_inference_steps", "guidance_scale", "seed")
+SETTINGS = (
+    "model_fingerprint",
+    "num_gens",
+    "window",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "height",
+    "width",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
+    )
+    parser.add_argument("--height", type=int, default=None, help="image height in px (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="image width in px (default: the model's)")
+    parser.add_argument(
+        "--save-calibration",
+        default=None,
+        metavar="MODEL_DIR",
+        help="with --labels: write the threshold and its conditions to MODEL_DIR/diffmem_calibration.json",
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per UNet batch (default 8)")
@@ -186,9 +206,21 @@ def run(args: argparse.Namespace) -> int:
             f"--start/--steps: expected 0 <= start < steps <= --num-inference-steps={args.num_inference_steps}, "
             f"got start={args.start}, steps={args.steps}"
         )
+    if args.save_calibration is not None:
+        if args.labels is None:
+            raise ValueError(
+                "--save-calibration: needs --labels COLUMN (the threshold comes from labelled prompts)"
+            )
+        if not Path(args.save_calibration).is_dir():
+            raise FileNotFoundError(f"--save-calibration: {args.save_calibration} is not a folder")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            raise ValueError(f"--{name}: expected a multiple of 8 (>= 8), got {value}")
     rows = read_prompts(args.prompts, args.caption_column, args.id_column, args.labels)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.model, device=device)
+    height, width = pipe.image_size(args.height, args.width)
     settings = {
         "model_fingerprint": model_fingerprint(pipe.unet),
         "num_gens": args.num_gens,
@@ -196,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "seed": args.seed,
+        "height": height,
+        "width": width,
     }
     done = {}
     for row in read_results(out):
@@ -227,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 progress=False,
                 attention=args.attention,
+                height=height,
+                width=width,
             )
             for r, s in zip(part, scores.tolist()):
                 done[r["id"]] = {**r, "score": sum(s) / len(s), "scores": s, **settings}
@@ -239,4 +275,25 @@ def run(args: argparse.Namespace) -> int:
             f"AUC {metrics.auc:.4f}  TPR@1%FPR {metrics.tpr_at_1pct_fpr:.4f}  accuracy {metrics.accuracy:.4f}  "
             f"threshold {metrics.threshold:.6g}  ({metrics.n_positive} memorized, {metrics.n_negative} not)"
         )
+        if args.save_calibration is not None:
+            from diffmem.guard.calibration import GuardCalibration
+
+            path = GuardCalibration(
+                memorization_threshold=metrics.threshold,
+                memorization_window=(args.start, args.steps),
+                num_inference_steps=args.num_inference_steps,
+                scheduler=type(pipe.scheduler).__name__,
+                height=height,
+                width=width,
+                guidance_scale=args.guidance_scale,
+                model_fingerprint=settings["model_fingerprint"],
+                auc=metrics.auc,
+                tpr_at_1pct_fpr=metrics.tpr_at_1pct_fpr,
+                n_positive=metrics.n_positive,
+                n_negative=metrics.n_negative,
+                num_gens=args.num_gens,
+                seed=args.seed,
+                data=f"{Path(args.prompts).name}, labels in column {args.labels!r} (diffmem detect)",
+            ).save_pretrained(args.save_calibration)
+            print(f"wrote the calibration to {path}")
     return 0

@@ -66,6 +66,7 @@ def capture_noise_gap(
     uncond_embeds: torch.Tensor | None = None,
     prediction_type: str = "epsilon",
     alphas_cumprod: torch.Tensor | None = None,
+    uncond_added_cond: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[NoiseGapRecord]:
     """Record the per-sample noise gap of every call of ``unet`` while the context is open.
 
@@ -80,6 +81,8 @@ def capture_noise_gap(
         prediction_type: the UNet's output: ``"epsilon"`` as is; ``"v_prediction"`` is turned into
             the noise-prediction gap (times ``sqrt(alpha_bar_t)``, which needs ``alphas_cumprod``);
             ``"sample"`` is recorded as is.
+        uncond_added_cond: entries of ``added_cond_kwargs`` that the extra unconditional call
+            replaces (SDXL's pooled ``text_embeds`` of the empty prompt, ``[1 or batch, ...]``).
     """
     if not guidance and uncond_embeds is None:
         raise ValueError("capture_noise_gap: uncond_embeds is required when guidance is False")
@@ -113,6 +116,16 @@ def capture_noise_gap(
                 emb = emb.expand(eps_text.shape[0], *emb.shape[1:])
             call_kwargs = {k: v for k, v in kwargs.items() if k != "encoder_hidden_states"}
             call_kwargs["return_dict"] = False
+            if uncond_added_cond:
+                added = dict(call_kwargs.get("added_cond_kwargs") or {})
+                for name, value in uncond_added_cond.items():
+                    value = value.to(device=eps_text.device)
+                    if name in added:
+                        value = value.to(dtype=added[name].dtype)
+                    added[name] = (
+                        value.expand(eps_text.shape[0], *value.shape[1:]) if value.shape[0] == 1 else value
+                    )
+                call_kwargs["added_cond_kwargs"] = added
             _EXTRA_PASS_ACTIVE.add(key)
             try:
                 with torch.no_grad():

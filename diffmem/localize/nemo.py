@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffmem.conditioning import expand_unet_kwargs
 from diffmem.hooks.neurons import DEFAULT_BLOCKS, scaled_value_neurons, value_activations, value_layers
 from diffmem.localize.neuron_set import NeuronSet
 from diffmem.localize.stats import ValueStats, encode_prompts
@@ -178,8 +179,10 @@ class MemorizationProbe:
         layers: dict[str, nn.Linear],
         prompt_embeds: torch.Tensor,
         config: NemoConfig,
+        unet_kwargs: dict | None = None,
     ):
         self.unet, self.layers, self.config = unet, layers, config
+        self.unet_kwargs = unet_kwargs or {}
         self.sizes = [m.out_features for m in layers.values()]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.n_neurons = sum(self.sizes)
@@ -231,7 +234,8 @@ class MemorizationProbe:
                 if blocked[:, off : off + d].any():
                     scales[name] = keep[:, off : off + d]
         with scaled_value_neurons(self.unet, self.layers, scales):
-            out = self.unet(inp, self.t, encoder_hidden_states=emb).sample
+            extra = expand_unet_kwargs(self.unet_kwargs, m * n)
+            out = self.unet(inp, self.t, encoder_hidden_states=emb, **extra).sample
         self.unet_calls += 1
         self.masks_evaluated += m
         eps = _to_epsilon(self.scheduler, out, x, self.t)
@@ -330,7 +334,11 @@ def greedy_unblock(
 
 
 class NeMo:
-    """Localize memorization neurons of one model (a diffusers UNet, scheduler, text encoder, tokenizer)."""
+    """Localize memorization neurons of one model (a diffusers UNet, scheduler, text encoder, tokenizer).
+
+    ``conditioning``: ``prompts -> (hidden states, unet_kwargs)``, for UNets that take more than the
+    text encoder's hidden states (SDXL; :meth:`from_pipe` sets it from the pipeline).
+    """
 
     #: the criterion's implementation (a subclass can change how masks are evaluated, e.g. in benchmarks)
     probe_class = MemorizationProbe
@@ -343,6 +351,7 @@ class NeMo:
         tokenizer,
         stats: ValueStats | None,
         config: NemoConfig = NemoConfig(),
+        conditioning=None,
     ):
         from diffmem.modelio import model_fingerprint
 
@@ -353,6 +362,7 @@ class NeMo:
             tokenizer,
         )
         self.config = config
+        self.conditioning = conditioning
         self.layers = value_layers(unet, config.blocks)
         self.fingerprint = model_fingerprint(unet)
         if stats is not None:
@@ -361,13 +371,23 @@ class NeMo:
 
     @classmethod
     def from_pipe(cls, pipe, stats: ValueStats | None, config: NemoConfig = NemoConfig()) -> NeMo:
-        return cls(pipe.unet, pipe.scheduler, pipe.text_encoder, pipe.tokenizer, stats, config)
+        from diffmem.conditioning import is_sdxl, prompt_conditioning
+
+        conditioning = (lambda prompts: prompt_conditioning(pipe, prompts)) if is_sdxl(pipe) else None
+        return cls(pipe.unet, pipe.scheduler, pipe.text_encoder, pipe.tokenizer, stats, config, conditioning)
+
+    def condition(self, prompt: str) -> tuple[torch.Tensor, dict]:
+        """The UNet's conditioning of ``prompt``: hidden states ``[1, tokens, dim]`` and extra UNet inputs."""
+        if self.conditioning is not None:
+            return self.conditioning([prompt])
+        return encode_prompts(self.tokenizer, self.text_encoder, [prompt]), {}
 
     def embed(self, prompt: str) -> torch.Tensor:
-        return encode_prompts(self.tokenizer, self.text_encoder, [prompt])
+        return self.condition(prompt)[0]
 
     def probe(self, prompt: str) -> MemorizationProbe:
-        return self.probe_class(self.unet, self.scheduler, self.layers, self.embed(prompt), self.config)
+        embeds, unet_kwargs = self.condition(prompt)
+        return self.probe_class(self.unet, self.scheduler, self.layers, embeds, self.config, unet_kwargs)
 
     def detection_scores(self, prompts: Sequence[str], progress: bool = False) -> list[float]:
         """NeMo's detection score (largest pairwise similarity of unblocked noise differences) per prompt."""
@@ -389,8 +409,8 @@ class NeMo:
             raise ValueError("localization needs activation statistics of non-memorized prompts (stats=None)")
         cfg = self.config
         start = time.perf_counter()
-        embeds = self.embed(prompt)
-        probe = self.probe_class(self.unet, self.scheduler, self.layers, embeds, cfg)
+        embeds, unet_kwargs = self.condition(prompt)
+        probe = self.probe_class(self.unet, self.scheduler, self.layers, embeds, cfg, unet_kwargs)
         info: dict[str, Any] = {
             "method": "nemo",
             "threshold": cfg.threshold,

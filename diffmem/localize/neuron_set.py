@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffmem.edit import Edit, FingerprintMismatchError
+
+__all__ = ["FORMAT", "FingerprintMismatchError", "NeuronSet"]
+
 FORMAT = "diffmem.NeuronSet/1"
 
 
-class FingerprintMismatchError(ValueError):
-    """A ``NeuronSet`` (or other edit) was found on another model than the one it is applied to."""
-
-
 @dataclass
-class NeuronSet:
+class NeuronSet(Edit):
     """Neurons per value layer, with the prompts they were found for and the memorization scores.
 
     ``layers``: module names of the value projections (all searched layers, possibly with empty lists);
@@ -197,7 +197,23 @@ class NeuronSet:
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: {err}") from err
 
+    def _parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = {k: v for k, v in self.to_dict().items() if k not in ("format", "neurons")}
+        tensors = {name: torch.tensor(idx, dtype=torch.int64) for name, idx in zip(self.layers, self.neurons)}
+        return config, tensors
+
+    @classmethod
+    def _from_parts(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> NeuronSet:
+        layers = config.get("layers")
+        if not isinstance(layers, list) or any(name not in tensors for name in layers):
+            raise ValueError(
+                f"{source}: the config's layers and the tensors of {cls.weights_name} do not match"
+            )
+        data = {**config, "format": FORMAT, "neurons": [tensors[name].tolist() for name in layers]}
+        return cls.from_dict(data, source=source)
+
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the set as one JSON file (the format ``diffmem localize`` writes)."""
         from diffmem.io import atomic_write_json
 
         return atomic_write_json(path, self.to_dict())

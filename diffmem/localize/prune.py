@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffmem.edit import Edit, FingerprintMismatchError
 from diffmem.hooks.ffn import StepCounter, ffn_layers, record_ffn_input_norms
-from diffmem.localize.neuron_set import FingerprintMismatchError
 
 FORMAT = "diffmem.weight_mask/1"
 STATS_FORMAT = "diffmem.ffn_stats/1"
@@ -153,7 +153,7 @@ def collect_ffn_stats(
 
 
 @dataclass
-class WeightMask:
+class WeightMask(Edit):
     """Which weights of which layers are pruned: ``masks[layer]`` is bool ``[d_out, d_in]``, True = zeroed.
 
     Layer names are module names in the UNet, e.g.
@@ -195,7 +195,7 @@ class WeightMask:
     def validate(self, unet: nn.Module) -> dict[str, nn.Linear]:
         """Check the mask fits ``unet`` (fingerprint, layer names, shapes); returns name -> layer.
 
-        Raises :class:`~diffmem.localize.neuron_set.FingerprintMismatchError` for another model and
+        Raises :class:`~diffmem.edit.FingerprintMismatchError` for another model and
         ``ValueError`` naming the layer for a missing layer or a shape mismatch.
         """
         from diffmem.modelio import model_fingerprint
@@ -242,7 +242,21 @@ class WeightMask:
         }
 
     # ----------------------------------------------------------------------------------- files
+    def _parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = {"fingerprint": self.fingerprint, "params": self.params, "layers": list(self.masks)}
+        return config, {n: m.detach().cpu().bool() for n, m in self.masks.items()}
+
+    @classmethod
+    def _from_parts(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> WeightMask:
+        layers = config.get("layers", list(tensors))
+        missing = [name for name in layers if name not in tensors]
+        if missing:
+            raise ValueError(f"{source}: no mask for layer(s) {', '.join(missing)} in {cls.weights_name}")
+        masks = {name: tensors[name].bool() for name in layers}
+        return cls(masks, config.get("fingerprint") or None, dict(config.get("params") or {}))
+
     def save(self, path: str | os.PathLike) -> Path:
+        """Write the mask as one .safetensors file (the format ``diffmem prune`` writes)."""
         from diffmem.io import atomic_save_tensors
 
         meta = {"format": FORMAT, "fingerprint": self.fingerprint or "", "params": json.dumps(self.params)}

@@ -129,12 +129,15 @@ def compute_value_stats(
     batch_size: int = 64,
     total: int | None = None,
     progress: bool = True,
+    conditioning=None,
 ) -> ValueStats:
     """Mean and unbiased std of every value neuron's activation over ``prompts``, in one streaming pass.
 
     Only the text encoder and the value projections run (the activations do not depend on the
     latent or timestep). Batches are merged with Chan et al.'s update
-    ``M2 = M2_a + M2_b + delta^2 n_a n_b / n`` in float64 on the device.
+    ``M2 = M2_a + M2_b + delta^2 n_a n_b / n`` in float64 on the device. ``conditioning``:
+    ``prompts -> (hidden states, unet_kwargs)`` in place of the text encoder (SDXL; see
+    :func:`value_stats_of`).
     """
     from tqdm.auto import tqdm
 
@@ -150,7 +153,8 @@ def compute_value_stats(
 
     def flush(batch: list[str]) -> None:
         nonlocal n
-        acts = value_activations(layers, encode_prompts(tokenizer, text_encoder, batch))
+        hidden = conditioning(batch)[0] if conditioning else encode_prompts(tokenizer, text_encoder, batch)
+        acts = value_activations(layers, hidden)
         nb = len(batch)
         for i, a in enumerate(acts):
             a = a.to(acc_dtype)
@@ -182,4 +186,14 @@ def compute_value_stats(
         std=[s.float().cpu() for s in std],
         count=n,
         info={"blocks": list(blocks)},
+    )
+
+
+def value_stats_of(pipe, prompts: Iterable[str], **kwargs) -> ValueStats:
+    """:func:`compute_value_stats` for a pipeline of either family (SD or SDXL conditioning)."""
+    from diffmem.conditioning import is_sdxl, prompt_conditioning
+
+    conditioning = (lambda batch: prompt_conditioning(pipe, batch)) if is_sdxl(pipe) else None
+    return compute_value_stats(
+        pipe.unet, pipe.text_encoder, pipe.tokenizer, prompts, conditioning=conditioning, **kwargs
     )

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
-#: File in the organism's folder holding its calibrated flag threshold (written by the evaluation).
-CALIBRATION_FILE = "diffmem_calibration.json"
 
 
 @dataclass
@@ -23,19 +19,6 @@ class DemoResult:
     threshold: float
     threshold_source: str
     model: str
-
-
-def read_calibration(model_dir: str | os.PathLike | None) -> dict | None:
-    """The organism's calibration (``memorization_threshold`` etc.) if its folder has one."""
-    if model_dir is None:
-        return None
-    path = Path(model_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from err
 
 
 def _resize_to(images: np.ndarray, size: int) -> np.ndarray:
@@ -173,6 +156,7 @@ def run_demo(
 ) -> DemoResult:
     """Generate the organism's verbatim, template and held-out captions with the guarded pipeline, measure
     each image and write ``report.html`` + ``results.json`` to ``out``."""
+    from diffmem.guard.calibration import CALIBRATION_FILE
     from diffmem.io import atomic_write_json
     from diffmem.modelio import default_model, load_pipeline
     from diffmem.organism.data import build_organism_data
@@ -216,19 +200,26 @@ def run_demo(
     scores = [g.scores["first_step"] for g in gens]
     source = "given with --threshold"
     if threshold is None:
-        calib = read_calibration(model_dir)
-        if calib is not None and "memorization_threshold" in calib:
-            threshold, source = (
-                float(calib["memorization_threshold"]),
-                f"calibrated on the organism ({CALIBRATION_FILE})",
+        calib = pipe.calibration
+        why = "the model has no calibration file"
+        if calib is not None:
+            why = calib.mismatch(
+                window=(0, 1),
+                num_inference_steps=steps or recipe.num_inference_steps,
+                scheduler=type(pipe.scheduler).__name__,
+                height=gen_size,
+                width=gen_size,
+                guidance_scale=recipe.guidance_scale,
             )
+        if why is None:
+            threshold, source = calib.memorization_threshold, f"the model's calibration ({CALIBRATION_FILE})"
         else:
             labels = [int(g.role != "heldout") for g in gens]
             if 0 < sum(labels) < len(labels):
                 threshold = detection_metrics(scores, labels).threshold
-                source = "calibrated on this run's captions (the model has no calibration file)"
+                source = f"calibrated on this run's captions ({why})"
             else:
-                threshold, source = float(np.median(scores)), "median score (no calibration available)"
+                threshold, source = float(np.median(scores)), f"median score ({why})"
     rows = [
         {
             "caption": g.caption,

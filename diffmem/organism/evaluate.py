@@ -68,10 +68,11 @@ def generate_and_measure(
     from tqdm.auto import tqdm
 
     from diffmem.detect import initial_latents
+    from diffmem.guard.pipeline import MemGuardMixin
     from diffmem.scores.noise_gap import window_mean
     from diffmem.scores.similarity import ssim
 
-    if not hasattr(type(pipe), "_empty_prompt_embeds"):
+    if not isinstance(pipe, MemGuardMixin):
         raise ValueError(
             "pipe: expected diffmem's StableDiffusionMemGuardPipeline (it returns the step scores)"
         )

@@ -1,0 +1,210 @@
+"""The guard's calibration: a flag threshold and the conditions it was measured under, kept in the model folder.
+
+Wen et al.'s score is a norm of a noise-prediction gap, so a threshold only means something under the
+conditions it was found: the same model, score window, schedule (scheduler and number of steps),
+resolution (the norm grows with the latent area: on SD-1.5's architecture the same prompts score
+about 9-10 at 512 px and 4-5 at 256 px) and, for windows past the first step, guidance scale. A
+``GuardCalibration`` records all of them with the measured AUC / TPR@1%FPR and the data it came from.
+It lives beside the model as ``diffmem_calibration.json`` (stock diffusers ignores the file), is
+written by ``diffmem detect --labels ... --save-calibration MODEL_DIR`` and read back by the guarded
+pipelines' ``from_pretrained``. :meth:`GuardCalibration.mismatch` says why a call's settings do not
+fit; the pipeline then refuses the calibration for that call (``memorized`` stays ``None`` and a
+warning names the setting) instead of applying it silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+#: Name of the calibration file inside a model folder.
+CALIBRATION_FILE = "diffmem_calibration.json"
+FORMAT = "diffmem.GuardCalibration/1"
+
+
+class CalibrationError(ValueError):
+    """A calibration file that cannot be read, or a calibration that does not fit a call."""
+
+
+@dataclass(frozen=True)
+class GuardCalibration:
+    """A memorization flag threshold with the conditions it holds under.
+
+    Args:
+        memorization_threshold: flag an image when its score is ``>=`` this.
+        memorization_window: ``(start, end)`` UNet calls averaged by the score (``(0, 1)``: first step).
+        num_inference_steps: length of the schedule the scores were taken on.
+        scheduler: class name of the scheduler (``"DDIMScheduler"``, ...).
+        height, width: image size in pixels.
+        guidance_scale: classifier-free guidance of the scoring runs (matters only past the first step).
+        model_fingerprint: :func:`diffmem.modelio.model_fingerprint` of the UNet it was measured on.
+        auc, tpr_at_1pct_fpr, n_positive, n_negative: the calibration's measured detection quality.
+        num_gens, seed: noise draws per prompt and base seed of the scoring runs.
+        data: where the labelled prompts came from.
+        extra: anything else worth keeping (free-form, JSON).
+    """
+
+    memorization_threshold: float
+    memorization_window: tuple[int, int]
+    num_inference_steps: int | None = None
+    scheduler: str | None = None
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float | None = None
+    model_fingerprint: str | None = None
+    auc: float | None = None
+    tpr_at_1pct_fpr: float | None = None
+    n_positive: int | None = None
+    n_negative: int | None = None
+    num_gens: int | None = None
+    seed: int | None = None
+    data: str | None = None
+    rescaled_from: tuple[int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        t = self.memorization_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise CalibrationError(f"memorization_threshold: expected a finite number >= 0, got {t!r}")
+        try:
+            start, end = (int(v) for v in self.memorization_window)
+        except (TypeError, ValueError):
+            raise CalibrationError(
+                f"memorization_window: expected [start, end], got {self.memorization_window!r}"
+            ) from None
+        if not 0 <= start < end:
+            raise CalibrationError(f"memorization_window: expected 0 <= start < end, got {[start, end]}")
+        object.__setattr__(self, "memorization_window", (start, end))
+        object.__setattr__(self, "memorization_threshold", float(t))
+        if self.rescaled_from is not None:
+            object.__setattr__(self, "rescaled_from", tuple(int(v) for v in self.rescaled_from))
+
+    # ----------------------------------------------------------------------------------- checks
+    def mismatch(
+        self,
+        *,
+        window: tuple[int, int],
+        num_inference_steps: int,
+        scheduler: str,
+        height: int,
+        width: int,
+        guidance_scale: float,
+        negative_prompt: bool = False,
+    ) -> str | None:
+        """``None`` when a call with these settings can use the threshold, else the reason it cannot.
+
+        The first step's gap does not depend on the guidance scale (the loop has not yet moved), so
+        the guidance scale is compared only for windows that end after the first UNet call. A
+        negative prompt changes what the gap is measured against, so it refuses the calibration.
+        """
+        missing = [
+            name
+            for name in ("num_inference_steps", "scheduler", "height", "width")
+            if getattr(self, name) is None
+        ]
+        if missing:
+            return (
+                f"the calibration does not record its {', '.join(missing)} (an old calibration file); "
+                "recalibrate with `diffmem detect --labels COLUMN --save-calibration MODEL_DIR`"
+            )
+        found = []
+        if tuple(window) != self.memorization_window:
+            found.append(f"memorization_window {tuple(window)} (calibrated: {self.memorization_window})")
+        if num_inference_steps != self.num_inference_steps:
+            found.append(
+                f"num_inference_steps={num_inference_steps} (calibrated: {self.num_inference_steps})"
+            )
+        if scheduler != self.scheduler:
+            found.append(f"scheduler {scheduler} (calibrated: {self.scheduler})")
+        if self.memorization_window[1] > 1 and self.guidance_scale is not None:
+            if not math.isclose(guidance_scale, self.guidance_scale):
+                found.append(f"guidance_scale={guidance_scale} (calibrated: {self.guidance_scale})")
+        if (height, width) != (self.height, self.width):
+            found.append(
+                f"{height}x{width} px (calibrated: {self.height}x{self.width}; scores grow with the "
+                "resolution; `calibration.rescaled(height, width)` gives an approximate threshold)"
+            )
+        if negative_prompt:
+            found.append("a negative prompt (the score is then measured against it, not the empty prompt)")
+        if not found:
+            return None
+        return "the call differs from the calibration in " + "; ".join(found)
+
+    def rescaled(self, height: int, width: int) -> GuardCalibration:
+        """The calibration moved to another resolution: threshold times ``sqrt(area / calibrated area)``.
+
+        An approximation (the gap is an L2 norm over the latent, so it grows as the square root of its
+        size when the per-element gap stays the same); the result records ``rescaled_from``.
+        """
+        if self.height is None or self.width is None:
+            raise CalibrationError("this calibration records no resolution; it cannot be re-scaled")
+        if height <= 0 or width <= 0:
+            raise CalibrationError(f"rescaled: expected positive height and width, got {height}x{width}")
+        factor = math.sqrt((height * width) / (self.height * self.width))
+        values = asdict(self)
+        values.update(
+            memorization_threshold=self.memorization_threshold * factor,
+            height=int(height),
+            width=int(width),
+            rescaled_from=self.rescaled_from or (self.height, self.width),
+        )
+        return GuardCalibration(**values)
+
+    # ----------------------------------------------------------------------------------- files
+    def to_dict(self) -> dict[str, Any]:
+        out = {"format": FORMAT, **asdict(self)}
+        out["memorization_window"] = list(self.memorization_window)
+        if self.rescaled_from is not None:
+            out["rescaled_from"] = list(self.rescaled_from)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "calibration") -> GuardCalibration:
+        """Read the current format and the organism's first files (threshold and window only)."""
+        if not isinstance(data, dict):
+            raise CalibrationError(f"{source}: expected a JSON object")
+        if "memorization_threshold" not in data:
+            raise CalibrationError(f"{source}: no memorization_threshold")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("memorization_window", [0, 1])
+        legacy = {k: v for k, v in data.items() if k not in known and k != "format"}
+        if data.get("format") != FORMAT:  # the first files: AUC under another name, the rest as extra
+            values.setdefault("auc", legacy.pop("first_step_auc", None))
+            values.setdefault("tpr_at_1pct_fpr", legacy.pop("first_step_tpr_at_1pct_fpr", None))
+            values.setdefault("data", legacy.pop("calibrated_on", None))
+        values["extra"] = {**legacy, **dict(values.get("extra") or {})}
+        try:
+            return cls(**values)
+        except CalibrationError as err:
+            raise CalibrationError(f"{source}: {err}") from None
+        except TypeError as err:
+            raise CalibrationError(f"{source}: {err}") from None
+
+    def save_pretrained(self, model_dir: str | os.PathLike) -> Path:
+        """Write ``diffmem_calibration.json`` into ``model_dir`` (atomically)."""
+        from diffmem.io import atomic_write_json
+
+        return atomic_write_json(Path(model_dir) / CALIBRATION_FILE, self.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> GuardCalibration | None:
+        """The calibration of a local model folder, or ``None`` when it has none.
+
+        ``model_dir`` may also be the JSON file itself. A file that is not a calibration raises
+        :class:`CalibrationError` naming it.
+        """
+        path = Path(model_dir)
+        if path.is_dir():
+            path = path / CALIBRATION_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CalibrationError(f"{path}: not a JSON calibration file ({err})") from None
+        return cls.from_dict(data, source=str(path))

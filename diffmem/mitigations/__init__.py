@@ -1,0 +1,22 @@
+"""Inference-time mitigations behind one protocol (:class:`Mitigation`) and one registry.
+
+``mitigation="nemo"`` / ``"embedding"`` in a guarded pipeline call, or any :class:`Mitigation` object.
+"""
+
+from diffmem.mitigations.base import (
+    GuardedBatch,
+    Mitigation,
+    MitigationPlan,
+    available_mitigations,
+    get_mitigation,
+    register_mitigation,
+)
+
+__all__ = [
+    "GuardedBatch",
+    "Mitigation",
+    "MitigationPlan",
+    "available_mitigations",
+    "get_mitigation",
+    "register_mitigation",
+]

@@ -1,0 +1,187 @@
+"""The mitigation protocol and its registry: a new inference-time mitigation is one class.
+
+The guarded pipelines flag images by their first-step noise gap, then hand the call to a
+:class:`Mitigation`. Its :meth:`~Mitigation.plan` sees the whole prepared batch (:class:`GuardedBatch`:
+per-image prompt embeddings, starting latents, flags, timesteps) and returns a
+:class:`MitigationPlan`: what it changed in the batch's inputs (it may replace embeddings or latents of
+the flagged images), a context that is entered around the stock denoising loop (hooks, processors;
+leaving it undoes them, also on an error) and what it did to each image. Unflagged images must come
+out exactly as without mitigation. A mitigation keeps no state of a call on the pipeline; what it
+may cache across calls (NeMo's per-prompt neurons) lives on the mitigation object.
+
+Register a class with :func:`register_mitigation`; ``mitigation="name"`` in a pipeline call builds
+it with ``mitigation_options`` as keyword arguments (:func:`get_mitigation`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = [
+    "GuardedBatch",
+    "Mitigation",
+    "MitigationPlan",
+    "available_mitigations",
+    "get_mitigation",
+    "register_mitigation",
+]
+
+#: Modules whose import registers the built-in mitigations (imported on the first registry lookup).
+BUILTIN_MODULES = ("diffmem.mitigations.nemo", "diffmem.mitigations.embedding")
+_REGISTRY: dict[str, type[Mitigation]] = {}
+
+
+@dataclass
+class GuardedBatch:
+    """One guarded call, prepared for a mitigation: every tensor has one row per image (prompt-major).
+
+    Attributes:
+        pipe: the pipeline (its UNet, scheduler, ...).
+        prompts: one entry per prompt (``None`` where the call passed ``prompt_embeds``).
+        prompt_index: image ``k`` belongs to ``prompts[prompt_index[k]]``.
+        prompt_embeds, negative_prompt_embeds: ``[n, tokens, dim]``.
+        latents: the starting noise as the stock ``latents=`` argument takes it (before the scheduler's
+            ``init_noise_sigma``; :meth:`initial_latents` gives ``x_T``).
+        timesteps: the call's schedule.
+        guidance: whether the loop runs classifier-free guidance.
+        added_cond, negative_added_cond: extra UNet conditioning per image (SDXL: ``text_embeds``,
+            ``time_ids``), ``None`` for SD.
+        first_step_scores: ``[n]`` first-step noise gaps; ``flagged``: ``score >= threshold``.
+    """
+
+    pipe: Any
+    prompts: list[str | None]
+    prompt_index: list[int]
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    guidance: bool
+    threshold: float
+    added_cond: dict[str, torch.Tensor] | None = None
+    negative_added_cond: dict[str, torch.Tensor] | None = None
+    first_step_scores: torch.Tensor | None = None
+    flagged: list[bool] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def initial_latents(self) -> torch.Tensor:
+        """``x_T`` as the loop's first UNet call sees it before ``scale_model_input``."""
+        return self.latents * self.pipe.scheduler.init_noise_sigma
+
+    def flagged_prompts(self) -> dict[int, list[int]]:
+        """Prompt index -> the rows of its flagged images (prompts with no flagged image left out)."""
+        out: dict[int, list[int]] = {}
+        for k, flag in enumerate(self.flagged):
+            if flag:
+                out.setdefault(self.prompt_index[k], []).append(k)
+        return out
+
+    def unet_kwargs(self, rows=None, *, negative: bool = False) -> dict[str, Any]:
+        """Extra keyword arguments of a UNet call on ``rows`` (all images when ``None``) of one branch."""
+        cond = self.negative_added_cond if negative else self.added_cond
+        if not cond:
+            return {}
+        return {"added_cond_kwargs": {k: v if rows is None else v[rows] for k, v in cond.items()}}
+
+    def cfg_unet_kwargs(self, rows=None) -> dict[str, Any]:
+        """The same for a classifier-free-guidance batch ``[negative rows, conditional rows]``."""
+        if not self.added_cond:
+            return {}
+        neg = self.unet_kwargs(rows, negative=True)["added_cond_kwargs"]
+        pos = self.unet_kwargs(rows)["added_cond_kwargs"]
+        return {"added_cond_kwargs": {k: torch.cat([neg[k], pos[k]]) for k in pos}}
+
+
+@dataclass
+class MitigationPlan:
+    """What a mitigation does to one call.
+
+    ``context`` is entered around the stock loop and undoes the change when it closes; ``report``
+    holds per-image updates merged into ``output.mitigations[k]`` (``action`` names what was done,
+    ``seconds`` the time it added); the batch's tensors may have been replaced in place.
+    """
+
+    context: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    report: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+class Mitigation(ABC):
+    """Base class of inference-time mitigations (see the module docstring for the contract)."""
+
+    #: registry name (``mitigation="name"``)
+    name: ClassVar[str] = ""
+    #: what the method changes, for tables (``"weights"``, ``"embedding"``, ``"guidance"``, ...)
+    kind: ClassVar[str] = ""
+
+    @abstractmethod
+    def plan(self, batch: GuardedBatch) -> MitigationPlan:
+        """Change the flagged images of ``batch``; unflagged ones must stay as without mitigation."""
+
+    def config(self) -> dict[str, Any]:
+        """The mitigation's settings, as recorded in reports (override to add more)."""
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({settings})"
+
+
+def register_mitigation(cls: type[Mitigation]) -> type[Mitigation]:
+    """Class decorator: make ``cls`` available as ``mitigation=cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Mitigation)) or not cls.name:
+        raise TypeError("register_mitigation: expected a Mitigation subclass with a non-empty name")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"a mitigation named {cls.name!r} is registered already ({existing.__qualname__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def available_mitigations() -> list[str]:
+    """Names of the registered mitigations, sorted."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_mitigation(
+    spec: str | Mitigation | None, options: Mapping[str, Any] | None = None
+) -> Mitigation | None:
+    """A mitigation object from a registry name (built with ``options``) or an object; ``None`` stays ``None``."""
+    if spec is None:
+        if options:
+            raise ValueError("mitigation_options given without a mitigation")
+        return None
+    if isinstance(spec, Mitigation):
+        if options:
+            raise ValueError("mitigation_options are for a mitigation given by name; set them on the object")
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(
+            f"mitigation: expected a registered name or a diffmem.mitigations.Mitigation, got {type(spec).__name__}"
+        )
+    _load_builtins()
+    if spec not in _REGISTRY:
+        raise ValueError(
+            f"mitigation={spec!r} is not registered; registered: {', '.join(map(repr, sorted(_REGISTRY)))} "
+            "(or pass a diffmem.mitigations.Mitigation object)"
+        )
+    cls = _REGISTRY[spec]
+    try:
+        return cls(**dict(options or {}))
+    except TypeError as err:
+        raise ValueError(f"mitigation_options for {spec!r}: {err}") from None
