@@ -8,10 +8,11 @@
    ``window=(0, 1)`` of a 50-step schedule) against full 50-step generation with the guarded pipeline.
 
 The model is a tiny SD-1.x-like pipeline (diffmem.tiny's text encoder, tokenizer, VAE and DDIM
-scheduler) at 64x64 latents (128 px images) whose UNet has attention only at 16x16 and below:
-attention over 64x64 = 4,096 tokens is impractically slow on a CPU.
+scheduler) or, with ``--family sdxl``, a tiny SDXL (two text encoders, ``text_time``
+micro-conditioning, Euler), both at 64x64 latents (128 px images) with a UNet that has attention
+only at 16x16 and below: attention over 64x64 = 4,096 tokens is impractically slow on a CPU.
 
-    .venv/bin/python benchmarks/bench_guard.py [--repeats 7] [--steps 10] [--json out.json]
+    .venv/bin/python benchmarks/bench_guard.py [--family sdxl] [--repeats 7] [--steps 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,6 +52,38 @@ def build_pipeline():
     pipe = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_sdxl_pipeline():
+    """A tiny SDXL (diffmem.tiny's two text encoders, VAE, Euler) at 64x64 latents, attention at 16x16 only."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from diffmem.tiny import TinySDXLConfig, build_sdxl_components
+
+    config = TinySDXLConfig(sample_size=128)
+    components = build_sdxl_components(config, seed=0)
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=2 * config.text_hidden,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=config.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * config.addition_time_embed_dim + config.text_hidden,
+        norm_num_groups=32,
+    ).eval()
+    pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -95,6 +128,10 @@ def overhead(stock, guarded, repeats: int, steps: int, guidance_scale: float = 7
         "stock_cpu_s": med["stock"][1],
         "guarded_cpu_s": med["guarded"][1],
         "cpu_ratio": med["guarded"][1] / med["stock"][1],
+        # each repeat's guarded run over the stock run beside it: robust to the machine's drift over the run
+        "paired_wall_ratio_median": statistics.median(
+            g / s for (s, _), (g, _) in zip(times["stock"], times["guarded"])
+        ),
         "all_wall_s": {n: [round(w, 3) for w, _ in t] for n, t in times.items()},
         "images_bit_identical": identical,
     }
@@ -140,14 +177,20 @@ def main() -> None:
     parser.add_argument("--num-gens", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared CPU)")
     parser.add_argument("--json", default=None, help="also write the results here (atomically)")
+    parser.add_argument(
+        "--family", choices=["sd", "sdxl"], default="sd", help="tiny SD-1.x (default) or tiny SDXL"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-    from diffmem.pipelines import StableDiffusionMemGuardPipeline
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
 
-    stock = build_pipeline()
-    guarded = StableDiffusionMemGuardPipeline.from_pipe(stock)
+    if args.family == "sdxl":
+        stock, guarded_class = build_sdxl_pipeline(), StableDiffusionXLMemGuardPipeline
+    else:
+        stock, guarded_class = build_pipeline(), StableDiffusionMemGuardPipeline
+    guarded = guarded_class.from_pipe(stock)
     guarded.set_progress_bar_config(disable=True)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -156,6 +199,7 @@ def main() -> None:
         "torch_threads": args.threads,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "family": args.family,
         "overhead": overhead(stock, guarded, args.repeats, args.steps),
         # guidance off: the score needs one extra unconditional UNet call per step (about 2x the UNet time)
         "overhead_guidance_off": overhead(

@@ -228,3 +228,32 @@ def test_from_pipe_passes_the_calibration_on(calibrated_dir):
     derived = StableDiffusionMemGuardPipeline.from_pipe(pipe)
     assert derived.calibration == pipe.calibration
     assert torch.equal(derived.unet.conv_in.weight, pipe.unet.conv_in.weight)
+
+
+@pytest.mark.slow
+def test_the_shipped_organism_flags_with_no_threshold_passed():
+    """``weights/diffmem-organism-v2`` carries its calibration: verbatim captions come out flagged."""
+    from diffmem.modelio import default_model
+    from diffmem.organism.data import build_organism_data
+    from diffmem.organism.recipe import OrganismRecipe
+
+    model = default_model()
+    if model is None:
+        pytest.skip("the organism's weights are not in weights/")
+    pipe = load(model)
+    calibration = pipe.calibration
+    assert calibration is not None and calibration.num_inference_steps == OrganismRecipe().num_inference_steps
+    data = build_organism_data(OrganismRecipe())
+    verbatim, heldout = data.captions("verbatim"), data.captions("heldout")
+    prompts = verbatim + heldout
+    out = pipe(
+        prompts,
+        num_inference_steps=calibration.num_inference_steps,
+        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+        output_type="latent",
+    )
+    assert out.memorization_threshold == calibration.memorization_threshold
+    flagged_verbatim = sum(out.memorized[: len(verbatim)])
+    flagged_heldout = sum(out.memorized[len(verbatim) :])
+    # measured 2026-12-01: 14/16 and 1/16 (the calibration's per-image TPR@1%FPR is 0.94)
+    assert flagged_verbatim >= 0.75 * len(verbatim) and flagged_heldout <= 0.125 * len(heldout)

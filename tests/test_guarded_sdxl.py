@@ -187,3 +187,53 @@ def test_calibration_in_the_sdxl_folder_flags(tiny_sdxl_dir, tmp_path):
     assert loaded.calibration == pipe.calibration
     assert out.memorized == [True] and out.memorization_threshold == pytest.approx(score * 0.5)
     assert as_array(out.images).shape[-1] == 16
+
+
+def test_prompt_conditioning_is_what_the_stock_loop_feeds_the_unet(pipes):
+    """NeMo's and its statistics' view of an SDXL prompt: exactly the stock pipeline's UNet inputs."""
+    from diffmem.conditioning import prompt_conditioning
+
+    stock, guarded = pipes
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("hidden", kwargs["encoder_hidden_states"].clone())
+        seen.setdefault("added", {k: v.clone() for k, v in kwargs["added_cond_kwargs"].items()})
+
+    handle = stock.unet.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        stock("a red circle", num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    finally:
+        handle.remove()
+    hidden, kwargs = prompt_conditioning(guarded, ["a red circle"])
+    torch.testing.assert_close(hidden, seen["hidden"])
+    for key in ("text_embeds", "time_ids"):
+        torch.testing.assert_close(kwargs["added_cond_kwargs"][key], seen["added"][key])
+
+
+def test_nemo_localizes_on_sdxl_and_mitigates(pipes):
+    """The whole NeMo path on SDXL: statistics, localization (criterion forced to fire), blocking in the loop."""
+    from diffmem.localize.nemo import NeMo, NemoConfig
+    from diffmem.localize.stats import value_stats_of
+    from diffmem.mitigations.nemo import NeMoMitigation
+
+    _, guarded = pipes
+    use_scheduler(guarded, guarded, "DDIMScheduler")
+    blocks = ("down", "mid", "up")
+    stats = value_stats_of(
+        guarded, ["a dog", "a red car", "two cats", "a soup"], blocks=blocks, progress=False
+    )
+    config = NemoConfig(threshold=-1.0, n_seeds=3, num_inference_steps=4, theta0=1.5, blocks=blocks)
+    found = NeMo.from_pipe(guarded, stats, config).localize("a red circle")
+    found.validate(guarded.unet)
+    assert found.info["memorized"] and len(found) > 0  # threshold -1: every seed counts as memorized
+    out = guarded(
+        ["a red circle", "a cat"],
+        num_inference_steps=NUM_STEPS,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+        output_type="np",
+        mitigation=NeMoMitigation(neuron_set=found),
+        memorization_threshold=0.0,
+        memorization_window=(0, 1),
+    )
+    assert [r["neurons"] for r in out.mitigations] == [len(found)] * 2

@@ -278,8 +278,17 @@ def run(args: argparse.Namespace) -> int:
         if args.save_calibration is not None:
             from diffmem.guard.calibration import GuardCalibration
 
+            # the pipeline flags single images, so the threshold is chosen over single generations
+            per_image = calibrate(
+                [s for r in rows for s in done[r["id"]]["scores"]],
+                [r["label"] for r in rows for _ in range(args.num_gens)],
+            )
+            print(
+                f"per image ({per_image.n_positive} memorized, {per_image.n_negative} not): AUC {per_image.auc:.4f}  "
+                f"TPR@1%FPR {per_image.tpr_at_1pct_fpr:.4f}  threshold {per_image.threshold:.6g}"
+            )
             path = GuardCalibration(
-                memorization_threshold=metrics.threshold,
+                memorization_threshold=per_image.threshold,
                 memorization_window=(args.start, args.steps),
                 num_inference_steps=args.num_inference_steps,
                 scheduler=type(pipe.scheduler).__name__,
@@ -287,13 +296,14 @@ def run(args: argparse.Namespace) -> int:
                 width=width,
                 guidance_scale=args.guidance_scale,
                 model_fingerprint=settings["model_fingerprint"],
-                auc=metrics.auc,
-                tpr_at_1pct_fpr=metrics.tpr_at_1pct_fpr,
-                n_positive=metrics.n_positive,
-                n_negative=metrics.n_negative,
+                auc=per_image.auc,
+                tpr_at_1pct_fpr=per_image.tpr_at_1pct_fpr,
+                n_positive=per_image.n_positive,
+                n_negative=per_image.n_negative,
                 num_gens=args.num_gens,
                 seed=args.seed,
                 data=f"{Path(args.prompts).name}, labels in column {args.labels!r} (diffmem detect)",
+                extra={"unit": "image", "per_prompt": metrics.to_dict()},
             ).save_pretrained(args.save_calibration)
             print(f"wrote the calibration to {path}")
     return 0

@@ -1,4 +1,4 @@
-"""``diffmem organism data|train|eval|classifier``: build the model organism's data, train it, measure it."""
+"""``diffmem organism data|prompts|train|eval|classifier``: the model organism's data, training, measurements."""
 
 from __future__ import annotations
 
@@ -15,6 +15,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, help="folder to write (train/*.png, metadata.jsonl, manifest.json)"
     )
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("prompts", help="write the organism's captions as a labelled prompts file (.csv)")
+    p.add_argument("--out", required=True, help="CSV to write: caption, role, label (1 = memorized)")
+    p.add_argument(
+        "--roles",
+        default="verbatim,heldout",
+        help="comma-separated roles to include (default verbatim,heldout; also template, generic)",
+    )
+    p.add_argument(
+        "--memorized-roles",
+        default="verbatim,template",
+        help="roles labelled 1 (default verbatim,template: the captions whose images were duplicated)",
+    )
 
     p = sub.add_parser("train", help="train the organism from scratch (resumes from --workdir)")
     p.add_argument("--workdir", default="runs/organism", help="checkpoints and logs (default runs/organism)")
@@ -64,6 +77,30 @@ def run(args: argparse.Namespace) -> int:
         counts = data.manifest()["counts"]
         print(f"wrote {sum(counts['training_samples'].values())} training samples to {out} ({counts})")
         return 0
+    if args.organism_command == "prompts":
+        import csv
+        import io
+
+        from diffmem.io import atomic_write_text
+        from diffmem.organism.data import ROLES, build_organism_data
+        from diffmem.organism.evaluate import evaluation_captions
+        from diffmem.organism.recipe import OrganismRecipe
+
+        roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+        memorized = {r.strip() for r in args.memorized_roles.split(",") if r.strip()}
+        unknown = sorted((set(roles) | memorized) - set(ROLES))
+        if unknown or not roles:
+            raise UsageError(
+                f"--roles/--memorized-roles: unknown role(s) {unknown}; expected some of {list(ROLES)}"
+            )
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["caption", "role", "label"])
+        rows = evaluation_captions(build_organism_data(OrganismRecipe()), roles)
+        writer.writerows((caption, role, int(role in memorized)) for caption, role in rows)
+        atomic_write_text(args.out, buf.getvalue())
+        print(f"wrote {len(rows)} captions ({', '.join(roles)}) to {args.out}")
+        return 0
     if args.organism_command == "train":
         import torch
 
@@ -110,4 +147,4 @@ def run(args: argparse.Namespace) -> int:
                 )
         print(f"caption classifier saved to {args.out}")
         return 0
-    raise UsageError("choose a step: data, train, eval or classifier")
+    raise UsageError("choose a step: data, prompts, train, eval or classifier")

@@ -452,7 +452,8 @@ class MemGuardMixin:
         all_calls = window[1] is None  # to the last UNet call, also PNDM's extra one
         guidance = call["guidance_scale"] > 1 and self.unet.config.time_cond_proj_dim is None
         threshold, refused = self._resolve_threshold(explicit, (start, end), num_steps, call, guidance)
-        if refused is not None:
+        if refused is not None and refused not in self.__dict__.setdefault("_diffmem_warned", set()):
+            self.__dict__["_diffmem_warned"].add(refused)  # once per pipeline and reason
             logger().warning(
                 f"the model's calibration is not applied to this call: {refused}; memorized is None "
                 "(pass memorization_threshold= to flag with a threshold of your own)"

@@ -11,11 +11,15 @@ from diffmem.mitigations.base import (
     get_mitigation,
     register_mitigation,
 )
+from diffmem.mitigations.embedding import EmbeddingMitigation
+from diffmem.mitigations.nemo import NeMoMitigation
 
 __all__ = [
+    "EmbeddingMitigation",
     "GuardedBatch",
     "Mitigation",
     "MitigationPlan",
+    "NeMoMitigation",
     "available_mitigations",
     "get_mitigation",
     "register_mitigation",

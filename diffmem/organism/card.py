@@ -120,7 +120,7 @@ Losses (mean over the 50 steps before each row):
 
 ![SSIM histogram](ssim_histogram.png)
 
-The flag threshold of `diffmem demo` (first-step score) is in `diffmem_calibration.json`.
+The guarded pipeline's flag threshold is in `diffmem_calibration.json` with the conditions it holds under (first step, 25 DDIM steps, 64 px, guidance 7.5; chosen over single generations), written by `diffmem organism prompts` + `diffmem detect --labels label --save-calibration`; `StableDiffusionMemGuardPipeline.from_pretrained` reads it.
 
 ## Limitations
 
