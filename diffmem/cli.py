@@ -19,6 +19,7 @@ COMMANDS = [
     "finetune",
     "solidmark",
     "scan",
+    "bench",
 ]
 
 

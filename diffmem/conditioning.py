@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["expand_unet_kwargs", "is_sdxl", "prompt_conditioning"]
+__all__ = [
+    "expand_unet_kwargs",
+    "guidance_batch",
+    "is_sdxl",
+    "prompt_conditioning",
+    "unconditional_conditioning",
+]
 
 
 def is_sdxl(pipe) -> bool:
@@ -22,13 +28,19 @@ def is_sdxl(pipe) -> bool:
 
 
 @torch.no_grad()
-def prompt_conditioning(pipe, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``(encoder_hidden_states [n, tokens, dim], unet_kwargs)`` for ``prompts`` (one row each).
+def prompt_conditioning(pipe, prompts: Sequence[str], repeat: int = 1) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``(encoder_hidden_states [n * repeat, tokens, dim], unet_kwargs)`` for ``prompts`` (``repeat`` rows each).
 
     SD: the text encoder's last hidden states with max-length padding (``unet_kwargs`` empty). SDXL:
     the stock ``encode_prompt`` (no guidance) and ``added_cond_kwargs`` with the pooled embeddings and
     the time ids of the pipeline's default resolution, no crop.
     """
+    if repeat != 1:
+        embeds, kwargs = prompt_conditioning(pipe, prompts)
+        added = {
+            k: v.repeat_interleave(repeat, dim=0) for k, v in kwargs.get("added_cond_kwargs", {}).items()
+        }
+        return embeds.repeat_interleave(repeat, dim=0), ({"added_cond_kwargs": added} if added else {})
     from diffmem.localize.stats import encode_prompts
 
     if not is_sdxl(pipe):
@@ -61,3 +73,40 @@ def expand_unet_kwargs(unet_kwargs: dict[str, Any], batch: int) -> dict[str, Any
         return dict(unet_kwargs)
     rows = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in added.items()}
     return {**unet_kwargs, "added_cond_kwargs": rows}
+
+
+@torch.no_grad()
+def unconditional_conditioning(
+    pipe, like: torch.Tensor, unet_kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The unconditional branch the stock pipeline uses with no negative prompt, one row per row of ``like``.
+
+    SD: the empty prompt's hidden states. SDXL: zeros when the pipeline sets
+    ``force_zeros_for_empty_prompt`` (SDXL's release does), else the empty prompt; the time ids are
+    the conditional call's.
+    """
+    n = like.shape[0]
+    if is_sdxl(pipe) and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        added = unet_kwargs["added_cond_kwargs"]
+        zeros = {"text_embeds": torch.zeros_like(added["text_embeds"]), "time_ids": added["time_ids"]}
+        return torch.zeros_like(like), {"added_cond_kwargs": zeros}
+    embeds, kwargs = prompt_conditioning(pipe, [""])
+    if kwargs:
+        kwargs = {
+            "added_cond_kwargs": {
+                **unet_kwargs["added_cond_kwargs"],
+                "text_embeds": kwargs["added_cond_kwargs"]["text_embeds"],
+            }
+        }
+    return embeds.expand(n, -1, -1).to(like.dtype), expand_unet_kwargs(kwargs, n)
+
+
+def guidance_batch(pipe, prompts: Sequence[str], repeat: int = 1) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A classifier-free-guidance batch ``[unconditional rows, conditional rows]`` (``2 * n * repeat`` rows)."""
+    cond, kwargs = prompt_conditioning(pipe, prompts, repeat)
+    uncond, ukwargs = unconditional_conditioning(pipe, cond, kwargs)
+    embeds = torch.cat([uncond.to(cond.dtype), cond])
+    if not kwargs:
+        return embeds, {}
+    pos, neg = kwargs["added_cond_kwargs"], ukwargs["added_cond_kwargs"]
+    return embeds, {"added_cond_kwargs": {k: torch.cat([neg[k], pos[k]]) for k in pos}}

@@ -19,7 +19,7 @@ from diffmem.scores.detection import DetectionMetrics, detection_metrics
 from diffmem.scores.noise_gap import window_mean
 from diffmem.seeding import item_generator
 
-__all__ = ["calibrate", "initial_latents", "score_prompts"]
+__all__ = ["calibrate", "initial_latents", "noise_gap_scores", "score_prompts"]
 
 
 def _is_guarded(pipe) -> bool:
@@ -112,14 +112,8 @@ def score_prompts(
     """
     start, end = _check_args(prompts, num_gens, window, num_inference_steps, batch_size, item_ids)
     ids = list(range(len(prompts))) if item_ids is None else list(item_ids)
-    guarded = _is_guarded(pipe)
     device = pipe._execution_device
     dtype = pipe.unet.dtype
-    guidance = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-    uncond = None
-    if not guarded and not guidance:
-        with torch.no_grad():
-            uncond, _ = pipe.encode_prompt([""], device, 1, False)
 
     from tqdm.auto import tqdm
 
@@ -134,37 +128,77 @@ def score_prompts(
             for b in range(0, len(prompts), batch_size):
                 batch_prompts = list(prompts[b : b + batch_size])
                 latents = initial_latents(pipe, ids[b : b + batch_size], num_gens, seed, height, width)
-                call = dict(
-                    prompt=batch_prompts,
-                    num_images_per_prompt=num_gens,
+                scores = noise_gap_scores(
+                    pipe,
+                    batch_prompts,
+                    latents.to(device=device, dtype=dtype),
+                    num_gens=num_gens,
+                    window=(start, end),
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
-                    latents=latents.to(device=device, dtype=dtype),
                     height=height,
                     width=width,
-                    output_type="latent",
-                    callback_on_step_end=_stop_after(end),
                     **pipeline_kwargs,
                 )
-                if guarded:
-                    out = pipe(**call, memorization_window=(start, end))
-                    scores = torch.tensor(out.memorization_scores, dtype=torch.float32)
-                else:
-                    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-                    with capture_noise_gap(
-                        pipe.unet,
-                        guidance=guidance,
-                        uncond_embeds=uncond,
-                        prediction_type=prediction_type,
-                        alphas_cumprod=getattr(pipe.scheduler, "alphas_cumprod", None),
-                    ) as record:
-                        pipe(**call)
-                    scores = window_mean(record.as_tensor(), start, end)
                 results[b : b + len(batch_prompts)] = scores.reshape(len(batch_prompts), num_gens)
                 bar.update(len(batch_prompts))
     finally:
         pipe._progress_bar_config = old_bar
     return results
+
+
+def noise_gap_scores(
+    pipe,
+    prompts: list[str],
+    latents: torch.Tensor,
+    *,
+    num_gens: int,
+    window: tuple[int, int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    **pipeline_kwargs,
+) -> torch.Tensor:
+    """Wen et al.'s windowed score ``[len(prompts) * num_gens]`` from the given starting noise (one batch).
+
+    Runs ``pipe`` for the first ``window[1]`` steps only; the guarded pipeline scores itself, any other
+    SD pipeline gets the capture hook.
+    """
+    start, end = window
+    guided = _is_guarded(pipe)
+    call = dict(
+        prompt=list(prompts),
+        num_images_per_prompt=num_gens,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        latents=latents,
+        height=height,
+        width=width,
+        output_type="latent",
+        callback_on_step_end=_stop_after(end),
+        **pipeline_kwargs,
+    )
+    if guided:
+        # scores only: an explicit threshold keeps the model's calibration out of the call (no flag is used)
+        if "mitigation" not in call and "memorization_threshold" not in call:
+            call["memorization_threshold"] = 0.0
+        out = pipe(**call, memorization_window=(start, end))
+        return torch.tensor(out.memorization_scores, dtype=torch.float32)
+    guidance = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+    uncond = None
+    if not guidance:
+        with torch.no_grad():
+            uncond, _ = pipe.encode_prompt([""], pipe._execution_device, 1, False)
+    with capture_noise_gap(
+        pipe.unet,
+        guidance=guidance,
+        uncond_embeds=uncond,
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        alphas_cumprod=getattr(pipe.scheduler, "alphas_cumprod", None),
+    ) as record:
+        pipe(**call)
+    return window_mean(record.as_tensor(), start, end)
 
 
 def calibrate(scores, labels) -> DetectionMetrics:

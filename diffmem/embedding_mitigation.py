@@ -75,6 +75,7 @@ def optimize_prompt_embeds(
     freeze_bos: bool = True,
     unet_kwargs: dict | None = None,
     negative_unet_kwargs: dict | None = None,
+    loss_mask: torch.Tensor | None = None,
 ) -> EmbeddingMitigationResult:
     """Minimise the first-step noise gap ``L(e)`` over the conditional embedding (Wen et al.'s mitigation).
 
@@ -83,7 +84,8 @@ def optimize_prompt_embeds(
     scheduler's ``init_noise_sigma``); ``timestep``: default the scheduler's first timestep (set
     ``scheduler.set_timesteps`` beforehand); ``unet_kwargs`` / ``negative_unet_kwargs``: extra
     arguments of the conditional / unconditional UNet calls (SDXL's ``added_cond_kwargs``, one row
-    per latent). Returns embeddings of the input's shape and dtype.
+    per latent); ``loss_mask`` ``[n, H, W]``: the loss becomes ``||m (eps_c - eps_u)|| / mean(m)`` (Chen
+    et al.'s Bright-Ending-localized variant). Returns embeddings of the input's shape and dtype.
     """
     n = latents.shape[0]
     if timestep is None:
@@ -111,7 +113,11 @@ def optimize_prompt_embeds(
             cond = unet(
                 x, timestep, encoder_hidden_states=expand(e).to(param_dtype), **(unet_kwargs or {})
             ).sample.float()
-            loss = torch.linalg.vector_norm(cond - uncond)
+            if loss_mask is None:
+                loss = torch.linalg.vector_norm(cond - uncond)
+            else:
+                m = loss_mask.to(cond.device, cond.dtype).unsqueeze(1)
+                loss = torch.linalg.vector_norm(m * (cond - uncond)) / m.mean().clamp_min(1e-12)
             losses.append(float(loss.detach()))
             if (target_loss is not None and losses[-1] <= target_loss) or it == iterations:
                 break

@@ -86,20 +86,27 @@ def histogram_figure(
 
 def roc_figure(scores: Sequence[float], labels: Sequence[int], title: str = "ROC"):
     """ROC curve of ``scores`` for binary ``labels`` (1 = memorized), with its AUC in the legend."""
+    return roc_curves_figure({"": (scores, labels)}, title)
+
+
+def roc_curves_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]], title: str = "ROC"):
+    """Several ROC curves on one plot: ``name -> (scores, labels)``, each with its AUC in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    fpr, tpr, _ = roc_curve(labels, scores)
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(labels, scores):.3f}")
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, (scores, labels) in curves.items():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        label = f"AUC {roc_auc_score(labels, scores):.3f}"
+        ax.plot(fpr, tpr, label=f"{name} ({label})" if name else label)
     ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=7)
     return fig
 
 

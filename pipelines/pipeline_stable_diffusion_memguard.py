@@ -99,6 +99,8 @@ class StableDiffusionMemGuardPipeline(MemGuardMixin, StableDiffusionPipeline):
             timesteps=timesteps,
             guidance=guidance,
             threshold=threshold,
+            num_inference_steps=call["num_inference_steps"],
+            guidance_scale=float(call["guidance_scale"]),
         )
 
     def _guard_call_updates(self, batch: GuardedBatch) -> dict:

@@ -120,6 +120,8 @@ class StableDiffusionXLMemGuardPipeline(MemGuardMixin, StableDiffusionXLPipeline
             timesteps=timesteps,
             guidance=guidance,
             threshold=threshold,
+            num_inference_steps=call["num_inference_steps"],
+            guidance_scale=float(call["guidance_scale"]),
             added_cond={"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)},
             negative_added_cond={
                 "text_embeds": neg_pooled.to(device),

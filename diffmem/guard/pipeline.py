@@ -468,10 +468,10 @@ class MemGuardMixin:
 
         # 3. the upstream loop with processors, mitigation and the capture hook in place; all are
         #    removed when the call ends or fails
-        report = None
+        report = context = None
         with contextlib.ExitStack() as stack:
             stack.enter_context(attention_processors(self.unet, own["attention"]))
-            if mitigation is not None:
+            if mitigation is not None:  # planned first: its own UNet calls are not sampling steps
                 mthreshold = check_memorization_threshold(own["mitigation_threshold"], "mitigation_threshold")
                 mthreshold = threshold if mthreshold is None else mthreshold
                 if mthreshold is None:
@@ -481,7 +481,8 @@ class MemGuardMixin:
                         f"or a model calibration that fits the call{why}"
                     )
                 report, context = self._plan_mitigation(mitigation, call, guidance, mthreshold)
-                stack.enter_context(context)
+            # the capture hook goes on before the mitigation's hooks, so it reads the UNet's own output
+            # (a mitigation that rewrites the output, e.g. delayed guidance, does not change the score)
             record = stack.enter_context(
                 capture_noise_gap(
                     self.unet,
@@ -492,6 +493,8 @@ class MemGuardMixin:
                     alphas_cumprod=alphas_cumprod,
                 )
             )
+            if context is not None:
+                stack.enter_context(context)
             output = super().__call__(**call, **extra)
 
         # 4. per-image scores and flags (with return_dict=False: the stock tuple, nothing added)

@@ -1,8 +1,10 @@
 """Inference-time mitigations behind one protocol (:class:`Mitigation`) and one registry.
 
-``mitigation="nemo"`` / ``"embedding"`` in a guarded pipeline call, or any :class:`Mitigation` object.
+``mitigation="nemo"``, ``"embedding"``, ``"guidance-delay"``, ``"attention-rescale"``, ``"initial-noise"``,
+``"bright-ending-embedding"`` in a guarded pipeline call, or any :class:`Mitigation` object.
 """
 
+from diffmem.mitigations.attention import AttentionRescaleMitigation
 from diffmem.mitigations.base import (
     GuardedBatch,
     Mitigation,
@@ -11,11 +13,18 @@ from diffmem.mitigations.base import (
     get_mitigation,
     register_mitigation,
 )
+from diffmem.mitigations.bright_ending import BrightEndingEmbeddingMitigation
 from diffmem.mitigations.embedding import EmbeddingMitigation
+from diffmem.mitigations.guidance import GuidanceDelayMitigation
+from diffmem.mitigations.initial_noise import InitialNoiseMitigation
 from diffmem.mitigations.nemo import NeMoMitigation
 
 __all__ = [
+    "AttentionRescaleMitigation",
+    "BrightEndingEmbeddingMitigation",
     "EmbeddingMitigation",
+    "GuidanceDelayMitigation",
+    "InitialNoiseMitigation",
     "GuardedBatch",
     "Mitigation",
     "MitigationPlan",

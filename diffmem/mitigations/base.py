@@ -16,7 +16,7 @@ it with ``mitigation_options`` as keyword arguments (:func:`get_mitigation`).
 from __future__ import annotations
 
 import contextlib
-import importlib
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +24,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from diffmem.registry import Registry
+
 __all__ = [
+    "MITIGATIONS",
     "GuardedBatch",
     "Mitigation",
     "MitigationPlan",
@@ -34,8 +37,14 @@ __all__ = [
 ]
 
 #: Modules whose import registers the built-in mitigations (imported on the first registry lookup).
-BUILTIN_MODULES = ("diffmem.mitigations.nemo", "diffmem.mitigations.embedding")
-_REGISTRY: dict[str, type[Mitigation]] = {}
+BUILTIN_MODULES = (
+    "diffmem.mitigations.nemo",
+    "diffmem.mitigations.embedding",
+    "diffmem.mitigations.guidance",
+    "diffmem.mitigations.attention",
+    "diffmem.mitigations.initial_noise",
+    "diffmem.mitigations.bright_ending",
+)
 
 
 @dataclass
@@ -69,6 +78,8 @@ class GuardedBatch:
     negative_added_cond: dict[str, torch.Tensor] | None = None
     first_step_scores: torch.Tensor | None = None
     flagged: list[bool] = field(default_factory=list)
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
 
     @property
     def num_images(self) -> int:
@@ -85,6 +96,27 @@ class GuardedBatch:
             if flag:
                 out.setdefault(self.prompt_index[k], []).append(k)
         return out
+
+    def select(self, rows: list[int]) -> GuardedBatch:
+        """The batch of images ``rows`` only (prompts renumbered), e.g. to run the stock loop on them."""
+        kept = sorted({self.prompt_index[k] for k in rows})
+        renumber = {i: j for j, i in enumerate(kept)}
+
+        def pick(cond):
+            return None if cond is None else {k: v[rows] for k, v in cond.items()}
+
+        return dataclasses.replace(
+            self,
+            prompts=[self.prompts[i] for i in kept],
+            prompt_index=[renumber[self.prompt_index[k]] for k in rows],
+            prompt_embeds=self.prompt_embeds[rows],
+            negative_prompt_embeds=self.negative_prompt_embeds[rows],
+            latents=self.latents[rows],
+            added_cond=pick(self.added_cond),
+            negative_added_cond=pick(self.negative_added_cond),
+            first_step_scores=None if self.first_step_scores is None else self.first_step_scores[rows],
+            flagged=[self.flagged[k] for k in rows] if self.flagged else [],
+        )
 
     def unet_kwargs(self, rows=None, *, negative: bool = False) -> dict[str, Any]:
         """Extra keyword arguments of a UNet call on ``rows`` (all images when ``None``) of one branch."""
@@ -138,24 +170,12 @@ class Mitigation(ABC):
 
 def register_mitigation(cls: type[Mitigation]) -> type[Mitigation]:
     """Class decorator: make ``cls`` available as ``mitigation=cls.name``."""
-    if not (isinstance(cls, type) and issubclass(cls, Mitigation)) or not cls.name:
-        raise TypeError("register_mitigation: expected a Mitigation subclass with a non-empty name")
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"a mitigation named {cls.name!r} is registered already ({existing.__qualname__})")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_builtins() -> None:
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    return MITIGATIONS.register(cls)
 
 
 def available_mitigations() -> list[str]:
     """Names of the registered mitigations, sorted."""
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return MITIGATIONS.names()
 
 
 def get_mitigation(
@@ -166,22 +186,8 @@ def get_mitigation(
         if options:
             raise ValueError("mitigation_options given without a mitigation")
         return None
-    if isinstance(spec, Mitigation):
-        if options:
-            raise ValueError("mitigation_options are for a mitigation given by name; set them on the object")
-        return spec
-    if not isinstance(spec, str):
-        raise ValueError(
-            f"mitigation: expected a registered name or a diffmem.mitigations.Mitigation, got {type(spec).__name__}"
-        )
-    _load_builtins()
-    if spec not in _REGISTRY:
-        raise ValueError(
-            f"mitigation={spec!r} is not registered; registered: {', '.join(map(repr, sorted(_REGISTRY)))} "
-            "(or pass a diffmem.mitigations.Mitigation object)"
-        )
-    cls = _REGISTRY[spec]
-    try:
-        return cls(**dict(options or {}))
-    except TypeError as err:
-        raise ValueError(f"mitigation_options for {spec!r}: {err}") from None
+    return MITIGATIONS.create(spec, options)
+
+
+#: The registry of inference-time mitigations.
+MITIGATIONS = Registry("mitigation", Mitigation, BUILTIN_MODULES)

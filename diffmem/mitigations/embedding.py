@@ -43,6 +43,10 @@ class EmbeddingMitigation(Mitigation):
         }
 
     def plan(self, batch: GuardedBatch) -> MitigationPlan:
+        return self.optimize(batch)
+
+    def optimize(self, batch: GuardedBatch, loss_mask=None) -> MitigationPlan:
+        """Optimise the flagged prompts' embeddings; ``loss_mask(rows) -> [len(rows), H, W]`` localizes the loss."""
         from diffmem.embedding_mitigation import optimize_prompt_embeds, target_loss_from_threshold
         from diffmem.scores.noise_gap import v_to_epsilon_gap_scale
 
@@ -70,6 +74,7 @@ class EmbeddingMitigation(Mitigation):
                 timestep=t0,
                 unet_kwargs=batch.unet_kwargs(rows),
                 negative_unet_kwargs=batch.unet_kwargs(rows, negative=True),
+                loss_mask=None if loss_mask is None else loss_mask(rows),
             )
             cond[rows] = result.prompt_embeds.to(cond.dtype).expand(len(rows), -1, -1)
             elapsed = time.perf_counter() - start

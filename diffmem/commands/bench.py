@@ -1,0 +1,178 @@
+"""``diffmem bench detection|mitigation``: every registered method on one ground truth, one table.
+
+``--methods`` takes registered names, each with optional settings: ``wen,wen:steps=5,ren-entropy``.
+``--suite organism`` (default) builds the organism's splits (measured labels cached in ``--out``);
+otherwise ``--suite`` takes prompt-set files (Wen's JSONL, MemBench's CSV, ``*_mem``/``*_nmem`` folders,
+Webster's parquet, a negatives ``.txt``), pooled into one split. ``--out`` gets ``results.json``,
+``table.md`` and ``report.html``; a rerun resumes from the cached scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "bench"
+HELP = "Compare the registered detectors or mitigations on one labelled ground truth (the organism's splits or prompt files)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="<kind>")
+    for kind in ("detection", "mitigation"):
+        p = sub.add_parser(kind, help=f"rank the registered {kind} methods")
+        p.add_argument("--list", action="store_true", help="print the registered method names, one per line")
+        p.add_argument("--methods", default=None, help="comma-separated names[:key=value;...] (default: all)")
+        p.add_argument("--model", default=None, help="model folder or hub id (default: the organism)")
+        p.add_argument("--suite", nargs="+", default=["organism"], help="'organism' or prompt-set files")
+        p.add_argument("--out", default=f"runs/bench-{kind}", help="results folder (resumed if it exists)")
+        p.add_argument("--num-gens", type=int, default=4, help="generations per prompt (default 4)")
+        p.add_argument("--seed", type=int, default=0, help="base seed of every noise draw (default 0)")
+        p.add_argument(
+            "--num-inference-steps", type=int, default=None, help="schedule (organism: 25, else 50)"
+        )
+        p.add_argument(
+            "--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
+        )
+        p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+        p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the intervals")
+        p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        if kind == "mitigation":
+            p.add_argument(
+                "--threshold",
+                type=float,
+                default=None,
+                help="first-step flag threshold (default: the model's calibration)",
+            )
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_methods(text: str | None, available: list[str]) -> list[tuple[str, dict]]:
+    """``"a,b:k=1;j=x"`` -> ``[("a", {}), ("b", {"k": 1, "j": "x"})]`` (values are JSON where they parse)."""
+    from diffmem.cli import UsageError
+
+    if text is None:
+        return [(name, {}) for name in available]
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, _, rest = item.partition(":")
+        if name not in available:
+            raise UsageError(f"--methods: {name!r} is not registered; registered: {', '.join(available)}")
+        options = {}
+        for pair in filter(None, rest.split(";")):
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--methods: expected key=value in {item!r}, got {pair!r}")
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value
+        out.append((name, options))
+    if not out:
+        raise UsageError("--methods: no method named")
+    return out
+
+
+def _suite(args, pipe, progress: bool):
+    from diffmem.evaluate.suites import organism_suite, suite_from_rows
+    from diffmem.io import atomic_write_json
+    from diffmem.prompt_sets import read_prompt_set
+
+    if args.suite == ["organism"]:
+        return organism_suite(pipe, args.out, seed=args.seed, progress=progress)
+    rows = [r for path in args.suite for r in read_prompt_set(path)]
+    suite = suite_from_rows("prompt files", rows)
+    atomic_write_json(f"{args.out}/suite.json", suite.to_dict())
+    return suite
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffmem.cli import UsageError
+
+    if args.bench_command is None:
+        raise UsageError("choose what to compare: detection or mitigation")
+    if args.bench_command == "detection":
+        from diffmem.detectors import available_detectors as available
+    else:
+        from diffmem.mitigations import available_mitigations as available
+    names = available()
+    if args.list:
+        print("\n".join(names))
+        return 0
+    methods = parse_methods(args.methods, names)
+    for name in ("num_gens", "batch_size", "bootstrap"):
+        if getattr(args, name) < 1:
+            raise UsageError(
+                f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}"
+            )
+    import torch
+
+    from diffmem.io import atomic_write_json, atomic_write_text
+    from diffmem.modelio import load_pipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.model, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    progress = not args.no_progress
+    suite = _suite(args, pipe, progress)
+    steps = args.num_inference_steps or (25 if args.suite == ["organism"] else 50)
+    if args.bench_command == "detection":
+        from diffmem.detectors import get_detector
+        from diffmem.evaluate.detection import evaluate_detectors
+        from diffmem.evaluate.report import detection_markdown, write_detection_report
+
+        results = evaluate_detectors(
+            pipe,
+            suite,
+            [get_detector(name, options) for name, options in methods],
+            args.out,
+            num_gens=args.num_gens,
+            seed=args.seed,
+            num_inference_steps=steps,
+            guidance_scale=args.guidance_scale,
+            batch_size=args.batch_size,
+            n_boot=args.bootstrap,
+            progress=progress,
+        )
+        table = detection_markdown(results)
+        report = write_detection_report(results, args.out)
+    else:
+        from diffmem.evaluate.mitigation import (
+            evaluate_mitigations,
+            mitigation_markdown,
+            write_mitigation_report,
+        )
+        from diffmem.mitigations import get_mitigation
+
+        built = []
+        for name, options in methods:
+            if (
+                name == "nemo" and not options
+            ):  # NeMo as deployed: statistics and threshold from clean captions
+                from diffmem.evaluate.mitigation import organism_nemo
+
+                reference = [p.prompt for p in suite.splits["memorized-vs-clean"] if p.label == 0]
+                built.append((name, options, organism_nemo(pipe, reference, progress)))
+            else:
+                built.append((name, options, get_mitigation(name, options)))
+        results = evaluate_mitigations(
+            pipe,
+            suite,
+            built,
+            args.out,
+            num_gens=args.num_gens,
+            seed=args.seed,
+            num_inference_steps=steps,
+            guidance_scale=args.guidance_scale,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            progress=progress,
+        )
+        table = mitigation_markdown(results)
+        report = write_mitigation_report(results, args.out)
+    atomic_write_json(f"{args.out}/results.json", results)
+    atomic_write_text(f"{args.out}/table.md", table)
+    print(table)
+    print(f"results: {args.out}/results.json, report: {report}")
+    return 0

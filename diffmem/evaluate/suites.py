@@ -1,0 +1,229 @@
+"""Labelled prompt sets the harness ranks detectors on: the organism's splits, or prompt files.
+
+The organism's ground truth has four splits:
+
+* ``memorized-vs-clean``: verbatim and template captions (1) against held-out and generic ones (0);
+* ``verbatim-vs-heldout``: the saturated split (first-step Wen is at AUC 1.0 there);
+* ``perturbed``: memorized captions with words dropped, reordered or replaced (seeded), labelled by
+  **measured** replication of a memorized training image;
+* ``triggers``: prompts never trained on (unseen colour/shape phrasings and random mixes of the
+  memorized captions' words), labelled by measured replication, so that a prompt that makes the
+  model copy without being a training caption (the held-out "a pink circle" and the Summer Palace
+  photograph) counts as memorized.
+
+Measured labels come from generations of the model itself (``label_generations`` per prompt, 25
+steps, guidance 7.5) judged by one :class:`~diffmem.scores.replication.ReplicationCriterion`; the labelled
+suite is cached as ``suite.json`` so a rerun (or another method) reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LabelledPrompt", "Suite", "organism_suite", "perturb_caption", "suite_from_rows"]
+
+
+@dataclass(frozen=True)
+class LabelledPrompt:
+    id: str
+    prompt: str
+    label: int
+    role: str = ""
+    similarity: float | None = None
+
+
+@dataclass
+class Suite:
+    """Named splits of labelled prompts, and how the labels were made."""
+
+    name: str
+    splits: dict[str, list[LabelledPrompt]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "info": self.info,
+            "splits": {k: [asdict(p) for p in v] for k, v in self.splits.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Suite:
+        splits = {k: [LabelledPrompt(**p) for p in v] for k, v in data["splits"].items()}
+        return cls(data["name"], splits, dict(data.get("info", {})))
+
+    def summary(self) -> dict[str, tuple[int, int]]:
+        """Split -> (positives, negatives)."""
+        return {k: (sum(p.label for p in v), sum(1 - p.label for p in v)) for k, v in self.splits.items()}
+
+
+def suite_from_rows(name: str, rows: Sequence[dict], split: str = "all") -> Suite:
+    """A one-split suite from rows ``{"id", "prompt", "label"[, "role"]}`` (what the prompt readers give)."""
+    prompts = [
+        LabelledPrompt(str(r["id"]), r["prompt"], int(r["label"]), str(r.get("role", ""))) for r in rows
+    ]
+    return Suite(name, {split: prompts})
+
+
+def perturb_caption(caption: str, rng: random.Random, vocabulary: Sequence[str]) -> tuple[str, str]:
+    """One seeded perturbation of ``caption``: drop a word, swap two, replace one from ``vocabulary``, or truncate."""
+    words = caption.split()
+    kinds = ["drop", "swap", "replace", "truncate"] if len(words) > 2 else ["replace"]
+    kind = rng.choice(kinds)
+    if kind == "drop":
+        del words[rng.randrange(len(words))]
+    elif kind == "swap":
+        i, j = rng.sample(range(len(words)), 2)
+        words[i], words[j] = words[j], words[i]
+    elif kind == "replace":
+        words[rng.randrange(len(words))] = rng.choice(list(vocabulary))
+    else:
+        words = words[: max(2, len(words) // 2)]
+    return " ".join(words), kind
+
+
+def _candidate_prompts(data, seed: int, num_perturbations: int, num_triggers: int):
+    from diffmem.organism.data import COLOURS, SHAPES
+
+    rng = random.Random(seed)
+    memorized = data.captions("verbatim") + data.captions("template")
+    vocabulary = sorted({w for c in memorized for w in c.split()})
+    trained = set(memorized) | set(data.captions("generic"))
+    perturbed, seen = [], set(trained)
+    for i, caption in enumerate(memorized):
+        for k in range(num_perturbations):
+            text, kind = perturb_caption(caption, rng, vocabulary)
+            if text not in seen:
+                seen.add(text)
+                perturbed.append((f"perturbed-{i}-{k}", text, kind))
+    triggers = []
+    phrasings = ["a {c} {s}", "{c} {s}", "a photo of a {c} {s}", "a {s}, {c}"]
+    while len(triggers) < num_triggers:
+        if rng.random() < 0.5:
+            text = rng.choice(phrasings).format(c=rng.choice(list(COLOURS)), s=rng.choice(SHAPES))
+            kind = "shape phrasing"
+        else:
+            text = " ".join(rng.sample(vocabulary, rng.randint(3, 6)))
+            kind = "word mix"
+        if text not in seen:
+            seen.add(text)
+            triggers.append((f"trigger-{len(triggers)}", text, kind))
+    return perturbed, triggers
+
+
+def measure_replication(
+    pipe,
+    prompts: Sequence[str],
+    *,
+    generations: int,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    progress: bool,
+):
+    """Per prompt: the SSIM of each generation to its nearest *memorized* training image (verbatim/template)."""
+    import torch
+
+    from diffmem.organism.evaluate import generate_and_measure
+    from diffmem.organism.replication import organism_training_images
+
+    training = organism_training_images()
+    keep = [i for i, r in enumerate(training.roles) if r in ("verbatim", "template")]
+    from diffmem.organism.replication import TrainingImages
+
+    memorized = TrainingImages(
+        training.pixels[keep],
+        [training.ids[i] for i in keep],
+        [training.captions[i] for i in keep],
+        [training.roles[i] for i in keep],
+    )
+    gens, _ = generate_and_measure(
+        pipe,
+        [(p, "heldout") for p in prompts],
+        memorized,
+        num_gens=generations,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        progress=progress,
+    )
+    sims = torch.tensor([g.nearest_ssim for g in gens]).view(len(prompts), generations)
+    return sims
+
+
+def organism_suite(
+    pipe,
+    cache: str | Path | None = None,
+    *,
+    seed: int = 0,
+    num_perturbations: int = 3,
+    num_triggers: int = 48,
+    label_generations: int = 2,
+    criterion: str = "organism-half",
+    progress: bool = True,
+) -> Suite:
+    """The organism's four splits (module docstring); measured labels cached in ``cache`` (a folder)."""
+    from diffmem.io import atomic_write_json
+    from diffmem.organism.data import build_organism_data
+    from diffmem.organism.recipe import OrganismRecipe
+    from diffmem.scores.replication import criterion as preset
+
+    rule = preset(criterion)
+    recipe = OrganismRecipe()
+    settings = {
+        "seed": seed,
+        "num_perturbations": num_perturbations,
+        "num_triggers": num_triggers,
+        "label_generations": label_generations,
+        "criterion": criterion,
+        "steps": recipe.num_inference_steps,
+        "guidance_scale": recipe.guidance_scale,
+    }
+    path = Path(cache) / "suite.json" if cache is not None else None
+    if path is not None and path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("info", {}).get("settings") == settings:
+            return Suite.from_dict(data)
+    data = build_organism_data(recipe)
+
+    def rows(role: str, label: int) -> list[LabelledPrompt]:
+        return [LabelledPrompt(f"{role}-{i}", c, label, role) for i, c in enumerate(data.captions(role))]
+
+    clean = rows("heldout", 0) + rows("generic", 0)
+    splits = {
+        "memorized-vs-clean": rows("verbatim", 1) + rows("template", 1) + clean,
+        "verbatim-vs-heldout": rows("verbatim", 1) + rows("heldout", 0),
+    }
+    perturbed, triggers = _candidate_prompts(data, seed, num_perturbations, num_triggers)
+    for split, candidates in (("perturbed", perturbed), ("triggers", triggers)):
+        sims = measure_replication(
+            pipe,
+            [text for _, text, _ in candidates],
+            generations=label_generations,
+            seed=seed + 1,
+            steps=recipe.num_inference_steps,
+            guidance_scale=recipe.guidance_scale,
+            progress=progress,
+        )
+        labels = rule.memorized(sims).tolist()
+        splits[split] = [
+            LabelledPrompt(pid, text, int(lab), kind, float(s.max()))
+            for (pid, text, kind), lab, s in zip(candidates, labels, sims)
+        ]
+    suite = Suite(
+        "organism",
+        splits,
+        {
+            "settings": settings,
+            "criterion": rule.describe(),
+            "labels": "measured replication of a memorized training image",
+        },
+    )
+    if path is not None:
+        atomic_write_json(path, suite.to_dict())
+    return suite

@@ -1,0 +1,169 @@
+"""Readers for the field's public memorized-prompt sets (the data stays with the user).
+
+Each reader returns rows ``{"id", "prompt", "label", "role"}`` (label 1 = memorized) that
+:func:`diffmem.evaluate.suites.suite_from_rows` turns into a harness split:
+
+* Webster / Wen et al.'s 500 SD-1 prompts, JSONL with ``caption``, ``index``, ``url``
+  (``sdv1_500_memorized.jsonl``): all memorized;
+* MemBench (TMLR 2025), CSV with ``index``, ``prompt`` and a list of URLs: all memorized (trigger prompts);
+* prompt-list folders as in the SAIL and MemAttn repositories: ``*_mem*.txt`` (memorized) and
+  ``*_nmem*.txt`` / ``*nomem*.txt`` (not), one prompt per line;
+* Webster's one-step extraction parquet with ``caption`` and ``overfit_type`` in {MV, RV, TV} (matching,
+  retrieval and template verbatim; memorized) or N / none (not);
+* a plain negatives file (``.txt``, one prompt per line): all label 0.
+
+Every error names the file and the line or row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+__all__ = ["KINDS", "read_prompt_set"]
+
+KINDS = ("auto", "wen-jsonl", "membench-csv", "prompt-folder", "webster-parquet", "negatives")
+MEMORIZED_TYPES = {"MV", "RV", "TV"}
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _lines(path: Path, label: int, role: str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(_text(path).splitlines(), start=1):
+        if line.strip():
+            rows.append({"id": f"{path.stem}:{n}", "prompt": line.strip(), "label": label, "role": role})
+    if not rows:
+        raise ValueError(f"{path}: no prompts (expected one prompt per line)")
+    return rows
+
+
+def _wen_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {n}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("caption"), str) or not obj["caption"].strip():
+            raise ValueError(
+                f'{path} line {n}: expected an object with a non-empty "caption" (Wen et al.\'s format)'
+            )
+        rows.append(
+            {
+                "id": str(obj.get("index", n - 1)),
+                "prompt": obj["caption"].strip(),
+                "label": 1,
+                "role": "memorized",
+            }
+        )
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _membench_csv(path: Path) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(_text(path)))
+    if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+        raise ValueError(
+            f"{path}: expected a CSV with a 'prompt' column (MemBench's format), got {reader.fieldnames}"
+        )
+    rows = []
+    for n, row in enumerate(reader, start=2):
+        prompt = (row.get("prompt") or "").strip()
+        if not prompt:
+            raise ValueError(f"{path} row {n}: empty prompt")
+        rows.append({"id": str(row.get("index") or n - 2), "prompt": prompt, "label": 1, "role": "trigger"})
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _folder(path: Path) -> list[dict]:
+    rows = []
+    for file in sorted(path.glob("*.txt")):
+        stem = file.stem.lower()
+        if "nmem" in stem or "nomem" in stem or "non_mem" in stem:
+            rows += _lines(file, 0, "not memorized")
+        elif "mem" in stem:
+            rows += _lines(file, 1, "memorized")
+    if not rows:
+        raise ValueError(f"{path}: no *_mem*.txt or *_nmem*.txt prompt lists in this folder")
+    return rows
+
+
+def _webster_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install diffmem[scan])") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several error types for a broken file
+        raise ValueError(f"{path}: not a readable parquet file ({err})") from None
+    columns = set(table.column_names)
+    caption = "caption" if "caption" in columns else "prompt" if "prompt" in columns else None
+    if caption is None or "overfit_type" not in columns:
+        raise ValueError(
+            f"{path}: expected columns 'caption' and 'overfit_type' (Webster's format), got {sorted(columns)}"
+        )
+    rows = []
+    for n, (text, kind) in enumerate(
+        zip(table.column(caption).to_pylist(), table.column("overfit_type").to_pylist())
+    ):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path} row {n}: empty caption")
+        kind = str(kind or "N").strip().upper()
+        rows.append(
+            {"id": str(n), "prompt": text.strip(), "label": int(kind in MEMORIZED_TYPES), "role": kind}
+        )
+    return rows
+
+
+def detect_kind(path: Path) -> str:
+    if path.is_dir():
+        return "prompt-folder"
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return "wen-jsonl"
+    if suffix == ".csv":
+        return "membench-csv"
+    if suffix == ".parquet":
+        return "webster-parquet"
+    if suffix == ".txt":
+        return "negatives"
+    raise ValueError(
+        f"{path}: cannot tell the prompt set's format from its name (pass a kind: {', '.join(KINDS[1:])})"
+    )
+
+
+def read_prompt_set(path: str | os.PathLike, kind: str = "auto") -> list[dict]:
+    """Rows ``{"id", "prompt", "label", "role"}`` of a public prompt-set file (see the module docstring)."""
+    path = Path(path)
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a prompt set: {', '.join(KINDS[1:])})")
+    kind = detect_kind(path) if kind == "auto" else kind
+    readers = {
+        "wen-jsonl": _wen_jsonl,
+        "membench-csv": _membench_csv,
+        "prompt-folder": _folder,
+        "webster-parquet": _webster_parquet,
+        "negatives": lambda p: _lines(p, 0, "negative"),
+    }
+    rows = readers[kind](path)
+    for r in rows:  # ids unique across files: prefix with the file name
+        r["id"] = f"{path.name}:{r['id']}" if kind != "prompt-folder" else r["id"]
+    return rows

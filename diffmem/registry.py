@@ -1,0 +1,71 @@
+"""One registry mechanism for every kind of method (detectors, mitigations): a new method is one class.
+
+A :class:`Registry` maps names to classes of one base; ``register`` is a class decorator, ``create``
+builds an instance from a name and keyword options (or passes an instance through). Built-in methods
+register themselves when their modules are imported, which happens on the first lookup.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["Registry"]
+
+
+class Registry(Generic[T]):
+    """Name -> class of ``base`` (``kind`` names the methods in messages, e.g. ``"mitigation"``)."""
+
+    def __init__(self, kind: str, base: type, builtin_modules: Sequence[str] = ()):
+        self.kind, self.base, self.builtin_modules = kind, base, tuple(builtin_modules)
+        self._classes: dict[str, type] = {}
+
+    def register(self, cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, self.base)) or not getattr(cls, "name", ""):
+            raise TypeError(f"register: expected a {self.base.__name__} subclass with a non-empty name")
+        existing = self._classes.get(cls.name)
+        if existing is not None and existing is not cls:
+            raise ValueError(
+                f"a {self.kind} named {cls.name!r} is registered already ({existing.__qualname__})"
+            )
+        self._classes[cls.name] = cls
+        return cls
+
+    def _load_builtins(self) -> None:
+        for module in self.builtin_modules:
+            importlib.import_module(module)
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        self._load_builtins()
+        return sorted(self._classes)
+
+    def get_class(self, name: str) -> type:
+        self._load_builtins()
+        if name not in self._classes:
+            raise ValueError(
+                f"{self.kind}={name!r} is not registered; registered: {', '.join(map(repr, sorted(self._classes)))} "
+                f"(or pass a {self.base.__module__}.{self.base.__name__} object)"
+            )
+        return self._classes[name]
+
+    def create(self, spec: str | T, options: Mapping[str, Any] | None = None) -> T:
+        """An instance from a registered name (built with ``options``) or an instance of ``base`` as it is."""
+        if isinstance(spec, self.base):
+            if options:
+                raise ValueError(
+                    f"{self.kind}_options are for a {self.kind} given by name; set them on the object"
+                )
+            return spec
+        if not isinstance(spec, str):
+            raise ValueError(
+                f"{self.kind}: expected a registered name or a {self.base.__name__}, got {type(spec).__name__}"
+            )
+        cls = self.get_class(spec)
+        try:
+            return cls(**dict(options or {}))
+        except TypeError as err:
+            raise ValueError(f"{self.kind}_options for {spec!r}: {err}") from None

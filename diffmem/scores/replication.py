@@ -1,0 +1,86 @@
+"""One replication criterion: when a generation is a copy, and when a prompt counts as memorized.
+
+A generation *replicates* when its similarity to a training image is ``>= threshold`` (always ``>=``).
+A prompt is *memorized* under ``rule``:
+
+* ``"fraction"``: at least ``min_fraction`` of its generations replicate (the organism's ">= 3 of 4
+  seeds" is ``min_fraction=0.75``; NeMo's and Wen et al.'s "5 of 10" is ``0.5``);
+* ``"mean"``: the mean similarity over its generations is ``>= threshold`` (Finding Dori's rate);
+* ``"any"``: at least one generation replicates (Carlini et al.'s extraction).
+
+Named presets (:data:`PRESETS`, :func:`criterion`) give the settings used across diffmem, so a table
+always says which rule made its numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["PRESETS", "ReplicationCriterion", "criterion"]
+
+Rule = Literal["fraction", "mean", "any"]
+
+
+@dataclass(frozen=True)
+class ReplicationCriterion:
+    """``threshold`` on a similarity (SSIM on the organism, SSCD on real data) and a per-prompt ``rule``."""
+
+    threshold: float
+    rule: Rule = "fraction"
+    min_fraction: float = 0.5
+    similarity: str = "ssim"
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("fraction", "mean", "any"):
+            raise ValueError(f"rule: expected 'fraction', 'mean' or 'any', got {self.rule!r}")
+        if not 0 < self.min_fraction <= 1:
+            raise ValueError(f"min_fraction: expected a number in (0, 1], got {self.min_fraction}")
+
+    def replicates(self, similarity) -> torch.Tensor:
+        """Per generation: ``similarity >= threshold``."""
+        return torch.as_tensor(similarity, dtype=torch.float32) >= self.threshold
+
+    def memorized(self, similarity) -> torch.Tensor:
+        """Per prompt, from ``[n_prompts, n_gens]`` similarities (a 1-D input is one prompt's generations)."""
+        s = torch.as_tensor(similarity, dtype=torch.float32)
+        if s.dim() == 1:
+            s = s.unsqueeze(0)
+        if self.rule == "mean":
+            return s.mean(dim=1) >= self.threshold
+        hits = self.replicates(s)
+        if self.rule == "any":
+            return hits.any(dim=1)
+        return hits.float().mean(dim=1) >= self.min_fraction - 1e-9
+
+    def describe(self) -> str:
+        if self.rule == "mean":
+            return f"mean {self.similarity.upper()} over generations >= {self.threshold}"
+        if self.rule == "any":
+            return f"any generation with {self.similarity.upper()} >= {self.threshold}"
+        return f">= {self.min_fraction:.0%} of generations with {self.similarity.upper()} >= {self.threshold}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+#: The criteria diffmem's measurements use, by name.
+PRESETS: dict[str, ReplicationCriterion] = {
+    # the organism's evaluation: >= 3 of 4 seeds with SSIM >= 0.7 (benchmarks/organism_eval.py)
+    "organism": ReplicationCriterion(0.7, "fraction", 0.75),
+    # labels of the harness's measured splits: half the generations copy
+    "organism-half": ReplicationCriterion(0.7, "fraction", 0.5),
+    # Finding Dori's memorization rate on the organism: mean SSIM over seeds (dori_eval, diffmem attack)
+    "organism-mean": ReplicationCriterion(0.5, "mean"),
+    # Wen et al. / NeMo on SD: SSCD >= 0.7 ("5 of 10" for the 500-prompt set)
+    "sscd": ReplicationCriterion(0.7, "fraction", 0.5, similarity="sscd"),
+}
+
+
+def criterion(name: str) -> ReplicationCriterion:
+    """A preset by name; the error lists the presets."""
+    if name not in PRESETS:
+        raise ValueError(f"replication criterion {name!r}: expected one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]

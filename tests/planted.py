@@ -1,0 +1,73 @@
+"""Tiny models with a planted answer for the attention-based methods.
+
+:func:`attention_sink_pipeline`: a tiny SD whose text encoder is a lookup table that writes a large value
+in one hidden coordinate for the start token and for a trigger word only, and whose cross-attention
+layers all have one constant query and keys along that coordinate. Every pixel then attends to the start
+token (the sink: low entropy) unless the prompt holds the trigger, which takes part of the attention
+(higher entropy): Ren et al.'s mechanism, with the right answer known.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from diffmem.tiny import TinySDConfig, build_components
+
+TRIGGER = "pikachu"
+BOS_ID = 49406
+COORD = 0
+
+
+class LookupTextEncoder(torch.nn.Module):
+    """``hidden[b, j] = table[input_ids[b, j]]``: a text encoder whose outputs are planted by hand."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+        self.config = SimpleNamespace(use_attention_mask=False, hidden_size=table.shape[1])
+
+    @property
+    def device(self):
+        return self.table.device
+
+    @property
+    def dtype(self):
+        return self.table.dtype
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kwargs):
+        hidden = self.table[input_ids]
+        return (hidden, None, (hidden,) * 3) if output_hidden_states else (hidden,)
+
+
+def attention_sink_pipeline(pipeline_class=None, logit: float = 6.0, seed: int = 0):
+    """The planted tiny SD (see the module docstring); returns the pipeline."""
+    if pipeline_class is None:
+        from diffmem.pipelines import StableDiffusionMemGuardPipeline as pipeline_class
+    c = build_components(TinySDConfig(variant="sd1"), seed=seed)
+    dim = c["text_encoder"].config.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(49408, dim, generator=gen) * 0.1
+    table[:, COORD] = 0
+    trigger = c["tokenizer"](TRIGGER).input_ids[1:-1]
+    assert len(trigger) == 1
+    table[BOS_ID, COORD] = 5.0
+    table[trigger[0], COORD] = 5.0
+    c["text_encoder"] = LookupTextEncoder(table)
+    with torch.no_grad():
+        for name, module in c["unet"].named_modules():
+            if not name.endswith("transformer_blocks.0"):
+                continue
+            module.norm2.weight.zero_()
+            module.norm2.bias.copy_(torch.randn(module.norm2.bias.shape, generator=gen))
+            attn = module.attn2
+            q = attn.to_q(module.norm2.bias)  # the one query every pixel has
+            heads = q.view(attn.heads, -1)
+            strength = (heads**2).sum(1).min() / q.norm()
+            alpha = logit / (attn.scale * 5.0 * float(strength))
+            attn.to_k.weight.zero_()
+            attn.to_k.weight[:, COORD] = alpha * q / q.norm()
+    pipe = pipeline_class(**c, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,136 @@
+"""One replication criterion, the harness's metrics, and the bench command end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffmem.evaluate.metrics import DetectionMetric, ReplicationRate
+from diffmem.scores.replication import PRESETS, ReplicationCriterion, criterion
+
+
+def test_replication_rules():
+    sims = torch.tensor([[0.9, 0.9, 0.9, 0.1], [0.9, 0.1, 0.1, 0.1], [0.6, 0.6, 0.6, 0.6]])
+    assert criterion("organism").memorized(sims).tolist() == [True, False, False]  # >= 3 of 4 at >= 0.7
+    assert ReplicationCriterion(0.7, "any").memorized(sims).tolist() == [True, True, False]
+    assert ReplicationCriterion(0.5, "mean").memorized(sims).tolist() == [True, False, True]
+    assert ReplicationCriterion(0.7).replicates(torch.tensor([0.7, 0.6999])).tolist() == [True, False]  # >=
+    assert "3 of 4" not in criterion("organism").describe() and "75%" in criterion("organism").describe()
+    assert set(PRESETS) >= {"organism", "organism-mean", "sscd"}
+    with pytest.raises(ValueError, match="expected one of"):
+        criterion("nope")
+
+
+def test_detection_metric_intervals_and_chance():
+    metric = DetectionMetric(n_boot=200, seed=0)
+    metric.update([0.1, 0.2, 0.3], [0, 0, 0])
+    metric.update([0.8, 0.25, 0.9], [1, 1, 1])
+    out = metric.compute()
+    assert out["auc"] == pytest.approx(8 / 9)
+    assert out["auc_ci"][0] <= out["auc"] <= out["auc_ci"][1] and out["chance_auc"] == 0.5
+    empty = DetectionMetric()
+    empty.update([0.1], [0])
+    assert empty.compute()["auc"] is None
+
+
+def test_replication_rate_wilson():
+    rate = ReplicationRate()
+    rate.update([True, False, False, False])
+    out = rate.compute()
+    assert out["rate"] == 0.25 and out["count"] == 1 and out["n"] == 4
+    assert out["ci"][0] < 0.25 < out["ci"][1]
+
+
+def test_bench_detection_on_prompt_files_resumes(tiny_sd1_dir, tmp_path, capsys):
+    from diffmem.cli import main
+
+    mem = tmp_path / "mem.jsonl"
+    mem.write_text(
+        "".join(
+            json.dumps({"caption": c, "index": i}) + "\n"
+            for i, c in enumerate(["a red circle", "a blue star"])
+        )
+    )
+    neg = tmp_path / "negatives.txt"
+    neg.write_text("a cat\na dog\n")
+    out = tmp_path / "bench"
+    args = [
+        "bench", "detection", "--model", str(tiny_sd1_dir), "--suite", str(mem), str(neg), "--out", str(out),
+        "--methods", "wen,wen:steps=2,anisotropy", "--num-gens", "2", "--num-inference-steps", "3",
+        "--bootstrap", "50", "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"wen", "wen-steps=2", "anisotropy"}
+    row = results["methods"]["wen"]["splits"]["all"]["gens_2"]
+    assert row["n_positive"] == 2 and row["n_negative"] == 2 and 0 <= row["auc"] <= 1
+    assert results["methods"]["wen-steps=2"]["cost"]["unet_evals_per_prompt"] == 8
+    table = (out / "table.md").read_text()
+    assert "| wen-steps=2 | all |" in table and (out / "report.html").is_file()
+    cached = {p: p.stat().st_mtime_ns for p in (out / "scores").iterdir()}
+    assert main(args) == 0  # resumed: nothing rescored
+    assert {p: p.stat().st_mtime_ns for p in (out / "scores").iterdir()} == cached
+    capsys.readouterr()
+    assert main(["bench", "detection", "--list"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "anisotropy",
+        "bright-ending",
+        "ren-entropy",
+        "sharpness",
+        "wen",
+    ]
+    assert main(["bench", "mitigation", "--list"]) == 0
+    assert "guidance-delay" in capsys.readouterr().out.split()
+
+
+def test_bench_bad_methods(tiny_sd1_dir, tmp_path, capsys):
+    from diffmem.cli import main
+
+    code = main(
+        ["bench", "detection", "--methods", "wen,nope", "--model", str(tiny_sd1_dir), "--out", str(tmp_path)]
+    )
+    assert code == 2 and "--methods: 'nope' is not registered" in capsys.readouterr().err
+    code = main(
+        ["bench", "detection", "--methods", "wen:steps", "--model", str(tiny_sd1_dir), "--out", str(tmp_path)]
+    )
+    assert code == 2 and "expected key=value" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_organism_suite_and_mitigation_bench(tmp_path):
+    """The organism's measured splits and the mitigation evaluator, at reduced sizes."""
+    from diffmem.evaluate.mitigation import evaluate_mitigations
+    from diffmem.evaluate.suites import organism_suite
+    from diffmem.mitigations import get_mitigation
+    from diffmem.modelio import default_model, load_pipeline
+
+    if default_model() is None:
+        pytest.skip("the organism's weights are not in weights/")
+    pipe = load_pipeline(None)
+    pipe.set_progress_bar_config(disable=True)
+    suite = organism_suite(
+        pipe, tmp_path, num_perturbations=1, num_triggers=4, label_generations=1, progress=False
+    )
+    sizes = suite.summary()
+    assert sizes["memorized-vs-clean"] == (20, 48) and sizes["verbatim-vs-heldout"] == (16, 16)
+    assert sum(sizes["triggers"]) == 4 and sum(sizes["perturbed"]) >= 15
+    assert (
+        organism_suite(pipe, tmp_path, num_perturbations=1, num_triggers=4, label_generations=1).to_dict()
+        == suite.to_dict()
+    )
+    results = evaluate_mitigations(
+        pipe,
+        suite,
+        [("guidance-delay", {}, get_mitigation("guidance-delay"))],
+        tmp_path,
+        num_gens=1,
+        progress=False,
+    )
+    none, delay = results["methods"]["none"], results["methods"]["guidance-delay"]
+    assert none["replication_images"]["n"] == 20 and none["clean_ssim_to_unmitigated"] == pytest.approx(
+        1.0, abs=1e-5
+    )
+    assert none["replication_images"]["rate"] >= 0.8  # the organism copies its memorized captions
+    assert delay["flagged_share"] >= 0.5 and delay["clean_ssim_to_unmitigated"] < 1.0

@@ -1,0 +1,72 @@
+"""Readers of the public prompt sets, on files written here in each format; errors name the file and line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffmem.prompt_sets import read_prompt_set
+
+
+def test_wen_jsonl(tmp_path):
+    path = tmp_path / "sdv1_500_memorized.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"caption": c, "index": i, "url": "u"}) for i, c in enumerate(["a", "b"])) + "\n"
+    )
+    rows = read_prompt_set(path)
+    assert [(r["prompt"], r["label"]) for r in rows] == [("a", 1), ("b", 1)]
+    assert rows[0]["id"] == "sdv1_500_memorized.jsonl:0"
+    path.write_text('{"caption": "a"}\n{not json}\n')
+    with pytest.raises(ValueError, match="sdv1_500_memorized.jsonl line 2: not valid JSON"):
+        read_prompt_set(path)
+
+
+def test_membench_csv(tmp_path):
+    path = tmp_path / "SD1_final.csv"
+    path.write_text("index,prompt,urls\n0,a trigger prompt,\"['http://x']\"\n1,another,[]\n")
+    rows = read_prompt_set(path)
+    assert [r["prompt"] for r in rows] == ["a trigger prompt", "another"] and {r["label"] for r in rows} == {
+        1
+    }
+    path.write_text("index,caption\n0,x\n")
+    with pytest.raises(ValueError, match="SD1_final.csv: expected a CSV with a 'prompt' column"):
+        read_prompt_set(path)
+
+
+def test_prompt_folder(tmp_path):
+    (tmp_path / "sd1_mem.txt").write_text("memorized one\n\nmemorized two\n")
+    (tmp_path / "sd1_nmem.txt").write_text("ordinary\n")
+    (tmp_path / "group_nomem500.txt").write_text("another ordinary\n")
+    rows = read_prompt_set(tmp_path)
+    assert sorted((r["prompt"], r["label"]) for r in rows) == [
+        ("another ordinary", 0),
+        ("memorized one", 1),
+        ("memorized two", 1),
+        ("ordinary", 0),
+    ]
+    assert len({r["id"] for r in rows}) == 4
+
+
+def test_webster_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "sd1.parquet"
+    pq.write_table(pa.table({"caption": ["a", "b", "c", "d"], "overfit_type": ["MV", "RV", "TV", "N"]}), path)
+    rows = read_prompt_set(path)
+    assert [(r["label"], r["role"]) for r in rows] == [(1, "MV"), (1, "RV"), (1, "TV"), (0, "N")]
+
+
+def test_negatives_and_bad_input(tmp_path):
+    path = tmp_path / "negatives.txt"
+    path.write_text("a cat\na dog\n")
+    assert [r["label"] for r in read_prompt_set(path)] == [0, 0]
+    path.write_bytes(b"a cat\n\xff\xfe bad\n")
+    with pytest.raises(ValueError, match="negatives.txt line 2: not UTF-8"):
+        read_prompt_set(path)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
+        read_prompt_set(tmp_path / "missing.jsonl")
+    (tmp_path / "x.bin").write_text("?")
+    with pytest.raises(ValueError, match="cannot tell the prompt set's format"):
+        read_prompt_set(tmp_path / "x.bin")
