@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from diffmem.scores.replication import ReplicationCriterion
+
 
 def _mean_std(values):
     values = list(values)
@@ -267,7 +269,10 @@ def main() -> None:  # noqa: C901 (a linear script of stages)
     def summarize(rows, key):
         sims = [r[f"similarity_{key}_mean"] for r in rows]
         mean, std = _mean_std(sims)
-        return {"ssim_mean": mean, "ssim_std": std, "rate": sum(s > args.threshold for s in sims) / len(sims)}
+        rate = float(
+            ReplicationCriterion(args.threshold, "mean").memorized(torch.tensor(sims)[:, None]).float().mean()
+        )
+        return {"ssim_mean": mean, "ssim_std": std, "rate": rate}
 
     table: list[dict] = []
 

@@ -110,3 +110,16 @@ def guidance_batch(pipe, prompts: Sequence[str], repeat: int = 1) -> tuple[torch
         return embeds, {}
     pos, neg = kwargs["added_cond_kwargs"], ukwargs["added_cond_kwargs"]
     return embeds, {"added_cond_kwargs": {k: torch.cat([neg[k], pos[k]]) for k in pos}}
+
+
+def to_epsilon(scheduler, output: torch.Tensor, sample: torch.Tensor, t) -> torch.Tensor:
+    """A UNet output as a noise prediction (epsilon-, v- or sample-predicting models; ``sample`` is ``x_t``)."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return output
+    a = scheduler.alphas_cumprod.to(sample.device)[int(t)].to(sample.dtype)
+    if kind == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * sample
+    if kind == "sample":
+        return (sample - a.sqrt() * output) / (1 - a).sqrt()
+    raise ValueError(f"unsupported prediction_type {kind!r}")

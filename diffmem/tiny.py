@@ -332,3 +332,51 @@ def build_tiny_sdxl_pipeline(config: TinySDXLConfig = TinySDXLConfig(), seed: in
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
+
+
+# ------------------------------------------------------------------------------------------ real size
+def build_sd15_architecture_pipeline(seed: int = 0, image_size: int = 64, pipeline_class=None):
+    """Random weights in Stable Diffusion 1.5's exact architecture (860M-parameter UNet, 123M CLIP ViT-L/14
+    text encoder, the 8x autoencoder), for real-size plumbing checks: layer discovery (16 cross-attention
+    layers, 5,760 value neurons in down/mid), memory, every method's shapes. ``image_size`` sets the
+    default resolution (the UNet's ``sample_size`` is ``image_size // 8``); no hub access.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if pipeline_class is None:
+        from diffusers import StableDiffusionPipeline as pipeline_class
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=image_size,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    text_encoder = clip_text_encoder(768, 12, 12).eval()
+    return pipeline_class(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        scheduler=sd_ddim_scheduler("epsilon"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -64,18 +64,11 @@ class StableDiffusionMemGuardPipeline(MemGuardMixin, StableDiffusionPipeline):
 
     @torch.no_grad()
     def _guard_batch(self, call: dict, guidance: bool, threshold: float) -> GuardedBatch:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-
-        if call["ip_adapter_image"] is not None or call["ip_adapter_image_embeds"] is not None:
-            raise ValueError("mitigation: IP-Adapter inputs are not supported with a mitigation")
-        device = self._execution_device
-        n_per = call["num_images_per_prompt"] or 1
-        prompt = call["prompt"]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else None
+        self._refuse_ip_adapter(call)
         cond, neg = self.encode_prompt(
-            prompt,
-            device,
-            n_per,
+            call["prompt"],
+            self._execution_device,
+            call["num_images_per_prompt"] or 1,
             True,
             call["negative_prompt"] if guidance else None,
             prompt_embeds=call["prompt_embeds"],
@@ -83,25 +76,7 @@ class StableDiffusionMemGuardPipeline(MemGuardMixin, StableDiffusionPipeline):
             lora_scale=(call["cross_attention_kwargs"] or {}).get("scale"),
             clip_skip=call["clip_skip"],
         )
-        n = cond.shape[0]
-        if prompts is None:
-            prompts = [None] * (n // n_per)
-        timesteps, _ = retrieve_timesteps(
-            self.scheduler, call["num_inference_steps"], device, call["timesteps"], call["sigmas"]
-        )
-        return GuardedBatch(
-            pipe=self,
-            prompts=prompts,
-            prompt_index=[k // n_per for k in range(n)],
-            prompt_embeds=cond,
-            negative_prompt_embeds=neg,
-            latents=self._draw_latents(call, n, cond.dtype),
-            timesteps=timesteps,
-            guidance=guidance,
-            threshold=threshold,
-            num_inference_steps=call["num_inference_steps"],
-            guidance_scale=float(call["guidance_scale"]),
-        )
+        return self._new_batch(call, cond, neg, guidance, threshold)
 
     def _guard_call_updates(self, batch: GuardedBatch) -> dict:
         return dict(

@@ -63,14 +63,8 @@ class StableDiffusionXLMemGuardPipeline(MemGuardMixin, StableDiffusionXLPipeline
 
     @torch.no_grad()
     def _guard_batch(self, call: dict, guidance: bool, threshold: float) -> GuardedBatch:
-        from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
-
-        if call["ip_adapter_image"] is not None or call["ip_adapter_image_embeds"] is not None:
-            raise ValueError("mitigation: IP-Adapter inputs are not supported with a mitigation")
+        self._refuse_ip_adapter(call)
         device = self._execution_device
-        n_per = call["num_images_per_prompt"] or 1
-        prompt = call["prompt"]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else None
         negative = {
             k: call[k] if guidance else None
             for k in (
@@ -81,10 +75,10 @@ class StableDiffusionXLMemGuardPipeline(MemGuardMixin, StableDiffusionXLPipeline
             )
         }
         cond, neg, pooled, neg_pooled = self.encode_prompt(
-            prompt=prompt,
+            prompt=call["prompt"],
             prompt_2=call["prompt_2"],
             device=device,
-            num_images_per_prompt=n_per,
+            num_images_per_prompt=call["num_images_per_prompt"] or 1,
             do_classifier_free_guidance=True,
             prompt_embeds=call["prompt_embeds"],
             pooled_prompt_embeds=call["pooled_prompt_embeds"],
@@ -93,8 +87,6 @@ class StableDiffusionXLMemGuardPipeline(MemGuardMixin, StableDiffusionXLPipeline
             **negative,
         )
         n = cond.shape[0]
-        if prompts is None:
-            prompts = [None] * (n // n_per)
         if self.text_encoder_2 is None:
             projection_dim = int(pooled.shape[-1])
         else:
@@ -107,21 +99,12 @@ class StableDiffusionXLMemGuardPipeline(MemGuardMixin, StableDiffusionXLPipeline
             and call["negative_target_size"] is not None
         ):
             neg_time_ids = self._time_ids(call, cond.dtype, projection_dim, negative=True)
-        timesteps, _ = retrieve_timesteps(
-            self.scheduler, call["num_inference_steps"], device, call["timesteps"], call["sigmas"]
-        )
-        return GuardedBatch(
-            pipe=self,
-            prompts=prompts,
-            prompt_index=[k // n_per for k in range(n)],
-            prompt_embeds=cond,
-            negative_prompt_embeds=neg,
-            latents=self._draw_latents(call, n, cond.dtype),
-            timesteps=timesteps,
-            guidance=guidance,
-            threshold=threshold,
-            num_inference_steps=call["num_inference_steps"],
-            guidance_scale=float(call["guidance_scale"]),
+        return self._new_batch(
+            call,
+            cond,
+            neg,
+            guidance,
+            threshold,
             added_cond={"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)},
             negative_added_cond={
                 "text_embeds": neg_pooled.to(device),

@@ -49,3 +49,16 @@ def tiny_sdxl_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sdxl")
     build_tiny_sdxl_pipeline(seed=0).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def sd1_pipes(tiny_sd1_dir):
+    """(stock, guarded) tiny SD-1 pipelines sharing their modules (``from_pipe``), fresh for each test module."""
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline
+    from diffusers import StableDiffusionPipeline
+
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
+    stock.set_progress_bar_config(disable=True)
+    guarded = StableDiffusionMemGuardPipeline.from_pipe(stock)
+    guarded.set_progress_bar_config(disable=True)
+    return stock, guarded

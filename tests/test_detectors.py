@@ -64,6 +64,10 @@ class TestRenEntropy(DetectorTesterMixin):
 class TestAnisotropy(DetectorTesterMixin):
     detector_name = "anisotropy"
 
+    def test_a_too_short_schedule_is_refused(self, sd):
+        with pytest.raises(ValueError, match="low_index=-3 needs a schedule of at least 3 steps"):
+            self.score(sd, num_inference_steps=2)
+
     def test_norm_term_alone_is_wen_first_step(self, sd):
         norm_only = get_detector("anisotropy", {"gamma_angle": 0.0})
         wen = get_detector("wen")
@@ -130,3 +134,24 @@ class TestBrightEnding(DetectorTesterMixin):
     def test_needs_guidance(self, sd):
         with pytest.raises(ValueError, match="needs classifier-free guidance"):
             self.score(sd, guidance_scale=1.0)
+
+
+@pytest.mark.slow
+def test_every_detector_at_sd15_size():
+    """The plumbing at real width: SD-1.5's architecture (random weights), 64 px, every detector."""
+    from diffmem.hooks.attention import cross_attention_layers
+    from diffmem.hooks.neurons import value_layers
+    from diffmem.tiny import build_sd15_architecture_pipeline
+
+    pipe = build_sd15_architecture_pipeline(image_size=64)
+    pipe.set_progress_bar_config(disable=True)
+    assert len(cross_attention_layers(pipe.unet)) == 16
+    assert sum(m.out_features for m in value_layers(pipe.unet).values()) == 5760
+    assert get_detector("ren-entropy").resolve_layers(pipe.unet) == [
+        "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
+    ]
+    for name in available_detectors():
+        scores = get_detector(name).score(
+            pipe, ["a photo of a cat"], num_gens=1, num_inference_steps=3, progress=False
+        )
+        assert scores.shape == (1, 1) and torch.isfinite(scores).all(), name

@@ -19,6 +19,10 @@ def test_replication_rules():
     assert ReplicationCriterion(0.7).replicates(torch.tensor([0.7, 0.6999])).tolist() == [True, False]  # >=
     assert "3 of 4" not in criterion("organism").describe() and "75%" in criterion("organism").describe()
     assert set(PRESETS) >= {"organism", "organism-mean", "sscd"}
+    assert [criterion("organism").memorized_count(h, 4) for h in (2, 3, 4)] == [False, True, True]
+    assert ReplicationCriterion(0.7, "any").memorized_count(1, 10)
+    with pytest.raises(ValueError, match="needs the similarities"):
+        ReplicationCriterion(0.5, "mean").memorized_count(1, 2)
     with pytest.raises(ValueError, match="expected one of"):
         criterion("nope")
 

@@ -20,15 +20,8 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def pipes(tiny_sd1_dir):
-    from diffmem.pipelines import StableDiffusionMemGuardPipeline
-    from diffusers import StableDiffusionPipeline
-
-    stock = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
-    stock.set_progress_bar_config(disable=True)
-    guarded = StableDiffusionMemGuardPipeline.from_pipe(stock)
-    guarded.set_progress_bar_config(disable=True)
-    return stock, guarded
+def pipes(sd1_pipes):
+    return sd1_pipes
 
 
 def call(pipe, prompts=PROMPTS, **kw):

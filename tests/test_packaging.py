@@ -21,3 +21,12 @@ def test_cli_help_lists_commands():
 
     text = build_parser().format_help()
     assert "diffmem" in text
+
+
+def test_public_surface_is_lazy_and_complete():
+    """``import diffmem`` loads no torch; every exported name resolves."""
+    import subprocess
+    import sys
+
+    code = "import sys, diffmem; assert 'torch' not in sys.modules; [getattr(diffmem, n) for n in diffmem.__all__]"
+    subprocess.run([sys.executable, "-c", code], check=True)

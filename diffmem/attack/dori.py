@@ -275,12 +275,19 @@ class AttackOutcome:
     images_after: torch.Tensor | None = None
 
     @property
+    def criterion(self):
+        """Finding Dori's replication rule: the mean SSIM over seeds ``>= threshold``."""
+        from diffmem.scores.replication import ReplicationCriterion
+
+        return ReplicationCriterion(self.threshold, "mean")
+
+    @property
     def replicated_before(self) -> bool:
-        return sum(self.similarity_before) / len(self.similarity_before) > self.threshold
+        return bool(self.criterion.memorized(self.similarity_before)[0])
 
     @property
     def replicated_after(self) -> bool:
-        return sum(self.similarity_after) / len(self.similarity_after) > self.threshold
+        return bool(self.criterion.memorized(self.similarity_after)[0])
 
     def row(self) -> dict:
         mean = lambda v: sum(v) / len(v)  # noqa: E731

@@ -79,8 +79,9 @@ def _suite(args, pipe, progress: bool):
     from diffmem.io import atomic_write_json
     from diffmem.prompt_sets import read_prompt_set
 
-    if args.suite == ["organism"]:
-        return organism_suite(pipe, args.out, seed=args.seed, progress=progress)
+    if args.suite == ["organism"]:  # the mitigation bench needs only the splits of known roles
+        measured = args.bench_command == "detection"
+        return organism_suite(pipe, args.out, seed=args.seed, measured=measured, progress=progress)
     rows = [r for path in args.suite for r in read_prompt_set(path)]
     suite = suite_from_rows("prompt files", rows)
     atomic_write_json(f"{args.out}/suite.json", suite.to_dict())
@@ -117,6 +118,14 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     suite = _suite(args, pipe, progress)
     steps = args.num_inference_steps or (25 if args.suite == ["organism"] else 50)
+    common = dict(
+        num_gens=args.num_gens,
+        seed=args.seed,
+        num_inference_steps=steps,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        progress=progress,
+    )
     if args.bench_command == "detection":
         from diffmem.detectors import get_detector
         from diffmem.evaluate.detection import evaluate_detectors
@@ -127,13 +136,8 @@ def run(args: argparse.Namespace) -> int:
             suite,
             [get_detector(name, options) for name, options in methods],
             args.out,
-            num_gens=args.num_gens,
-            seed=args.seed,
-            num_inference_steps=steps,
-            guidance_scale=args.guidance_scale,
-            batch_size=args.batch_size,
             n_boot=args.bootstrap,
-            progress=progress,
+            **common,
         )
         table = detection_markdown(results)
         report = write_detection_report(results, args.out)
@@ -161,13 +165,8 @@ def run(args: argparse.Namespace) -> int:
             suite,
             built,
             args.out,
-            num_gens=args.num_gens,
-            seed=args.seed,
-            num_inference_steps=steps,
-            guidance_scale=args.guidance_scale,
-            batch_size=args.batch_size,
             threshold=args.threshold,
-            progress=progress,
+            **common,
         )
         table = mitigation_markdown(results)
         report = write_mitigation_report(results, args.out)

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from diffmem.detectors.base import Detector, register_detector, timestep_schedule, to_epsilon
+from diffmem.conditioning import to_epsilon
+from diffmem.detectors.base import Detector, register_detector, timestep_schedule
 
 __all__ = ["AnisotropyDetector"]
 
@@ -59,6 +60,11 @@ class AnisotropyDetector(Detector):
         embeds, extra = guidance_batch(pipe, prompts, settings["num_gens"])
         embeds = embeds.to(latents.dtype)
         timesteps = timestep_schedule(pipe, settings["num_inference_steps"])
+        if not -len(timesteps) <= self.low_index < len(timesteps):
+            raise ValueError(
+                f"anisotropy: low_index={self.low_index} needs a schedule of at least {abs(self.low_index)} "
+                f"steps, got num_inference_steps={settings['num_inference_steps']}"
+            )
         x_t = latents * pipe.scheduler.init_noise_sigma
 
         def branches(t):
@@ -67,7 +73,7 @@ class AnisotropyDetector(Detector):
             return x.float(), *out.chunk(2)
 
         x, u, c = branches(timesteps[0])
-        gap = to_epsilon(pipe, c, x, timesteps[0]) - to_epsilon(pipe, u, x, timesteps[0])
+        gap = to_epsilon(pipe.scheduler, c, x, timesteps[0]) - to_epsilon(pipe.scheduler, u, x, timesteps[0])
         norm = gap.flatten(1).norm(dim=1)
         _, u, c = branches(timesteps[self.low_index])
         angle = torch.nn.functional.cosine_similarity(u, c - u, dim=1, eps=1e-8).flatten(1).mean(dim=1)

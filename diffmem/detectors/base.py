@@ -133,16 +133,3 @@ def timestep_schedule(pipe, num_inference_steps: int) -> torch.Tensor:
     """The pipeline scheduler's timesteps for ``num_inference_steps`` (the scheduler is left set to them)."""
     pipe.scheduler.set_timesteps(num_inference_steps, device=pipe._execution_device)
     return pipe.scheduler.timesteps
-
-
-def to_epsilon(pipe, output: torch.Tensor, sample: torch.Tensor, t) -> torch.Tensor:
-    """A UNet output as a noise prediction (epsilon, v-prediction, or sample-predicting models)."""
-    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if kind == "epsilon":
-        return output
-    a = pipe.scheduler.alphas_cumprod.to(sample.device)[int(t)].to(sample.dtype)
-    if kind == "v_prediction":
-        return a.sqrt() * output + (1 - a).sqrt() * sample
-    if kind == "sample":
-        return (sample - a.sqrt() * output) / (1 - a).sqrt()
-    raise ValueError(f"unsupported prediction_type {kind!r}")

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from diffmem.detectors.base import Detector, register_detector, timestep_schedule, to_epsilon
+from diffmem.conditioning import to_epsilon
+from diffmem.detectors.base import Detector, register_detector, timestep_schedule
 
 __all__ = ["SharpnessDetector"]
 
@@ -58,7 +59,7 @@ class SharpnessDetector(Detector):
             inp = pipe.scheduler.scale_model_input(x, t).to(unet_dtype)
             out = pipe.unet(torch.cat([inp, inp]), t, encoder_hidden_states=embeds, **extra).sample.float()
             u, c = out.chunk(2)
-            return to_epsilon(pipe, c, x, t) - to_epsilon(pipe, u, x, t)
+            return to_epsilon(pipe.scheduler, c, x, t) - to_epsilon(pipe.scheduler, u, x, t)
 
         # forward-mode derivatives need the plain attention processor (SDPA/xformers kernels have none)
         with torch.no_grad(), attention_processors(pipe.unet, "naive"):

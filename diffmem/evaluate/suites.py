@@ -4,8 +4,9 @@ The organism's ground truth has four splits:
 
 * ``memorized-vs-clean``: verbatim and template captions (1) against held-out and generic ones (0);
 * ``verbatim-vs-heldout``: the saturated split (first-step Wen is at AUC 1.0 there);
-* ``perturbed``: memorized captions with words dropped, reordered or replaced (seeded), labelled by
-  **measured** replication of a memorized training image;
+* ``perturbed``: memorized captions with words dropped, reordered, replaced, truncated, or all but one
+  or two words removed or replaced by generic ones (seeded), labelled by **measured** replication of a
+  memorized training image;
 * ``triggers``: prompts never trained on (unseen colour/shape phrasings and random mixes of the
   memorized captions' words), labelled by measured replication, so that a prompt that makes the
   model copy without being a training caption (the held-out "a pink circle" and the Summer Palace
@@ -70,11 +71,25 @@ def suite_from_rows(name: str, rows: Sequence[dict], split: str = "all") -> Suit
     return Suite(name, {split: prompts})
 
 
-def perturb_caption(caption: str, rng: random.Random, vocabulary: Sequence[str]) -> tuple[str, str]:
-    """One seeded perturbation of ``caption``: drop a word, swap two, replace one from ``vocabulary``, or truncate."""
+#: Perturbations, from mild (one word) to strong (one word kept among generic ones).
+PERTURBATIONS = ("drop", "swap", "replace", "truncate", "keep-two", "generic")
+
+
+def perturb_caption(
+    caption: str,
+    rng: random.Random,
+    vocabulary: Sequence[str],
+    kind: str | None = None,
+    generic: Sequence[str] = (),
+) -> tuple[str, str]:
+    """One seeded perturbation of ``caption`` (``kind`` from :data:`PERTURBATIONS`, default random): drop a
+    word, swap two, replace one from ``vocabulary``, keep the first half, keep two words, or keep one word
+    among words drawn from ``generic``."""
     words = caption.split()
-    kinds = ["drop", "swap", "replace", "truncate"] if len(words) > 2 else ["replace"]
-    kind = rng.choice(kinds)
+    if kind is None:
+        kind = rng.choice(PERTURBATIONS if len(words) > 2 else ("replace",))
+    if len(words) <= 2 and kind != "generic":
+        kind = "replace"
     if kind == "drop":
         del words[rng.randrange(len(words))]
     elif kind == "swap":
@@ -82,8 +97,17 @@ def perturb_caption(caption: str, rng: random.Random, vocabulary: Sequence[str])
         words[i], words[j] = words[j], words[i]
     elif kind == "replace":
         words[rng.randrange(len(words))] = rng.choice(list(vocabulary))
-    else:
+    elif kind == "truncate":
         words = words[: max(2, len(words) // 2)]
+    elif kind == "keep-two":
+        keep = sorted(rng.sample(range(len(words)), 2))
+        words = [words[i] for i in keep]
+    elif kind == "generic":
+        pool = list(generic) or list(vocabulary)
+        words = [rng.choice(pool) for _ in range(3)] + [rng.choice(words)]
+        rng.shuffle(words)
+    else:
+        raise ValueError(f"kind: expected one of {', '.join(PERTURBATIONS)}, got {kind!r}")
     return " ".join(words), kind
 
 
@@ -95,16 +119,18 @@ def _candidate_prompts(data, seed: int, num_perturbations: int, num_triggers: in
     vocabulary = sorted({w for c in memorized for w in c.split()})
     trained = set(memorized) | set(data.captions("generic"))
     perturbed, seen = [], set(trained)
+    generic = sorted({w for c in data.captions("generic") for w in c.split()})
     for i, caption in enumerate(memorized):
         for k in range(num_perturbations):
-            text, kind = perturb_caption(caption, rng, vocabulary)
+            kind = PERTURBATIONS[(i + k) % len(PERTURBATIONS)]  # every strength on every caption set
+            text, kind = perturb_caption(caption, rng, vocabulary, kind, generic)
             if text not in seen:
                 seen.add(text)
                 perturbed.append((f"perturbed-{i}-{k}", text, kind))
     triggers = []
     phrasings = ["a {c} {s}", "{c} {s}", "a photo of a {c} {s}", "a {s}, {c}"]
     while len(triggers) < num_triggers:
-        if rng.random() < 0.5:
+        if rng.random() < 2 / 3:
             text = rng.choice(phrasings).format(c=rng.choice(list(COLOURS)), s=rng.choice(SHAPES))
             kind = "shape phrasing"
         else:
@@ -161,13 +187,17 @@ def organism_suite(
     cache: str | Path | None = None,
     *,
     seed: int = 0,
-    num_perturbations: int = 3,
+    num_perturbations: int = 4,
     num_triggers: int = 48,
     label_generations: int = 2,
     criterion: str = "organism-half",
+    measured: bool = True,
     progress: bool = True,
 ) -> Suite:
-    """The organism's four splits (module docstring); measured labels cached in ``cache`` (a folder)."""
+    """The organism's four splits (module docstring); measured labels cached in ``cache`` (a folder).
+
+    ``measured=False``: only the two splits of known roles (no generation needed).
+    """
     from diffmem.io import atomic_write_json
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.recipe import OrganismRecipe
@@ -176,6 +206,7 @@ def organism_suite(
     rule = preset(criterion)
     recipe = OrganismRecipe()
     settings = {
+        "version": 2,
         "seed": seed,
         "num_perturbations": num_perturbations,
         "num_triggers": num_triggers,
@@ -183,6 +214,7 @@ def organism_suite(
         "criterion": criterion,
         "steps": recipe.num_inference_steps,
         "guidance_scale": recipe.guidance_scale,
+        "measured": measured,
     }
     path = Path(cache) / "suite.json" if cache is not None else None
     if path is not None and path.is_file():
@@ -200,7 +232,7 @@ def organism_suite(
         "verbatim-vs-heldout": rows("verbatim", 1) + rows("heldout", 0),
     }
     perturbed, triggers = _candidate_prompts(data, seed, num_perturbations, num_triggers)
-    for split, candidates in (("perturbed", perturbed), ("triggers", triggers)):
+    for split, candidates in (("perturbed", perturbed), ("triggers", triggers)) if measured else ():
         sims = measure_replication(
             pipe,
             [text for _, text, _ in candidates],

@@ -363,6 +363,49 @@ class MemGuardMixin:
         """The stock arguments that make the loop run on ``batch``'s tensors."""
         raise NotImplementedError
 
+    def _new_batch(self, call: dict, cond, neg, guidance: bool, threshold: float, **conditioning):
+        """The :class:`~diffmem.mitigations.GuardedBatch` of encoded prompts ``cond``/``neg`` (one row per image)."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        from diffmem.mitigations.base import GuardedBatch
+
+        n_per = call["num_images_per_prompt"] or 1
+        n = cond.shape[0]
+        prompt = call["prompt"]
+        prompts = (
+            [prompt]
+            if isinstance(prompt, str)
+            else list(prompt)
+            if prompt is not None
+            else [None] * (n // n_per)
+        )
+        timesteps, _ = retrieve_timesteps(
+            self.scheduler,
+            call["num_inference_steps"],
+            self._execution_device,
+            call["timesteps"],
+            call["sigmas"],
+        )
+        return GuardedBatch(
+            pipe=self,
+            prompts=prompts,
+            prompt_index=[k // n_per for k in range(n)],
+            prompt_embeds=cond,
+            negative_prompt_embeds=neg,
+            latents=self._draw_latents(call, n, cond.dtype),
+            timesteps=timesteps,
+            guidance=guidance,
+            threshold=threshold,
+            num_inference_steps=call["num_inference_steps"],
+            guidance_scale=float(call["guidance_scale"]),
+            **conditioning,
+        )
+
+    @staticmethod
+    def _refuse_ip_adapter(call: dict) -> None:
+        if call.get("ip_adapter_image") is not None or call.get("ip_adapter_image_embeds") is not None:
+            raise ValueError("mitigation: IP-Adapter inputs are not supported with a mitigation")
+
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """``(height, width)`` in pixels of a call with these arguments (the stock default: the UNet's size)."""
         if height and width:

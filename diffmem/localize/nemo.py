@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffmem.conditioning import expand_unet_kwargs
+from diffmem.conditioning import expand_unet_kwargs, to_epsilon
 from diffmem.hooks.neurons import DEFAULT_BLOCKS, scaled_value_neurons, value_activations, value_layers
 from diffmem.localize.neuron_set import NeuronSet
 from diffmem.localize.stats import ValueStats, encode_prompts
@@ -152,19 +152,6 @@ def normalized_noise_difference(eps: torch.Tensor, latents: torch.Tensor) -> tor
     return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(delta)
 
 
-def _to_epsilon(scheduler, output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Convert the UNet output to a noise prediction for epsilon-, v- and sample-predicting models."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return output
-    a = scheduler.alphas_cumprod.to(sample.device)[int(t)].to(sample.dtype)
-    if kind == "v_prediction":
-        return a.sqrt() * output + (1 - a).sqrt() * sample
-    if kind == "sample":
-        return (sample - a.sqrt() * output) / (1 - a).sqrt()
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
 # ------------------------------------------------------------------------------------------ criterion
 class MemorizationProbe:
     """NeMo's first-step noise-difference criterion for one prompt; evaluates batches of blocked-neuron masks.
@@ -238,7 +225,7 @@ class MemorizationProbe:
             out = self.unet(inp, self.t, encoder_hidden_states=emb, **extra).sample
         self.unet_calls += 1
         self.masks_evaluated += m
-        eps = _to_epsilon(self.scheduler, out, x, self.t)
+        eps = to_epsilon(self.scheduler, out, x, self.t)
         return normalized_noise_difference(eps, x).view(m, n, *x.shape[1:])
 
     def scores(self, blocked: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,7 @@ class InitialNoiseMitigation(Mitigation):
 
     @torch.no_grad()
     def plan(self, batch: GuardedBatch) -> MitigationPlan:
-        from diffmem.detectors.base import to_epsilon
+        from diffmem.conditioning import to_epsilon
         from diffmem.mitigations.guidance import guidance_schedule_hook, static_weight
 
         if not any(batch.flagged):
@@ -87,7 +87,7 @@ class InitialNoiseMitigation(Mitigation):
                 torch.cat([inp, inp]), t0, encoder_hidden_states=torch.cat([neg, cond]), **extra
             ).sample
             u, c = out.chunk(2)
-            return to_epsilon(pipe, c, x, t0) - to_epsilon(pipe, u, x, t0)
+            return to_epsilon(pipe.scheduler, c, x, t0) - to_epsilon(pipe.scheduler, u, x, t0)
 
         x = batch.latents[rows] * sigma
         before = direction(x).flatten(1).norm(dim=1)

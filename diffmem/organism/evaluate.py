@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages, same_caption_ssim
+from diffmem.scores.replication import criterion
 
 #: Score windows reported: (name, start, end) with end=None for all steps.
 WINDOWS: tuple[tuple[str, int, int | None], ...] = (
@@ -173,7 +174,10 @@ def summarize(gens: Sequence[Generation], threshold: float = REPLICATION_THRESHO
     summary: dict = {"replication_threshold": threshold, "captions": {k: len(v) for k, v in by_role.items()}}
     v, h = by_role["verbatim"], by_role["heldout"]
     if v:
-        summary["verbatim_replicated_3of4"] = sum(r["replicated_own"] >= 0.75 * r["n"] for r in v) / len(v)
+        rule = criterion("organism")  # >= 3 of 4 seeds (75 % of them) replicate their own image
+        summary["verbatim_replicated_3of4"] = sum(
+            rule.memorized_count(r["replicated_own"], r["n"]) for r in v
+        ) / len(v)
         summary["verbatim_seed_replication_rate"] = sum(r["replicated_own"] for r in v) / sum(
             r["n"] for r in v
         )

@@ -55,6 +55,14 @@ class ReplicationCriterion:
             return hits.any(dim=1)
         return hits.float().mean(dim=1) >= self.min_fraction - 1e-9
 
+    def memorized_count(self, hits: int, n: int) -> bool:
+        """The per-prompt rule from a count: ``hits`` of ``n`` generations replicate (rules ``fraction``, ``any``)."""
+        if self.rule == "mean":
+            raise ValueError("the 'mean' rule needs the similarities, not a count")
+        if self.rule == "any":
+            return hits > 0
+        return n > 0 and hits / n >= self.min_fraction - 1e-9
+
     def describe(self) -> str:
         if self.rule == "mean":
             return f"mean {self.similarity.upper()} over generations >= {self.threshold}"
