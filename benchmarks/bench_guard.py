@@ -29,14 +29,12 @@ import torch
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
 
-def build_pipeline():
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+def unet_64(**family):
+    """The benchmark UNet at 64x64 latents: (32, 64, 64) channels, attention at 16x16 and below only."""
+    from diffusers import UNet2DConditionModel
 
-    from diffmem.tiny import TinySDConfig, build_components
-
-    components = build_components(TinySDConfig(variant="sd1", sample_size=128), seed=0)
     torch.manual_seed(0)
-    components["unet"] = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
         out_channels=4,
@@ -45,10 +43,18 @@ def build_pipeline():
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
-        cross_attention_dim=32,
-        attention_head_dim=8,
         norm_num_groups=32,
+        **family,
     ).eval()
+
+
+def build_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.tiny import TinySDConfig, build_components
+
+    components = build_components(TinySDConfig(variant="sd1", sample_size=128), seed=0)
+    components["unet"] = unet_64(cross_attention_dim=32, attention_head_dim=8)
     pipe = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
@@ -58,22 +64,13 @@ def build_pipeline():
 
 def build_sdxl_pipeline():
     """A tiny SDXL (diffmem.tiny's two text encoders, VAE, Euler) at 64x64 latents, attention at 16x16 only."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     from diffmem.tiny import TinySDXLConfig, build_sdxl_components
 
     config = TinySDXLConfig(sample_size=128)
     components = build_sdxl_components(config, seed=0)
-    torch.manual_seed(0)
-    components["unet"] = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
+    components["unet"] = unet_64(
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 8),
         use_linear_projection=True,
@@ -81,8 +78,7 @@ def build_sdxl_pipeline():
         addition_embed_type="text_time",
         addition_time_embed_dim=config.addition_time_embed_dim,
         projection_class_embeddings_input_dim=6 * config.addition_time_embed_dim + config.text_hidden,
-        norm_num_groups=32,
-    ).eval()
+    )
     pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
