@@ -56,19 +56,6 @@ def _generate(pipe, prompts, ids, *, num_gens, seed, steps, guidance_scale, batc
     return np.concatenate(images), reports, seconds, flags
 
 
-def _memorized_training():
-    from diffmem.organism.replication import TrainingImages, organism_training_images
-
-    training = organism_training_images()
-    keep = [i for i, r in enumerate(training.roles) if r in ("verbatim", "template")]
-    return TrainingImages(
-        training.pixels[keep],
-        [training.ids[i] for i in keep],
-        [training.captions[i] for i in keep],
-        [training.roles[i] for i in keep],
-    )
-
-
 def _plain_clean(pipe, clean, settings, cache: Path) -> torch.Tensor:
     """The unmitigated images of the clean captions ``[n, 3, H, W]`` (cached as ``plain_clean.npy``)."""
     import numpy as np
@@ -113,8 +100,10 @@ def organism_nemo(pipe, reference_prompts: list[str], progress: bool = True):
 
 def _rows_for(key, mitigation, pipe, memorized, clean, settings, plain, cache: Path):
     """Per-image rows of one mitigation (cached); ``plain`` holds the unmitigated clean images."""
+    from diffmem.evaluate.suites import MEMORIZED_ROLES
     from diffmem.io import atomic_write_json
     from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
+    from diffmem.organism.replication import organism_training_images
     from diffmem.scores.similarity import ssim
 
     path = cache / f"{key}.json"
@@ -135,7 +124,7 @@ def _rows_for(key, mitigation, pipe, memorized, clean, settings, plain, cache: P
     images, reports, seconds, flags = _generate(
         pipe, [p.prompt for p in memorized], [p.id for p in memorized], **common, **kwargs
     )
-    nearest = _memorized_training().nearest(images)
+    nearest = organism_training_images().of_roles(MEMORIZED_ROLES).nearest(images)
     forced = (
         {}
         if mitigation is None
@@ -219,7 +208,11 @@ def evaluate_mitigations(
     rule = criterion("organism")
     plain = _plain_clean(pipe, clean, settings, cache)
     results: dict[str, Any] = {}
-    for key, options, mitigation in [("none", {}, None), *methods]:
+    from tqdm.auto import tqdm
+
+    for key, options, mitigation in tqdm(
+        [("none", {}, None), *methods], desc="mitigations", disable=not progress
+    ):
         name = key if not options else f"{key}-" + "-".join(f"{k}={v}" for k, v in options.items())
         rows = _rows_for(name, mitigation, pipe, memorized, clean, settings, plain, cache)
         sims = torch.tensor(rows["memorized"]["ssim"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,6 @@ def write_detection_report(results: dict[str, Any], out_dir: str | Path) -> Path
     sections = [("Settings", f"<pre>{escape(detection_markdown(results).splitlines()[0])}</pre>")]
     sections.append(("Detection", table_html(detection_rows(results))))
     splits = sorted({split for m in results["methods"].values() for split in m["splits"]})
-    import json
-
     suite = json.loads((out_dir / "suite.json").read_text()) if (out_dir / "suite.json").is_file() else None
     for split in splits:
         curves = {}

@@ -28,6 +28,9 @@ from typing import Any
 
 __all__ = ["LabelledPrompt", "Suite", "organism_suite", "perturb_caption", "suite_from_rows"]
 
+#: The organism's roles whose training images are duplicated, i.e. what a copy is a copy of.
+MEMORIZED_ROLES = ("verbatim", "template")
+
 
 @dataclass(frozen=True)
 class LabelledPrompt:
@@ -158,16 +161,7 @@ def measure_replication(
     from diffmem.organism.evaluate import generate_and_measure
     from diffmem.organism.replication import organism_training_images
 
-    training = organism_training_images()
-    keep = [i for i, r in enumerate(training.roles) if r in ("verbatim", "template")]
-    from diffmem.organism.replication import TrainingImages
-
-    memorized = TrainingImages(
-        training.pixels[keep],
-        [training.ids[i] for i in keep],
-        [training.captions[i] for i in keep],
-        [training.roles[i] for i in keep],
-    )
+    memorized = organism_training_images().of_roles(MEMORIZED_ROLES)
     gens, _ = generate_and_measure(
         pipe,
         [(p, "heldout") for p in prompts],

@@ -15,7 +15,6 @@ generation of the flagged images, the method's cost), then optimises with AdamW 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 
@@ -71,6 +70,3 @@ class BrightEndingEmbeddingMitigation(EmbeddingMitigation):
             plan.report[k]["seconds"] += mask_seconds
             plan.report[k]["action"] = self.name
         return plan
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "name": self.name}

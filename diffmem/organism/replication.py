@@ -100,6 +100,16 @@ class TrainingImages:
             [im.role for im in data.images],
         )
 
+    def of_roles(self, roles: Sequence[str]) -> TrainingImages:
+        """The training images of ``roles`` only (e.g. the memorized ones: verbatim and template)."""
+        keep = [i for i, r in enumerate(self.roles) if r in roles]
+        return TrainingImages(
+            self.pixels[keep],
+            [self.ids[i] for i in keep],
+            [self.captions[i] for i in keep],
+            [self.roles[i] for i in keep],
+        )
+
     def indices_of_caption(self, caption: str) -> list[int]:
         return [i for i, c in enumerate(self.captions) if c == caption]
 
