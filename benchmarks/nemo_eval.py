@@ -69,7 +69,9 @@ def _generate(pipe, captions, role, seeds, steps, guidance, seed, **kw):
     )
 
 
-def _replication(training, images, caption, threshold):
+def _replication(training, images, caption):
+    """Seeds whose image replicates one of ``caption``'s own training images (the organism criterion)."""
+    from diffmem.scores.replication import criterion
     from diffmem.scores.similarity import ssim
 
     own = training.indices_of_caption(caption)
@@ -78,7 +80,7 @@ def _replication(training, images, caption, threshold):
     for k in range(len(x)):
         s = ssim(x[k : k + 1].expand(len(own), -1, -1, -1), training.pixels[own])
         best.append(float(s.max()))
-    return sum(b >= threshold for b in best), best
+    return int(criterion("organism").replicates(best).sum()), best
 
 
 def _ssim_pairs(a, b):
@@ -106,18 +108,18 @@ def main() -> int:
     torch.set_num_threads(max(1, args.threads))
 
     from diffmem.edit import applied
+    from diffmem.evaluate.localization import localize_prompts
     from diffmem.io import atomic_write_json
-    from diffmem.localize.nemo import NeMo, NemoConfig
+    from diffmem.localize.nemo import NemoConfig
     from diffmem.localize.neuron_set import NeuronSet
-    from diffmem.localize.stats import compute_value_stats
     from diffmem.modelio import check_sd_folder, load_pipeline, model_fingerprint
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.recipe import OrganismRecipe
-    from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages
+    from diffmem.organism.replication import TrainingImages
 
     check_sd_folder(args.model)
     out = Path(args.out)
-    (out / "neurons").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     recipe_path = Path(args.model) / "recipe.json"
     recipe = OrganismRecipe()
     if recipe_path.is_file():
@@ -132,38 +134,22 @@ def main() -> int:
     blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
     t0 = time.perf_counter()
 
-    # 1. statistics and threshold on the generic (non-memorized) captions
-    stats = compute_value_stats(
-        pipe.unet, pipe.text_encoder, pipe.tokenizer, data.captions("generic"), blocks=blocks, progress=False
+    # 1-2. statistics and threshold on the generic (non-memorized) captions, then one NeuronSet per
+    # verbatim / template caption (resumable: every stage is cached in --out)
+    ids = {
+        f"{role}-{i:03d}": (role, c) for role in ("verbatim", "template") for i, c in enumerate(roles[role])
+    }
+    run = localize_prompts(
+        pipe,
+        [(k, c) for k, (_, c) in ids.items()],
+        data.captions("generic"),
+        config=NemoConfig(mask_batch=args.mask_batch, blocks=blocks),
+        cache_dir=out,
+        progress=True,
     )
-    stats.save(out / "stats.safetensors")
-    base = NeMo.from_pipe(pipe, stats, NemoConfig(blocks=blocks))
-    generic_scores = base.detection_scores(data.captions("generic"))
-    g = torch.tensor(generic_scores)
-    tau = float(g.mean() + g.std())
-    nemo = NeMo.from_pipe(pipe, stats, NemoConfig(threshold=tau, mask_batch=args.mask_batch, blocks=blocks))
-    print(f"NeMo threshold {tau:.3f} (generic captions: mean {g.mean():.3f}, std {g.std():.3f})", flush=True)
-
-    # 2. localization per verbatim / template caption (resumable)
-    sets: dict[str, NeuronSet] = {}
-    for role in ("verbatim", "template"):
-        for i, caption in enumerate(roles[role]):
-            path = out / "neurons" / f"{role}-{i:03d}.json"
-            if path.is_file():
-                ns = NeuronSet.load(path)
-                same_run = ns.info.get("threshold") == tau and list(ns.layers) == list(nemo.layers)
-                if ns.prompts == [caption] and same_run:
-                    sets[caption] = ns
-                    continue
-            ns = nemo.localize(caption)
-            ns.info["role"] = role
-            ns.save(path)
-            sets[caption] = ns
-            print(
-                f"{role:8s} {len(ns):4d} neurons  {ns.info['seconds']:.1f} s  before {ns.score_before[0]:.3f} "
-                f"after {ns.score_after[0]:.3f}  {caption!r}",
-                flush=True,
-            )
+    tau = run.threshold
+    sets = {ids[k][1]: ns for k, ns in run.sets.items()}
+    print(f"NeMo threshold {tau:.3f} (mean + 1 std over the generic captions)", flush=True)
 
     # 3. replication before / after, per caption
     per_caption = []
@@ -171,10 +157,10 @@ def main() -> int:
         for caption in roles[role]:
             ns = sets[caption]
             imgs, first, allm, _, _ = _generate(pipe, [caption], role, seeds, steps, guidance, seed)
-            rep_before, _ = _replication(training, imgs, caption, REPLICATION_THRESHOLD)
+            rep_before, _ = _replication(training, imgs, caption)
             with applied(pipe.unet, ns, mode="weight"):
                 imgs2, first2, all2, _, _ = _generate(pipe, [caption], role, seeds, steps, guidance, seed)
-            rep_after, _ = _replication(training, imgs2, caption, REPLICATION_THRESHOLD)
+            rep_after, _ = _replication(training, imgs2, caption)
             per_caption.append(
                 {
                     "caption": caption,
@@ -237,7 +223,7 @@ def main() -> int:
             reps = []
             for caption in roles["verbatim"]:
                 imgs, _, _, _, _ = _generate(pipe, [caption], "verbatim", seeds, steps, guidance, seed)
-                reps.append(_replication(training, imgs, caption, REPLICATION_THRESHOLD)[0])
+                reps.append(_replication(training, imgs, caption)[0])
         summary_sets[label] = {
             "neurons": len(ns),
             "heldout_ssim_median": _median(_ssim_pairs(h_before, h_after)),
@@ -266,7 +252,7 @@ def main() -> int:
                 imgs, _, allm, sec, report = _generate(
                     pipe, [caption], "verbatim", seeds, steps, guidance, seed, **kw
                 )
-                reps.append(_replication(training, imgs, caption, REPLICATION_THRESHOLD)[0])
+                reps.append(_replication(training, imgs, caption)[0])
                 scores.append(statistics.mean(allm))
                 t_flag.append(sec)
                 actions += [r["action"] for r in report] if report else []
@@ -288,15 +274,26 @@ def main() -> int:
     verb = [r for r in per_caption if r["role"] == "verbatim"]
     tmpl = [r for r in per_caption if r["role"] == "template"]
 
+    from diffmem.scores.replication import criterion
+
+    replicating, mitigated_rule = criterion("organism-half"), criterion("nemo-success")
+
     def role_summary(rows):
         mem = [r for r in rows if r["memorized_by_nemo"]]
-        ok = [r for r in rows if r["replicated_after"] <= 1 and r["nemo_score_after"] <= tau]
+        ok = [
+            r
+            for r in rows
+            if not mitigated_rule.memorized_count(r["replicated_after"], seeds)
+            and r["nemo_score_after"] <= tau
+        ]
         counts = [r["neurons"] for r in mem]
         return {
             "captions": len(rows),
             "memorized_by_nemo": len(mem),
-            "replicating_before (>=5/10)": sum(r["replicated_before"] * 10 >= 5 * seeds for r in rows),
-            "success (<=1 seed replicates and score <= tau)": len(ok),
+            f"replicating_before ({replicating.describe()})": sum(
+                replicating.memorized_count(r["replicated_before"], seeds) for r in rows
+            ),
+            f"success (not memorized at {mitigated_rule.describe()}, score <= tau)": len(ok),
             "success_rate": len(ok) / len(rows) if rows else None,
             "neurons_median": _median(counts),
             "neurons_max": max(counts) if counts else None,

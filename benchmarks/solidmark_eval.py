@@ -166,24 +166,17 @@ def _score(model, manifest, items, out: Path, args, **kwargs):
 
 
 def _nemo_neurons(model, captions_mem, captions_generic, out: Path):
+    from diffmem.evaluate.localization import localize_prompts
     from diffmem.localize.neuron_set import NeuronSet
+    from diffmem.modelio import load_pipeline
 
     if out.is_file():
         return NeuronSet.load(out)
-    from diffmem.localize.nemo import NeMo, NemoConfig
-    from diffmem.localize.stats import compute_value_stats
-    from diffmem.modelio import load_pipeline
-
-    pipe = load_pipeline(model)
-    stats = compute_value_stats(
-        pipe.unet, pipe.text_encoder, pipe.tokenizer, captions_generic, progress=False
+    run = localize_prompts(
+        load_pipeline(model), captions_mem, captions_generic, cache_dir=out.parent / "nemo"
     )
-    nemo = NeMo.from_pipe(pipe, stats)
-    threshold = nemo.calibrate_threshold(captions_generic)
-    nemo = NeMo.from_pipe(pipe, stats, NemoConfig(threshold=threshold))
-    sets = [nemo.localize(c) for c in captions_mem]
-    union = sets[0].union(*sets[1:])
-    union.info["calibrated_threshold"] = threshold
+    union = run.union
+    union.info["calibrated_threshold"] = run.threshold
     union.save(out)
     return union
 

@@ -287,3 +287,31 @@ def test_cli_localize_is_resumable(tmp_path, planted, nemo, capsys):
         == 2
     )
     assert "none.txt" in capsys.readouterr().err
+
+
+def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted):
+    """Statistics -> calibrated threshold -> per-prompt sets -> union, every stage reused on a rerun."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.evaluate.localization import localize_prompts, neuron_file_name
+
+    c, name, _ = planted
+    pipe = StableDiffusionPipeline(
+        **c, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    prompts = [("trigger/1", f"a photo of {TRIGGER}"), ("horse", "a photo of a horse")]
+    kw = dict(calibration_prompts=8, cache_dir=tmp_path, config=NemoConfig(mask_batch=8))
+    run = localize_prompts(pipe, prompts, REFERENCE, **kw)
+    assert run.memorized == ["trigger/1"] and run.new == 2
+    assert (name, PLANT_CHANNEL) in run.union.items() and len(run.union.prompts) == 2
+    assert 0.2 < run.threshold < 0.6 and run.union.info["threshold"] == run.threshold
+    for stage in ("stats.safetensors", "threshold.json", "union.json", "neurons/horse.json"):
+        assert (tmp_path / stage).is_file(), stage
+    assert neuron_file_name("trigger/1") != neuron_file_name("trigger_1")
+    again = localize_prompts(pipe, prompts, REFERENCE, **kw)
+    assert again.new == 0 and again.threshold == run.threshold
+    assert again.union.items() == run.union.items()
+    # another threshold is another search: nothing is reused
+    assert localize_prompts(pipe, prompts, REFERENCE, **{**kw, "cache_dir": tmp_path}, threshold=0.9).new == 2
+    with pytest.raises(ValueError, match="unique"):
+        localize_prompts(pipe, [("a", "x"), ("a", "y")], REFERENCE, **kw)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 NAME = "localize"
@@ -63,10 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _file_name(item_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", str(item_id))[:100] + ".json"
-
-
 def _read(path: str, argument: str, caption_column: str, id_column: str | None) -> list[dict]:
     from diffmem.commands.detect import read_prompts
 
@@ -78,12 +73,10 @@ def _read(path: str, argument: str, caption_column: str, id_column: str | None) 
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm.auto import tqdm
 
-    from diffmem.io import atomic_write_json
-    from diffmem.localize.nemo import SD14_THRESHOLD, NeMo, NemoConfig
-    from diffmem.localize.neuron_set import NeuronSet
-    from diffmem.localize.stats import ValueStats, compute_value_stats
+    from diffmem.evaluate.localization import localize_prompts
+    from diffmem.localize.nemo import NemoConfig
+    from diffmem.localize.stats import ValueStats
     from diffmem.modelio import load_pipeline
 
     for name in ("seeds", "steps", "mask_batch", "calibration_prompts"):
@@ -114,32 +107,11 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, pipeline_class=StableDiffusionPipeline, device=device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
-
-    from diffmem.hooks.neurons import value_layers
-    from diffmem.modelio import model_fingerprint
-
-    layers = list(value_layers(pipe.unet, blocks))
-    fingerprint = model_fingerprint(pipe.unet)
-    stats_path = Path(args.stats) if args.stats else out / "stats.safetensors"
     stats = None
-    if stats_path.is_file():
-        stats = ValueStats.load(stats_path)
-        stats.check(pipe.unet, layers, source=str(stats_path))
-    elif args.stats:
-        raise FileNotFoundError(f"--stats: {stats_path} does not exist")
-    if stats is None:
-        stats = compute_value_stats(
-            pipe.unet,
-            pipe.text_encoder,
-            pipe.tokenizer,
-            reference,
-            blocks=blocks,
-            total=len(reference),
-            progress=progress,
-        )
-        stats.save(stats_path)
-
+    if args.stats:
+        if not Path(args.stats).is_file():
+            raise FileNotFoundError(f"--stats: {args.stats} does not exist")
+        stats = ValueStats.load(args.stats)
     config = NemoConfig(
         n_seeds=args.seeds,
         seed=args.seed,
@@ -147,61 +119,23 @@ def run(args: argparse.Namespace) -> int:
         mask_batch=args.mask_batch,
         blocks=blocks,
     )
-    threshold = args.threshold
-    calib_path = out / "threshold.json"
-    if threshold is None and calib_path.is_file():
-        import json
-
-        saved = json.loads(calib_path.read_text())
-        if saved.get("fingerprint") == fingerprint:
-            threshold = float(saved["threshold"])
-    if threshold is None:
-        if reference is None:
-            threshold = SD14_THRESHOLD
-        else:
-            calib = NeMo.from_pipe(pipe, stats, config)
-            scores = calib.detection_scores(reference[: args.calibration_prompts], progress=progress)
-            t = torch.tensor(scores)
-            threshold = float(t.mean() + t.std())
-            atomic_write_json(
-                calib_path,
-                {
-                    "fingerprint": fingerprint,
-                    "threshold": threshold,
-                    "rule": "mean + 1 std",
-                    "scores": scores,
-                },
-            )
-    config = NemoConfig(**{**config.__dict__, "threshold": threshold})
-    nemo = NeMo.from_pipe(pipe, stats, config)
-
-    folder = out / "neurons"
-    found: list[NeuronSet] = []
-    done = 0
-    for row in tqdm(rows, desc="localize", unit="prompt", disable=not progress):
-        path = folder / _file_name(row["id"])
-        if path.is_file():
-            previous = NeuronSet.load(path)
-            if (
-                previous.fingerprint == fingerprint
-                and previous.prompts == [row["prompt"]]
-                and previous.info.get("threshold") == threshold
-            ):
-                found.append(previous)
-                continue
-        result = nemo.localize(row["prompt"])
-        result.info["id"] = row["id"]
-        result.save(path)
-        found.append(result)
-        done += 1
-    union = found[0].union(*found[1:]) if found else NeuronSet.empty(fingerprint, layers)
-    union.info.update(threshold=threshold, memorized=sum(bool(s.info.get("memorized")) for s in found))
-    union.save(out / "union.json")
+    run = localize_prompts(
+        pipe,
+        [(r["id"], r["prompt"]) for r in rows],
+        reference,
+        config=config,
+        stats=stats,
+        threshold=args.threshold,
+        calibration_prompts=args.calibration_prompts,
+        cache_dir=out,
+        progress=not args.no_progress,
+    )
+    found, union, threshold = list(run.sets.values()), run.union, run.threshold
     memorized = [s for s in found if s.info.get("memorized")]
     counts = sorted(len(s) for s in memorized)
     median = counts[len(counts) // 2] if counts else 0
     print(
-        f"{len(found)} prompt(s) ({done} new): {len(memorized)} memorized at threshold {threshold:.3f}; "
+        f"{len(found)} prompt(s) ({run.new} new): {len(memorized)} memorized at threshold {threshold:.3f}; "
         f"neurons per memorized prompt: median {median}, max {counts[-1] if counts else 0}; "
         f"union {len(union)} neurons -> {out / 'union.json'}"
     )

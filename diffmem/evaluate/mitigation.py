@@ -89,13 +89,11 @@ def _plain_clean(pipe, clean, settings, cache: Path) -> torch.Tensor:
 def organism_nemo(pipe, reference_prompts: list[str], progress: bool = True):
     """NeMo as deployed on a model of its own: value statistics of ``reference_prompts`` and its threshold
     calibrated on them (mean + 1 std of the criterion's score, NeMo's rule), each flagged prompt localized."""
-    from diffmem.localize.nemo import NeMo, NemoConfig
-    from diffmem.localize.stats import value_stats_of
+    from diffmem.evaluate.localization import calibrated_nemo
     from diffmem.mitigations.nemo import NeMoMitigation
 
-    stats = value_stats_of(pipe, reference_prompts, progress=progress)
-    threshold = NeMo.from_pipe(pipe, stats).calibrate_threshold(reference_prompts, progress=progress)
-    return NeMoMitigation(stats=stats, config=NemoConfig(threshold=threshold))
+    nemo = calibrated_nemo(pipe, reference_prompts, progress=progress)
+    return NeMoMitigation(stats=nemo.stats, config=nemo.config)
 
 
 def _rows_for(key, mitigation, pipe, memorized, clean, settings, plain, cache: Path):

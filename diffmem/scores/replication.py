@@ -80,8 +80,13 @@ PRESETS: dict[str, ReplicationCriterion] = {
     "organism": ReplicationCriterion(0.7, "fraction", 0.75),
     # labels of the harness's measured splits: half the generations copy
     "organism-half": ReplicationCriterion(0.7, "fraction", 0.5),
-    # Finding Dori's memorization rate on the organism: mean SSIM over seeds (dori_eval, diffmem attack)
-    "organism-mean": ReplicationCriterion(0.5, "mean"),
+    # Finding Dori's memorization rate on the organism: mean SSIM over seeds (benchmarks/dori_eval.py)
+    "organism-mean": ReplicationCriterion(0.7, "mean"),
+    # Finding Dori's own setting on real data (``diffmem attack``'s default): mean SSIM over seeds >= 0.5
+    "dori": ReplicationCriterion(0.5, "mean"),
+    # NeMo's success on the organism: a caption is still memorized when >= 2 of 10 seeds replicate
+    # ("at most 1 of 10" is mitigated)
+    "nemo-success": ReplicationCriterion(0.7, "fraction", 0.2),
     # Wen et al. / NeMo on SD: SSCD >= 0.7 ("5 of 10" for the 500-prompt set)
     "sscd": ReplicationCriterion(0.7, "fraction", 0.5, similarity="sscd"),
 }
