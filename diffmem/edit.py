@@ -141,15 +141,18 @@ def load_edit(path: str | os.PathLike) -> Edit:
 
 @contextlib.contextmanager
 def applied(
-    unet: nn.Module, edit: UNetEdit, mode: str = "weight", factor: float = 0.0
+    unet: nn.Module, edit: UNetEdit | None, mode: str = "weight", factor: float = 0.0
 ) -> Iterator[nn.Module]:
     """Context manager: ``unet`` with ``edit`` applied (its weights or outputs scaled by ``factor``, 0 = off).
 
+    ``edit=None`` is the unedited model (so a table's "no mitigation" row takes the same path).
     ``mode="weight"`` scales parameters in place and restores them; ``mode="hook"`` rewrites the
     value layers' outputs with forward hooks (only for edits that define ``scales``). Raises
     :class:`~diffmem.localize.neuron_set.FingerprintMismatchError` for an edit of another model.
     """
-    if mode == "weight":
+    if edit is None:
+        yield unet
+    elif mode == "weight":
         with scaled_weights(edit.weight_multipliers(unet, factor)):
             yield unet
     elif mode == "hook":

@@ -109,6 +109,8 @@ def test_attack_cli_under_an_edit_and_resume(tiny_sd1_dir, tmp_path, capsys):
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["targets"] == 2 and 0 <= report["replication_rate_after"] <= 1
+    low, high = report["replication_rate_after_ci"]
+    assert 0 <= low <= report["replication_rate_after"] <= high <= 1 and "mean SSIM" in report["criterion"]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"]
     html = (out / "report.html").read_text()

@@ -138,3 +138,106 @@ def test_organism_suite_and_mitigation_bench(tmp_path):
     )
     assert none["replication_images"]["rate"] >= 0.8  # the organism copies its memorized captions
     assert delay["flagged_share"] >= 0.5 and delay["clean_ssim_to_unmitigated"] < 1.0
+
+
+def test_robustness_evaluation_known_answer_and_resume(tiny_sd1_dir, tmp_path, monkeypatch):
+    """A target that is the model's own generation replicates, a noise image does not; an edit changes
+    both the copy and the held-out images; every stage is read back on a rerun; the attack runs."""
+    from diffusers import StableDiffusionPipeline
+
+    import diffmem.attack.dori as dori
+    from diffmem.evaluate.robustness import RobustnessEvaluation, RobustnessSettings, Target
+    from diffmem.hooks.neurons import value_layers
+    from diffmem.localize.neuron_set import NeuronSet
+    from diffmem.modelio import model_fingerprint
+    from diffmem.scores.replication import ReplicationCriterion
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
+    pipe.set_progress_bar_config(disable=True)
+    settings = RobustnessSettings(
+        seeds=1,
+        num_inference_steps=2,
+        criterion=ReplicationCriterion(0.999, "mean"),  # an exact copy (the tiny model is random)
+        dori=dori.DoriConfig(steps=2, batch_size=2),
+    )
+    with torch.no_grad():
+        copy = dori.generate_from_embeds(
+            pipe,
+            dori.encode_prompts(pipe, ["a red square"]),
+            [0],
+            key=("dori-gen", "copy"),
+            num_inference_steps=2,
+        )[0]
+    noise = torch.rand(copy.shape, generator=torch.Generator().manual_seed(0))
+    targets = [Target("copy", "a red square", copy), Target("noise", "a blue circle", noise)]
+
+    def evaluation():
+        return RobustnessEvaluation(
+            pipe, targets, tmp_path, heldout_captions=["a green star"], settings=settings, log=lambda _: None
+        )
+
+    ev = evaluation()
+    rows = ev.add_setting("Memorized captions, no mitigation", "none", attack=False)
+    assert [r["similarity_before"][0] > 0.999 for r in rows] == [True, False]
+    none = ev.rows[0]
+    assert none["rate"] == 0.5 and none["n"] == 2 and none["heldout"] == 1.0
+    assert none["rate_ci"][0] < 0.5 < none["rate_ci"][1]
+    layers = value_layers(pipe.unet, ("down", "mid", "up"))
+    zeroed = NeuronSet(
+        model_fingerprint(pipe.unet), list(layers), [list(range(m.out_features)) for m in layers.values()]
+    )
+    ev.add_setting("every value neuron off", "zeroed", edit=zeroed, attack=False, key="all")
+    assert ev.rows[1]["rate"] == 0.0 and ev.rows[1]["heldout"] < 0.999
+    weights = {n: m.weight.clone() for n, m in layers.items()}
+    ev.add_setting("attacked", "attacked", items=targets[1:], quality=False)
+    assert [r["setting"] for r in ev.rows[2:]] == ["attacked", "attacked + Dori"]
+    assert all(torch.equal(weights[n], m.weight) for n, m in layers.items())  # the edit was undone
+    table = ev.markdown("header")
+    assert table.startswith("header") and "| every value neuron off | " in table and "0.50 [" in table
+
+    def fail(*a, **k):
+        raise AssertionError("a cached stage was recomputed")
+
+    monkeypatch.setattr(dori, "attack_target", fail)
+    monkeypatch.setattr(dori, "generate_from_embeds", fail)
+    again = evaluation()
+    monkeypatch.setattr(again, "generate", fail)
+    again.add_setting("Memorized captions, no mitigation", "none", attack=False)
+    again.add_setting("every value neuron off", "zeroed", edit=zeroed, attack=False, key="all")
+    again.add_setting("attacked", "attacked", items=targets[1:], quality=False)
+    assert again.rows == ev.rows
+    with pytest.raises(AssertionError, match="recomputed"):  # another setting key is another stage
+        again.add_setting("every value neuron off", "zeroed", edit=zeroed, attack=False, key="other")
+
+
+def test_robustness_pruning_sweep_and_adversarial_rows(tiny_sd1_dir, tmp_path):
+    """The pruning sweep adds a row per ratio and the FFN ceiling, and fine-tunes a copy, not the model."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.attack.dori import DoriConfig
+    from diffmem.evaluate.robustness import RobustnessEvaluation, RobustnessSettings, Target
+    from diffmem.localize.prune import WeightMask
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = torch.rand((3, 3, size, size), generator=torch.Generator().manual_seed(1))
+    targets = [Target(f"t{i}", c, images[i]) for i, c in enumerate(("a red square", "a blue circle"))]
+    settings = RobustnessSettings(seeds=1, num_inference_steps=2, dori=DoriConfig(steps=1, batch_size=2))
+    ev = RobustnessEvaluation(
+        pipe, targets, tmp_path, heldout_captions=["a green star"], settings=settings, log=lambda _: None
+    )
+    ev.add_setting("Memorized captions, no mitigation", "none", attack=False)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    mask = ev.pruning_sweep([0.05, 0.5], tau=1, num_inference_steps=2)
+    assert isinstance(mask, WeightMask) and mask.params["ratio"] == 0.05  # none met the goal: the first ratio
+    labels = [r["setting"] for r in ev.rows]
+    assert labels[1].startswith("Pruning rho=0.05 (") and labels[2].startswith("Pruning rho=0.5 (")
+    assert labels[3].startswith("Every FFN weight zeroed")
+    tuned = ev.adversarial_finetune(mask, [Target("r0", "a green star", images[2])], rounds=1)
+    assert [r["setting"] for r in ev.rows[-2:]] == [
+        "Adversarial FT (1 rounds)",
+        "Adversarial FT (1 rounds) + Dori",
+    ]
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in tuned.unet.state_dict().items())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
@@ -100,16 +99,6 @@ def load_edit(args: argparse.Namespace):
     return None
 
 
-def edit_context(unet, edit):
-    """``diffmem.edit.applied`` for an edit, a no-op without one."""
-    if edit is None:
-        return contextlib.nullcontext(unet)
-    from diffmem.edit import applied
-
-    edit.validate(unet)
-    return applied(unet, edit)
-
-
 def _hwc(image):
     return image.permute(1, 2, 0).float().numpy()
 
@@ -125,9 +114,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from diffmem.attack.dori import DoriConfig, attack_target
+    from diffmem.edit import applied
     from diffmem.io import atomic_save_tensors, atomic_write_json, atomic_write_text
     from diffmem.modelio import load_pipeline
     from diffmem.report import img_tag, table_html, write_html
+    from diffmem.scores.replication import ReplicationCriterion
+    from diffmem.scores.solidmark import binomial_ci
 
     targets = load_targets(args.targets, limit=args.limit)
     edit = load_edit(args)
@@ -154,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     triggers = load_file(str(triggers_path)) if triggers_path.is_file() else {}
     images_html: dict[str, str] = {}
     seeds = list(range(args.seeds))
-    with edit_context(pipe.unet, edit):
+    with applied(pipe.unet, edit):
         for record in tqdm(targets, desc="Dori attack", unit="target"):
             rid = _row_id(record)
             if rid in done:
@@ -192,8 +184,11 @@ def run(args: argparse.Namespace) -> int:
         "similarity_before_mean": sum(r["similarity_before_mean"] for r in rows) / n,
         "similarity_after_mean": sum(r["similarity_after_mean"] for r in rows) / n,
         "replication_rate_before": sum(r["replicated_before"] for r in rows) / n,
+        "replication_rate_before_ci": binomial_ci(sum(r["replicated_before"] for r in rows), n),
         "replication_rate_after": sum(r["replicated_after"] for r in rows) / n,
+        "replication_rate_after_ci": binomial_ci(sum(r["replicated_after"] for r in rows), n),
         "threshold": args.threshold,
+        "criterion": ReplicationCriterion(args.threshold, "mean").describe(),
         "similarity": "SSIM (torchmetrics) to the training image, mean over seeds",
         "config": config.__dict__,
     }
@@ -217,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
     write_html(out / "report.html", "diffmem attack", sections)
     print(
         f"{n} targets: replication {summary['replication_rate_before']:.2f} -> {summary['replication_rate_after']:.2f} "
+        f"(95 % CI after [{summary['replication_rate_after_ci'][0]:.2f}, {summary['replication_rate_after_ci'][1]:.2f}]; "
+        f"{summary['criterion']}) "
         f"(mean SSIM {summary['similarity_before_mean']:.3f} -> {summary['similarity_after_mean']:.3f}); {out}"
     )
     return 0

@@ -82,25 +82,6 @@ def _encode_captions(pipe, captions, batch: int = 32):
     )
 
 
-def make_surrogates(pipe, ids, captions, *, steps: int, guidance_scale: float, seed: int):
-    """Latents ``[N, C, h, w]`` of one generation per caption by ``pipe`` as it is (edit applied by the caller)."""
-    import torch
-
-    from diffmem.seeding import item_generator
-
-    out = []
-    for rid, caption in zip(ids, captions):
-        res = pipe(
-            caption,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=item_generator(seed, "surrogate", rid, device=pipe.device),
-            output_type="latent",
-        )
-        out.append(res.images.float().cpu())
-    return torch.cat(out)
-
-
 def run(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
@@ -112,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     from diffmem.attack.dori import DoriConfig
     from diffmem.cli import UsageError
-    from diffmem.commands.attack import edit_context, load_edit, load_targets
+    from diffmem.commands.attack import load_edit, load_targets
+    from diffmem.edit import applied
     from diffmem.io import atomic_save_tensors
     from diffmem.modelio import load_pipeline
     from diffmem.report import img_tag, table_html, write_html
@@ -121,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         AdversarialTarget,
         RetainSet,
         adversarial_finetune,
+        make_surrogates,
         merge_lora,
         write_log,
     )
@@ -151,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                 "that is right only if --model is already a mitigated model",
                 stacklevel=1,
             )
-        with edit_context(pipe.unet, edit):
+        with applied(pipe.unet, edit):
             surrogates = make_surrogates(
                 pipe,
                 ids,

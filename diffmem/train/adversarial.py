@@ -250,3 +250,22 @@ def write_log(path: str | os.PathLike, log: AdversarialLog, config: AdversarialC
     return atomic_write_text(
         path, json.dumps({"config": config.to_dict(), "rounds": log.rounds}, indent=2) + "\n"
     )
+
+
+def make_surrogates(pipe, ids, captions, *, steps: int, guidance_scale: float, seed: int):
+    """Latents ``[N, C, h, w]`` of one generation per caption by ``pipe`` as it is (edit applied by the caller)."""
+    import torch
+
+    from diffmem.seeding import item_generator
+
+    out = []
+    for rid, caption in zip(ids, captions):
+        res = pipe(
+            caption,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=item_generator(seed, "surrogate", rid, device=pipe.device),
+            output_type="latent",
+        )
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
