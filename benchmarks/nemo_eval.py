@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,48 +38,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
-
-
-def _generate(pipe, captions, role, seeds, steps, guidance, seed, **kw):
-    """Images ``[n*seeds, H, W, 3]``, per-image Wen scores (first step, all steps), seconds."""
-    from diffmem.detect import initial_latents
-
-    latents = initial_latents(pipe, captions, seeds, seed)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = pipe(
-            list(captions),
-            num_images_per_prompt=seeds,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            latents=latents,
-            output_type="np",
-            return_step_scores=True,
-            **kw,
-        )
-    seconds = time.perf_counter() - start
-    steps_scores = out.memorization_step_scores
-    return (
-        np.asarray(out.images, dtype=np.float32),
-        steps_scores[:, 0].tolist(),
-        steps_scores.mean(dim=1).tolist(),
-        seconds,
-        out.mitigations,
-    )
-
-
-def _replication(training, images, caption):
-    """Seeds whose image replicates one of ``caption``'s own training images (the organism criterion)."""
-    from diffmem.scores.replication import criterion
-    from diffmem.scores.similarity import ssim
-
-    own = training.indices_of_caption(caption)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    best = []
-    for k in range(len(x)):
-        s = ssim(x[k : k + 1].expand(len(own), -1, -1, -1), training.pixels[own])
-        best.append(float(s.max()))
-    return int(criterion("organism").replicates(best).sum()), best
 
 
 def _ssim_pairs(a, b):
@@ -114,6 +71,7 @@ def main() -> int:
     from diffmem.localize.neuron_set import NeuronSet
     from diffmem.modelio import check_sd_folder, load_pipeline, model_fingerprint
     from diffmem.organism.data import build_organism_data
+    from diffmem.organism.evaluate import generate_and_measure
     from diffmem.organism.recipe import OrganismRecipe
     from diffmem.organism.replication import TrainingImages
 
@@ -152,15 +110,34 @@ def main() -> int:
     print(f"NeMo threshold {tau:.3f} (mean + 1 std over the generic captions)", flush=True)
 
     # 3. replication before / after, per caption
+    def measure(captions, role, **kw):
+        """Generations (``diffmem.organism.evaluate``: Wen scores, own-image replication) and images."""
+        return generate_and_measure(
+            pipe,
+            [(c, role) for c in captions],
+            training,
+            num_gens=seeds,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            seed=seed,
+            batch_size=1,
+            progress=False,
+            **kw,
+        )
+
+    def replicated(gens) -> int:
+        return sum(g.replicates_own for g in gens)
+
+    def mean_score(gens, window) -> float:
+        return statistics.mean(g.scores[window] for g in gens)
+
     per_caption = []
     for role in ("verbatim", "template"):
         for caption in roles[role]:
             ns = sets[caption]
-            imgs, first, allm, _, _ = _generate(pipe, [caption], role, seeds, steps, guidance, seed)
-            rep_before, _ = _replication(training, imgs, caption)
+            before, _ = measure([caption], role)
             with applied(pipe.unet, ns, mode="weight"):
-                imgs2, first2, all2, _, _ = _generate(pipe, [caption], role, seeds, steps, guidance, seed)
-            rep_after, _ = _replication(training, imgs2, caption)
+                after, _ = measure([caption], role)
             per_caption.append(
                 {
                     "caption": caption,
@@ -171,16 +148,17 @@ def main() -> int:
                     "nemo_score_after": ns.score_after[0],
                     "nemo_detection_after": ns.info.get("detection_after"),
                     "localize_seconds": ns.info["seconds"],
-                    "replicated_before": rep_before,
-                    "replicated_after": rep_after,
-                    "wen_first_before": statistics.mean(first),
-                    "wen_first_after": statistics.mean(first2),
-                    "wen_all_before": statistics.mean(allm),
-                    "wen_all_after": statistics.mean(all2),
+                    "replicated_before": replicated(before),
+                    "replicated_after": replicated(after),
+                    "wen_first_before": mean_score(before, "first_step"),
+                    "wen_first_after": mean_score(after, "first_step"),
+                    "wen_all_before": mean_score(before, "all_steps"),
+                    "wen_all_after": mean_score(after, "all_steps"),
                 }
             )
             print(
-                f"{role:8s} replicated {rep_before}/{seeds} -> {rep_after}/{seeds}  {caption!r}", flush=True
+                f"{role:8s} replicated {replicated(before)}/{seeds} -> {replicated(after)}/{seeds}  {caption!r}",
+                flush=True,
             )
 
     # Wen first-step threshold for flagging: balanced-accuracy optimum, verbatim vs generic captions
@@ -215,15 +193,12 @@ def main() -> int:
         rand_lists.append(torch.randperm(width, generator=gen)[: len(idx)].tolist() if idx else [])
     control = NeuronSet(model_fingerprint(pipe.unet), union.layers, rand_lists, info={"control": "random"})
     held = roles["heldout"]
-    h_before, _, _, _, _ = _generate(pipe, held, "heldout", seeds, steps, guidance, seed)
+    _, h_before = measure(held, "heldout")
     summary_sets = {}
     for label, ns in (("union", union), ("random", control)):
         with applied(pipe.unet, ns, mode="weight"):
-            h_after, _, _, _, _ = _generate(pipe, held, "heldout", seeds, steps, guidance, seed)
-            reps = []
-            for caption in roles["verbatim"]:
-                imgs, _, _, _, _ = _generate(pipe, [caption], "verbatim", seeds, steps, guidance, seed)
-                reps.append(_replication(training, imgs, caption)[0])
+            _, h_after = measure(held, "heldout")
+            reps = [replicated(measure([caption], "verbatim")[0]) for caption in roles["verbatim"]]
         summary_sets[label] = {
             "neurons": len(ns),
             "heldout_ssim_median": _median(_ssim_pairs(h_before, h_after)),
@@ -249,19 +224,15 @@ def main() -> int:
         ):
             reps, scores, t_flag, t_plain, actions = [], [], [], [], []
             for caption in roles["verbatim"]:
-                imgs, _, allm, sec, report = _generate(
-                    pipe, [caption], "verbatim", seeds, steps, guidance, seed, **kw
-                )
-                reps.append(_replication(training, imgs, caption)[0])
-                scores.append(statistics.mean(allm))
-                t_flag.append(sec)
-                actions += [r["action"] for r in report] if report else []
+                gens, _ = measure([caption], "verbatim", **kw)
+                reps.append(replicated(gens))
+                scores.append(mean_score(gens, "all_steps"))
+                t_flag.append(sum(g.seconds for g in gens))
+                actions += [g.mitigation["action"] for g in gens if g.mitigation]
             for caption in held:
-                _, _, _, sec, report = _generate(
-                    pipe, [caption], "heldout", seeds, steps, guidance, seed, **kw
-                )
-                t_plain.append(sec)
-                actions += [r["action"] for r in report] if report else []
+                gens, _ = measure([caption], "heldout", **kw)
+                t_plain.append(sum(g.seconds for g in gens))
+                actions += [g.mitigation["action"] for g in gens if g.mitigation]
             pipeline_rows[mode] = {
                 "verbatim_replicated": reps,
                 "verbatim_wen_all": scores,

@@ -45,6 +45,10 @@ class Generation:
     own_ssim: float | None
     replicates_own: bool
     replicates_any: bool
+    #: seconds of the pipeline call, shared evenly by the images of its batch
+    seconds: float = 0.0
+    #: the guard's mitigation record of this image (``out.mitigations``), when it has one
+    mitigation: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,11 +65,15 @@ def generate_and_measure(
     batch_size: int = 4,
     threshold: float = REPLICATION_THRESHOLD,
     progress: bool = True,
+    **pipe_kwargs,
 ) -> tuple[list[Generation], np.ndarray]:
     """Generate ``num_gens`` images per ``(caption, role)`` with the guarded pipeline and measure each.
 
-    Returns the measurements and the images (``N x H x W x 3`` float in [0, 1], caption-major).
+    ``pipe_kwargs`` go to the pipeline (e.g. ``mitigation=``, ``memorization_threshold=``). Returns the
+    measurements and the images (``N x H x W x 3`` float in [0, 1], caption-major).
     """
+    import time
+
     from tqdm.auto import tqdm
 
     from diffmem.detect import initial_latents
@@ -85,6 +93,7 @@ def generate_and_measure(
         chunk = list(captions[b : b + batch_size])
         prompts = [c for c, _ in chunk]
         latents = initial_latents(pipe, prompts, num_gens, seed)
+        start = time.perf_counter()
         with torch.no_grad():
             out = pipe(
                 prompts,
@@ -94,7 +103,10 @@ def generate_and_measure(
                 latents=latents,
                 output_type="np",
                 return_step_scores=True,
+                **pipe_kwargs,
             )
+        seconds = (time.perf_counter() - start) / max(1, len(out.images))
+        records = out.mitigations or [None] * len(out.images)
         imgs = np.asarray(out.images, dtype=np.float32)
         steps = out.memorization_step_scores
         window_scores = {name: window_mean(steps, s, e) for name, s, e in WINDOWS}
@@ -123,6 +135,8 @@ def generate_and_measure(
                     own_ssim=own_ssim,
                     replicates_own=own_ssim is not None and own_ssim >= threshold,
                     replicates_any=match.ssim >= threshold,
+                    seconds=seconds,
+                    mitigation=records[k],
                 )
             )
         images.append(imgs)
