@@ -35,7 +35,9 @@ def main() -> None:
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
     from diffmem.organism.recipe import OrganismRecipe
-    from diffmem.organism.replication import REPLICATION_THRESHOLD
+    from diffmem.scores.replication import criterion
+
+    rule = criterion("organism-mean")  # the Dori table's: mean SSIM over seeds >= 0.7
     from diffmem.seeding import item_generator
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,7 +82,7 @@ def main() -> None:
         )
         labels = [cap for cap in heldout for _ in range(args.fidelity_seeds)]
         return {
-            "rate": sum(s > REPLICATION_THRESHOLD for s in sims) / len(sims),
+            "rate": float(rule.memorized(torch.tensor(sims)[:, None]).float().mean()),
             "ssim_mean": statistics.fmean(sims),
             "fidelity": caption_fidelity(classifier, images.float(), labels).as_dict(),
         }

@@ -533,8 +533,8 @@ def generate_shards(
                             "nn_row": nn_row,
                             "nn_id": ids_by_row.get(nn_row),
                             "similarity": sim,
-                            "replicated": bool(sim > embedder.replication_threshold),
-                            "verbatim": bool(sim > embedder.verbatim_threshold),
+                            "replicated": bool(sim >= embedder.replication_threshold),  # always >=
+                            "verbatim": bool(sim >= embedder.verbatim_threshold),
                             "carlini_clique": clique,
                             "carlini_min_dist": min_dist,
                             "ssim": ssim_best[n][0],
@@ -594,7 +594,7 @@ def _keep_images(cfg, out: Path, shard: int, rows: list[dict], images: list, thr
     """Save the shard's ``keep_images`` most similar generations and all above ``threshold`` (the global
     worst offenders are among the union of per-shard top lists); written before the shard commits."""
     order = sorted(range(len(rows)), key=lambda i: -np.nan_to_num(rows[i]["similarity"], nan=-2.0))
-    keep = set(order[: cfg.keep_images]) | {i for i in order if rows[i]["similarity"] > threshold}
+    keep = set(order[: cfg.keep_images]) | {i for i in order if rows[i]["similarity"] >= threshold}
     for i in sorted(keep):
         rel = f"images/{shard:06d}/{rows[i]['row']}-{rows[i]['gen']}.png"
         atomic_write(out / rel, lambda tmp, im=images[i]: im.save(tmp, format="PNG"))
