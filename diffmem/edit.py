@@ -153,8 +153,15 @@ def applied(
     if edit is None:
         yield unet
     elif mode == "weight":
-        with scaled_weights(edit.weight_multipliers(unet, factor)):
-            yield unet
+        from diffmem.modelio import model_fingerprint, remember_fingerprint
+
+        identity = model_fingerprint(unet)  # the edited weights stay this model (their edit is known)
+        try:
+            with scaled_weights(edit.weight_multipliers(unet, factor)):
+                remember_fingerprint(unet, identity)
+                yield unet
+        finally:
+            remember_fingerprint(unet, identity)
     elif mode == "hook":
         if not hasattr(edit, "scales"):
             raise ValueError(f"{type(edit).__name__} cannot be applied by hooks; use mode='weight'")
@@ -168,22 +175,52 @@ def applied(
 
 def apply_permanently(unet: nn.Module, edit: UNetEdit, factor: float = 0.0) -> nn.Module:
     """Scale the edit's weights in place for good (``factor`` 0 zeroes the value rows); returns ``unet``."""
+    from diffmem.modelio import model_fingerprint, remember_fingerprint
+
+    identity = model_fingerprint(unet)
     with torch.no_grad():
         for param, mult in edit.weight_multipliers(unet, factor).items():
             param.mul_(mult.to(device=param.device, dtype=param.dtype))
+    remember_fingerprint(unet, identity)  # an edited copy of the same model
     return unet
 
 
 def save_edited(pipe, edit: UNetEdit, out_dir: str | os.PathLike, factor: float = 0.0) -> Path:
     """Write ``pipe`` with ``edit`` applied to ``out_dir`` (``save_pretrained``, safetensors), leaving ``pipe`` unedited.
 
-    The edit itself is saved beside it as ``diffmem_edit.json``. The edited model keeps the original's
-    fingerprint, so the same edit still validates against it.
+    The edit itself is saved beside it as ``diffmem_edit.json`` with the fingerprint of the edited
+    weights: a load whose UNet still has exactly those weights (:func:`adopt_edit_record`) keeps the
+    original's fingerprint, so the same edit (and the original's calibration) still validates; a
+    fine-tune of the saved folder does not.
     """
     from diffmem.io import atomic_write_json
+    from diffmem.modelio import content_fingerprint
 
     out = Path(out_dir)
     with applied(pipe.unet, edit, mode="weight", factor=factor):
         pipe.save_pretrained(out, safe_serialization=True)
-    atomic_write_json(out / EDIT_RECORD, {"factor": factor, "edit": edit.to_dict()})
+        edited = content_fingerprint(pipe.unet)
+    record = {"factor": factor, "edit": edit.to_dict(), "edited_fingerprint": edited}
+    atomic_write_json(out / EDIT_RECORD, record)
     return out
+
+
+def adopt_edit_record(folder: str | os.PathLike, unet: nn.Module) -> bool:
+    """After loading ``folder``: when its ``diffmem_edit.json`` names exactly the weights ``unet`` holds,
+    ``unet`` keeps the fingerprint of the model the edit was made on. Returns whether it did."""
+    import json
+
+    from diffmem.modelio import model_fingerprint, remember_fingerprint
+
+    path = Path(folder) / EDIT_RECORD
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        base, edited = record["edit"]["fingerprint"], record["edited_fingerprint"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return False  # an older or foreign record: the folder is its own model
+    if base and model_fingerprint(unet) == edited:
+        remember_fingerprint(unet, base)
+        return True
+    return False

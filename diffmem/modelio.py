@@ -119,6 +119,10 @@ def load_pipeline(
         safety_checker=None,
         requires_safety_checker=False,
     )
+    if looks_local(model):
+        from diffmem.edit import adopt_edit_record
+
+        adopt_edit_record(model, pipe.unet)  # an exported edited model keeps its original's identity
     if device is not None:
         pipe = pipe.to(device)
     return pipe
@@ -149,11 +153,63 @@ def guarded_pipeline_class(model: str | os.PathLike | None):
     return StableDiffusionMemGuardPipeline
 
 
-def model_fingerprint(unet: torch.nn.Module) -> str:
-    """A short, stable id of a UNet: SHA-256 over parameter names, shapes and the input/time layers.
+#: Prefix of the current fingerprint scheme (every weight); the old one (``legacy_fingerprint``) was 16
+#: hex digits of names, shapes and the input/time layers only.
+FINGERPRINT_PREFIX = "w2-"
+_CACHE_ATTR = "_diffmem_fingerprint"
 
-    Edits that diffmem makes (zeroed value rows, pruned FFN weights) leave it unchanged, so a
-    ``NeuronSet`` found on a model applies to its edited copies; any other model gets another id.
+
+def _state_key(unet: torch.nn.Module) -> tuple:
+    """Identity of the UNet's current weights: each tensor's storage, device, dtype and in-place version."""
+    tensors = list(unet.parameters()) + list(unet.buffers())
+    return tuple((t.data_ptr(), str(t.device), t.dtype, t._version) for t in tensors)
+
+
+def content_fingerprint(unet: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names, shapes, values rounded to float16), uncached.
+
+    Rounding to float16 makes a float32 and a float16 load of the same checkpoint agree (diffusers casts
+    with the same rounding); a bfloat16 load rounds differently and gets its own fingerprint.
+    """
+    h = hashlib.sha256()
+    state = unet.state_dict()
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}:{tuple(t.shape)}:".encode())
+        if t.is_floating_point():
+            t = t.to(torch.float16)
+        h.update(t.to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return FINGERPRINT_PREFIX + h.hexdigest()[:20]
+
+
+def model_fingerprint(unet: torch.nn.Module) -> str:
+    """The id of the model ``unet`` holds: :func:`content_fingerprint`, computed once per state of its weights.
+
+    Cached on the module by tensor identity and PyTorch's in-place version counters, so any optimizer
+    step, ``load_state_dict`` or in-place change gives a new id, while repeated checks cost nothing.
+    diffmem's own reversible edits (``diffmem.edit.applied``) keep the id of the model they were applied
+    to (:func:`remember_fingerprint`); writes through ``tensor.data`` bypass the version counter and are
+    not seen.
+    """
+    key = _state_key(unet)
+    cached = getattr(unet, _CACHE_ATTR, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fingerprint = content_fingerprint(unet)
+    object.__setattr__(unet, _CACHE_ATTR, (key, fingerprint))
+    return fingerprint
+
+
+def remember_fingerprint(unet: torch.nn.Module, fingerprint: str) -> None:
+    """Record that ``unet``'s weights, as they are now, are the model ``fingerprint`` (an edited copy of it)."""
+    object.__setattr__(unet, _CACHE_ATTR, (_state_key(unet), fingerprint))
+
+
+def legacy_fingerprint(unet: torch.nn.Module) -> str:
+    """The fingerprint of diffmem before ``w2-``: names, shapes and the conv_in/time_embedding values.
+
+    Kept only to tell an old edit "made for another model" from "re-make it for this one"; it cannot
+    tell a model from a fine-tune of it.
     """
     h = hashlib.sha256()
     state = unet.state_dict()
@@ -163,3 +219,32 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
         if name.startswith(("conv_in.", "time_embedding.")):
             h.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def fingerprint_problem(expected: str | None, unet: torch.nn.Module, what: str, fix: str) -> str | None:
+    """``None`` when ``expected`` is ``unet``'s fingerprint, else one line saying why ``what`` does not fit.
+
+    ``fix`` says what to do (e.g. "localize the neurons on this model").
+    """
+    if expected is None:
+        return None
+    actual = model_fingerprint(unet)
+    if expected == actual:
+        return None
+    if not str(expected).startswith(FINGERPRINT_PREFIX):
+        if legacy_fingerprint(unet) == expected:
+            return (
+                f"{what} carries diffmem's old fingerprint {expected} (parameter names, shapes and input "
+                f"layers only), which cannot tell this model from a fine-tune of it: {fix}"
+            )
+        return f"{what} was made for another model (old fingerprint {expected}); {fix}"
+    return f"{what} was made for the model with fingerprint {expected}, not for this one ({actual}): {fix}"
+
+
+def check_fingerprint(expected: str | None, unet: torch.nn.Module, what: str, fix: str) -> None:
+    """Raise :class:`~diffmem.edit.FingerprintMismatchError` when ``what`` was made for another model."""
+    problem = fingerprint_problem(expected, unet, what, fix)
+    if problem is not None:
+        from diffmem.edit import FingerprintMismatchError
+
+        raise FingerprintMismatchError(problem)

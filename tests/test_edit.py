@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from diffmem.edit import EDIT_RECORD, applied, apply_permanently, save_edited
+from diffmem.edit import EDIT_RECORD, adopt_edit_record, applied, apply_permanently, save_edited
 from diffmem.hooks.neurons import (
     record_value_activations,
     scaled_value_neurons,
@@ -184,6 +184,11 @@ def test_permanent_edit_and_export(tmp_path):
     edited = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, use_safetensors=True).unet
     assert edited.get_submodule(ns.layers[0]).weight[[0, 3]].abs().sum() == 0
     torch.testing.assert_close(_run(edited, x, t, e), expected, rtol=1e-5, atol=1e-6)
-    ns.validate(edited)  # edits keep the fingerprint
+    assert adopt_edit_record(out, edited)  # exactly the saved edited weights: the original's identity
+    ns.validate(edited)
+    with torch.no_grad():
+        edited.conv_out.weight[0, 0, 0, 0] += 1e-2  # a fine-tune of the edited copy is another model
+    with pytest.raises(FingerprintMismatchError, match="not for this one"):
+        ns.validate(edited)
     apply_permanently(unet, ns)
     torch.testing.assert_close(_run(unet, x, t, e), expected, rtol=1e-5, atol=1e-6)

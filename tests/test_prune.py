@@ -167,7 +167,10 @@ def test_weight_mask_is_an_edit_saved_without_pickle(pipe, tmp_path):
     pruned_layers = ffn_layers(pruned.unet)
     for n, m in masks.items():
         assert (pruned_layers[n].weight[m] == 0).all()
-    loaded.validate(pruned.unet)  # the edit keeps the fingerprint
+    from diffmem.edit import adopt_edit_record
+
+    assert adopt_edit_record(out, pruned.unet)  # the saved edited weights keep the original's identity
+    loaded.validate(pruned.unet)
 
     other = pipe.unet.__class__.from_config(pipe.unet.config)
     with pytest.raises(FingerprintMismatchError):

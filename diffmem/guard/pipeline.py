@@ -237,15 +237,16 @@ class MemGuardMixin:
         """``None`` (with a warning) for a calibration measured on another UNet."""
         if calibration is None or calibration.model_fingerprint is None:
             return calibration
-        from diffmem.modelio import model_fingerprint
+        from diffmem.modelio import fingerprint_problem
 
-        actual = model_fingerprint(self.unet)
-        if actual != calibration.model_fingerprint:
-            logger().warning(
-                f"{source}: the calibration was measured on the UNet with fingerprint "
-                f"{calibration.model_fingerprint}, this one has {actual}: not used (recalibrate with "
-                "`diffmem detect --labels COLUMN --save-calibration MODEL_DIR`)"
-            )
+        problem = fingerprint_problem(
+            calibration.model_fingerprint,
+            self.unet,
+            f"{source}: the calibration",
+            "not used (recalibrate with `diffmem detect --labels COLUMN --save-calibration MODEL_DIR`)",
+        )
+        if problem is not None:
+            logger().warning(problem)
             return None
         return calibration
 
@@ -276,6 +277,10 @@ class MemGuardMixin:
         if looks_local(path):
             check_sd_folder(path, argument="pretrained_model_name_or_path", pipeline_class=cls)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if looks_local(path):
+            from diffmem.edit import adopt_edit_record
+
+            adopt_edit_record(path, pipe.unet)  # an exported edited model keeps its original's identity
         pipe.__dict__["_diffmem_calibration"] = pipe._read_calibration(path)
         return pipe
 

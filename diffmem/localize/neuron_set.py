@@ -112,14 +112,9 @@ class NeuronSet(Edit):
         Returns name -> module for the layers that hold neurons. Raises
         :class:`FingerprintMismatchError` or ``ValueError`` with the layer and index at fault.
         """
-        from diffmem.modelio import model_fingerprint
+        from diffmem.modelio import check_fingerprint
 
-        actual = model_fingerprint(unet)
-        if actual != self.fingerprint:
-            raise FingerprintMismatchError(
-                f"this NeuronSet was found on the model with fingerprint {self.fingerprint}, "
-                f"but the UNet given has fingerprint {actual}: localize the neurons on this model"
-            )
+        check_fingerprint(self.fingerprint, unet, "this NeuronSet", "localize the neurons on this model")
         modules = dict(unet.named_modules())
         resolved: dict[str, nn.Linear] = {}
         for name, idx in self.by_layer().items():

@@ -198,15 +198,9 @@ class WeightMask(Edit):
         Raises :class:`~diffmem.edit.FingerprintMismatchError` for another model and
         ``ValueError`` naming the layer for a missing layer or a shape mismatch.
         """
-        from diffmem.modelio import model_fingerprint
+        from diffmem.modelio import check_fingerprint
 
-        if self.fingerprint:
-            actual = model_fingerprint(unet)
-            if actual != self.fingerprint:
-                raise FingerprintMismatchError(
-                    f"this WeightMask was found on the model with fingerprint {self.fingerprint}, "
-                    f"but the UNet given has fingerprint {actual}: run diffmem prune on this model"
-                )
+        check_fingerprint(self.fingerprint, unet, "this WeightMask", "run diffmem prune on this model")
         modules = dict(unet.named_modules())
         layers = {}
         for name, mask in self.masks.items():

@@ -59,14 +59,11 @@ class ValueStats:
 
     def check(self, unet: nn.Module, layers: Sequence[str], source: str = "statistics") -> None:
         """Raise ``ValueError`` unless these statistics were computed on ``unet`` for ``layers``."""
-        from diffmem.modelio import model_fingerprint
+        from diffmem.modelio import fingerprint_problem
 
-        actual = model_fingerprint(unet)
-        if actual != self.fingerprint:
-            raise ValueError(
-                f"{source}: computed on the model with fingerprint {self.fingerprint}, not on this one "
-                f"({actual}); recompute them for this model"
-            )
+        problem = fingerprint_problem(self.fingerprint, unet, f"{source}: the statistics", "recompute them")
+        if problem is not None:
+            raise ValueError(problem)
         if list(layers) != self.layers:
             raise ValueError(f"{source}: statistics cover the layers {self.layers}, expected {list(layers)}")
 

@@ -1,0 +1,109 @@
+"""The model fingerprint: every weight counts, it is cached, diffmem's own edits keep it, old ids get a clear line."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffmem.edit import FingerprintMismatchError, applied
+from diffmem.hooks.ffn import ffn_layers
+from diffmem.hooks.neurons import value_layers
+from diffmem.localize.neuron_set import NeuronSet
+from diffmem.localize.prune import WeightMask
+from diffmem.modelio import (
+    FINGERPRINT_PREFIX,
+    content_fingerprint,
+    legacy_fingerprint,
+    model_fingerprint,
+)
+from diffmem.tiny import TinySDConfig, build_components
+
+
+@pytest.fixture()
+def unet():
+    return build_components(TinySDConfig(variant="sd1"), seed=0)["unet"]
+
+
+def _fine_tune_one_weight(unet, name: str) -> None:
+    """What a fine-tune that moved only ``name`` does (an optimizer step: an in-place update)."""
+    with torch.no_grad():
+        unet.get_parameter(name).add_(1e-3)
+
+
+def _edits(unet):
+    names = list(value_layers(unet))
+    neurons = NeuronSet(model_fingerprint(unet), names, [[0]] + [[] for _ in names[1:]])
+    layer = next(iter(ffn_layers(unet)))
+    mask = torch.zeros_like(ffn_layers(unet)[layer].weight, dtype=torch.bool)
+    mask[0, 0] = True
+    return neurons, WeightMask({layer: mask}, model_fingerprint(unet))
+
+
+def test_any_weight_changes_it_and_the_old_one_did_not(unet):
+    before, legacy = model_fingerprint(unet), legacy_fingerprint(unet)
+    assert before.startswith(FINGERPRINT_PREFIX) and model_fingerprint(unet) == before  # cached, stable
+    # a weight far from conv_in/time_embedding: the old fingerprint missed exactly this
+    name = "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2.weight"
+    _fine_tune_one_weight(unet, name)
+    assert model_fingerprint(unet) != before and legacy_fingerprint(unet) == legacy
+    assert model_fingerprint(unet) == content_fingerprint(unet)  # the cache saw the in-place step
+
+
+def test_edits_of_the_model_are_refused_by_its_fine_tune_on_every_path(unet, tiny_sd1_dir):
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline
+
+    from diffmem.mitigations.nemo import NeMoMitigation
+
+    neurons, mask = _edits(unet)
+    tuned = copy.deepcopy(unet)
+    _fine_tune_one_weight(tuned, "mid_block.resnets.0.conv1.weight")
+    for edit in (neurons, mask):
+        edit.validate(unet)
+        with pytest.raises(FingerprintMismatchError, match="not for this one"):
+            edit.validate(tuned)
+        with pytest.raises(FingerprintMismatchError):
+            with applied(tuned, edit):
+                pass
+    # the guarded pipeline checks a NeuronSet on every call, flagged or not
+    pipe = StableDiffusionMemGuardPipeline.from_pretrained(tiny_sd1_dir)
+    pipe.set_progress_bar_config(disable=True)
+    foreign = NeuronSet(model_fingerprint(tuned), neurons.layers, neurons.neurons)
+    with pytest.raises(FingerprintMismatchError):
+        pipe(
+            "a photo",
+            num_inference_steps=2,
+            output_type="np",
+            mitigation=NeMoMitigation(neuron_set=foreign),
+            memorization_threshold=1e9,  # nothing is flagged
+        )
+
+
+def test_applied_edits_keep_the_identity_and_nest(unet):
+    neurons, mask = _edits(unet)
+    identity = model_fingerprint(unet)
+    with applied(unet, neurons):
+        assert model_fingerprint(unet) == identity and content_fingerprint(unet) != identity
+        with applied(unet, mask):  # a second edit of the same model validates inside the first
+            assert model_fingerprint(unet) == identity
+    assert model_fingerprint(unet) == identity == content_fingerprint(unet)
+
+
+def test_float16_load_agrees_with_float32(unet):
+    half = copy.deepcopy(unet).to(torch.float16)
+    assert model_fingerprint(half) == model_fingerprint(unet)
+
+
+def test_old_fingerprints_name_what_to_do(unet):
+    neurons, _ = _edits(unet)
+    old = NeuronSet(legacy_fingerprint(unet), neurons.layers, neurons.neurons)
+    with pytest.raises(
+        FingerprintMismatchError, match="old fingerprint .* cannot tell this model from a fine-tune"
+    ):
+        old.validate(unet)
+    other = NeuronSet("0123456789abcdef", neurons.layers, neurons.neurons)
+    with pytest.raises(
+        FingerprintMismatchError, match="made for another model \\(old fingerprint 0123456789abcdef\\)"
+    ):
+        other.validate(unet)
