@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from diffmem import __version__
+from diffmem.cli_args import OneLineParser, check_numeric_options
+
+#: Environment variables: a traceback on errors; pickle-based weights allowed (as --debug, --allow-pickle).
+DEBUG_ENV = "DIFFMEM_DEBUG"
+PICKLE_ENV = "DIFFMEM_ALLOW_PICKLE"
 
 # Subcommand modules under diffmem/commands/, in the order --help lists them.
 COMMANDS = [
@@ -28,11 +34,21 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="diffmem",
         description="Find, measure, localize and remove training-data memorization in text-to-image diffusion models.",
     )
     parser.add_argument("--version", action="version", version=f"diffmem {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of an error (also: {DEBUG_ENV}=1)",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help=f"allow pickle-based weight files (.bin, .pt, .ckpt) where safetensors are missing (also: {PICKLE_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMANDS:
         try:
@@ -44,27 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+    check_numeric_options(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input: one line ``diffmem <command>: error: ...`` and exit code 2; any
+    other failure: one line naming the error and exit code 1; a traceback only with ``--debug``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a bad argument (its one line is printed)
+        return int(exit_.code or 0)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if args.allow_pickle:
+        os.environ[PICKLE_ENV] = "1"
+    name = f"diffmem {args.command}"
     try:
         return int(args._run(args) or 0)
-    except UsageError as err:
-        print(f"diffmem {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as err:
-        # the library raises these with messages that name the argument, file or row at fault
-        print(f"diffmem {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"diffmem {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"{name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        if debug:
+            raise
+        user_error = isinstance(err, (UsageError, ValueError, FileNotFoundError, NotADirectoryError))
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not user_error:
+            text = f"{type(err).__name__}: {text} (rerun with --debug for the traceback)"
+        print(f"{name}: error: {text}", file=sys.stderr)
+        return 2 if user_error else 1
 
 
 if __name__ == "__main__":

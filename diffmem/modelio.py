@@ -44,11 +44,105 @@ def required_components(pipeline_class=None) -> tuple[str, ...]:
     return tuple(required + sorted(n for n in expected if n not in optional and n not in required))
 
 
-def check_sd_folder(path: str | os.PathLike, argument: str = "--model", pipeline_class=None) -> Path:
-    """Raise a ``ValueError`` naming ``argument`` unless ``path`` is a complete model folder on disk.
+#: Weight files that unpickle when loaded (refused unless pickle is allowed explicitly).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickle_allowed(explicit: bool | None = None) -> bool:
+    """Whether pickle-based weights may load: ``explicit`` when given, else ``$DIFFMEM_ALLOW_PICKLE``
+    (set by ``diffmem --allow-pickle``). The default is no: safetensors only."""
+    if explicit is not None:
+        return bool(explicit)
+    return os.environ.get("DIFFMEM_ALLOW_PICKLE", "") not in ("", "0")
+
+
+def _read_json(path: Path, argument: str, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{argument}: {path} ({what}) is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{argument}: {path} ({what}) is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{argument}: {path} ({what}) must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def check_safetensors_file(path: Path, argument: str = "--model") -> None:
+    """Raise ``ValueError`` unless ``path`` is a complete safetensors file (header parses, sizes add up).
+
+    Reads the 8-byte header length and the JSON header only; a file cut short by an interrupted copy
+    or download is caught before anything loads.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{argument}: {path} is truncated ({size} bytes; not a safetensors file)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(
+                f"{argument}: {path} is truncated or not a safetensors file (header of {n} bytes, file {size})"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(
+                f"{argument}: {path} is not a safetensors file (its header is not JSON)"
+            ) from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if ends and 8 + n + max(ends) > size:
+        raise ValueError(
+            f"{argument}: {path} is truncated: its header describes {8 + n + max(ends)} bytes, the file has {size}"
+        )
+
+
+def _check_component(folder: Path, name: str, library_class: list, argument: str, allow_pickle: bool) -> None:
+    """One component folder: its config parses, its weights are complete safetensors (or allowed pickle)."""
+    where = folder / name
+    cls = str(library_class[1]) if len(library_class) > 1 and library_class[1] else ""
+    for path in sorted(where.glob("*.json")):
+        _read_json(path, argument, f"{name} {path.name}")
+    if cls.endswith(("Tokenizer", "TokenizerFast")):
+        has_fast = (where / "tokenizer.json").is_file()
+        has_bpe = (where / "vocab.json").is_file() and (where / "merges.txt").is_file()
+        if not (has_fast or has_bpe):
+            raise ValueError(
+                f"{argument}: {where} has no tokenizer files (expected tokenizer.json, or vocab.json and "
+                "merges.txt)"
+            )
+        return
+    if cls.endswith("Scheduler") or "Scheduler" in cls:
+        if not (where / "scheduler_config.json").is_file():
+            raise ValueError(f"{argument}: {where} has no scheduler_config.json")
+        return
+    if cls.endswith(("FeatureExtractor", "ImageProcessor", "Processor")):
+        return
+    if not (where / "config.json").is_file():
+        raise ValueError(f"{argument}: {where} has no config.json (the {name} component's configuration)")
+    safetensors = sorted(where.glob("*.safetensors"))
+    pickles = sorted(p for p in where.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not safetensors and not pickles:
+        raise ValueError(f"{argument}: {where} has no weights file (expected *.safetensors)")
+    if not safetensors and not allow_pickle:
+        raise ValueError(
+            f"{argument}: {where} has only pickle weights ({', '.join(p.name for p in pickles)}); diffmem loads "
+            "safetensors only: convert them, or pass --allow-pickle (use_safetensors=False in Python) to load them"
+        )
+    for path in safetensors:
+        check_safetensors_file(path, argument)
+
+
+def check_sd_folder(
+    path: str | os.PathLike, argument: str = "--model", pipeline_class=None, allow_pickle: bool | None = None
+) -> Path:
+    """Raise a ``ValueError`` naming ``argument``, the folder and the component unless ``path`` is a
+    complete, loadable model folder.
 
     Every component ``model_index.json`` lists (and every one ``pipeline_class`` requires; default:
-    Stable Diffusion's) must be a folder.
+    Stable Diffusion's) must be a folder whose JSON files parse; model components need ``config.json``
+    and complete safetensors weights (pickle only with ``allow_pickle``, :func:`pickle_allowed`); a
+    tokenizer needs its vocabulary files; a scheduler its ``scheduler_config.json``.
     """
     folder = Path(path)
     components = required_components(pipeline_class)
@@ -56,28 +150,53 @@ def check_sd_folder(path: str | os.PathLike, argument: str = "--model", pipeline
         raise FileNotFoundError(
             f"{argument}: {folder} does not exist (expected a Stable Diffusion folder or hub id)"
         )
+    if not folder.is_dir():
+        raise ValueError(f"{argument}: {folder} is a file, expected a Stable Diffusion folder")
     index = folder / "model_index.json"
     if not index.is_file():
         raise ValueError(
             f"{argument}: {folder} is not a Stable Diffusion folder: it has no model_index.json "
             f"(expected one with the components {', '.join(components)})"
         )
-    try:
-        entries = json.loads(index.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{argument}: {index} is not valid JSON ({err})") from err
-    listed = [
-        name
+    entries = _read_json(index, argument, "the pipeline index")
+    listed = {
+        name: value
         for name, value in entries.items()
         if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None
-    ]
+    }
     missing = [c for c in components if c not in entries or not (folder / c).is_dir()]
     missing += [c for c in listed if c not in missing and not (folder / c).is_dir()]
     if missing:
         raise ValueError(
             f"{argument}: {folder} lacks the component(s) {', '.join(missing)} of a Stable Diffusion pipeline"
         )
+    allow = pickle_allowed(allow_pickle)
+    for name, library_class in listed.items():
+        _check_component(folder, name, library_class, argument, allow)
     return folder
+
+
+def check_device(device: str | torch.device | None, argument: str = "--device") -> torch.device | None:
+    """The torch device ``device`` names, or a ``ValueError`` naming ``argument`` when it is not one or
+    is not available on this machine."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{argument}: {device!r} is not a torch device (expected cpu, cuda, cuda:1, mps, ...)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{argument}: {device} was asked for, but CUDA is not available here (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{argument}: {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{argument}: {device} was asked for, but MPS is not available here (use cpu)")
+    return dev
 
 
 def load_pipeline(
@@ -86,14 +205,17 @@ def load_pipeline(
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     argument: str = "--model",
+    allow_pickle: bool | None = None,
 ):
     """Load a Stable Diffusion pipeline from a local folder or a hub id (default: the organism).
 
-    Local folders are checked first so that a wrong path gives an error that names ``argument``;
-    weights load from safetensors only. Without the organism, a tiny model built from configs
-    (``diffmem.tiny``) stands in and a warning says so.
+    Local folders are checked first (:func:`check_sd_folder`) so that a wrong path gives an error that
+    names ``argument``; weights load from safetensors only unless ``allow_pickle`` (or ``diffmem
+    --allow-pickle``). Without the organism, a tiny model built from configs (``diffmem.tiny``) stands
+    in and a warning says so.
     """
     if model is None:
+        check_device(device)
         model = default_model()
         if model is None:
             import warnings
@@ -108,17 +230,27 @@ def load_pipeline(
             pipe = build_tiny_pipeline(pipeline_class=pipeline_class or guarded_pipeline_class(None))
             return pipe.to(device) if device is not None else pipe
     model = str(model)
+    check_device(device)
     if pipeline_class is None:
         pipeline_class = guarded_pipeline_class(model)
+    allow = pickle_allowed(allow_pickle)
     if looks_local(model):
-        check_sd_folder(model, argument, pipeline_class=pipeline_class)
-    pipe = pipeline_class.from_pretrained(
-        model,
-        torch_dtype=torch_dtype,
-        use_safetensors=True,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+        check_sd_folder(model, argument, pipeline_class=pipeline_class, allow_pickle=allow)
+    try:
+        pipe = pipeline_class.from_pretrained(
+            model,
+            torch_dtype=torch_dtype,
+            use_safetensors=not allow,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except OSError as err:
+        if looks_local(model):
+            raise ValueError(f"{argument}: {model} could not be loaded: {str(err).splitlines()[0]}") from err
+        raise ValueError(
+            f"{argument}: {model} is not a folder here and could not be loaded from the hub (offline, or not "
+            f"in the local cache: {str(err).splitlines()[0]}); download it, or give a local folder"
+        ) from err
     if looks_local(model):
         from diffmem.edit import adopt_edit_record
 

@@ -270,12 +270,17 @@ class MemGuardMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """The stock ``from_pretrained`` (any SD folder or hub id), plus: a local folder is checked
-        first (an error names the folder and what it lacks) and its calibration is read."""
+        first (``diffmem.modelio.check_sd_folder``: an error names the folder, the component and what
+        it lacks; pickle weights only with ``use_safetensors=False``) and its calibration is read."""
         from diffmem.modelio import check_sd_folder, looks_local
 
         path = str(pretrained_model_name_or_path)
         if looks_local(path):
-            check_sd_folder(path, argument="pretrained_model_name_or_path", pipeline_class=cls)
+            # pickle weights only when asked for explicitly (use_safetensors=False, or diffmem --allow-pickle)
+            explicit = True if kwargs.get("use_safetensors") is False else None
+            check_sd_folder(
+                path, argument="pretrained_model_name_or_path", pipeline_class=cls, allow_pickle=explicit
+            )
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if looks_local(path):
             from diffmem.edit import adopt_edit_record
