@@ -105,25 +105,44 @@ def _pick(
     return None
 
 
+def _not_utf8(text: str) -> bool:
+    """Whether ``text`` (read with ``errors="surrogateescape"``) held bytes that are not UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _bad_byte(text: str) -> str:
+    ch = next(ch for ch in text if "\udc80" <= ch <= "\udcff")
+    return f"byte 0x{ord(ch) - 0xDC00:02x}"
+
+
 def _iter_table_rows(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
     """Column names and a row iterator for a csv / jsonl / parquet file, streamed."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        f = open(path, newline="", encoding="utf-8")  # noqa: SIM115 (closed by the generator)
+        # undecodable bytes survive as surrogates, so one bad row is reported and the others are read
+        f = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
 
         def rows_csv() -> Iterator[dict[str, Any]]:
             with f:
-                yield from reader
+                for row in reader:
+                    bad = next((v for v in row.values() if isinstance(v, str) and _not_utf8(v)), None)
+                    if bad is not None:
+                        yield {"__error__": f"line {reader.line_num}: not UTF-8 text ({_bad_byte(bad)})"}
+                        continue
+                    yield row
 
         return columns, rows_csv()
     if suffix in (".jsonl", ".json"):
 
         def rows_jsonl() -> Iterator[dict[str, Any]]:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
+                        continue
+                    if _not_utf8(line):
+                        yield {"__error__": f"line {lineno} is not UTF-8 text ({_bad_byte(line)})"}
                         continue
                     try:
                         obj = json.loads(line)
@@ -135,7 +154,7 @@ def _iter_table_rows(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
                     )
 
         columns: list[str] = []
-        with open(path, encoding="utf-8") as f:  # columns from the first object
+        with open(path, encoding="utf-8-sig", errors="replace") as f:  # columns from the first object
             for line in f:
                 if line.strip():
                     try:
@@ -179,17 +198,19 @@ def open_dataset(
     image_column: str | None = None,
     require_image: bool = True,
     check_files: bool = True,
+    argument: str = "--data",
 ) -> Iterator[Record | BadRow]:
     """Stream the rows of a dataset (image folder or table) as ``Record`` / ``BadRow``, in source order.
 
     Columns are found by name unless given: id from ``ID_COLUMNS`` (else the image path, else the row
     number), caption from ``CAPTION_COLUMNS``, image from ``IMAGE_COLUMNS``. The first row with an id
     wins; later rows with the same id are ``duplicate_id``. Memory: one set of seen ids.
-    Raises ``FileNotFoundError`` / ``ValueError`` only for a dataset that cannot be read at all.
+    Raises ``FileNotFoundError`` / ``ValueError`` (naming ``argument``) only for a dataset that cannot be
+    read at all.
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--data: {path} does not exist")
+        raise FileNotFoundError(f"{argument}: {path} does not exist")
     table = find_metadata(path) if path.is_dir() else path
     base = table.parent
     columns, rows = _iter_table_rows(table)

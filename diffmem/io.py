@@ -20,6 +20,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0600
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -29,6 +30,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_text(path: str | os.PathLike, argument: str) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark is dropped); a file that is not UTF-8 is a
+    ``ValueError`` naming ``argument``, the file, the line and the byte."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{argument}: {path} line {line} is not UTF-8 (byte 0x{data[err.start]:02x}); save the file as UTF-8"
+        ) from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

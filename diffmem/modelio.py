@@ -248,8 +248,8 @@ def load_pipeline(
         if looks_local(model):
             raise ValueError(f"{argument}: {model} could not be loaded: {str(err).splitlines()[0]}") from err
         raise ValueError(
-            f"{argument}: {model} is not a folder here and could not be loaded from the hub (offline, or not "
-            f"in the local cache: {str(err).splitlines()[0]}); download it, or give a local folder"
+            f"{argument}: {model} is not a folder here, and neither the hub nor its local cache has it "
+            "(offline, or not downloaded); download it first, or give a local folder"
         ) from err
     if looks_local(model):
         from diffmem.edit import adopt_edit_record

@@ -30,11 +30,9 @@ MEMORIZED_TYPES = {"MV", "RV", "TV"}
 
 
 def _text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path} line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    from diffmem.io import read_text
+
+    return read_text(path, "prompt set")
 
 
 def _lines(path: Path, label: int, role: str) -> list[dict]:

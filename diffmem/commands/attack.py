@@ -59,7 +59,7 @@ def load_targets(path: str, argument: str = "--targets", limit: int | None = Non
     """(id, caption, image path) records of a targets dataset; the first bad row is an error naming it."""
     from diffmem.data import open_dataset, split_rows
 
-    records, bad = split_rows(open_dataset(path))
+    records, bad = split_rows(open_dataset(path, argument=argument))
     if bad:
         b = bad[0]
         raise ValueError(f"{argument}: {b.source or path} row {b.row} (id {b.id}): {b.reason}: {b.detail}")
@@ -95,7 +95,10 @@ def load_edit(args: argparse.Namespace):
     if args.neurons:
         from diffmem.localize.neuron_set import NeuronSet
 
-        return NeuronSet.load(args.neurons)
+        try:
+            return NeuronSet.load(args.neurons)
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"--neurons: {err}") from None
     return None
 
 

@@ -17,6 +17,8 @@ import io
 import json
 from pathlib import Path
 
+from diffmem.io import read_text
+
 NAME = "detect"
 HELP = "Score prompts for memorization from the first denoising step(s) (Wen et al.'s noise gap)."
 
@@ -100,7 +102,7 @@ def read_prompts(
     if not path.is_file():
         raise FileNotFoundError(f"--prompts: {path} does not exist")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "--prompts")
     if suffix == ".txt":
         if id_column or label_column:
             raise ValueError(

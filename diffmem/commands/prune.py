@@ -57,7 +57,9 @@ def read_prompts(path: str | None, argument: str) -> list[str]:
             f"{argument}: {p} does not exist (expected a .txt file of prompts or a caption table)"
         )
     if p.suffix.lower() == ".txt":
-        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from diffmem.io import read_text
+
+        prompts = [line.strip() for line in read_text(p, argument).splitlines() if line.strip()]
     else:
         records, bad = split_rows(open_dataset(p, require_image=False, check_files=False))
         if bad:

@@ -38,8 +38,24 @@ def load_state_dict(
             f"{argument}: {path} is not a .safetensors file; pickle checkpoints can run code when loaded: "
             "convert it to safetensors, or pass --allow-pickle if you trust it"
         )
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    import pickle
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{argument}: {path} is a pickle holding more than tensors, refused by safe (weights_only) "
+            "loading; diffmem does not load arbitrary pickles: convert the checkpoint to safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"{argument}: {path} is not a readable checkpoint ({str(err).splitlines()[0]})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{argument}: {path} does not hold a state dict (names -> tensors)")
+    return state
 
 
 class OpenCLIPEmbedder(Embedder):

@@ -58,6 +58,17 @@ def _probe_dim(forward) -> int:
     return int(out.shape[1])
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip with a ``code/`` folder (a ``torch.save`` zip has none; a legacy
+    pickle is no zip at all)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n or n.startswith("code/") for n in z.namelist())
+
+
 def load_sscd_torchscript(
     path: str | os.PathLike,
     *,
@@ -73,6 +84,11 @@ def load_sscd_torchscript(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--embedder-file: {path} does not exist (expected an SSCD TorchScript file)")
+    if not _is_torchscript(path):
+        raise ValueError(
+            f"--embedder-file: {path} is not a TorchScript archive (no code/ inside; a plain pickle or "
+            "torch.save file?): expected SSCD's .torchscript.pt or an .onnx export"
+        )
     if not allow_torchscript:
         raise ValueError(
             f"--embedder-file: {path} is a TorchScript file, which runs code when loaded; "

@@ -83,6 +83,17 @@ class NemoConfig:
     #: (:func:`default_mask_batch`)
     mask_batch: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.n_seeds < 2:
+            raise ValueError(f"n_seeds: NeMo compares seeds pairwise, expected at least 2, got {self.n_seeds}")
+        if not 0 <= self.t_index < self.num_inference_steps:
+            raise ValueError(
+                f"num_inference_steps: NeMo reads the schedule's timestep t_index={self.t_index}, so it needs "
+                f"more than {self.t_index} steps, got {self.num_inference_steps}"
+            )
+        if self.mask_batch is not None and self.mask_batch < 1:
+            raise ValueError(f"mask_batch: expected an integer >= 1, got {self.mask_batch}")
+
 
 def default_mask_batch(device: torch.device) -> int:
     """Masks per UNet call when none is given: 8 on CUDA, 1 elsewhere.

@@ -220,6 +220,13 @@ class NeuronSet(Edit):
             raise FileNotFoundError(f"NeuronSet file {path} does not exist")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"{path}: not a NeuronSet (expected diffmem's JSON file or a save_pretrained folder; this file is "
+                "not text, e.g. a pickle, which diffmem does not load)"
+            ) from None
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
+            raise ValueError(f"{path}: not a NeuronSet: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a NeuronSet: expected a JSON object")
         return cls.from_dict(data, source=str(path))
