@@ -240,7 +240,7 @@ def load_pipeline(
         pipe = pipeline_class.from_pretrained(
             model,
             torch_dtype=torch_dtype,
-            use_safetensors=not allow,
+            use_safetensors=True if not allow else None,  # allowed: safetensors first, pickle where missing
             safety_checker=None,
             requires_safety_checker=False,
         )
@@ -270,7 +270,8 @@ def guarded_pipeline_class(model: str | os.PathLike | None):
     name = None
     if index.is_file():
         try:
-            name = json.loads(index.read_text()).get("_class_name")
+            data = json.loads(index.read_text(encoding="utf-8"))
+            name = data.get("_class_name") if isinstance(data, dict) else None
         except (json.JSONDecodeError, UnicodeDecodeError):
             name = None  # check_sd_folder reports it
     elif not looks_local(model):

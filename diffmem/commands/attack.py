@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.scores.replication import ReplicationCriterion
     from diffmem.scores.solidmark import binomial_ci
 
-    targets = load_targets(args.targets, limit=args.limit)
     edit = load_edit(args)
+    targets = load_targets(args.targets, limit=args.limit)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.model, StableDiffusionPipeline, device=device)
     pipe.set_progress_bar_config(disable=True)

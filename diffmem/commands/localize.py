@@ -87,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 2:
         raise ValueError("--seeds: the criterion compares seeds pairwise, expected at least 2")
     if args.steps < 2:
-        raise ValueError(f"--steps: NeMo's criterion reads timesteps[1], expected at least 2, got {args.steps}")
+        raise ValueError(
+            f"--steps: NeMo's criterion reads timesteps[1], expected at least 2, got {args.steps}"
+        )
     blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
     rows = _read(args.prompts, "--prompts", args.caption_column, args.id_column)
     if args.limit is not None:

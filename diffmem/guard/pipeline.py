@@ -281,6 +281,8 @@ class MemGuardMixin:
             check_sd_folder(
                 path, argument="pretrained_model_name_or_path", pipeline_class=cls, allow_pickle=explicit
             )
+            if explicit:  # opted in: each component loads its safetensors, or its pickle where it has none
+                kwargs["use_safetensors"] = None
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if looks_local(path):
             from diffmem.edit import adopt_edit_record

@@ -85,7 +85,9 @@ class NemoConfig:
 
     def __post_init__(self) -> None:
         if self.n_seeds < 2:
-            raise ValueError(f"n_seeds: NeMo compares seeds pairwise, expected at least 2, got {self.n_seeds}")
+            raise ValueError(
+                f"n_seeds: NeMo compares seeds pairwise, expected at least 2, got {self.n_seeds}"
+            )
         if not 0 <= self.t_index < self.num_inference_steps:
             raise ValueError(
                 f"num_inference_steps: NeMo reads the schedule's timestep t_index={self.t_index}, so it needs "
