@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from diffmem import __version__
 from diffmem.cli_args import OneLineParser, check_numeric_options
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.allow_pickle:
         os.environ[PICKLE_ENV] = "1"
     name = f"diffmem {args.command}"
+    # a deprecation inside diffusers' own hub call, not the user's doing: it would be a second error line
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

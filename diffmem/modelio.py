@@ -199,10 +199,18 @@ def check_device(device: str | torch.device | None, argument: str = "--device") 
     return dev
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``dtype=`` where diffusers has it (``torch_dtype`` is deprecated there), ``torch_dtype=`` before."""
+    from diffusers.utils import deprecation_utils
+
+    new = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    return {"dtype": dtype} if new else {"torch_dtype": dtype}
+
+
 def load_pipeline(
     model: str | os.PathLike | None = None,
     pipeline_class=None,
-    torch_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     argument: str = "--model",
     allow_pickle: bool | None = None,
@@ -239,7 +247,7 @@ def load_pipeline(
     try:
         pipe = pipeline_class.from_pretrained(
             model,
-            torch_dtype=torch_dtype,
+            **_dtype_kwarg(dtype),
             use_safetensors=True if not allow else None,  # allowed: safetensors first, pickle where missing
             safety_checker=None,
             requires_safety_checker=False,

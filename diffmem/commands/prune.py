@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float16 if args.fp16 else torch.float32
     from diffusers import StableDiffusionPipeline
 
-    pipe = load_pipeline(args.model, StableDiffusionPipeline, torch_dtype=dtype, device=device)
+    pipe = load_pipeline(args.model, StableDiffusionPipeline, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     mask, mem, ref = find_weight_mask(
         pipe,

@@ -98,8 +98,8 @@ class OpenCLIPEmbedder(Embedder):
             raise ValueError(
                 f"--embedder-arch: {model_name!r} is not an open_clip architecture (see open_clip.list_models())"
             )
+        state = load_state_dict(checkpoint, allow_pickle=allow_pickle)  # checked before any model is built
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
-        state = load_state_dict(checkpoint, allow_pickle=allow_pickle)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatches
