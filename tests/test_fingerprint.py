@@ -107,3 +107,25 @@ def test_old_fingerprints_name_what_to_do(unet):
         FingerprintMismatchError, match="made for another model \\(old fingerprint 0123456789abcdef\\)"
     ):
         other.validate(unet)
+
+
+def test_a_saved_pipeline_with_a_loaded_edit_keeps_its_identity_and_calibration(tiny_sd1_dir, tmp_path):
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline
+
+    from diffmem.guard.calibration import GuardCalibration
+
+    pipe = StableDiffusionMemGuardPipeline.from_pretrained(tiny_sd1_dir)
+    identity = model_fingerprint(pipe.unet)
+    pipe.calibration = GuardCalibration(
+        memorization_threshold=0.5, memorization_window=(0, 1), model_fingerprint=identity
+    )
+    neurons, _ = _edits(pipe.unet)
+    pipe.load_edit(neurons)
+    assert model_fingerprint(pipe.unet) == identity
+    pipe.save_pretrained(tmp_path / "edited")
+    pipe.unload_edit()
+    assert model_fingerprint(pipe.unet) == identity == content_fingerprint(pipe.unet)
+    again = StableDiffusionMemGuardPipeline.from_pretrained(tmp_path / "edited")
+    assert model_fingerprint(again.unet) == identity != content_fingerprint(again.unet)
+    assert again.calibration is not None and again.calibration.memorization_threshold == 0.5
+    neurons.validate(again.unet)

@@ -316,10 +316,14 @@ class MemGuardMixin:
         edit = self.__dict__.get("_diffmem_edit")
         if edit is not None:
             from diffmem.edit import EDIT_RECORD
+            from diffmem.modelio import content_fingerprint
 
-            atomic_write_json(
-                Path(save_directory) / EDIT_RECORD, {"factor": edit[1], "edit": edit[0].to_dict()}
-            )
+            record = {
+                "factor": edit[1],
+                "edit": edit[0].to_dict(),
+                "edited_fingerprint": content_fingerprint(self.unet),  # loads keep this model's identity
+            }
+            atomic_write_json(Path(save_directory) / EDIT_RECORD, record)
 
     # ----------------------------------------------------------------------------- edits
     @property
@@ -344,13 +348,17 @@ class MemGuardMixin:
             )
         if self.active_edit is not None:
             raise ValueError("an edit is loaded already; call unload_edit() first")
+        from diffmem.modelio import model_fingerprint, remember_fingerprint
+
+        identity = model_fingerprint(self.unet)
         multipliers = edit.weight_multipliers(self.unet, factor)  # validates against this model
         originals = []
         with torch.no_grad():
             for param, mult in multipliers.items():
                 originals.append((param, param.detach().clone()))
                 param.mul_(mult.to(device=param.device, dtype=param.dtype))
-        self.__dict__["_diffmem_edit"] = (edit, float(factor), originals)
+        remember_fingerprint(self.unet, identity)  # still this model, with a known edit loaded
+        self.__dict__["_diffmem_edit"] = (edit, float(factor), originals, identity)
         return edit
 
     def unload_edit(self) -> None:
@@ -361,6 +369,9 @@ class MemGuardMixin:
         with torch.no_grad():
             for param, original in edit[2]:
                 param.copy_(original)
+        from diffmem.modelio import remember_fingerprint
+
+        remember_fingerprint(self.unet, edit[3])
 
     # ----------------------------------------------------------------------------- family hooks
     def _guard_unconditional(self, call: dict) -> tuple[torch.Tensor, dict | None]:
