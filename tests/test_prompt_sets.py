@@ -63,7 +63,7 @@ def test_negatives_and_bad_input(tmp_path):
     path.write_text("a cat\na dog\n")
     assert [r["label"] for r in read_prompt_set(path)] == [0, 0]
     path.write_bytes(b"a cat\n\xff\xfe bad\n")
-    with pytest.raises(ValueError, match="negatives.txt line 2: not UTF-8"):
+    with pytest.raises(ValueError, match=r"negatives.txt line 2 is not UTF-8 \(byte 0xff\)"):
         read_prompt_set(path)
     with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
         read_prompt_set(tmp_path / "missing.jsonl")

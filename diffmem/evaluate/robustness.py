@@ -119,7 +119,7 @@ class RobustnessEvaluation:
 
     def attack(self, pipe, items: Sequence[Target], attack: bool = True) -> list[dict]:
         """Per item: similarities per seed from the caption (``before``) and, attacked, from the trigger."""
-        from diffmem.attack.dori import attack_target, generate_from_embeds, ssim_similarity
+        from diffmem.attack.dori import attack_target, encode_prompts, generate_from_embeds, ssim_similarity
 
         seeds = list(range(self.settings.seeds))
         rows = []
@@ -140,8 +140,6 @@ class RobustnessEvaluation:
                 del row["replicated_before"], row["replicated_after"]  # the table's criterion decides
                 rows.append(row)
                 continue
-            from diffmem.attack.dori import encode_prompts
-
             with torch.no_grad():
                 gens = generate_from_embeds(
                     pipe,
