@@ -65,10 +65,9 @@ def main() -> int:
     torch.set_num_threads(max(1, args.threads))
 
     from diffmem.edit import applied
-    from diffmem.evaluate.localization import localize_prompts
+    from diffmem.evaluate.localization import localize_prompts, random_control
     from diffmem.io import atomic_write_json
     from diffmem.localize.nemo import NemoConfig
-    from diffmem.localize.neuron_set import NeuronSet
     from diffmem.modelio import check_sd_folder, load_pipeline, model_fingerprint
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.evaluate import generate_and_measure
@@ -182,16 +181,8 @@ def main() -> int:
     wen_tau = wen.threshold
 
     # 4. union of all neurons off; random control with the same count per layer
-    found = [sets[c] for c in roles["verbatim"] + roles["template"]]
-    union = found[0].union(*found[1:])
-    union.save(out / "union.json")
-    gen = torch.Generator().manual_seed(0)
-    modules = dict(pipe.unet.named_modules())
-    rand_lists = []
-    for name, idx in zip(union.layers, union.neurons):
-        width = modules[name].out_features
-        rand_lists.append(torch.randperm(width, generator=gen)[: len(idx)].tolist() if idx else [])
-    control = NeuronSet(model_fingerprint(pipe.unet), union.layers, rand_lists, info={"control": "random"})
+    union = run.union
+    control = random_control(union, pipe.unet, seed=0)
     held = roles["heldout"]
     _, h_before = measure(held, "heldout")
     summary_sets = {}

@@ -293,7 +293,7 @@ def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted):
     """Statistics -> calibrated threshold -> per-prompt sets -> union, every stage reused on a rerun."""
     from diffusers import StableDiffusionPipeline
 
-    from diffmem.evaluate.localization import localize_prompts, neuron_file_name
+    from diffmem.evaluate.localization import localize_prompts, neuron_file_name, random_control
 
     c, name, _ = planted
     pipe = StableDiffusionPipeline(
@@ -315,3 +315,7 @@ def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted):
     assert localize_prompts(pipe, prompts, REFERENCE, **{**kw, "cache_dir": tmp_path}, threshold=0.9).new == 2
     with pytest.raises(ValueError, match="unique"):
         localize_prompts(pipe, [("a", "x"), ("a", "y")], REFERENCE, **kw)
+    control = random_control(run.union, pipe.unet, seed=3)
+    assert [len(n) for n in control.neurons] == [len(n) for n in run.union.neurons]
+    assert control.items() == random_control(run.union, pipe.unet, seed=3).items() != run.union.items()
+    control.validate(pipe.unet)

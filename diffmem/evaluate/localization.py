@@ -26,7 +26,7 @@ from diffmem.localize.nemo import SD14_THRESHOLD, NeMo, NemoConfig
 from diffmem.localize.neuron_set import NeuronSet
 from diffmem.localize.stats import ValueStats, value_stats_of
 
-__all__ = ["Localization", "calibrated_nemo", "localize_prompts", "neuron_file_name"]
+__all__ = ["Localization", "calibrated_nemo", "localize_prompts", "neuron_file_name", "random_control"]
 
 
 @dataclass
@@ -200,3 +200,24 @@ def localize_prompts(
     if cache_dir is not None:
         union.save(Path(cache_dir) / "union.json")
     return Localization(nemo.stats, threshold, sets, union, new)
+
+
+def random_control(neuron_set: NeuronSet, unet, seed: int = 0) -> NeuronSet:
+    """As many neurons as ``neuron_set`` has in each layer, drawn at random (seeded): the control that
+    tells "these neurons carry the memorization" from "switching off this many neurons hurts"."""
+    import torch
+
+    from diffmem.modelio import model_fingerprint
+
+    neuron_set.validate(unet)
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(unet.named_modules())
+    picks = [
+        sorted(torch.randperm(modules[name].out_features, generator=generator)[: len(idx)].tolist())
+        if idx
+        else []
+        for name, idx in zip(neuron_set.layers, neuron_set.neurons)
+    ]
+    return NeuronSet(
+        model_fingerprint(unet), list(neuron_set.layers), picks, info={"control": "random", "seed": seed}
+    )
