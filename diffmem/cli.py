@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--allow-pickle",
+        dest="allow_pickle_weights",  # not the scan command's own --allow-pickle (its embedder file)
         action="store_true",
         help=f"allow pickle-based weight files (.bin, .pt, .ckpt) where safetensors are missing (also: {PICKLE_ENV}=1)",
     )
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    if args.allow_pickle:
+    previous = os.environ.get(PICKLE_ENV)
+    if args.allow_pickle_weights:
         os.environ[PICKLE_ENV] = "1"
     name = f"diffmem {args.command}"
     # a deprecation inside diffusers' own hub call, not the user's doing: it would be a second error line
@@ -96,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             text = f"{type(err).__name__}: {text} (rerun with --debug for the traceback)"
         print(f"{name}: error: {text}", file=sys.stderr)
         return 2 if user_error else 1
+    finally:
+        if previous is None:
+            os.environ.pop(PICKLE_ENV, None)
+        else:
+            os.environ[PICKLE_ENV] = previous
 
 
 if __name__ == "__main__":

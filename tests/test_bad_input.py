@@ -265,3 +265,34 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatc
     monkeypatch.setenv("DIFFMEM_DEBUG", "1")
     with pytest.raises(RuntimeError):
         main(["demo"])
+
+
+def test_allow_pickle_is_explicit_and_scoped_to_the_call(broken, tmp_path, capsys, monkeypatch):
+    import os
+
+    import diffmem.commands.detect as detect
+
+    _only_bin(broken)
+    argv = [
+        "detect",
+        "--model",
+        str(broken),
+        "--prompts",
+        str(_prompts(tmp_path)),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+    ]
+    code, err = _run(argv, capsys)
+    assert code == 2 and "only pickle weights" in err
+    seen = {}
+
+    def check_only(args):
+        from diffmem.modelio import check_sd_folder
+
+        check_sd_folder(args.model)  # what every command's loading does first
+        seen["env"] = os.environ.get("DIFFMEM_ALLOW_PICKLE")
+        return 0
+
+    monkeypatch.setattr(detect, "run", check_only)
+    assert main(["--allow-pickle", *argv]) == 0 and seen["env"] == "1"
+    assert "DIFFMEM_ALLOW_PICKLE" not in os.environ  # scoped to that call
