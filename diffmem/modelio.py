@@ -262,6 +262,7 @@ def load_pipeline(
     if looks_local(model):
         from diffmem.edit import adopt_edit_record
 
+        fingerprint_loaded(model, pipe.unet)
         adopt_edit_record(model, pipe.unet)  # an exported edited model keeps its original's identity
     if device is not None:
         pipe = pipe.to(device)
@@ -344,6 +345,57 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
 def remember_fingerprint(unet: torch.nn.Module, fingerprint: str) -> None:
     """Record that ``unet``'s weights, as they are now, are the model ``fingerprint`` (an edited copy of it)."""
     object.__setattr__(unet, _CACHE_ATTR, (_state_key(unet), fingerprint))
+
+
+def _cache_file() -> Path:
+    """Where fingerprints of weight files are remembered (``$DIFFMEM_CACHE_DIR``, else the user cache)."""
+    root = os.environ.get("DIFFMEM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "diffmem"
+    )
+    return Path(root) / "fingerprints.json"
+
+
+def _file_identity(folder: Path, dtype: torch.dtype) -> str | None:
+    """The UNet weight files of a model folder (real path, inode, size, mtime, ctime) and the load dtype."""
+    unet = folder / "unet"
+    files = (
+        sorted(p for p in unet.glob("*") if p.suffix in (".safetensors", *PICKLE_SUFFIXES))
+        if unet.is_dir()
+        else []
+    )
+    if not files:
+        return None
+    stats = [(p.resolve(), p.stat()) for p in files]  # ctime changes on any write or rename; no one sets it
+    parts = [f"{r}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}" for r, st in stats]
+    return hashlib.sha256(("|".join(parts) + f"|{dtype}").encode()).hexdigest()
+
+
+def fingerprint_loaded(folder: str | os.PathLike, unet: torch.nn.Module) -> str:
+    """:func:`model_fingerprint` of ``unet`` just loaded from ``folder``, remembered by the identity of the
+    weight files (path, inode, size, mtime, ctime, dtype) so that loading the same files again costs no
+    hashing; rewriting a file changes its identity and it is hashed again."""
+    from diffmem.io import atomic_write_json
+
+    identity = _file_identity(Path(folder), next(unet.parameters()).dtype)
+    if identity is None:
+        return model_fingerprint(unet)
+    path = _cache_file()
+    try:
+        known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        known = {}  # an unreadable cache is rebuilt
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(identity), str):
+        remember_fingerprint(unet, known[identity])
+        return known[identity]
+    fingerprint = model_fingerprint(unet)
+    known[identity] = fingerprint
+    try:
+        atomic_write_json(path, dict(list(known.items())[-1000:]))
+    except OSError:
+        pass  # a read-only home: the fingerprint is still right, only not remembered
+    return fingerprint
 
 
 def legacy_fingerprint(unet: torch.nn.Module) -> str:

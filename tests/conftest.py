@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# fingerprints of weight files are remembered per test session, not in the user's cache
+os.environ.setdefault("DIFFMEM_CACHE_DIR", tempfile.mkdtemp(prefix="diffmem-test-cache-"))
 # One intra-op thread: several tests run subprocesses (accelerate, SIGKILL resume) beside this one, and
 # oversubscribed OpenMP threads spin-wait, which made tiny-model calls up to 20x slower on 2 cores.
 torch.set_num_threads(1)

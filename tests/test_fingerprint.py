@@ -129,3 +129,26 @@ def test_a_saved_pipeline_with_a_loaded_edit_keeps_its_identity_and_calibration(
     assert model_fingerprint(again.unet) == identity != content_fingerprint(again.unet)
     assert again.calibration is not None and again.calibration.memorization_threshold == 0.5
     neurons.validate(again.unet)
+
+
+def test_loading_the_same_files_again_is_not_hashed_again(tiny_sd1_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline
+
+    import diffmem.modelio as modelio
+
+    folder = shutil.copytree(tiny_sd1_dir, tmp_path / "m")
+    first = model_fingerprint(StableDiffusionMemGuardPipeline.from_pretrained(folder).unet)
+    calls = []
+    real = modelio.content_fingerprint
+    monkeypatch.setattr(modelio, "content_fingerprint", lambda unet: calls.append(1) or real(unet))
+    assert model_fingerprint(StableDiffusionMemGuardPipeline.from_pretrained(folder).unet) == first
+    assert calls == []  # remembered by the files' identity
+    # a fine-tune written over the same file is another identity: hashed, and another fingerprint
+    pipe = StableDiffusionMemGuardPipeline.from_pretrained(folder)
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.add_(0.5)
+    pipe.unet.save_pretrained(folder / "unet")
+    tuned = StableDiffusionMemGuardPipeline.from_pretrained(folder).unet
+    assert calls and model_fingerprint(tuned) != first

@@ -286,7 +286,9 @@ class MemGuardMixin:
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if looks_local(path):
             from diffmem.edit import adopt_edit_record
+            from diffmem.modelio import fingerprint_loaded
 
+            fingerprint_loaded(path, pipe.unet)  # hashed once per set of weight files, then remembered
             adopt_edit_record(path, pipe.unet)  # an exported edited model keeps its original's identity
         pipe.__dict__["_diffmem_calibration"] = pipe._read_calibration(path)
         return pipe
