@@ -40,14 +40,6 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def _ssim_pairs(a, b):
-    from diffmem.scores.similarity import ssim
-
-    x = torch.from_numpy(a).permute(0, 3, 1, 2)
-    y = torch.from_numpy(b).permute(0, 3, 1, 2)
-    return ssim(x, y).tolist()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(ROOT / "weights/diffmem-organism-v2"))
@@ -64,13 +56,12 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(max(1, args.threads))
 
-    from diffmem.edit import applied
+    from diffmem.evaluate.edit_replication import EditReplication
     from diffmem.evaluate.localization import localize_prompts, random_control
     from diffmem.io import atomic_write_json
     from diffmem.localize.nemo import NemoConfig
     from diffmem.modelio import check_sd_folder, load_pipeline, model_fingerprint
     from diffmem.organism.data import build_organism_data
-    from diffmem.organism.evaluate import generate_and_measure
     from diffmem.organism.recipe import OrganismRecipe
     from diffmem.organism.replication import TrainingImages
 
@@ -108,57 +99,25 @@ def main() -> int:
     sets = {ids[k][1]: ns for k, ns in run.sets.items()}
     print(f"NeMo threshold {tau:.3f} (mean + 1 std over the generic captions)", flush=True)
 
-    # 3. replication before / after, per caption
-    def measure(captions, role, **kw):
-        """Generations (``diffmem.organism.evaluate``: Wen scores, own-image replication) and images."""
-        return generate_and_measure(
-            pipe,
-            [(c, role) for c in captions],
-            training,
-            num_gens=seeds,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            seed=seed,
-            batch_size=1,
-            progress=False,
-            **kw,
-        )
-
-    def replicated(gens) -> int:
-        return sum(g.replicates_own for g in gens)
-
-    def mean_score(gens, window) -> float:
-        return statistics.mean(g.scores[window] for g in gens)
-
+    # 3. replication before / after, per caption (its own neurons off)
+    ev = EditReplication(
+        pipe, training, num_gens=seeds, num_inference_steps=steps, guidance_scale=guidance, seed=seed
+    )
     per_caption = []
     for role in ("verbatim", "template"):
-        for caption in roles[role]:
-            ns = sets[caption]
-            before, _ = measure([caption], role)
-            with applied(pipe.unet, ns, mode="weight"):
-                after, _ = measure([caption], role)
-            per_caption.append(
-                {
-                    "caption": caption,
-                    "role": role,
-                    "memorized_by_nemo": ns.info["memorized"],
-                    "neurons": len(ns),
-                    "nemo_score_before": ns.score_before[0],
-                    "nemo_score_after": ns.score_after[0],
-                    "nemo_detection_after": ns.info.get("detection_after"),
-                    "localize_seconds": ns.info["seconds"],
-                    "replicated_before": replicated(before),
-                    "replicated_after": replicated(after),
-                    "wen_first_before": mean_score(before, "first_step"),
-                    "wen_first_after": mean_score(after, "first_step"),
-                    "wen_all_before": mean_score(before, "all_steps"),
-                    "wen_all_after": mean_score(after, "all_steps"),
-                }
+        captions = roles[role]
+        rows = ev.per_caption([(c, role, sets[c]) for c in captions])
+        for row in rows:
+            ns = sets[row["caption"]]
+            row.update(
+                memorized_by_nemo=ns.info["memorized"],
+                neurons=len(ns),
+                nemo_score_before=ns.score_before[0],
+                nemo_score_after=ns.score_after[0],
+                nemo_detection_after=ns.info.get("detection_after"),
+                localize_seconds=ns.info["seconds"],
             )
-            print(
-                f"{role:8s} replicated {replicated(before)}/{seeds} -> {replicated(after)}/{seeds}  {caption!r}",
-                flush=True,
-            )
+        per_caption += rows
 
     # Wen first-step threshold for flagging: balanced-accuracy optimum, verbatim vs generic captions
     # (the generic captions' first-step scores on the same 'steps' schedule as the verbatim ones: the
@@ -182,56 +141,23 @@ def main() -> int:
 
     # 4. union of all neurons off; random control with the same count per layer
     union = run.union
-    control = random_control(union, pipe.unet, seed=0)
     held = roles["heldout"]
-    _, h_before = measure(held, "heldout")
-    summary_sets = {}
-    for label, ns in (("union", union), ("random", control)):
-        with applied(pipe.unet, ns, mode="weight"):
-            _, h_after = measure(held, "heldout")
-            reps = [replicated(measure([caption], "verbatim")[0]) for caption in roles["verbatim"]]
-        summary_sets[label] = {
-            "neurons": len(ns),
-            "heldout_ssim_median": _median(_ssim_pairs(h_before, h_after)),
-            "heldout_ssim_min": min(_ssim_pairs(h_before, h_after)),
-            "verbatim_replicated": reps,
-        }
-        print(f"{label}: {summary_sets[label]}", flush=True)
+    controls = {"union": union, "random": random_control(union, pipe.unet, seed=0)}
+    summary_sets = ev.edit_vs_control(controls, held, roles["verbatim"])
 
     # 5. the guarded pipeline's mitigations
     pipeline_rows = {}
     if not args.skip_pipeline:
-        for mode, kw in (
-            ("none", {}),
-            (
-                "nemo",
-                {
-                    "mitigation": "nemo",
-                    "mitigation_options": {"neuron_set": union},
-                    "memorization_threshold": wen_tau,
-                },
-            ),
-            ("embedding", {"mitigation": "embedding", "memorization_threshold": wen_tau}),
-        ):
-            reps, scores, t_flag, t_plain, actions = [], [], [], [], []
-            for caption in roles["verbatim"]:
-                gens, _ = measure([caption], "verbatim", **kw)
-                reps.append(replicated(gens))
-                scores.append(mean_score(gens, "all_steps"))
-                t_flag.append(sum(g.seconds for g in gens))
-                actions += [g.mitigation["action"] for g in gens if g.mitigation]
-            for caption in held:
-                gens, _ = measure([caption], "heldout", **kw)
-                t_plain.append(sum(g.seconds for g in gens))
-                actions += [g.mitigation["action"] for g in gens if g.mitigation]
-            pipeline_rows[mode] = {
-                "verbatim_replicated": reps,
-                "verbatim_wen_all": scores,
-                "seconds_verbatim_prompt": statistics.mean(t_flag),
-                "seconds_heldout_prompt": statistics.mean(t_plain),
-                "actions": {a: actions.count(a) for a in set(actions)},
-            }
-            print(f"pipeline {mode}: {pipeline_rows[mode]}", flush=True)
+        modes = {
+            "none": {},
+            "nemo": {
+                "mitigation": "nemo",
+                "mitigation_options": {"neuron_set": union},
+                "memorization_threshold": wen_tau,
+            },
+            "embedding": {"mitigation": "embedding", "memorization_threshold": wen_tau},
+        }
+        pipeline_rows = ev.pipeline_modes(modes, roles["verbatim"], held)
 
     verb = [r for r in per_caption if r["role"] == "verbatim"]
     tmpl = [r for r in per_caption if r["role"] == "template"]

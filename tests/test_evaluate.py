@@ -241,3 +241,35 @@ def test_robustness_pruning_sweep_and_adversarial_rows(tiny_sd1_dir, tmp_path):
     ]
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
     assert any(not torch.equal(before[k], v) for k, v in tuned.unet.state_dict().items())
+
+
+def test_edit_replication_known_answers(tiny_sd1_dir):
+    """Training images that are the model's own generations replicate; no edit leaves held-out images
+    identical; the pipeline modes count what the guard did."""
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline
+
+    from diffmem.evaluate.edit_replication import EditReplication
+    from diffmem.organism.replication import TrainingImages
+
+    pipe = StableDiffusionMemGuardPipeline.from_pretrained(tiny_sd1_dir)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    noise = TrainingImages(torch.rand(1, 3, size, size), ["n"], ["noise"], ["generic"])
+    ev = EditReplication(pipe, noise, num_gens=2, num_inference_steps=2, log=lambda _: None)
+    captions = ["a red square", "a blue circle"]
+    _, images = ev.measure(captions, "heldout")
+    ev.training = TrainingImages(
+        images, ["r0", "r1", "b0", "b1"], [captions[0]] * 2 + [captions[1]] * 2, ["verbatim"] * 4
+    )
+    rows = ev.per_caption([(captions[0], "verbatim", None)])
+    assert rows[0]["replicated_before"] == rows[0]["replicated_after"] == 2
+    controls = ev.edit_vs_control({"none": None}, ["a green star"], captions)
+    assert controls["none"]["heldout_ssim_median"] == pytest.approx(1.0, abs=1e-6)
+    assert controls["none"]["verbatim_replicated"] == [2, 2]
+    modes = ev.pipeline_modes(
+        {"forced": {"mitigation": "guidance-delay", "memorization_threshold": 0.0}}, captions[:1], []
+    )
+    assert (
+        modes["forced"]["actions"] == {"guidance-delay": 2}
+        and modes["forced"]["seconds_heldout_prompt"] is None
+    )
