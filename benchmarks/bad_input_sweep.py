@@ -101,40 +101,9 @@ def _cases(work: Path):
     )
     yield "model folder", ["scan", "--model", folders["only-bin"][0], "--data", p, "--out", out], ""
     device = "--device: cuda" if not torch.cuda.is_available() else "--device"
-    yield (
-        "device",
-        [
-            "localize",
-            "--model",
-            str(good),
-            "--prompts",
-            p,
-            "--reference-prompts",
-            p,
-            "--out",
-            out,
-            "--device",
-            "cuda",
-        ],
-        device,
-    )
-    yield (
-        "device",
-        [
-            "localize",
-            "--model",
-            str(good),
-            "--prompts",
-            p,
-            "--reference-prompts",
-            p,
-            "--out",
-            out,
-            "--device",
-            "gpu9",
-        ],
-        "--device",
-    )
+    localize = ["localize", "--model", str(good), "--prompts", p, "--reference-prompts", p, "--out", out]
+    yield "device", [*localize, "--device", "cuda"], device
+    yield "device", [*localize, "--device", "gpu9"], "--device"
 
     numbers = [
         ["demo", "--threshold", "nan"],
@@ -189,55 +158,13 @@ def _cases(work: Path):
         pickle.dump({"w": _Evil()}, f)
     saved = work / "saved.pt"
     torch.save({"w": torch.zeros(1)}, saved)
+    scan = ["scan", "--data", p, "--out", out, "--embedder"]
     for argv, words in (
         (["attack", "--targets", p, "--out", out, "--neurons", str(evil)], "--neurons"),
         (["attack", "--targets", p, "--out", out, "--mask", str(evil)], "--mask"),
-        (
-            [
-                "scan",
-                "--data",
-                p,
-                "--out",
-                out,
-                "--embedder",
-                "sscd",
-                "--embedder-file",
-                str(evil),
-                "--allow-torchscript",
-            ],
-            "not a TorchScript",
-        ),
-        (
-            [
-                "scan",
-                "--data",
-                p,
-                "--out",
-                out,
-                "--embedder",
-                "sscd",
-                "--embedder-file",
-                str(saved),
-                "--allow-torchscript",
-            ],
-            "not a TorchScript",
-        ),
-        (
-            [
-                "scan",
-                "--data",
-                p,
-                "--out",
-                out,
-                "--embedder",
-                "clip",
-                "--embedder-arch",
-                "ViT-B-32",
-                "--embedder-file",
-                str(evil),
-            ],
-            "--embedder-file",
-        ),
+        ([*scan, "sscd", "--embedder-file", str(evil), "--allow-torchscript"], "not a TorchScript"),
+        ([*scan, "sscd", "--embedder-file", str(saved), "--allow-torchscript"], "not a TorchScript"),
+        ([*scan, "clip", "--embedder-arch", "ViT-B-32", "--embedder-file", str(evil)], "--embedder-file"),
     ):
         yield "pickle offered", argv, words
 

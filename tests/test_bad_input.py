@@ -36,6 +36,12 @@ def _run(argv, capsys):
     return code, err
 
 
+def _detect(model, tmp_path) -> list[str]:
+    """``diffmem detect`` on ``model`` with a valid prompts file."""
+    prompts = str(_prompts(tmp_path))
+    return ["detect", "--model", str(model), "--prompts", prompts, "--out", str(tmp_path / "o.jsonl")]
+
+
 def _prompts(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("a photo of a cat\n", encoding="utf-8")
@@ -90,18 +96,7 @@ def _only_bin(folder):
 )
 def test_broken_model_folders_name_folder_and_component(broken, tmp_path, capsys, breakage, words):
     breakage(broken)
-    code, err = _run(
-        [
-            "detect",
-            "--model",
-            str(broken),
-            "--prompts",
-            str(_prompts(tmp_path)),
-            "--out",
-            str(tmp_path / "o.jsonl"),
-        ],
-        capsys,
-    )
+    code, err = _run(_detect(broken, tmp_path), capsys)
     assert code == 2 and err.startswith("diffmem detect: error: --model: ") and words in err, err
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
@@ -273,15 +268,7 @@ def test_allow_pickle_is_explicit_and_scoped_to_the_call(broken, tmp_path, capsy
     import diffmem.commands.detect as detect
 
     _only_bin(broken)
-    argv = [
-        "detect",
-        "--model",
-        str(broken),
-        "--prompts",
-        str(_prompts(tmp_path)),
-        "--out",
-        str(tmp_path / "o.jsonl"),
-    ]
+    argv = _detect(broken, tmp_path)
     code, err = _run(argv, capsys)
     assert code == 2 and "only pickle weights" in err
     seen = {}
