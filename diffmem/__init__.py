@@ -38,11 +38,15 @@ _EXPORTS = {
     "WeightMask": "diffmem.localize.prune",
     "value_stats_of": "diffmem.localize.stats",
     "find_weight_mask": "diffmem.localize.prune",
+    "localize_prompts": "diffmem.evaluate.localization",
+    "model_fingerprint": "diffmem.modelio",
     # evaluation
     "ReplicationCriterion": "diffmem.scores.replication",
     "evaluate_detectors": "diffmem.evaluate.detection",
     "evaluate_mitigations": "diffmem.evaluate.mitigation",
     "organism_suite": "diffmem.evaluate.suites",
+    "RobustnessEvaluation": "diffmem.evaluate.robustness",
+    "EditReplication": "diffmem.evaluate.edit_replication",
     "read_prompt_set": "diffmem.prompt_sets",
 }
 
