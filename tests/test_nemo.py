@@ -294,6 +294,7 @@ def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted):
     from diffusers import StableDiffusionPipeline
 
     from diffmem.evaluate.localization import localize_prompts, neuron_file_name, random_control
+    from diffmem.modelio import model_fingerprint
 
     c, name, _ = planted
     pipe = StableDiffusionPipeline(
@@ -315,6 +316,14 @@ def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted):
     assert localize_prompts(pipe, prompts, REFERENCE, **{**kw, "cache_dir": tmp_path}, threshold=0.9).new == 2
     with pytest.raises(ValueError, match="unique"):
         localize_prompts(pipe, [("a", "x"), ("a", "y")], REFERENCE, **kw)
+    # a cached stage of another model is recomputed, not an error (given statistics of one still are)
+    stale = run.stats
+    stale.fingerprint = "0123456789abcdef"
+    stale.save(tmp_path / "stale" / "stats.safetensors")
+    fresh = localize_prompts(pipe, prompts[1:], REFERENCE, **{**kw, "cache_dir": tmp_path / "stale"})
+    assert fresh.stats.fingerprint == model_fingerprint(pipe.unet)
+    with pytest.raises(ValueError, match="old fingerprint"):
+        localize_prompts(pipe, prompts[1:], REFERENCE, **kw, stats=stale)
     control = random_control(run.union, pipe.unet, seed=3)
     assert [len(n) for n in control.neurons] == [len(n) for n in run.union.neurons]
     assert control.items() == random_control(run.union, pipe.unet, seed=3).items() != run.union.items()

@@ -74,10 +74,15 @@ def _value_stats(pipe, reference, config, cache_dir, progress) -> ValueStats:
     digest = None if reference is None else _digest(reference)
     if path is not None and path.is_file():
         stats = ValueStats.load(path)
-        same_prompts = reference is None or stats.info.get("reference") == digest
-        if same_prompts:
+        if reference is None:  # nothing to recompute them from: statistics of another model are an error
             stats.check(pipe.unet, layers, source=str(path))
             return stats
+        try:
+            stats.check(pipe.unet, layers, source=str(path))
+            if stats.info.get("reference") == digest:
+                return stats
+        except ValueError:
+            pass  # a stage of another model, layers or prompts: recomputed below
     if reference is None:
         raise ValueError("reference prompts are needed for the activation statistics (none cached)")
     stats = value_stats_of(
