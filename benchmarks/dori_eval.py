@@ -228,11 +228,8 @@ def main() -> None:
             )
             nemo_set, per_target = run.union, run.sets
         if args.nemo_sets:
-            by_caption = {
-                p: NeuronSet.load(f)
-                for f in sorted(Path(args.nemo_sets).glob("*.json"))
-                for p in NeuronSet.load(f).prompts
-            }
+            loaded = [NeuronSet.load(f) for f in sorted(Path(args.nemo_sets).glob("*.json"))]
+            by_caption = {p: one for one in loaded for p in one.prompts}
             per_target = {t.id: by_caption[t.caption] for t in targets if t.caption in by_caption}
         ev.add_setting(f"NeMo ({len(nemo_set)} neurons)", "nemo", edit=nemo_set, key=nemo_set.to_dict())
         if len(per_target) == len(targets):

@@ -259,7 +259,9 @@ def load_pipeline(
             f"{argument}: {model} is not a folder here, and neither the hub nor its local cache has it "
             "(offline, or not downloaded); download it first, or give a local folder"
         ) from err
-    if looks_local(model):
+    from diffmem.guard.pipeline import MemGuardMixin
+
+    if looks_local(model) and not issubclass(pipeline_class, MemGuardMixin):  # guarded ones do it themselves
         from diffmem.edit import adopt_edit_record
 
         fingerprint_loaded(model, pipe.unet)

@@ -60,7 +60,7 @@ class RobustnessSettings:
             "steps": self.num_inference_steps,
             "guidance": self.guidance_scale,
             "criterion": self.criterion.to_dict(),
-            "dori": {k: v for k, v in asdict(self.dori).items()},
+            "dori": asdict(self.dori),
         }
 
 
@@ -94,6 +94,8 @@ class RobustnessEvaluation:
         self.fidelity_spec = fidelity
         self.stages = StageCache(cache_dir)
         self.rows: list[dict] = []
+        #: the memorization rate of the targets' captions on the unedited model, once measured
+        self.unedited_rate: float | None = None
         self.log = log
         self._heldout_reference: torch.Tensor | None = None
 
@@ -235,26 +237,22 @@ class RobustnessEvaluation:
         items = self.targets if items is None else list(items)
         base_key = {**self.settings.key(), "setting": key, "items": [t.id for t in items], "attack": attack}
         if per_item_edits is not None:
-            quality = False
+            quality, edit = False, None  # each item's own edit is applied inside measure()
+        unedited = edit is None and per_item_edits is None and pipe is self.pipe
         if quality and self.heldout_captions:
             self.heldout_reference()  # from the unedited model, before any edit is applied
-        if per_item_edits is not None:
 
-            def measure() -> list[dict]:
-                rows = []
-                for t in items:
-                    with applied(pipe.unet, per_item_edits[t.id]):
-                        rows += self.attack(pipe, [t], attack)
-                return rows
+        def measure() -> list[dict]:
+            if per_item_edits is None:
+                return self.attack(pipe, items, attack)
+            rows = []
+            for t in items:
+                with applied(pipe.unet, per_item_edits[t.id]):
+                    rows += self.attack(pipe, [t], attack)
+            return rows
 
-            rows = self.stages.value(stage, measure, key=base_key)
-            edit = None
-        else:
-            rows = None
         with applied(pipe.unet, edit):
-            if rows is None:
-                rows = self.stages.value(stage, lambda: self.attack(pipe, items, attack), key=base_key)
-            unedited = edit is None and pipe is self.pipe
+            rows = self.stages.value(stage, measure, key=base_key)
             heldout = fidelity = None
             if quality and self.heldout_captions:
                 heldout = (
@@ -267,6 +265,8 @@ class RobustnessEvaluation:
             if quality:
                 fidelity = self.fidelity(pipe, "unedited" if unedited else stage)
         common = {"heldout": heldout, "fidelity": fidelity}
+        if unedited and items == self.targets:
+            self.unedited_rate = self.summarize(rows, "before")["rate"]
         if caption_row or not attack:
             self.rows.append({"setting": label, **self.summarize(rows, "before"), **common})
         if attack:
@@ -327,7 +327,7 @@ class RobustnessEvaluation:
         layers = ffn_layers(self.pipe.unet)
         weights = {n: m.weight for n, m in layers.items()}
         fingerprint = model_fingerprint(self.pipe.unet)
-        unmitigated = self._unmitigated_rate()
+        unmitigated = self.unedited_rate
         chosen = first = None
         for ratio in ratios:
             masks = select_memorization_weights(weights, mem, ref, ratio=ratio, tau=tau)
@@ -359,10 +359,6 @@ class RobustnessEvaluation:
         if chosen is None:
             self.log("no ratio reached the reduction with held-out quality kept; the first ratio is attacked")
         return chosen or first
-
-    def _unmitigated_rate(self) -> float | None:
-        rows = [r for r in self.rows if r["setting"] == "Memorized captions, no mitigation"]
-        return rows[0]["rate"] if rows else None
 
     def adversarial_finetune(
         self,

@@ -32,6 +32,7 @@ class StageCache:
         from diffmem.io import atomic_write_json
 
         path = self.folder / f"{name}.json"
+        key = json.loads(json.dumps(key))  # as it reads back (tuples become lists), so a rerun matches
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(saved, dict) and saved.get("key") == key and "value" in saved:
