@@ -193,16 +193,27 @@ def save_edited(pipe, edit: UNetEdit, out_dir: str | os.PathLike, factor: float 
     original's fingerprint, so the same edit (and the original's calibration) still validates; a
     fine-tune of the saved folder does not.
     """
-    from diffmem.io import atomic_write_json
-    from diffmem.modelio import content_fingerprint
-
     out = Path(out_dir)
     with applied(pipe.unet, edit, mode="weight", factor=factor):
         pipe.save_pretrained(out, safe_serialization=True)
-        edited = content_fingerprint(pipe.unet)
-    record = {"factor": factor, "edit": edit.to_dict(), "edited_fingerprint": edited}
-    atomic_write_json(out / EDIT_RECORD, record)
+        write_edit_record(out, edit, factor, pipe.unet)
     return out
+
+
+def write_edit_record(
+    folder: str | os.PathLike, edit: UNetEdit, factor: float, edited_unet: nn.Module
+) -> Path:
+    """``folder/diffmem_edit.json``: the edit applied to the saved weights and the fingerprint of those
+    edited weights (``edited_unet`` as saved), which :func:`adopt_edit_record` checks on load."""
+    from diffmem.io import atomic_write_json
+    from diffmem.modelio import content_fingerprint
+
+    record = {
+        "factor": factor,
+        "edit": edit.to_dict(),
+        "edited_fingerprint": content_fingerprint(edited_unet),
+    }
+    return atomic_write_json(Path(folder) / EDIT_RECORD, record)
 
 
 def adopt_edit_record(folder: str | os.PathLike, unet: nn.Module) -> bool:

@@ -317,15 +317,9 @@ class MemGuardMixin:
             self.calibration.save_pretrained(save_directory)
         edit = self.__dict__.get("_diffmem_edit")
         if edit is not None:
-            from diffmem.edit import EDIT_RECORD
-            from diffmem.modelio import content_fingerprint
+            from diffmem.edit import write_edit_record
 
-            record = {
-                "factor": edit[1],
-                "edit": edit[0].to_dict(),
-                "edited_fingerprint": content_fingerprint(self.unet),  # loads keep this model's identity
-            }
-            atomic_write_json(Path(save_directory) / EDIT_RECORD, record)
+            write_edit_record(save_directory, edit[0], edit[1], self.unet)  # loads keep this model's identity
 
     # ----------------------------------------------------------------------------- edits
     @property
