@@ -10,10 +10,10 @@ import warnings
 
 from diffmem import __version__
 from diffmem.cli_args import OneLineParser, check_numeric_options
+from diffmem.io import ALLOW_PICKLE_ENV
 
-#: Environment variables: a traceback on errors; pickle-based weights allowed (as --debug, --allow-pickle).
+#: Environment variable: a traceback on errors (as --debug); ALLOW_PICKLE_ENV is --allow-pickle's.
 DEBUG_ENV = "DIFFMEM_DEBUG"
-PICKLE_ENV = "DIFFMEM_ALLOW_PICKLE"
 
 # Subcommand modules under diffmem/commands/, in the order --help lists them.
 COMMANDS = [
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle",
         dest="allow_pickle_weights",  # not the scan command's own --allow-pickle (its embedder file)
         action="store_true",
-        help=f"allow pickle-based weight files (.bin, .pt, .ckpt) where safetensors are missing (also: {PICKLE_ENV}=1)",
+        help=f"allow pickle-based weight files (.bin, .pt, .ckpt) where safetensors are missing (also: {ALLOW_PICKLE_ENV}=1)",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMANDS:
@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    previous = os.environ.get(PICKLE_ENV)
+    previous = os.environ.get(ALLOW_PICKLE_ENV)
     if args.allow_pickle_weights:
-        os.environ[PICKLE_ENV] = "1"
+        os.environ[ALLOW_PICKLE_ENV] = "1"
     name = f"diffmem {args.command}"
     # a deprecation inside diffusers' own hub call, not the user's doing: it would be a second error line
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if user_error else 1
     finally:
         if previous is None:
-            os.environ.pop(PICKLE_ENV, None)
+            os.environ.pop(ALLOW_PICKLE_ENV, None)
         else:
-            os.environ[PICKLE_ENV] = previous
+            os.environ[ALLOW_PICKLE_ENV] = previous
 
 
 if __name__ == "__main__":

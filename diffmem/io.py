@@ -9,6 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: Set (to anything but "" or "0") to let pickle-based weight files load (``diffmem --allow-pickle``).
+ALLOW_PICKLE_ENV = "DIFFMEM_ALLOW_PICKLE"
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.

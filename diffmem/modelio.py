@@ -53,7 +53,9 @@ def pickle_allowed(explicit: bool | None = None) -> bool:
     (set by ``diffmem --allow-pickle``). The default is no: safetensors only."""
     if explicit is not None:
         return bool(explicit)
-    return os.environ.get("DIFFMEM_ALLOW_PICKLE", "") not in ("", "0")
+    from diffmem.io import ALLOW_PICKLE_ENV
+
+    return os.environ.get(ALLOW_PICKLE_ENV, "") not in ("", "0")
 
 
 def _read_json(path: Path, argument: str, what: str) -> dict:
