@@ -21,8 +21,6 @@ import math
 ZERO_ALLOWED = frozenset(
     {"seed", "start", "keep_images", "ssim_rerank", "background_sample", "snapshot_every", "checkpoint_every"}
 )
-#: Float options that may be negative (none today: guidance below 0 is refused too).
-NEGATIVE_ALLOWED: frozenset[str] = frozenset()
 #: Float options that must be > 0.
 POSITIVE = frozenset({"lr", "attack_lr", "eps_ball"})
 
@@ -52,7 +50,7 @@ def _float_type(dest: str):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if dest in POSITIVE and value <= 0:
             raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-        if dest not in NEGATIVE_ALLOWED and value < 0:
+        if value < 0:
             raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
         return value
 

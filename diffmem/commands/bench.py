@@ -102,11 +102,6 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(names))
         return 0
     methods = parse_methods(args.methods, names)
-    for name in ("num_gens", "batch_size", "bootstrap"):
-        if getattr(args, name) < 1:
-            raise UsageError(
-                f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}"
-            )
     import torch
 
     from diffmem.io import atomic_write_json, atomic_write_text

@@ -41,10 +41,6 @@ def run(args: argparse.Namespace) -> int:
 
     from diffmem.organism.demo import run_demo
 
-    if args.seeds < 1:
-        raise ValueError(f"--seeds: expected an integer >= 1, got {args.seeds}")
-    if args.per_role is not None and args.per_role < 1:
-        raise ValueError(f"--per-role: expected an integer >= 1, got {args.per_role}")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

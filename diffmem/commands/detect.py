@@ -198,11 +198,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".jsonl", ".csv"):
         raise ValueError(f"--out: {out} must end in .jsonl or .csv")
-    for name in ("num_gens", "steps", "num_inference_steps", "batch_size", "chunk"):
-        if getattr(args, name) < 1:
-            raise ValueError(
-                f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}"
-            )
     if not 0 <= args.start < args.steps <= args.num_inference_steps:
         raise ValueError(
             f"--start/--steps: expected 0 <= start < steps <= --num-inference-steps={args.num_inference_steps}, "

@@ -110,8 +110,6 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.adversarial:
         raise UsageError("only adversarial fine-tuning is implemented: pass --adversarial")
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     targets = load_targets(args.targets, "--targets")
     retain_rows = load_targets(args.retain, "--retain", limit=args.retain_limit)
     edit = load_edit(args)

@@ -79,11 +79,6 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.localize.stats import ValueStats
     from diffmem.modelio import load_pipeline
 
-    for name in ("seeds", "steps", "mask_batch", "calibration_prompts"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(
-                f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}"
-            )
     if args.seeds < 2:
         raise ValueError("--seeds: the criterion compares seeds pairwise, expected at least 2")
     if args.steps < 2:
