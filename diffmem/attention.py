@@ -12,7 +12,13 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["ATTENTION_CHOICES", "attention_processors", "fast_attention_processor", "xformers_usable"]
+__all__ = [
+    "ATTENTION_CHOICES",
+    "attention_processors",
+    "fast_attention_processor",
+    "use_attention_processor",
+    "xformers_usable",
+]
 
 #: ``None``: keep the model's processors; ``"auto"``: xformers on CUDA if usable, else SDPA.
 ATTENTION_CHOICES = (None, "auto", "sdpa", "xformers", "naive")
@@ -56,20 +62,27 @@ def _is_plain(processor) -> bool:
     return type(processor) in (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
 
 
+def use_attention_processor(unet: torch.nn.Module, kind: str | None = "auto") -> dict:
+    """Set the attention processor ``kind`` on every plain attention layer of ``unet``; the previous ones.
+
+    Processors that do more than attention (LoRA, IP-Adapter, a probe of diffmem's) are kept.
+    ``kind=None`` changes nothing. Give the returned dict to ``unet.set_attn_processor`` to undo.
+    """
+    original = dict(unet.attn_processors)
+    if kind is None:
+        return original
+    new = fast_attention_processor(kind, next(unet.parameters()).device)
+    unet.set_attn_processor({name: (new if _is_plain(proc) else proc) for name, proc in original.items()})
+    return original
+
+
 @contextlib.contextmanager
 def attention_processors(unet: torch.nn.Module, kind: str | None = "auto") -> Iterator[None]:
     """Use the attention processor ``kind`` in ``unet`` inside the context; restore the originals after.
 
     ``kind=None`` changes nothing.
     """
-    if kind is None:
-        yield
-        return
-    device = next(unet.parameters()).device
-    new = fast_attention_processor(kind, device)
-    original = dict(unet.attn_processors)
-    replaced = {name: (new if _is_plain(proc) else proc) for name, proc in original.items()}
-    unet.set_attn_processor(replaced)
+    original = use_attention_processor(unet, kind)
     try:
         yield
     finally:

@@ -201,6 +201,21 @@ def check_device(device: str | torch.device | None, argument: str = "--device") 
     return dev
 
 
+def model_settings(pipe) -> dict[str, str]:
+    """What identifies the model a cached result was made with: its fingerprint and its dtype."""
+    from diffmem.precision import dtype_name
+
+    return {"model_fingerprint": model_fingerprint(pipe.unet), "dtype": dtype_name(pipe.unet.dtype)}
+
+
+def model_resolution(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """``(height, width)`` in px: the given ones, each defaulting to the model's own (UNet sample size x VAE factor)."""
+    size = pipe.unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    return int(height or h * scale), int(width or w * scale)
+
+
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
     """``dtype=`` where diffusers has it (``torch_dtype`` is deprecated there), ``torch_dtype=`` before."""
     from diffusers.utils import deprecation_utils

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model
+
 NAME = "attack"
 HELP = (
     "Finding Dori (Kowalczuk et al. 2026): for each (caption, training image) optimize the text embedding "
@@ -52,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="attack only the first N targets")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add_runtime_arguments(p)
 
 
 def load_targets(path: str, argument: str = "--targets", limit: int | None = None):
@@ -111,7 +113,6 @@ def _row_id(record) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
@@ -119,16 +120,14 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.attack.dori import DoriConfig, attack_target
     from diffmem.edit import applied
     from diffmem.io import atomic_save_tensors, atomic_write_json, atomic_write_text
-    from diffmem.modelio import load_pipeline
     from diffmem.report import img_tag, table_html, write_html
     from diffmem.scores.replication import ReplicationCriterion
     from diffmem.scores.solidmark import binomial_ci
 
+    check_runtime_arguments(args)
     edit = load_edit(args)
     targets = load_targets(args.targets, limit=args.limit)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, StableDiffusionPipeline, device=device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_model(args, StableDiffusionPipeline)
     config = DoriConfig(
         steps=args.steps,
         lr=args.lr,

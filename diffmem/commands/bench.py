@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from diffmem.commands.options import add_runtime_arguments, load_model
+
 NAME = "bench"
 HELP = "Compare the registered detectors or mitigations on one labelled ground truth (the organism's splits or prompt files)."
 
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
         p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
         p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the intervals")
-        p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        add_runtime_arguments(p, size=False)
         if kind == "mitigation":
             p.add_argument(
                 "--threshold",
@@ -102,14 +104,9 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(names))
         return 0
     methods = parse_methods(args.methods, names)
-    import torch
-
     from diffmem.io import atomic_write_json, atomic_write_text
-    from diffmem.modelio import load_pipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, device=device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_model(args)
     progress = not args.no_progress
     suite = _suite(args, pipe, progress)
     steps = args.num_inference_steps or (25 if args.suite == ["organism"] else 50)

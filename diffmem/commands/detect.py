@@ -17,6 +17,7 @@ import io
 import json
 from pathlib import Path
 
+from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
 from diffmem.io import read_text
 
 NAME = "detect"
@@ -33,6 +34,7 @@ SETTINGS = (
     "seed",
     "height",
     "width",
+    "dtype",
 )
 
 
@@ -64,8 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
     )
-    parser.add_argument("--height", type=int, default=None, help="image height in px (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="image width in px (default: the model's)")
     parser.add_argument(
         "--save-calibration",
         default=None,
@@ -77,8 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk", type=int, default=64, help="prompts between two writes of --out (default 64)"
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers", "naive"])
+    add_runtime_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -190,10 +189,8 @@ def write_results(path: Path, rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from diffmem.detect import calibrate, score_prompts
-    from diffmem.modelio import load_pipeline, model_fingerprint
+    from diffmem.modelio import model_fingerprint
 
     out = Path(args.out)
     if out.suffix.lower() not in (".jsonl", ".csv"):
@@ -210,14 +207,10 @@ def run(args: argparse.Namespace) -> int:
             )
         if not Path(args.save_calibration).is_dir():
             raise FileNotFoundError(f"--save-calibration: {args.save_calibration} is not a folder")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            raise ValueError(f"--{name}: expected a multiple of 8 (>= 8), got {value}")
+    check_runtime_arguments(args)
     rows = read_prompts(args.prompts, args.caption_column, args.id_column, args.labels)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, device=device)
-    height, width = pipe.image_size(args.height, args.width)
+    pipe = load_model(args)
+    height, width = resolution(args, pipe)
     settings = {
         "model_fingerprint": model_fingerprint(pipe.unet),
         "num_gens": args.num_gens,
@@ -227,10 +220,11 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "height": height,
         "width": width,
+        "dtype": args.dtype,
     }
     done = {}
     for row in read_results(out):
-        if any(row.get(k) != v for k, v in settings.items()):
+        if any(row.get(k, "float32" if k == "dtype" else None) != v for k, v in settings.items()):
             raise ValueError(
                 f"--out: {out} holds results made with other settings ({ {k: row.get(k) for k in SETTINGS} }); "
                 "use another --out or delete it"
@@ -257,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
                 item_ids=[r["id"] for r in part],
                 batch_size=args.batch_size,
                 progress=False,
-                attention=args.attention,
+                attention=None,  # load_model set --attention
                 height=height,
                 width=width,
             )
@@ -300,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
                 num_gens=args.num_gens,
                 seed=args.seed,
                 data=f"{Path(args.prompts).name}, labels in column {args.labels!r} (diffmem detect)",
-                extra={"unit": "image", "per_prompt": metrics.to_dict()},
+                extra={"unit": "image", "per_prompt": metrics.to_dict(), "dtype": args.dtype},
             ).save_pretrained(args.save_calibration)
             print(f"wrote the calibration to {path}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+
 NAME = "finetune"
 HELP = (
     "Adversarial fine-tuning (Finding Dori): each round attack the current model, teach the triggers to map to "
@@ -48,25 +50,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default="no",
+        help="autocast of the trained UNet (its master weights stay float32)",
+    )
+    add_runtime_arguments(
+        p,
+        dtype_help="precision of the frozen work: surrogate generation, image and caption encoding (default "
+        "float32); the UNet is trained in float32 master weights, see --mixed-precision",
+    )
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
 
 
-def _encode_images(pipe, paths, argument: str, batch: int = 16):
+def _encode_images(pipe, paths, argument: str, size: tuple[int, int], batch: int = 16):
+    """VAE latents of the images at ``paths``, each resized to ``size`` = (height, width) px."""
     import torch
 
     from diffmem.attack.dori import encode_images
     from diffmem.commands.attack import load_image_tensor
 
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     out = []
     for i in range(0, len(paths), batch):
         imgs = []
         for path in paths[i : i + batch]:
             img = load_image_tensor(path, argument).unsqueeze(0)
-            if img.shape[-2:] != (size, size):
-                img = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear", antialias=True)
+            if tuple(img.shape[-2:]) != tuple(size):
+                img = torch.nn.functional.interpolate(img, size=size, mode="bilinear", antialias=True)
             imgs.append(img)
         out.append(encode_images(pipe.vae, torch.cat(imgs).to(pipe.device)).cpu())
     return torch.cat(out)
@@ -96,7 +107,6 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.commands.attack import load_edit, load_targets
     from diffmem.edit import applied
     from diffmem.io import atomic_save_tensors
-    from diffmem.modelio import load_pipeline
     from diffmem.report import img_tag, table_html, write_html
     from diffmem.train.adversarial import (
         AdversarialConfig,
@@ -108,14 +118,14 @@ def run(args: argparse.Namespace) -> int:
         write_log,
     )
 
+    check_runtime_arguments(args)
     if not args.adversarial:
         raise UsageError("only adversarial fine-tuning is implemented: pass --adversarial")
     targets = load_targets(args.targets, "--targets")
     retain_rows = load_targets(args.retain, "--retain", limit=args.retain_limit)
     edit = load_edit(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, StableDiffusionPipeline, device=device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_model(args, StableDiffusionPipeline)
+    size = resolution(args, pipe)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -142,17 +152,18 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
             )
         atomic_save_tensors(surrogate_file, {i: s for i, s in zip(ids, surrogates)})
-    surrogates = surrogates.view(len(ids), 1, *surrogates.shape[-3:])
-    image_latents = _encode_images(pipe, [r.image for r in targets], "--targets")
-    caption_embeds = _encode_captions(pipe, captions)
+    surrogates = surrogates.view(len(ids), 1, *surrogates.shape[-3:]).float()
+    image_latents = _encode_images(pipe, [r.image for r in targets], "--targets", size).float()
+    caption_embeds = _encode_captions(pipe, captions).float()
     adv_targets = [
         AdversarialTarget(i, image_latents[k : k + 1], surrogates[k], caption_embeds[k : k + 1])
         for k, i in enumerate(ids)
     ]
     retain = RetainSet(
-        _encode_images(pipe, [r.image for r in retain_rows], "--retain"),
-        _encode_captions(pipe, [r.caption for r in retain_rows]),
+        _encode_images(pipe, [r.image for r in retain_rows], "--retain", size).float(),
+        _encode_captions(pipe, [r.caption for r in retain_rows]).float(),
     )
+    pipe.unet.to(torch.float32)  # trained in float32 master weights (autocast with --mixed-precision)
     config = AdversarialConfig(
         rounds=args.rounds,
         steps_per_target=args.steps_per_target,
@@ -198,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     write_log(out / "train_log.json", log, config)
     with torch.no_grad():
-        decoded = pipe.vae.decode(surrogates[:, 0].to(pipe.device) / pipe.vae.config.scaling_factor).sample
+        latents = surrogates[:, 0].to(pipe.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        decoded = pipe.vae.decode(latents).sample
     decoded = ((decoded.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     write_html(
         out / "report.html",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+
 NAME = "localize"
 HELP = (
     "localize the cross-attention value neurons that carry memorized prompts (NeMo), one NeuronSet per prompt"
@@ -57,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--blocks", default="down,mid", help="UNet parts searched: down,mid (default) or down,mid,up"
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_runtime_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -72,13 +74,11 @@ def _read(path: str, argument: str, caption_column: str, id_column: str | None) 
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from diffmem.evaluate.localization import localize_prompts
     from diffmem.localize.nemo import NemoConfig
     from diffmem.localize.stats import ValueStats
-    from diffmem.modelio import load_pipeline
 
+    check_runtime_arguments(args)
     if args.seeds < 2:
         raise ValueError("--seeds: the criterion compares seeds pairwise, expected at least 2")
     if args.steps < 2:
@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
     from diffusers import StableDiffusionPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, pipeline_class=StableDiffusionPipeline, device=device)
+    pipe = load_model(args, StableDiffusionPipeline)
+    height, width = resolution(args, pipe)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stats = None

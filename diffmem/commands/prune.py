@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+
 NAME = "prune"
 HELP = (
     "Subspace pruning (Chavhan et al. 2024): locate FFN weights that memorized prompts use and reference "
@@ -40,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cond-only", action="store_true", help="statistics from the conditional CFG half only")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--fp16", action="store_true", help="run the model in float16 (statistics stay float32)")
+    add_runtime_arguments(p)
+    p.add_argument("--fp16", dest="dtype", action="store_const", const="float16", help=argparse.SUPPRESS)
     p.add_argument("--save-model", action="store_true", help="also write the pruned model to OUT/model")
 
 
@@ -72,12 +74,11 @@ def read_prompts(path: str | None, argument: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from diffusers import StableDiffusionPipeline
 
     from diffmem.edit import save_edited
     from diffmem.io import atomic_write_json
     from diffmem.localize.prune import find_weight_mask
-    from diffmem.modelio import load_pipeline
     from diffmem.report import table_html, write_html
 
     memorized = read_prompts(args.memorized, "--memorized")
@@ -86,12 +87,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--tau must be between 1 and --steps ({args.steps}), got {args.tau}")
     if not 0 < args.ratio <= 1:
         raise ValueError(f"--ratio must be in (0, 1], got {args.ratio}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if args.fp16 else torch.float32
-    from diffusers import StableDiffusionPipeline
-
-    pipe = load_pipeline(args.model, StableDiffusionPipeline, dtype=dtype, device=device)
-    pipe.set_progress_bar_config(disable=True)
+    check_runtime_arguments(args)
+    pipe = load_model(args, StableDiffusionPipeline)
+    height, width = resolution(args, pipe)
     mask, mem, ref = find_weight_mask(
         pipe,
         memorized,
@@ -105,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         cond_only=args.cond_only,
         seed=args.seed,
         batch_size=args.batch_size,
+        height=height,
+        width=width,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

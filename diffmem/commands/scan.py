@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments
+
 NAME = "scan"
 HELP = (
     "Scan a training set for replication: first-step memorization score of every caption, generations "
@@ -50,8 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="usable rows per shard (unit of resumption and of work split)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="captions per pipeline call")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    add_runtime_arguments(
+        p, device=False
+    )  # the device is the process's: accelerate's, or CUDA when available
     e = p.add_argument_group("embedder")
     e.add_argument("--embedder", choices=("pixel", "sscd", "clip"), default="pixel")
     e.add_argument(
@@ -127,6 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from diffmem.scan.runner import ScanConfig, run_scan
 
+    check_runtime_arguments(args)
     cfg = ScanConfig(
         data=args.data,
         out=args.out,
@@ -141,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         height=args.height,
         width=args.width,
+        dtype=args.dtype,
+        attention=args.attention,
         embedder=args.embedder,
         embedder_file=args.embedder_file,
         embedder_arch=args.embedder_arch,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.commands.options import add_runtime_arguments
+
 NAME = "solidmark"
 HELP = "SolidMark: key a dataset, fine-tune on it, score memorization per image by outpainting the key"
 
@@ -101,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--save-images", action="store_true", help="save the outpainted images (shown in the report)"
     )
-    p.add_argument("--device", default=None)
+    add_runtime_arguments(p, size=False)  # the keyed images fix the size
 
     p = sub.add_parser(
         "compare", help="difference of memorization rates between a run and its baseline, with intervals"
@@ -226,10 +228,10 @@ def _score(args) -> int:
         sample=args.sample,
         seed=args.seed,
     )
-    from diffmem.modelio import load_pipeline
+    from diffmem.commands.options import load_model
     from diffmem.pipelines import SolidMarkOutpaintPipeline
 
-    pipe = load_pipeline(args.model, SolidMarkOutpaintPipeline, device=args.device)
+    pipe = load_model(args, SolidMarkOutpaintPipeline)
     summary = run_score(
         pipe,
         manifest,

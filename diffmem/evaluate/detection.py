@@ -21,6 +21,7 @@ import torch
 from diffmem.detectors.base import Detector, get_detector
 from diffmem.evaluate.metrics import DetectionMetric
 from diffmem.evaluate.suites import Suite
+from diffmem.modelio import model_settings
 
 __all__ = ["evaluate_detectors", "load_scores"]
 
@@ -82,6 +83,7 @@ def evaluate_detectors(
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "batch_size": batch_size,
+        **model_settings(pipe),
     }
     methods: dict[str, Any] = {}
     for spec in detectors:

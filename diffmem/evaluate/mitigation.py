@@ -26,6 +26,7 @@ import torch
 
 from diffmem.evaluate.metrics import ReplicationRate
 from diffmem.evaluate.suites import Suite
+from diffmem.modelio import model_settings
 
 __all__ = ["evaluate_mitigations", "mitigation_markdown", "write_mitigation_report"]
 
@@ -201,6 +202,7 @@ def evaluate_mitigations(
         "guidance_scale": guidance_scale,
         "batch_size": batch_size,
         "threshold": threshold,
+        **model_settings(pipe),
     }
     cache = Path(out_dir) / "mitigation"
     rule = criterion("organism")

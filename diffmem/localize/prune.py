@@ -100,6 +100,8 @@ def collect_ffn_stats(
     """
     from tqdm.auto import tqdm
 
+    from diffmem.modelio import model_resolution
+    from diffmem.precision import dtype_name
     from diffmem.seeding import item_generator
 
     if not prompts:
@@ -145,6 +147,8 @@ def collect_ffn_stats(
         "row_normalize": row_normalize,
         "seed": seed,
         "scheduler": type(pipe.scheduler).__name__,
+        "resolution": list(model_resolution(pipe, pipe_kwargs.get("height"), pipe_kwargs.get("width"))),
+        "dtype": dtype_name(pipe.unet.dtype),
     }
     return FFNStats(total, len(prompts), settings)
 

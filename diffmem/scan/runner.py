@@ -20,11 +20,15 @@ from typing import Any
 import numpy as np
 
 from diffmem.io import atomic_write, atomic_write_json
+from diffmem.precision import DTYPES
 from diffmem.scan.store import ShardStore
 
 GENERATE_MODES = ("all", "top", "none")
 LABEL_COLUMNS = ("memorized", "is_memorized", "label")
-MARGIN_KEYS = ("progress", "report", "out")  # settings that may change between a run and its resume
+#: settings that may change between a run and its resume (the attention kernel changes float rounding only)
+MARGIN_KEYS = ("progress", "report", "out", "attention")
+#: settings added after scans were first written: a scan.json without them was made with these values
+ADDED_KEYS = {"dtype": "float32"}
 
 
 @dataclass
@@ -44,6 +48,10 @@ class ScanConfig:
     batch_size: int = 8
     height: int | None = None
     width: int | None = None
+    dtype: str = (
+        "float32"  # the model's precision (diffmem.precision.DTYPES); scores and similarities stay float32
+    )
+    attention: str | None = "auto"  # diffmem.attention: xformers on CUDA where it imports, else SDPA
     embedder: str = "pixel"
     embedder_file: str | None = None
     embedder_arch: str | None = None
@@ -78,6 +86,8 @@ class ScanConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {v!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not 0 < self.top_fraction <= 1:
             raise ValueError(f"--top-fraction: expected 0 < fraction <= 1, got {self.top_fraction}")
         if self.keep_images < 0 or self.background_sample < 0 or self.ssim_rerank < 0:
@@ -407,6 +417,7 @@ def score_shards(
                 item_ids=[r["id"] for r in rows],
                 batch_size=cfg.batch_size,
                 progress=False,
+                attention=cfg.attention,
                 height=cfg.height,
                 width=cfg.width,
             ).numpy()
@@ -609,6 +620,7 @@ def _check_or_write_config(cfg: ScanConfig, out: Path, describe: dict) -> None:
     identity = {**cfg.identity(), "embedder_description": describe}
     if path.is_file():
         old = json.loads(path.read_text())
+        old = {**ADDED_KEYS, **old}
         diff = [k for k in set(old) | set(identity) if old.get(k) != identity.get(k)]
         if diff:
             k = sorted(diff)[0]
@@ -657,9 +669,12 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
     timings["catalog_s"] = time.perf_counter() - t0
 
     if pipe is None:
+        from diffmem.attention import use_attention_processor
         from diffmem.modelio import load_pipeline
+        from diffmem.precision import torch_dtype
 
-        pipe = load_pipeline(cfg.model, device=procs.device)
+        pipe = load_pipeline(cfg.model, device=procs.device, dtype=torch_dtype(cfg.dtype))
+        use_attention_processor(pipe.unet, cfg.attention)
 
     train = None
     skip: set[int] = set()

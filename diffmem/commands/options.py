@@ -1,0 +1,96 @@
+"""The options every model-loading command shares: ``--device``, ``--dtype``, ``--attention``, ``--height/--width``.
+
+One home for how a command turns them into a loaded pipeline (:func:`load_model`) and a resolution
+(:func:`resolution`), so ``detect``, ``scan``, ``localize``, ``prune``, ``attack``, ``finetune``,
+``solidmark`` and ``bench`` accept the same spellings and check them the same way, before any weight
+is read. The model runs in ``--dtype``; the statistics, scores and similarities computed from it stay
+float32 (or float64) whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from diffmem.precision import DTYPES, torch_dtype
+
+__all__ = ["add_runtime_arguments", "check_runtime_arguments", "load_model", "resolution"]
+
+ATTENTION = ("auto", "sdpa", "xformers", "naive")
+
+
+def add_runtime_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    device: bool = True,
+    size: bool = True,
+    attention: bool = True,
+    dtype_help: str | None = None,
+) -> None:
+    """Add ``--dtype`` and (each optional) ``--device``, ``--attention``, ``--height``/``--width`` to ``p``."""
+    if device:
+        p.add_argument(
+            "--device", default=None, help="torch device: cpu, cuda, cuda:1, ... (default: cuda if available)"
+        )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help=dtype_help
+        or "precision of the model's weights and activations (default float32); scores and statistics stay float32",
+    )
+    if attention:
+        p.add_argument(
+            "--attention",
+            choices=ATTENTION,
+            default="auto",
+            help="attention processor: auto = xformers on CUDA where it imports, else PyTorch SDPA (default auto)",
+        )
+    if size:
+        p.add_argument("--height", type=int, default=None, help="image height in px (default: the model's)")
+        p.add_argument("--width", type=int, default=None, help="image width in px (default: the model's)")
+
+
+def check_runtime_arguments(args: argparse.Namespace):
+    """Check ``--device`` (it exists here), ``--height``/``--width`` (multiples of 8) up front; the device.
+
+    Returns the torch device to load on (the given one, else CUDA when available, else the CPU).
+    """
+    import torch
+
+    from diffmem.modelio import check_device
+
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None and (value < 8 or value % 8):
+            raise ValueError(f"--{name}: expected a multiple of 8 (>= 8), got {value}")
+    device = check_device(getattr(args, "device", None))
+    return device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(args: argparse.Namespace, pipeline_class=None, *, dtype: str | None = None):
+    """The pipeline of ``args.model`` on ``--device`` in ``--dtype`` (or ``dtype``) with ``--attention`` set.
+
+    Every check (device, resolution, model folder) runs before a weight is read.
+    """
+    from diffmem.attention import use_attention_processor
+    from diffmem.modelio import load_pipeline
+
+    device = check_runtime_arguments(args)
+    pipe = load_pipeline(
+        args.model,
+        pipeline_class,
+        dtype=torch_dtype(dtype or getattr(args, "dtype", "float32")),
+        device=device,
+    )
+    kind = getattr(args, "attention", None)
+    if kind is not None:
+        use_attention_processor(pipe.unet, kind)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def resolution(args: argparse.Namespace, pipe) -> tuple[int, int]:
+    """``(height, width)`` in px from ``--height``/``--width``, each defaulting to the model's own size."""
+    from diffmem.modelio import model_resolution
+
+    return model_resolution(pipe, getattr(args, "height", None), getattr(args, "width", None))
