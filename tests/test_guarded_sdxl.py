@@ -223,7 +223,10 @@ def test_nemo_localizes_on_sdxl_and_mitigates(pipes):
     stats = value_stats_of(
         guarded, ["a dog", "a red car", "two cats", "a soup"], blocks=blocks, progress=False
     )
-    config = NemoConfig(threshold=-1.0, n_seeds=3, num_inference_steps=4, theta0=1.5, blocks=blocks)
+    # threshold -1 is unreachable: NeMo's fallback set (early_exit would rightly stop at "not_localizable")
+    config = NemoConfig(
+        threshold=-1.0, n_seeds=3, num_inference_steps=4, theta0=1.5, blocks=blocks, early_exit=False
+    )
     found = NeMo.from_pipe(guarded, stats, config).localize("a red circle")
     found.validate(guarded.unet)
     assert found.info["memorized"] and len(found) > 0  # threshold -1: every seed counts as memorized

@@ -132,7 +132,8 @@ def test_planted_neuron_is_found(planted, nemo):
     _, name, _ = planted
     assert 0.2 < nemo.config.threshold < 0.6
     result = nemo.localize(f"a photo of {TRIGGER}")
-    assert result.info["memorized"]
+    assert result.info["memorized"] and result.info["outcome"] == "localized" and result.info["criterion_met"]
+    assert result.info["all_off_score"] <= nemo.config.threshold  # the early-exit check passed
     assert result.score_before[0] > nemo.config.threshold
     found = result.items()
     assert (name, PLANT_CHANNEL) in found, found
@@ -164,6 +165,63 @@ def test_only_the_planted_neuron_matters(planted, nemo):
     # an ordinary prompt is not memorized and gets no neurons
     ordinary = nemo.localize("a photo of a horse")
     assert not ordinary.info["memorized"] and len(ordinary) == 0
+    assert ordinary.info["outcome"] == "not_memorized" and ordinary.info["unet_calls"] == 1
+
+
+def _budgeted(planted, nemo, **kw) -> NeMo:
+    c, _, stats = planted
+    config = NemoConfig(**{"threshold": nemo.config.threshold, **kw})
+    return NeMo(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], stats, config)
+
+
+@pytest.mark.parametrize("mask_batch, max_calls", [(1, 4), (1, 5), (8, 3)])
+def test_search_stops_at_max_unet_calls(tmp_path, planted, nemo, mask_batch, max_calls):
+    """A cut search made exactly ``max_unet_calls`` calls (the last one the final evaluation of the best
+    mask so far), returns that mask (blocking the prompt) and says so; it round-trips through JSON."""
+    _, name, _ = planted
+    prompt = f"a photo of {TRIGGER}"
+    full = _budgeted(planted, nemo, mask_batch=mask_batch).localize(prompt)
+    assert full.info["outcome"] == "localized" and full.info["unet_calls"] > max_calls
+    seen = []
+    cut = _budgeted(planted, nemo, mask_batch=mask_batch, max_unet_calls=max_calls).localize(
+        prompt, progress=lambda state: seen.append((state.stage, state.unet_calls, state.outcome))
+    )
+    assert cut.info["outcome"] == "budget_exhausted" and cut.info["stopped_by"] == "max_unet_calls"
+    assert cut.info["unet_calls"] == max_calls and max(calls for _, calls, _ in seen) == max_calls
+    assert seen[-1] == ("done", max_calls, "budget_exhausted")
+    assert cut.info["criterion_met"] and cut.score_after[0] <= nemo.config.threshold
+    assert (name, PLANT_CHANNEL) in cut.items() and len(cut) >= len(full)
+    if max_calls == 3:  # probe + all-off check + final: the all-off mask is the best known
+        assert len(cut) == sum(len(n) for n in cut.neurons) == 160
+    loaded = NeuronSet.load(cut.save(tmp_path / "cut.json"))
+    assert loaded.info == cut.info and loaded.items() == cut.items()
+
+
+def test_other_budgets(planted, nemo):
+    prompt = f"a photo of {TRIGGER}"
+    timed = _budgeted(planted, nemo, max_seconds=1e-9).localize(prompt)  # no search call may start
+    assert timed.info["outcome"] == "budget_exhausted" and timed.info["stopped_by"] == "max_seconds"
+    assert timed.info["unet_calls"] == 1 and len(timed) == 0 and "criterion_met" not in timed.info
+    few = _budgeted(planted, nemo, mask_batch=1, max_candidates=0).localize(prompt)
+    assert few.info["outcome"] == "budget_exhausted" and few.info["stopped_by"] == "max_candidates"
+    assert few.info["criterion_met"] and len(few) == 1  # the layer refinement left only the planted neuron
+    assert few.info["unet_calls"] == 5  # probe, all-off, schedule, layers, final: no neuron-wise test
+    for bad in ({"max_unet_calls": 0}, {"max_seconds": 0.0}, {"max_candidates": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            NemoConfig(**bad)
+
+
+def test_flagged_prompt_that_blocking_cannot_move_is_not_localizable(tmp_path, planted, nemo):
+    """A prompt forced over the threshold whose score stays above it with every searched neuron off ends
+    after two UNet calls (unblocked pass and the all-off check) with an empty set."""
+    prompt = "a photo of a horse"
+    threshold = nemo.probe(prompt).score - 0.05  # flags it: some seeds are above this
+    found = _budgeted(planted, nemo, threshold=threshold).localize(prompt)
+    assert found.info["memorized"] and found.info["outcome"] == "not_localizable"
+    assert found.info["unet_calls"] == 2 and len(found) == 0
+    assert found.info["all_off_score"] > threshold
+    loaded = NeuronSet.load(found.save(tmp_path / "horse.json"))
+    assert loaded.info == found.info and loaded.info["outcome"] == "not_localizable"
 
 
 def test_batched_search_equals_one_at_a_time(planted, nemo):
@@ -208,9 +266,13 @@ def test_speculative_greedy_is_exact(mask_batch):
     start = torch.ones(16, dtype=torch.bool)
     ref_probe, fast_probe = _FakeProbe(1), _FakeProbe(mask_batch)
     ref, _ = greedy_unblock(ref_probe, start.clone(), groups, 0.5)
-    fast, last = greedy_unblock(fast_probe, start.clone(), groups, 0.5)
+    accepted = []
+    fast, last = greedy_unblock(
+        fast_probe, start.clone(), groups, 0.5, on_accept=lambda mask, score: accepted.append(mask)
+    )
     assert ref.nonzero().flatten().tolist() == [3, 9]  # 7 went first, so 9 must stay
     assert torch.equal(ref, fast) and last == pytest.approx(0.2)
+    assert len(accepted) == 14 and torch.equal(accepted[-1], fast)
     assert fast_probe.calls < ref_probe.calls == 16
 
 
@@ -287,9 +349,19 @@ def test_cli_localize_is_resumable(tmp_path, planted, nemo, capsys):
         == 2
     )
     assert "none.txt" in capsys.readouterr().err
+    # a budget and another resolution (latents 12x20 instead of the UNet's 16x16): recorded, obeyed
+    argv[argv.index(str(out))] = str(tmp_path / "cut")
+    assert main(argv + ["--max-unet-calls", "3", "--height", "24", "--width", "40", "--dtype", "bfloat16"]) == 0
+    printed = capsys.readouterr().out
+    assert "at threshold" in printed and "24x40 px" in printed and "budget_exhausted 1" in printed
+    cut = NeuronSet.load(tmp_path / "cut" / "neurons" / "0.json")
+    assert cut.info["outcome"] == "budget_exhausted" and cut.info["unet_calls"] <= 3
+    assert cut.info["config"]["latent_size"] == [12, 20] and cut.info["config"]["max_unet_calls"] == 3
+    union = NeuronSet.load(tmp_path / "cut" / "union.json")
+    assert union.info["left_out"] == ([] if cut.info.get("criterion_met") else ["0"])
 
 
-def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted):
+def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted, capsys):
     """Statistics -> calibrated threshold -> per-prompt sets -> union, every stage reused on a rerun."""
     from diffusers import StableDiffusionPipeline
 
@@ -302,8 +374,10 @@ def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted):
     )
     prompts = [("trigger/1", f"a photo of {TRIGGER}"), ("horse", "a photo of a horse")]
     kw = dict(calibration_prompts=8, cache_dir=tmp_path, config=NemoConfig(mask_batch=8))
-    run = localize_prompts(pipe, prompts, REFERENCE, **kw)
+    run = localize_prompts(pipe, prompts, REFERENCE, **kw, progress=True)
     assert run.memorized == ["trigger/1"] and run.new == 2
+    assert "trigger/1: localized (6 calls)" in capsys.readouterr().err  # the per-prompt outcome is shown
+    assert run.outcomes == {"localized": 1, "not_memorized": 1} == run.union.info["outcomes"]
     assert (name, PLANT_CHANNEL) in run.union.items() and len(run.union.prompts) == 2
     assert 0.2 < run.threshold < 0.6 and run.union.info["threshold"] == run.threshold
     for stage in ("stats.safetensors", "threshold.json", "union.json", "neurons/horse.json"):
@@ -312,6 +386,15 @@ def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted):
     again = localize_prompts(pipe, prompts, REFERENCE, **kw)
     assert again.new == 0 and again.threshold == run.threshold
     assert again.union.items() == run.union.items()
+    assert capsys.readouterr().err == ""  # progress off: nothing printed
+    # another budget is another search for every prompt, but the same calibrated threshold
+    calibrated = (tmp_path / "threshold.json").stat().st_mtime_ns
+    cut = {**kw, "config": NemoConfig(mask_batch=8, max_unet_calls=3)}
+    budgeted = localize_prompts(pipe, prompts, REFERENCE, **cut)
+    assert budgeted.new == 2 and budgeted.threshold == run.threshold
+    assert (tmp_path / "threshold.json").stat().st_mtime_ns == calibrated
+    assert budgeted.outcomes == {"budget_exhausted": 1, "not_memorized": 1}
+    assert localize_prompts(pipe, prompts, REFERENCE, **cut).new == 0
     # another threshold is another search: nothing is reused
     assert localize_prompts(pipe, prompts, REFERENCE, **{**kw, "cache_dir": tmp_path}, threshold=0.9).new == 2
     with pytest.raises(ValueError, match="unique"):

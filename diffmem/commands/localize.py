@@ -59,6 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--blocks", default="down,mid", help="UNet parts searched: down,mid (default) or down,mid,up"
     )
+    budget = parser.add_argument_group("search budget per prompt (outcome budget_exhausted when one ends it)")
+    budget.add_argument("--max-unet-calls", type=int, default=None, help="UNet calls, all counted")
+    budget.add_argument("--max-seconds", type=float, default=None, help="seconds of search")
+    budget.add_argument(
+        "--max-candidates",
+        type=int,
+        default=None,
+        help="skip the one-neuron-at-a-time refinement when more neurons than this are left",
+    )
+    budget.add_argument(
+        "--no-early-exit",
+        action="store_true",
+        help="search even when blocking every neuron leaves the prompt memorized (NeMo's fallback set)",
+    )
     add_runtime_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -117,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         mask_batch=args.mask_batch,
         blocks=blocks,
+        latent_size=(height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
+        early_exit=not args.no_early_exit,
+        max_unet_calls=args.max_unet_calls,
+        max_seconds=args.max_seconds,
+        max_candidates=args.max_candidates,
     )
     run = localize_prompts(
         pipe,
@@ -130,12 +149,21 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     found, union, threshold = list(run.sets.values()), run.union, run.threshold
-    memorized = [s for s in found if s.info.get("memorized")]
-    counts = sorted(len(s) for s in memorized)
+    localized = [
+        s for s in found if s.info.get("outcome", "localized") == "localized" and s.info.get("memorized")
+    ]
+    counts = sorted(len(s) for s in localized)
     median = counts[len(counts) // 2] if counts else 0
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(run.outcomes.items()))
     print(
-        f"{len(found)} prompt(s) ({run.new} new): {len(memorized)} memorized at threshold {threshold:.3f}; "
-        f"neurons per memorized prompt: median {median}, max {counts[-1] if counts else 0}; "
+        f"{len(found)} prompt(s) ({run.new} new) at threshold {threshold:.3f} and {height}x{width} px: {outcomes}; "
+        f"neurons per localized prompt: median {median}, max {counts[-1] if counts else 0}; "
         f"union {len(union)} neurons -> {out / 'union.json'}"
     )
+    if run.outcomes.get("budget_exhausted"):
+        left = run.union.info.get("left_out") or []
+        print(
+            f"budget_exhausted sets are larger than minimal (info.stopped_by in neurons/<id>.json); "
+            f"{len(left)} that did not meet the criterion are left out of the union: {', '.join(map(str, left))}"
+        )
     return 0

@@ -8,9 +8,11 @@
 
 With ``cache_dir`` every stage is a file there (``stats.safetensors``, ``threshold.json``,
 ``neurons/<id>.json``, ``union.json``), written atomically and reused by a rerun only when it was made
-on the same model (fingerprint), from the same prompts and settings: a killed run resumes at the prompt
-it was on. ``diffmem localize``, the bench's NeMo mitigation and the ``benchmarks/`` evaluations all run
-through here.
+on the same model (fingerprint), from the same prompts and settings (for a prompt's set: the search
+settings, budgets included): a killed run resumes at the prompt it was on. Each set records how its
+search ended (``info["outcome"]``, :data:`~diffmem.localize.nemo.OUTCOMES`), the union their counts.
+``diffmem localize``, the bench's NeMo mitigation and the ``benchmarks/`` evaluations all run through
+here.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from diffmem.localize.nemo import SD14_THRESHOLD, NeMo, NemoConfig
+from diffmem.localize.nemo import SD14_THRESHOLD, NeMo, NemoConfig, SearchProgress
 from diffmem.localize.neuron_set import NeuronSet
 from diffmem.localize.stats import ValueStats, value_stats_of
 
@@ -42,8 +45,18 @@ class Localization:
 
     @property
     def memorized(self) -> list[str]:
-        """Ids of the prompts NeMo found memorized (a non-empty set)."""
+        """Ids of the prompts NeMo found memorized (flagged; :attr:`outcomes` says which were localized)."""
         return [i for i, s in self.sets.items() if s.info.get("memorized")]
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        """How many prompts ended with each ``info["outcome"]`` (``"localized"``, ``"budget_exhausted"``, ...)."""
+        return dict(Counter(_outcome(s) for s in self.sets.values()))
+
+
+def _outcome(found: NeuronSet) -> str:
+    """The set's outcome; sets saved before outcomes were recorded: by whether the prompt was memorized."""
+    return found.info.get("outcome") or ("localized" if found.info.get("memorized") else "not_memorized")
 
 
 def neuron_file_name(item_id: str) -> str:
@@ -58,12 +71,52 @@ def _digest(prompts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts)).encode("utf-8")).hexdigest()[:16]
 
 
+#: settings that bound the search but not the detection score a threshold is calibrated on
+_BUDGET = ("early_exit", "max_unet_calls", "max_seconds", "max_candidates")
+
+
 def _search_settings(config: NemoConfig) -> dict:
-    """The settings a calibrated threshold depends on (not the threshold itself, nor the batching)."""
-    d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-    d.pop("threshold")
+    """The settings a calibrated threshold depends on (not the threshold itself, the batching or the budget)."""
+    d = config.to_dict()
+    for key in ("threshold", "mask_batch", *_BUDGET):
+        d.pop(key)
+    return d
+
+
+def _result_settings(config: NemoConfig) -> dict:
+    """The settings a prompt's set depends on: all but the batching (which changes no complete search)."""
+    d = config.to_dict()
     d.pop("mask_batch")
     return d
+
+
+def _reusable(previous: NeuronSet, nemo: NeMo, fingerprint: str, prompt: str) -> bool:
+    """Whether a cached set was made by the same search: model, prompt, layers and settings (budgets
+    included; a search the budget cut also at the same masks per UNet call)."""
+    config = dict(previous.info.get("config") or {})
+    config.pop("mask_batch", None)
+    return (
+        previous.fingerprint == fingerprint
+        and previous.prompts == [prompt]
+        and previous.info.get("threshold") == nemo.config.threshold
+        and list(previous.layers) == list(nemo.layers)
+        and config == _result_settings(nemo.config)
+        and (
+            previous.info.get("outcome") != "budget_exhausted"
+            or previous.info.get("mask_batch") == nemo.mask_batch
+        )
+    )
+
+
+def _call_bar(bar) -> Callable[[SearchProgress], None]:
+    """A :meth:`NeMo.localize` progress callback that shows UNet calls, stage and candidate count on ``bar``."""
+
+    def show(state: SearchProgress) -> None:
+        bar.n = state.unet_calls
+        bar.set_postfix(stage=state.outcome or state.stage, neurons=state.neurons, refresh=False)
+        bar.refresh()
+
+    return show
 
 
 def _value_stats(pipe, reference, config, cache_dir, progress) -> ValueStats:
@@ -181,27 +234,40 @@ def localize_prompts(
     folder = None if cache_dir is None else Path(cache_dir) / "neurons"
     sets: dict[str, NeuronSet] = {}
     new = 0
-    for item_id, prompt in tqdm(pairs, desc="localize", unit="prompt", disable=not progress):
+    bar = tqdm(pairs, desc="localize", unit="prompt", disable=not progress)
+    for item_id, prompt in bar:
         path = None if folder is None else folder / neuron_file_name(item_id)
-        if path is not None and path.is_file():
-            previous = NeuronSet.load(path)
-            if (
-                previous.fingerprint == fingerprint
-                and previous.prompts == [prompt]
-                and previous.info.get("threshold") == threshold
-                and list(previous.layers) == list(nemo.layers)
-            ):
-                sets[item_id] = previous
-                continue
-        found = nemo.localize(prompt)
-        found.info["id"] = item_id
-        if path is not None:
-            found.save(path)
+        previous = None if path is None or not path.is_file() else NeuronSet.load(path)
+        if previous is not None and _reusable(previous, nemo, fingerprint, prompt):
+            found = previous
+        else:
+            with tqdm(
+                desc=f"  {item_id}"[:40],
+                unit="call",
+                total=nemo.config.max_unet_calls,
+                leave=False,
+                disable=not progress,
+            ) as calls:
+                found = nemo.localize(prompt, progress=_call_bar(calls) if progress else None)
+            found.info["id"] = item_id
+            if path is not None:
+                found.save(path)
+            new += 1
+            bar.set_postfix_str(f"{item_id}: {found.info['outcome']} ({found.info['unet_calls']} calls)")
         sets[item_id] = found
-        new += 1
     found = list(sets.values())
-    union = found[0].union(*found[1:]) if found else NeuronSet.empty(fingerprint, list(nemo.layers))
-    union.info.update(threshold=threshold, memorized=sum(bool(s.info.get("memorized")) for s in found))
+    # a search cut before it met the criterion holds up to every searched neuron: not a localization
+    cut = [
+        i for i, s in sets.items() if _outcome(s) == "budget_exhausted" and not s.info.get("criterion_met")
+    ]
+    kept = [s for i, s in sets.items() if i not in cut]
+    union = kept[0].union(*kept[1:]) if kept else NeuronSet.empty(fingerprint, list(nemo.layers))
+    union.info.update(
+        threshold=threshold,
+        left_out=cut,
+        memorized=sum(bool(s.info.get("memorized")) for s in found),
+        outcomes=dict(Counter(_outcome(s) for s in found)),
+    )
     if cache_dir is not None:
         union.save(Path(cache_dir) / "union.json")
     return Localization(nemo.stats, threshold, sets, union, new)

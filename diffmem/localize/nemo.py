@@ -40,12 +40,19 @@ current state; results are consumed in order up to the first candidate that must
 followers (which assumed it dropped) are discarded and re-evaluated. Every decision is therefore
 taken on exactly the state the one-at-a-time algorithm would see, so the same neurons are found
 (``mask_batch=1`` *is* the one-at-a-time algorithm).
+
+Search budget (``docs/nemo.md``): before the schedule, ``mem`` with *every* searched neuron off is
+evaluated; when even that stays above ``tau`` the prompt is ``"not_localizable"`` and the search ends
+(two UNet calls in all). ``max_unet_calls`` / ``max_seconds`` are enforced by the probe, which refuses
+the call that would exceed them (:class:`SearchBudgetExhausted`); ``max_candidates`` skips the
+one-by-one refinement of larger sets. A cut search returns the last state it accepted (preferring one
+under ``tau``; all searched neurons if it was cut in the schedule), labelled ``"budget_exhausted"``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -79,11 +86,32 @@ class NemoConfig:
     kernel_size: int = 11
     betas: tuple[float, ...] = (0.33, 0.33, 0.33)
     blocks: tuple[str, ...] = DEFAULT_BLOCKS
+    #: ``(height, width)`` of the latents the criterion is evaluated at (image px / the VAE's factor);
+    #: ``None``: the UNet's ``sample_size`` (SD-1.5: 64 = 512 px). Scores depend on it: keep it with the threshold
+    latent_size: tuple[int, int] | None = None
     #: candidate masks per UNet call; 1 = the one-candidate-at-a-time algorithm; ``None`` = by device
     #: (:func:`default_mask_batch`)
     mask_batch: int | None = None
+    #: evaluate all searched neurons off first; when ``mem`` stays above the threshold, stop at once with
+    #: an empty set, outcome ``"not_localizable"`` (False: NeMo's fallback, refine against the score reached)
+    early_exit: bool = True
+    #: UNet calls per prompt, all counted (unblocked pass, all-off check, search, final evaluation); the
+    #: probe refuses a search call beyond ``max_unet_calls - 1``, one is kept for the final evaluation
+    max_unet_calls: int | None = None
+    #: seconds per prompt from the start of :meth:`NeMo.localize`: no search call starts after that (the
+    #: one running and the final evaluation still finish)
+    max_seconds: float | None = None
+    #: most neurons the one-by-one refinement tests: when more are left after the layer refinement it is
+    #: skipped and that (larger) set returned as ``"budget_exhausted"``
+    max_candidates: int | None = None
 
     def __post_init__(self) -> None:
+        if self.latent_size is not None:
+            if len(self.latent_size) != 2 or any(int(v) != v or v < 1 for v in self.latent_size):
+                raise ValueError(
+                    f"latent_size: expected (height, width) in latents >= 1, got {self.latent_size}"
+                )
+            object.__setattr__(self, "latent_size", tuple(int(v) for v in self.latent_size))
         if self.n_seeds < 2:
             raise ValueError(
                 f"n_seeds: NeMo compares seeds pairwise, expected at least 2, got {self.n_seeds}"
@@ -95,6 +123,45 @@ class NemoConfig:
             )
         if self.mask_batch is not None and self.mask_batch < 1:
             raise ValueError(f"mask_batch: expected an integer >= 1, got {self.mask_batch}")
+        if self.max_unet_calls is not None and self.max_unet_calls < 1:
+            raise ValueError(f"max_unet_calls: expected an integer >= 1 or None, got {self.max_unet_calls}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds: expected a number > 0 or None, got {self.max_seconds}")
+        if self.max_candidates is not None and self.max_candidates < 0:
+            raise ValueError(f"max_candidates: expected an integer >= 0 or None, got {self.max_candidates}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (tuples as lists), as recorded in ``NeuronSet.info["config"]``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+#: ``NeuronSet.info["outcome"]`` of :meth:`NeMo.localize`
+OUTCOMES = ("not_memorized", "localized", "not_localizable", "budget_exhausted")
+
+
+class SearchBudgetExhausted(RuntimeError):
+    """A UNet call refused by the probe's budget (:meth:`MemorizationProbe.limit`), or a cut refinement.
+
+    ``reason``: the setting that ended the search (``"max_unet_calls"``, ``"max_seconds"``, ``"max_candidates"``).
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(f"NeMo search budget exhausted ({reason})")
+        self.reason = reason
+
+
+@dataclass
+class SearchProgress:
+    """What :meth:`NeMo.localize` passes to its ``progress`` callback (the same object, updated in place).
+
+    ``stage``: ``"probe"``, ``"all_off"``, ``"schedule"``, ``"layers"``, ``"neurons"``, ``"final"``, ``"done"``;
+    ``neurons``: size of the current blocked set; ``outcome``: set at ``"done"``.
+    """
+
+    stage: str = "probe"
+    unet_calls: int = 0
+    neurons: int = 0
+    outcome: str | None = None
 
 
 def default_mask_batch(device: torch.device) -> int:
@@ -193,15 +260,21 @@ class MemorizationProbe:
         self.t = scheduler.timesteps[config.t_index]
         cfg = unet.config
         gen = torch.Generator("cpu").manual_seed(config.seed)
-        shape = (config.n_seeds, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        size = cfg.sample_size
+        h, w = config.latent_size or ((size, size) if isinstance(size, int) else tuple(size))
+        shape = (config.n_seeds, cfg.in_channels, h, w)
         self.latents = (torch.randn(shape, generator=gen) * scheduler.init_noise_sigma).to(
             self.device, self.dtype
         )
         self.embeds = prompt_embeds.to(self.device, self.dtype)[:1]
-        self.similarity = NoiseSimilarity(cfg.sample_size, config.kernel_size, config.betas)
+        self.similarity = NoiseSimilarity(min(h, w), config.kernel_size, config.betas)
         self.mask_batch = max(1, config.mask_batch or default_mask_batch(self.device))
         self.unet_calls = 0
         self.masks_evaluated = 0
+        self.call_limit: int | None = None
+        self.deadline: float | None = None
+        #: called after every UNet call (e.g. to report progress)
+        self.on_call: Callable[[], None] | None = None
         self.base = self._deltas(self.latents, None)[0]  # [n, C, H, W]
         pairs = torch.triu_indices(config.n_seeds, config.n_seeds, offset=1, device=self.device)
         sims = self.similarity(self.base[pairs[0]], self.base[pairs[1]])
@@ -219,6 +292,14 @@ class MemorizationProbe:
     def memorized(self) -> bool:
         return bool(self.kept.any())
 
+    def limit(self, calls: int | None = None, deadline: float | None = None) -> None:
+        """Refuse UNet calls once ``unet_calls`` reaches ``calls`` or ``time.perf_counter()`` reaches ``deadline``.
+
+        A refused call raises :class:`SearchBudgetExhausted` before it runs, so ``unet_calls <= calls``
+        exactly; ``limit()`` lifts both bounds.
+        """
+        self.call_limit, self.deadline = calls, deadline
+
     @torch.no_grad()
     def _deltas(self, latents: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
         """Normalised noise differences ``[M, n, C, H, W]`` for ``M`` masks (``None``: nothing blocked)."""
@@ -233,11 +314,17 @@ class MemorizationProbe:
             for name, off, d in zip(self.layers, self.offsets, self.sizes):
                 if blocked[:, off : off + d].any():
                     scales[name] = keep[:, off : off + d]
+        if self.call_limit is not None and self.unet_calls >= self.call_limit:
+            raise SearchBudgetExhausted("max_unet_calls")
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            raise SearchBudgetExhausted("max_seconds")
         with scaled_value_neurons(self.unet, self.layers, scales):
             extra = expand_unet_kwargs(self.unet_kwargs, m * n)
             out = self.unet(inp, self.t, encoder_hidden_states=emb, **extra).sample
         self.unet_calls += 1
         self.masks_evaluated += m
+        if self.on_call is not None:
+            self.on_call()
         eps = to_epsilon(self.scheduler, out, x, self.t)
         return normalized_noise_difference(eps, x).view(m, n, *x.shape[1:])
 
@@ -308,11 +395,17 @@ def initial_schedule(config: NemoConfig, max_width: int) -> list[tuple[float, in
 
 
 def greedy_unblock(
-    probe: MemorizationProbe, blocked: torch.Tensor, groups: Sequence[torch.Tensor], tau: float
+    probe: MemorizationProbe,
+    blocked: torch.Tensor,
+    groups: Sequence[torch.Tensor],
+    tau: float,
+    on_accept: Callable[[torch.Tensor, float], None] | None = None,
 ) -> tuple[torch.Tensor, float | None]:
     """Switch each group of neurons back on, in order, when ``mem`` stays ``< tau`` (speculative batches, exact).
 
-    Returns the final mask and the score of the last accepted state (``None`` if nothing was dropped).
+    Returns the final mask and the score of the last accepted state (``None`` if nothing was dropped);
+    ``on_accept(mask, score)`` sees each accepted state in order (what is left when the probe's budget
+    ends the loop with :class:`SearchBudgetExhausted`).
     """
     i, last = 0, None
     batch = probe.mask_batch
@@ -328,6 +421,8 @@ def greedy_unblock(
             i += 1
             if score < tau:
                 blocked, last = mask, score
+                if on_accept is not None:
+                    on_accept(mask, score)
             else:
                 break  # later masks assumed this group dropped: re-evaluate them on the kept state
     return blocked, last
@@ -402,9 +497,19 @@ class NeMo:
             raise ValueError("threshold calibration needs at least 2 non-memorized prompts")
         return float(scores.mean() + scores.std())
 
+    @property
+    def mask_batch(self) -> int:
+        """Candidate masks per UNet call on this model's device (``config.mask_batch`` or the device default)."""
+        return max(1, self.config.mask_batch or default_mask_batch(next(self.unet.parameters()).device))
+
     @torch.no_grad()
-    def localize(self, prompt: str) -> NeuronSet:
-        """The neurons that carry ``prompt`` (empty when it is not memorized), with scores before and after."""
+    def localize(self, prompt: str, progress: Callable[[SearchProgress], None] | None = None) -> NeuronSet:
+        """The neurons that carry ``prompt`` (empty when it is not memorized), with scores before and after.
+
+        ``info["outcome"]`` is one of :data:`OUTCOMES`; ``info["unet_calls"]`` and ``info["seconds"]`` are
+        its cost (``unet_calls <= config.max_unet_calls``). ``progress`` is called after every UNet call
+        and at each stage with one :class:`SearchProgress`, updated in place.
+        """
         if self.stats is None:
             raise ValueError("localization needs activation statistics of non-memorized prompts (stats=None)")
         cfg = self.config
@@ -414,27 +519,98 @@ class NeMo:
         info: dict[str, Any] = {
             "method": "nemo",
             "threshold": cfg.threshold,
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+            "config": cfg.to_dict(),
             "similarity": probe.similarity.describe(),
             "memorized": probe.memorized,
             "kept_seeds": int(probe.kept.sum()),
             "mask_batch": probe.mask_batch,
         }
-        names = list(self.layers)
-        if not probe.memorized:
-            info.update(seconds=time.perf_counter() - start, unet_calls=probe.unet_calls, masks_evaluated=0)
-            return NeuronSet.empty(
-                self.fingerprint,
-                names,
-                prompts=[prompt],
-                score_before=[probe.score],
-                score_after=[probe.score],
-                info=info,
-            )
+        state = SearchProgress()
+
+        def report(stage: str | None = None) -> None:
+            state.stage = stage or state.stage
+            state.unet_calls = probe.unet_calls
+            if progress is not None:
+                progress(state)
+
+        best: list[Any] = [None, None]  # the state to return if the budget ends the search, and its score
+
+        def accept(mask: torch.Tensor, score: float) -> None:
+            """Keep the latest accepted state, preferring states that meet the threshold itself."""
+            if best[0] is None or score <= cfg.threshold or best[1] > cfg.threshold:
+                best[:] = [mask, score]
+            state.neurons = int(mask.sum())
+
+        report()
+        outcome, blocked = "not_memorized", None
+        if probe.memorized:
+            outcome = "localized"
+            # one call is kept for the final evaluation
+            calls = None if cfg.max_unet_calls is None else cfg.max_unet_calls - 1
+            probe.limit(calls, None if cfg.max_seconds is None else start + cfg.max_seconds)
+            probe.on_call = report
+            try:
+                blocked = self._search(probe, embeds, info, accept, report)
+                if blocked is None:
+                    outcome = "not_localizable"
+                elif info["tau_ref"] > cfg.threshold:  # NeMo's fallback: refined against the score reached
+                    outcome = "not_localizable"
+            except SearchBudgetExhausted as stop:
+                outcome, blocked = "budget_exhausted", best[0]
+                info["stopped_by"] = stop.reason
+            probe.limit()
+        score_after = probe.score
+        if blocked is not None:
+            report("final")
+            final = probe.evaluate(blocked)
+            score_after = final["mem"]
+            info.update(detection_after=final["detection"], criterion_met=final["mem"] <= cfg.threshold)
+        else:
+            blocked = torch.zeros(probe.n_neurons, dtype=torch.bool, device=probe.device)
+        info.update(
+            outcome=outcome,
+            seconds=time.perf_counter() - start,
+            unet_calls=probe.unet_calls,
+            masks_evaluated=probe.masks_evaluated if probe.memorized else 0,
+        )
+        state.outcome = outcome
+        report("done")
+        return NeuronSet(
+            fingerprint=self.fingerprint,
+            layers=list(self.layers),
+            neurons=probe.lists_from_mask(blocked),
+            prompts=[prompt],
+            score_before=[probe.score],
+            score_after=[score_after],
+            info=info,
+        )
+
+    def _search(
+        self,
+        probe: MemorizationProbe,
+        embeds: torch.Tensor,
+        info: dict[str, Any],
+        accept: Callable[[torch.Tensor, float], None],
+        report: Callable[[str], None],
+    ) -> torch.Tensor | None:
+        """NeMo's steps 2-3 on a memorized prompt's ``probe``: the blocked mask found, ``None`` if not localizable.
+
+        ``accept(mask, score)`` sees each state that meets the search's criterion, in order; raises
+        :class:`SearchBudgetExhausted` when the probe refuses a call or ``max_candidates`` cuts the search.
+        """
+        cfg = self.config
+        if cfg.early_exit:
+            report("all_off")
+            everything = torch.ones(probe.n_neurons, dtype=torch.bool, device=probe.device)
+            info["all_off_score"] = score = float(probe.scores(everything[None])[0])
+            if score > cfg.threshold:
+                return None
+            accept(everything, score)
 
         acts = [a[0] for a in value_activations(self.layers, embeds)]
         z = self.stats.zscores(acts)
         schedule = initial_schedule(cfg, max(probe.sizes))
+        report("schedule")
         chosen, tau_ref, chosen_score = None, cfg.threshold, None
         step = probe.mask_batch
         for begin in range(0, len(schedule), step):
@@ -452,36 +628,27 @@ class NeMo:
         if chosen_score > cfg.threshold:
             tau_ref = chosen_score  # never reached the threshold: refine against the score reached
         info.update(initial_neurons=initial, initial_score=chosen_score, theta=theta, k=k, tau_ref=tau_ref)
+        accept(blocked, chosen_score)
 
         # refinement 1: whole layers, last to first
+        report("layers")
+        n_layers = len(probe.sizes)
         layer_groups = [
             probe.offsets[li] + torch.as_tensor(initial[li], device=probe.device)
-            for li in reversed(range(len(names)))
+            for li in reversed(range(n_layers))
             if initial[li]
         ]
-        blocked, _ = greedy_unblock(probe, blocked, layer_groups, tau_ref)
+        blocked, _ = greedy_unblock(probe, blocked, layer_groups, tau_ref, accept)
         # refinement 2: single neurons, layers last to first, candidate order within a layer
         remaining = set(blocked.nonzero().flatten().tolist())
+        if cfg.max_candidates is not None and len(remaining) > cfg.max_candidates:
+            raise SearchBudgetExhausted("max_candidates")
+        report("neurons")
         neuron_groups = [
             torch.tensor([probe.offsets[li] + i], device=probe.device)
-            for li in reversed(range(len(names)))
+            for li in reversed(range(n_layers))
             for i in initial[li]
             if probe.offsets[li] + i in remaining
         ]
-        blocked, _ = greedy_unblock(probe, blocked, neuron_groups, tau_ref)
-        final = probe.evaluate(blocked)
-        info.update(
-            detection_after=final["detection"],
-            seconds=time.perf_counter() - start,
-            unet_calls=probe.unet_calls,
-            masks_evaluated=probe.masks_evaluated,
-        )
-        return NeuronSet(
-            fingerprint=self.fingerprint,
-            layers=names,
-            neurons=probe.lists_from_mask(blocked),
-            prompts=[prompt],
-            score_before=[probe.score],
-            score_after=[final["mem"]],
-            info=info,
-        )
+        blocked, _ = greedy_unblock(probe, blocked, neuron_groups, tau_ref, accept)
+        return blocked
