@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -330,17 +331,45 @@ def content_fingerprint(unet: torch.nn.Module) -> str:
     """SHA-256 over every parameter and buffer (names, shapes, values rounded to float16), uncached.
 
     Rounding to float16 makes a float32 and a float16 load of the same checkpoint agree (diffusers casts
-    with the same rounding); a bfloat16 load rounds differently and gets its own fingerprint.
+    with the same rounding). A bfloat16 copy rounds differently: loaded from a folder it gets the
+    fingerprint of the folder's files (:func:`fingerprint_loaded`), built in memory its own.
     """
-    h = hashlib.sha256()
     state = unet.state_dict()
-    for name in sorted(state):
-        t = state[name].detach()
+    return _hash_tensors((name, state[name]) for name in sorted(state))
+
+
+def _hash_tensors(items) -> str:
+    """The ``w2-`` hash of ``(name, tensor)`` pairs in the order given (names, shapes, float16-rounded values)."""
+    h = hashlib.sha256()
+    for name, t in items:
+        t = t.detach()
         h.update(f"{name}:{tuple(t.shape)}:".encode())
         if t.is_floating_point():
             t = t.to(torch.float16)
         h.update(t.to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return FINGERPRINT_PREFIX + h.hexdigest()[:20]
+
+
+def _files_fingerprint(folder: Path, unet: torch.nn.Module) -> str | None:
+    """:func:`content_fingerprint` of the UNet weights in ``folder``'s safetensors files (the precision on
+    disk, read one tensor at a time), or ``None`` when they are not exactly ``unet``'s parameters."""
+    from safetensors import safe_open
+
+    files = [
+        p
+        for p in sorted((folder / "unet").glob("diffusion_pytorch_model*.safetensors"))
+        if "." not in p.name.removesuffix(".safetensors")  # no variant (".fp16"): what from_pretrained read
+    ]
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            where.update((name, path) for name in f.keys())
+    state = unet.state_dict()
+    if set(where) != set(state):
+        return None
+    with contextlib.ExitStack() as stack:
+        opened = {p: stack.enter_context(safe_open(str(p), "pt")) for p in files}
+        return _hash_tensors((name, opened[where[name]].get_tensor(name)) for name in sorted(state))
 
 
 def model_fingerprint(unet: torch.nn.Module) -> str:
@@ -408,7 +437,13 @@ def fingerprint_loaded(folder: str | os.PathLike, unet: torch.nn.Module) -> str:
     if isinstance(known.get(identity), str):
         remember_fingerprint(unet, known[identity])
         return known[identity]
-    fingerprint = model_fingerprint(unet)
+    fingerprint = None
+    if next(unet.parameters()).dtype not in (torch.float32, torch.float16):  # bfloat16: the files' identity
+        fingerprint = _files_fingerprint(Path(folder), unet)
+    if fingerprint is None:
+        fingerprint = model_fingerprint(unet)
+    else:
+        remember_fingerprint(unet, fingerprint)
     known[identity] = fingerprint
     try:
         atomic_write_json(path, dict(list(known.items())[-1000:]))

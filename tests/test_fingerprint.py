@@ -152,3 +152,17 @@ def test_loading_the_same_files_again_is_not_hashed_again(tiny_sd1_dir, tmp_path
     pipe.unet.save_pretrained(folder / "unet")
     tuned = StableDiffusionMemGuardPipeline.from_pretrained(folder).unet
     assert calls and model_fingerprint(tuned) != first
+
+
+def test_a_bfloat16_load_of_a_folder_is_the_folders_model(tiny_sd1_dir):
+    """bfloat16 rounds differently from float16: its identity comes from the files it was loaded from."""
+    from diffmem.modelio import load_pipeline
+
+    full = load_pipeline(tiny_sd1_dir)
+    half = load_pipeline(tiny_sd1_dir, dtype=torch.bfloat16)
+    assert half.unet.dtype == torch.bfloat16
+    assert content_fingerprint(half.unet) != model_fingerprint(full.unet)  # the rounding alone differs
+    assert model_fingerprint(half.unet) == model_fingerprint(full.unet)
+    with torch.no_grad():
+        next(half.unet.parameters()).add_(1.0)  # changed after loading: no longer the folder's model
+    assert model_fingerprint(half.unet) != model_fingerprint(full.unet)
