@@ -21,12 +21,11 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import time
 
-import numpy as np
 import torch
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
+
+from diffmem.benchmark import compare_pipelines, first_step_throughput
 
 
 def unet_64(**family):
@@ -84,86 +83,6 @@ def build_sdxl_pipeline():
     return pipe
 
 
-def timed(fn):
-    w, c = time.perf_counter(), time.process_time()
-    result = fn()
-    return time.perf_counter() - w, time.process_time() - c, result
-
-
-def overhead(stock, guarded, repeats: int, steps: int, guidance_scale: float = 7.5) -> dict:
-    kw = dict(
-        prompt="a photo of a red circle on grass",
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        output_type="np",
-    )
-
-    def run(pipe):
-        return pipe(generator=torch.Generator().manual_seed(0), **kw)
-
-    run(stock), run(guarded)  # warm-up
-    times = {"stock": [], "guarded": []}
-    images = {}
-    for r in range(repeats):
-        order = ("stock", "guarded") if r % 2 == 0 else ("guarded", "stock")  # ABBA
-        for name in order:
-            wall, cpu, out = timed(lambda n=name: run(stock if n == "stock" else guarded))
-            times[name].append((wall, cpu))
-            images[name] = out.images
-    identical = bool(np.array_equal(images["stock"], images["guarded"]))
-    med = {
-        n: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for n, t in times.items()
-    }
-    return {
-        "steps": steps,
-        "repeats": repeats,
-        "guidance_scale": guidance_scale,
-        "stock_wall_s": med["stock"][0],
-        "guarded_wall_s": med["guarded"][0],
-        "wall_ratio": med["guarded"][0] / med["stock"][0],
-        "stock_cpu_s": med["stock"][1],
-        "guarded_cpu_s": med["guarded"][1],
-        "cpu_ratio": med["guarded"][1] / med["stock"][1],
-        # each repeat's guarded run over the stock run beside it: robust to the machine's drift over the run
-        "paired_wall_ratio_median": statistics.median(
-            g / s for (s, _), (g, _) in zip(times["stock"], times["guarded"])
-        ),
-        "all_wall_s": {n: [round(w, 3) for w, _ in t] for n, t in times.items()},
-        "images_bit_identical": identical,
-    }
-
-
-def throughput(guarded, n_score: int, n_generate: int, num_gens: int) -> dict:
-    from diffmem.detect import score_prompts
-
-    prompts = [f"a photo of object number {i} on a table" for i in range(max(n_score, n_generate))]
-    score_prompts(guarded, prompts[:1], num_gens=num_gens, window=(0, 1), progress=False)  # warm-up
-    wall_s, _, _ = timed(
-        lambda: score_prompts(
-            guarded, prompts[:n_score], num_gens=num_gens, window=(0, 1), batch_size=n_score, progress=False
-        )
-    )
-    wall_g, _, _ = timed(
-        lambda: guarded(
-            prompts[:n_generate],
-            num_images_per_prompt=num_gens,
-            num_inference_steps=50,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        )
-    )
-    return {
-        "num_gens": num_gens,
-        "first_step_prompts": n_score,
-        "first_step_wall_s": wall_s,
-        "first_step_prompts_per_s": n_score / wall_s,
-        "generation_prompts": n_generate,
-        "generation_wall_s": wall_g,
-        "generation_prompts_per_s": n_generate / wall_g,
-        "speedup": (n_score / wall_s) / (n_generate / wall_g),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -196,12 +115,14 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "family": args.family,
-        "overhead": overhead(stock, guarded, args.repeats, args.steps),
+        "overhead": compare_pipelines(stock, guarded, args.repeats, num_inference_steps=args.steps),
         # guidance off: the score needs one extra unconditional UNet call per step (about 2x the UNet time)
-        "overhead_guidance_off": overhead(
-            stock, guarded, max(3, args.repeats // 2), args.steps, guidance_scale=1.0
+        "overhead_guidance_off": compare_pipelines(
+            stock, guarded, max(3, args.repeats // 2), num_inference_steps=args.steps, guidance_scale=1.0
         ),
-        "throughput": throughput(guarded, args.score_prompts, args.generate_prompts, args.num_gens),
+        "throughput": first_step_throughput(
+            guarded, [args.score_prompts], args.generate_prompts, args.num_gens
+        ),
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -335,14 +335,48 @@ def build_tiny_sdxl_pipeline(config: TinySDXLConfig = TinySDXLConfig(), seed: in
 
 
 # ------------------------------------------------------------------------------------------ real size
-def build_sd15_architecture_pipeline(seed: int = 0, image_size: int = 64, pipeline_class=None):
-    """Random weights in Stable Diffusion 1.5's exact architecture (860M-parameter UNet, 123M CLIP ViT-L/14
-    text encoder, the 8x autoencoder), for real-size plumbing checks: layer discovery (16 cross-attention
-    layers, 5,760 value neurons in down/mid), memory, every method's shapes. ``image_size`` sets the
-    default resolution (the UNet's ``sample_size`` is ``image_size // 8``); no hub access.
+#: Stable Diffusion's released architectures: UNet attention heads and text width, encoder, prediction.
+SD_ARCHITECTURES = {
+    "sd15": dict(
+        attention_head_dim=8,
+        cross_attention_dim=768,
+        linear=False,
+        text=(768, 12, 12, "quick_gelu"),
+        prediction="epsilon",
+        image_size=512,
+    ),
+    "sd21": dict(
+        attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024,
+        linear=True,
+        text=(1024, 23, 16, "gelu"),
+        prediction="v_prediction",
+        image_size=768,
+    ),
+}
+
+
+def build_sd_architecture_pipeline(
+    arch: str = "sd15",
+    seed: int = 0,
+    image_size: int = 64,
+    pipeline_class=None,
+    dtype: torch.dtype | None = None,
+):
+    """Random weights in Stable Diffusion 1.5's (``"sd15"``) or 2.1's (``"sd21"``) exact architecture.
+
+    SD-1.5: 860M-parameter UNet, CLIP ViT-L/14 text encoder (123M); SD-2.1: 866M-parameter UNet with
+    linear projections and 64-channel heads, OpenCLIP ViT-H/14 text encoder (23 layers used, 340M),
+    v-prediction; both with the 8x autoencoder. For real-size plumbing checks: layer discovery (16
+    cross-attention layers, 5,760 value neurons in down/mid on SD-1.5), memory, every method's shapes.
+    ``image_size`` sets the default resolution (the UNet's ``sample_size`` is ``image_size // 8``;
+    the released models use 512 and 768); ``dtype`` casts every module. No hub access.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    if arch not in SD_ARCHITECTURES:
+        raise ValueError(f"arch: expected one of {', '.join(SD_ARCHITECTURES)}, got {arch!r}")
+    spec = SD_ARCHITECTURES[arch]
     if pipeline_class is None:
         from diffusers import StableDiffusionPipeline as pipeline_class
     torch.manual_seed(seed)
@@ -354,8 +388,9 @@ def build_sd15_architecture_pipeline(seed: int = 0, image_size: int = 64, pipeli
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
+        cross_attention_dim=spec["cross_attention_dim"],
+        attention_head_dim=spec["attention_head_dim"],
+        use_linear_projection=spec["linear"],
     ).eval()
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
@@ -369,14 +404,20 @@ def build_sd15_architecture_pipeline(seed: int = 0, image_size: int = 64, pipeli
         sample_size=image_size,
     ).eval()
     torch.manual_seed(seed + 2)
-    text_encoder = clip_text_encoder(768, 12, 12).eval()
-    return pipeline_class(
+    text_encoder = clip_text_encoder(*spec["text"]).eval()
+    pipe = pipeline_class(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
-        scheduler=sd_ddim_scheduler("epsilon"),
+        scheduler=sd_ddim_scheduler(spec["prediction"]),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    return pipe if dtype is None else pipe.to(dtype)
+
+
+def build_sd15_architecture_pipeline(seed: int = 0, image_size: int = 64, pipeline_class=None):
+    """Random weights in SD-1.5's architecture: ``build_sd_architecture_pipeline("sd15", ...)``."""
+    return build_sd_architecture_pipeline("sd15", seed, image_size, pipeline_class)

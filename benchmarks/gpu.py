@@ -1,0 +1,298 @@
+"""Benchmark on one GPU: diffmem at Stable Diffusion 1.5's size in float16, every figure a ratio in the same run.
+
+Builds random weights in SD-1.5's architecture (``diffmem.tiny.build_sd_architecture_pipeline``) at
+512 px in float16 on CUDA and measures, each against its baseline in the same process:
+
+1. ``guard``: the guarded pipeline against the stock one (same call, seed; images bit-identical),
+   under SDPA and, where it imports, xformers attention (and xformers against SDPA);
+2. ``detection``: first-step detection prompts/s at batch 1, 32, 128 against full 50-step generation;
+3. ``nemo``: NeMo localization s/prompt with batched candidate masks against one candidate per UNet
+   call (same neurons found). Random weights memorize nothing, so the threshold is put halfway between
+   the prompt's unblocked score and its score with every searched neuron off: the search has a real
+   answer to find. Each run has a time budget; a cut run makes its ratio a lower bound (reported);
+4. ``scan``: replication-scan generation + embedding + search images/s (``diffmem.scan``);
+5. ``faiss``: exact search on the GPU against the CPU (same neighbours), where faiss has GPU support.
+
+``--smoke`` runs the same code on a tiny model on the CPU in a minute (CI runs it through the tests),
+so the script is known to work before a GPU is there. Results go to ``--json`` (default
+``benchmarks/results/gpu.json``, or ``gpu_smoke.json``), rewritten atomically after each section, so
+a run stopped by its time limit keeps what it measured. Sized to finish in under 8 minutes on one
+H100/H200 (the model build, about a minute on the host, included).
+
+    python benchmarks/gpu.py            # on a machine with a GPU
+    python benchmarks/gpu.py --smoke    # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from machine import cpu_model  # benchmarks/machine.py (this script's folder)
+
+from diffmem.attention import use_attention_processor, xformers_usable
+from diffmem.benchmark import compare_pipelines, first_step_throughput, timed
+from diffmem.io import atomic_write_json
+from diffmem.precision import dtype_name
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a photograph of an astronaut riding a horse"
+REFERENCE = [
+    f"a photo of a {c} {o} on a table" for c in ("red", "blue", "green", "white") for o in ("cup", "book")
+]
+
+#: sizes per mode: (resolution, steps, repeats, detection batches, NeMo mask batches, NeMo budget s, scan captions,
+#: faiss vectors, faiss queries)
+SIZES = {
+    "gpu": dict(
+        px=512,
+        steps=50,
+        repeats=3,
+        batches=(1, 32, 128),
+        masks=(1, 32),
+        nemo_s=90.0,
+        scan=32,
+        n=1_000_000,
+        q=10_000,
+    ),
+    "smoke": dict(
+        px=64, steps=4, repeats=1, batches=(1, 4), masks=(1, 4), nemo_s=20.0, scan=4, n=2_000, q=100
+    ),
+}
+
+
+def build(smoke: bool):
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline
+
+    if smoke:
+        from diffmem.tiny import TinySDConfig, build_tiny_pipeline
+
+        stock, label = (
+            build_tiny_pipeline(TinySDConfig(variant="sd1"), seed=0),
+            "tiny SD-1.x (diffmem.tiny), float32",
+        )
+    else:
+        from diffmem.tiny import build_sd_architecture_pipeline
+
+        stock = build_sd_architecture_pipeline("sd15", image_size=512, dtype=torch.float16).to("cuda")
+        label = "random weights in SD-1.5's architecture (860M UNet), float16"
+    stock.set_progress_bar_config(disable=True)
+    guarded = StableDiffusionMemGuardPipeline.from_pipe(stock)
+    guarded.set_progress_bar_config(disable=True)
+    return stock, guarded, label
+
+
+def guard_section(stock, guarded, size: dict) -> dict:
+    kinds = ["sdpa"] + (["xformers"] if xformers_usable(stock.device) else ["naive"])
+    out: dict = {}
+    for kind in kinds:
+        previous = use_attention_processor(stock.unet, kind)
+        try:
+            out[kind] = compare_pipelines(
+                stock,
+                guarded,
+                size["repeats"],
+                num_inference_steps=size["steps"],
+                height=size["px"],
+                width=size["px"],
+            )
+        finally:
+            stock.unet.set_attn_processor(previous)
+    other = kinds[1]
+    out[f"{other}_over_sdpa_stock_wall"] = out[other]["stock_wall_s"] / out["sdpa"]["stock_wall_s"]
+    return out
+
+
+def detection_section(guarded, size: dict) -> dict:
+    return first_step_throughput(
+        guarded, size["batches"], n_generate=2, num_inference_steps=50, height=size["px"], width=size["px"]
+    )
+
+
+def nemo_section(stock, size: dict) -> dict:
+    """Candidate-mask evaluation batched vs one per UNet call (same scores); and the whole search where it can run.
+
+    Random weights memorize nothing, so the threshold of the whole search is put halfway between the
+    prompt's unblocked score and its score with every searched neuron off, when blocking lowers it.
+    """
+    from diffmem.localize.nemo import NeMo, NemoConfig
+    from diffmem.localize.stats import value_stats_of
+
+    stats = value_stats_of(stock, REFERENCE, progress=False)
+    probe = NeMo.from_pipe(stock, stats, NemoConfig(threshold=0.0)).probe(PROMPT)  # every seed kept
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(size["masks"][-1] * 2, probe.n_neurons, generator=g) < 0.5
+    out: dict = {"prompt": PROMPT, "neurons_searched": probe.n_neurons, "candidate_masks": len(masks)}
+    scores = {}
+    for b in size["masks"]:
+        probe.mask_batch = b
+        probe.scores(masks[:b])  # warm-up at this shape
+        wall, _, scores[b] = timed(lambda: probe.scores(masks))
+        out[f"masks_per_s_batch_{b}"] = len(masks) / wall
+    one, batched = size["masks"][0], size["masks"][-1]
+    out["candidate_speedup"] = out[f"masks_per_s_batch_{batched}"] / out[f"masks_per_s_batch_{one}"]
+    out["candidate_scores_max_abs_diff"] = float((scores[one] - scores[batched]).abs().max())
+
+    all_off = float(probe.scores(torch.ones(1, probe.n_neurons, dtype=torch.bool))[0])
+    out.update(score=probe.score, score_all_off=all_off)
+    if not all_off < probe.score:
+        out["search"] = "not run: blocking every searched neuron does not lower this model's score"
+        return out
+    threshold = (probe.score + all_off) / 2
+    runs = {}
+    for b in (one, batched):
+        config = NemoConfig(threshold=threshold, mask_batch=b, max_seconds=size["nemo_s"])
+        wall, _, found = timed(lambda c=config: NeMo.from_pipe(stock, stats, c).localize(PROMPT))
+        runs[b] = {
+            "seconds": wall,
+            "outcome": found.info.get("outcome"),
+            "unet_calls": found.info.get("unet_calls"),
+            "neurons": len(found),
+            "items": found.items(),
+        }
+    cut = {b for b, r in runs.items() if r["outcome"] == "budget_exhausted"}
+    out["search"] = {
+        "threshold": threshold,
+        "budget_s": size["nemo_s"],
+        "runs": {str(b): {k: v for k, v in r.items() if k != "items"} for b, r in runs.items()},
+        "speedup_batched": runs[one]["seconds"] / runs[batched]["seconds"],
+        "speedup_is_lower_bound": cut == {one},
+        "same_neurons": None if cut else runs[one]["items"] == runs[batched]["items"],
+    }
+    return out
+
+
+def scan_section(guarded, size: dict, work: Path) -> dict:
+    from PIL import Image
+
+    from diffmem.data import ImageFolderWriter
+    from diffmem.scan.runner import ScanConfig, run_scan
+
+    rng = np.random.default_rng(0)
+    data = work / "scan_data"
+    with ImageFolderWriter(data) as w:
+        for i in range(size["scan"]):
+            tile = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size["px"],) * 2)
+            w.add(f"t{i}", f"a photo of thing number {i}", np.asarray(tile))
+    cfg = ScanConfig(
+        data=str(data),
+        out=str(work / "scan"),
+        num_gens=4,
+        steps=size["steps"],
+        shard_size=size["scan"],
+        batch_size=8,
+        height=size["px"],
+        width=size["px"],
+        dtype=dtype_name(guarded.unet.dtype),
+        report=False,
+        progress=False,
+    )
+    summary = run_scan(cfg, pipe=guarded)
+    timings = json.loads((work / "scan" / "timings.json").read_text())
+    return {
+        "captions": size["scan"],
+        "generations": summary["generations"],
+        "timings": timings,
+        "generation_embedding_search_images_per_s": summary["generations"] / timings["generate_s"],
+        "first_step_captions_per_s": size["scan"] / timings["score_s"],
+    }
+
+
+def faiss_section(size: dict) -> dict:
+    try:
+        import faiss
+    except ImportError:
+        return {"note": "faiss is not installed"}
+    from diffmem.scan.index import FaissIndex
+
+    rng = np.random.default_rng(0)
+    d = 512
+    vectors = rng.standard_normal((size["n"], d), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[rng.choice(size["n"], size["q"], replace=False)] + 0.01 * rng.standard_normal(
+        (size["q"], d), dtype=np.float32
+    )
+    out = {
+        "vectors": size["n"],
+        "dim": d,
+        "queries": size["q"],
+        "gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
+    }
+    results = {}
+    for name, gpu in (("cpu", False), ("gpu", True)):
+        if gpu and not out["gpus"]:
+            out["note"] = "this faiss has no GPU support (faiss-gpu not installed): CPU only"
+            break
+        index = FaissIndex(vectors, kind="flat", use_gpu=gpu)
+        wall, _, (sims, ids) = timed(lambda i=index: i.search(queries, k=10))
+        results[name] = ids
+        out[f"{name}_queries_per_s"] = size["q"] / wall
+    if "gpu" in results:
+        out["gpu_over_cpu"] = out["gpu_queries_per_s"] / out["cpu_queries_per_s"]
+        out["same_top1"] = float((results["gpu"][:, 0] == results["cpu"][:, 0]).mean())
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--smoke", action="store_true", help="a tiny model on the CPU: check that every section runs"
+    )
+    p.add_argument("--json", default=None, help="results file (default benchmarks/results/gpu[_smoke].json)")
+    p.add_argument("--only", default=None, help="comma-separated sections (default: all)")
+    args = p.parse_args()
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("gpu.py: no CUDA device here; run with --smoke for the CPU check")
+    size = SIZES["smoke" if args.smoke else "gpu"]
+    path = Path(args.json or ROOT / "benchmarks/results" / ("gpu_smoke.json" if args.smoke else "gpu.json"))
+    start = time.perf_counter()
+    stock, guarded, label = build(args.smoke)
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "model": label,
+        "resolution": size["px"],
+        "build_s": time.perf_counter() - start,
+        "sections": {},
+    }
+    work = Path(tempfile.mkdtemp(prefix="diffmem-gpu-bench-"))
+    sections = {
+        "guard": lambda: guard_section(stock, guarded, size),
+        "detection": lambda: detection_section(guarded, size),
+        "nemo": lambda: nemo_section(stock, size),
+        "scan": lambda: scan_section(guarded, size, work),
+        "faiss": lambda: faiss_section(size),
+    }
+    chosen = args.only.split(",") if args.only else list(sections)
+    failed = False
+    for name in chosen:
+        t = time.perf_counter()
+        try:
+            result["sections"][name] = sections[name]()
+        except Exception as err:  # a GPU run keeps the other sections' figures; the smoke run fails
+            failed = True
+            result["sections"][name] = {
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc(),
+            }
+        result["sections"][name]["section_s"] = time.perf_counter() - t
+        result["total_s"] = time.perf_counter() - start
+        atomic_write_json(path, result)
+        print(f"{name}: {result['sections'][name]['section_s']:.1f} s", flush=True)
+    print(f"results: {path} ({result['total_s']:.0f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
