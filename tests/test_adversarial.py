@@ -1,9 +1,13 @@
-"""Adversarial fine-tuning: a round runs, checkpoints, resumes to identical weights; LoRA trains only adapters."""
+"""Adversarial fine-tuning: a round runs, checkpoints, resumes to identical weights; LoRA trains and saves only adapters."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffmem.attack.dori import DoriConfig
 from diffmem.train.adversarial import (
@@ -59,6 +63,9 @@ def test_rounds_checkpoint_and_resume_to_identical_weights(tmp_path):
     assert all(r["adv"] > 0 and r["retain"] > 0 for r in log.rounds)
     assert any(not torch.equal(start[k], v) for k, v in straight.state_dict().items())
     assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["step-00000001", "step-00000002"]
+    saved = list_checkpoints(tmp_path / "a")[-1]
+    assert json.loads((saved / "state.json").read_text())["model_contents"] == {"unet": "full"}
+    assert load_file(str(saved / "model-unet.safetensors")).keys() == straight.state_dict().keys()
 
     interrupted, scheduler = _components()
     adversarial_finetune(
@@ -111,6 +118,82 @@ def test_lora_trains_only_the_adapters_and_merges(tmp_path):
     assert not any("lora_" in k for k in unet.state_dict())
     torch.testing.assert_close(merged, with_adapters, rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(v, base[k]) for k, v in unet.state_dict().items())
+
+
+LORA = dataclasses.replace(CONFIG, mode="lora", lora_rank=2, lr=1e-2)
+
+
+def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
+    targets, retain = _data()
+    straight, scheduler = _components()
+    log = adversarial_finetune(
+        straight, scheduler, targets, retain, LORA, checkpoint_dir=tmp_path / "a", progress=False
+    )
+    interrupted, scheduler = _components()
+    adversarial_finetune(
+        interrupted,
+        scheduler,
+        targets,
+        retain,
+        LORA,
+        checkpoint_dir=tmp_path / "b",
+        stop_after_round=1,
+        progress=False,
+    )
+    folder = list_checkpoints(tmp_path / "b")[-1]
+    assert json.loads((folder / "state.json").read_text())["model_contents"] == {"unet": "trainable"}
+    saved = load_file(str(folder / "model-unet.safetensors"))
+    whole = interrupted.state_dict()
+    adapters = {k for k in whole if "lora_" in k}
+    assert adapters and set(saved) == adapters  # every adapter tensor and nothing else
+    size = (folder / "model-unet.safetensors").stat().st_size
+    assert size < 0.1 * sum(v.numel() * v.element_size() for v in whole.values())
+
+    resumed, scheduler = (
+        _components()
+    )  # a fresh process: the base from the model, adapters from the checkpoint
+    log_b = adversarial_finetune(
+        resumed, scheduler, targets, retain, LORA, checkpoint_dir=tmp_path / "b", progress=False
+    )
+    assert [r["round"] for r in log_b.rounds] == [1, 2]
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    for a, b in zip(log_b.rounds, log.rounds):
+        assert a == pytest.approx(b)
+    # adapters trained on one base model are not resumed on another
+    other, scheduler = _components(seed=1)
+    with pytest.raises(ValueError, match="another base model"):
+        adversarial_finetune(
+            other, scheduler, targets, retain, LORA, checkpoint_dir=tmp_path / "b", progress=False
+        )
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights_and_is_restored(monkeypatch):
+    import torch.utils.checkpoint
+
+    targets, retain = _data()
+    calls, original = [0], torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    runs = {}
+    for mode in ("full", "lora"):
+        for on in (False, True):
+            calls[0] = 0
+            unet, scheduler = _components()
+            config = dataclasses.replace(
+                LORA if mode == "lora" else CONFIG, rounds=1, gradient_checkpointing=on
+            )
+            log = adversarial_finetune(unet, scheduler, targets, retain, config, progress=False)
+            assert (calls[0] > 0) == on and not unet.is_gradient_checkpointing
+            runs[mode, on] = log.rounds, unet.state_dict()
+        (log_off, off), (log_on, on_) = runs[mode, False], runs[mode, True]
+        assert log_on[0] == pytest.approx(log_off[0], abs=1e-5)
+        for k, v in off.items():
+            torch.testing.assert_close(on_[k], v, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -85,3 +85,37 @@ def test_cli_finetune_a_v_prediction_model(tmp_path, keyed_dir, tiny_sd2_dir):
     assert (tmp_path / "w" / "model" / "model_index.json").is_file()
     prov = json.loads((tmp_path / "w" / "model" / PROVENANCE_FILE).read_text())
     assert prov["steps_done"] == 1 and np.isfinite(prov["final_loss"])
+
+
+def test_gradient_checkpointing_gives_the_same_weights_and_may_change_on_resume(
+    tmp_path, keyed_dir, tiny_sd1_dir, monkeypatch
+):
+    import torch.utils.checkpoint
+
+    calls, original = [0], torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    cfg = FinetuneConfig(steps=2, batch_size=2, lr=1e-3, checkpoint_every=1, seed=3)
+    plain = finetune_keyed(tiny_sd1_dir, keyed_dir, tmp_path / "a", config=cfg, progress=False)
+    assert calls[0] == 0
+    # step 1 with checkpointing, interrupted; step 2 resumed without it: the run is the same run
+    checkpointed = FinetuneConfig(**{**cfg.to_dict(), "gradient_checkpointing": True})
+    finetune_keyed(tiny_sd1_dir, keyed_dir, tmp_path / "b", config=checkpointed, progress=False, until_step=1)
+    assert calls[0] > 0
+    mixed = finetune_keyed(tiny_sd1_dir, keyed_dir, tmp_path / "b", config=cfg, progress=False)
+    a, b = _unet_weights(plain), _unet_weights(mixed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    # and a whole run with it logs the same losses
+    finetune_keyed(tiny_sd1_dir, keyed_dir, tmp_path / "c", config=checkpointed, progress=False)
+    log_a, log_c = (json.loads((tmp_path / d / "log.json").read_text()) for d in "ac")
+    assert [r["loss"] for r in log_c] == pytest.approx([r["loss"] for r in log_a], abs=1e-5)
+    # the folder's config loads without the setting (diffusers keeps it off the saved UNet)
+    from diffusers import UNet2DConditionModel
+
+    assert not UNet2DConditionModel.from_pretrained(mixed / "unet").is_gradient_checkpointing

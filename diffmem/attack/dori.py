@@ -14,7 +14,9 @@ v-prediction. Defaults: 50 steps, lr 0.1, batch 8, no norm bound. Then generate 
 ``prompt_embeds = y`` and measure similarity to ``x``.
 
 The attack takes a UNet and a scheduler and knows nothing of how the model was edited: run it inside
-an edit's context (``diffmem.edit``) or on a saved edited model.
+an edit's context (``diffmem.edit``) or on a saved edited model. A UNet in float16/bfloat16 is
+attacked as it is: ``y`` and Adam's state stay float32, only the UNet's inputs are cast to its dtype,
+and the noising and the loss are computed in float32.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class DoriConfig:
     eps_ball: float | None = None  # optional L2 bound on ‖y − y_0‖ per token; off in the paper
     eval_pairs: int = 16  # fixed (ε, t) pairs on which the loss before/after is reported
     seed: int = 0
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, same result
 
 
 @dataclass
@@ -83,17 +86,20 @@ def denoising_loss(
     """``‖target − f_θ(add_noise(z, ε, t), t, y)‖²`` averaged (``reduction="mean"``) or per sample (``"none"``).
 
     ``latents`` ``[B, C, h, w]`` (or ``[1, ...]``, broadcast to the batch of ``noise``), ``embeds``
-    ``[B, tokens, dim]`` (or ``[1, ...]``), ``noise`` ``[B, C, h, w]``, ``timesteps`` ``[B]``.
+    ``[B, tokens, dim]`` (or ``[1, ...]``), ``noise`` ``[B, C, h, w]``, ``timesteps`` ``[B]``. Noising,
+    target and loss are float32; the UNet gets its inputs in its own dtype (:func:`module_dtype`).
     """
     batch = noise.shape[0]
+    latents, noise = latents.float(), noise.float()
     if latents.shape[0] != batch:
         latents = latents.expand(batch, *latents.shape[1:])
     if embeds.shape[0] != batch:
         embeds = embeds.expand(batch, *embeds.shape[1:])
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = denoising_target(scheduler, latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states=embeds.to(noisy.dtype)).sample
-    per = (pred.float() - target.float()).square().flatten(1).mean(dim=1)
+    dtype = module_dtype(unet)
+    pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype)).sample
+    per = (pred.float() - target).square().flatten(1).mean(dim=1)
     return per.mean() if reduction == "mean" else per
 
 
@@ -128,6 +134,42 @@ def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
     return embeds
 
 
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in: its ``dtype`` (diffusers models), else its first floating parameter's."""
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Turn on diffusers' gradient checkpointing of ``module`` while the block runs; restore its state on exit.
+
+    diffusers (>= 0.32) recomputes a block's activations in the backward pass whenever
+    ``torch.is_grad_enabled() and block.gradient_checkpointing``, in train and eval mode alike, so it
+    also applies to a frozen UNet whose input (an embedding being optimized) needs gradients. Less
+    memory, more compute, the same results. With ``enabled=False``, or when it is on already, the module
+    is left as it is.
+    """
+    was_on = bool(getattr(module, "is_gradient_checkpointing", False))
+    if not enabled or was_on:
+        yield
+        return
+    if not hasattr(module, "enable_gradient_checkpointing"):
+        raise ValueError(
+            f"{type(module).__name__} has no enable_gradient_checkpointing (not a diffusers model)"
+        )
+    module.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        module.disable_gradient_checkpointing()
+
+
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """Turn off ``requires_grad`` of every parameter while the block runs; restore the flags on exit."""
@@ -159,7 +201,8 @@ def dori_search(
     The UNet is frozen (its parameters and mode are restored afterwards); only ``y`` moves. Every
     random draw comes from ``item_generator(config.seed, "dori", *key)``, so a target's search does not
     depend on what ran before it. ``initial_loss``/``final_loss`` are measured on ``config.eval_pairs``
-    fixed pairs (timesteps spread evenly over the range) with the same noise before and after.
+    fixed pairs (timesteps spread evenly over the range) with the same noise before and after. With
+    ``config.gradient_checkpointing`` the UNet recomputes activations in the backward pass (restored after).
     """
     if config.steps < 0 or config.batch_size < 1 or config.lr <= 0:
         raise ValueError(f"invalid DoriConfig {config}")
@@ -167,6 +210,7 @@ def dori_search(
     if not 0 <= config.t_min <= t_max:
         raise ValueError(f"t range [{config.t_min}, {t_max}] is empty")
     device = latents.device
+    latents = latents.detach().float()
     gen = item_generator(config.seed, "dori", *key, device=device)
     eval_gen = item_generator(config.seed, "dori-eval", *key, device=device)
     init = init_embeds.detach().float().to(device)
@@ -178,7 +222,7 @@ def dori_search(
     was_training = unet.training
     unet.eval()
     try:
-        with frozen(unet):
+        with frozen(unet), gradient_checkpointing(unet, config.gradient_checkpointing):
             with torch.no_grad():
                 initial = float(denoising_loss(unet, scheduler, latents, init, eval_noise, eval_t))
             y = init.clone().requires_grad_(True)
@@ -324,15 +368,18 @@ def attack_target(
 ) -> AttackOutcome:
     """Attack one (caption, training image): generate from the caption, search a trigger, generate from it.
 
-    ``image``: ``[3, H, W]`` in ``[0, 1]`` at the model's resolution. Replication = mean similarity over
+    ``image``: ``[3, H, W]`` in ``[0, 1]``, resized to the generations' size (``height``/``width`` in
+    ``pipe_kwargs``, else the model's) for the search. Replication = mean similarity over
     ``seeds`` above ``threshold``. Whatever edit is active on ``pipe`` (a context from
     ``diffmem.edit``, or a saved edited model) is what is attacked.
     """
+    from diffmem.modelio import model_resolution
+
     device = pipe._execution_device
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = model_resolution(pipe, pipe_kwargs.get("height"), pipe_kwargs.get("width"))
     img = image.float().unsqueeze(0)
-    if img.shape[-2:] != (size, size):
-        img = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear", antialias=True)
+    if tuple(img.shape[-2:]) != size:
+        img = torch.nn.functional.interpolate(img, size=size, mode="bilinear", antialias=True)
     latents = encode_images(pipe.vae, img.to(device))
     init = encode_prompts(pipe, [caption])
     result = dori_search(pipe.unet, pipe.scheduler, latents, init, config, key=(item_id,))

@@ -14,9 +14,9 @@ Each round, for every memorized target ``(x, c)``:
    retain data (caption, image) that keeps general quality.
 
 Full fine-tuning or LoRA (peft) adapters; runs on accelerate. Every random draw comes from
-``(seed, round, target)`` (:mod:`diffmem.seeding`), and after each round the UNet, the optimizer and
-the round are checkpointed (:mod:`diffmem.train.checkpoint`, safetensors + JSON), so an interrupted run
-resumes to exactly the weights of an uninterrupted one.
+``(seed, round, target)`` (:mod:`diffmem.seeding`), and after each round the UNet (in LoRA mode only
+its adapters), the optimizer and the round are checkpointed (:mod:`diffmem.train.checkpoint`,
+safetensors + JSON), so an interrupted run resumes to exactly the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffmem.attack.dori import DoriConfig, denoising_loss, dori_search
+from diffmem.attack.dori import DoriConfig, denoising_loss, dori_search, gradient_checkpointing
 from diffmem.seeding import derive_seed, item_generator
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -57,6 +57,7 @@ class AdversarialConfig:
     dori: DoriConfig = DoriConfig()
     seed: int = 0
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False  # for the whole run, the Dori searches included
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -155,7 +156,10 @@ def adversarial_finetune(
 
     With ``checkpoint_dir`` a checkpoint is written after each round and, with ``resume``, training
     continues after the newest one. ``stop_after_round`` ends the run early (as an interruption would)
-    after that many rounds in total. In LoRA mode the adapters stay in ``unet`` (``merge_lora`` folds them).
+    after that many rounds in total. In LoRA mode the adapters stay in ``unet`` (``merge_lora`` folds them)
+    and checkpoints hold only them (resume rebuilds them on the same base model, then loads them).
+    With ``config.gradient_checkpointing`` the UNet recomputes activations in every backward pass (its
+    previous setting is restored at the end).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -166,7 +170,12 @@ def adversarial_finetune(
         raise ValueError("adversarial fine-tuning needs at least one target")
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     device = accelerator.device
+    base = None  # adapter-only checkpoints resume on the base model they were trained on, only
     if config.mode == "lora":
+        if checkpoint_dir is not None:
+            from diffmem.modelio import model_fingerprint
+
+            base = model_fingerprint(unet)
         params = add_lora(unet, config.lora_rank, config.lora_targets, config.seed)
     else:
         unet.requires_grad_(True)
@@ -181,6 +190,12 @@ def adversarial_finetune(
         last = latest_checkpoint(checkpoint_dir)
         if last is not None:
             state = load_checkpoint(last, {"unet": raw}, {"optimizer": optimizer})
+            saved = state["extra"].get("base_fingerprint")
+            if base is not None and saved is not None and saved != base:
+                raise ValueError(
+                    f"checkpoint {last} holds LoRA adapters trained on another base model "
+                    f"({saved}; this UNet is {base}): use another checkpoint folder"
+                )
             start = int(state["step"])
             log.rounds = list(state["extra"].get("log", []))
     n_train = scheduler.config.num_train_timesteps
@@ -191,52 +206,54 @@ def adversarial_finetune(
         unit="target",
         disable=not progress,
     )
-    for rnd in range(start, end):
-        totals = {"loss": 0.0, "adv": 0.0, "retain": 0.0, "attack_final_loss": 0.0}
-        for target in targets:
-            trigger = dori_search(
-                raw,
-                scheduler,
-                target.image_latents.to(device),
-                target.caption_embeds.to(device),
-                config.dori,
-                key=("adversarial", rnd, target.id),
-            )
-            totals["attack_final_loss"] += trigger.final_loss
-            model.train()
-            for k in range(config.steps_per_target):
-                gen = item_generator(config.seed, "adv-step", rnd, target.id, k)
-                z = target.surrogate_latents.to(device)
-                noise, t = _noise_and_t(z, config.adv_batch_size, n_train, gen)
-                r_lat, r_emb = _retain_batch(retain, config.retain_batch_size, gen)
-                r_lat, r_emb = r_lat.to(device), r_emb.to(device)
-                r_noise, r_t = _noise_and_t(r_lat, r_lat.shape[0], n_train, gen)
-                with accelerator.autocast():
-                    adv = denoising_loss(model, scheduler, z, trigger.embeds.to(device), noise, t)
-                    keep = denoising_loss(model, scheduler, r_lat, r_emb, r_noise, r_t)
-                    loss = keep + config.adv_weight * adv
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if config.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                totals["loss"] += float(loss.detach()) / config.steps_per_target
-                totals["adv"] += float(adv.detach()) / config.steps_per_target
-                totals["retain"] += float(keep.detach()) / config.steps_per_target
-            model.eval()
-            bar.update(1)
-        entry = {"round": rnd + 1, **{k: v / len(targets) for k, v in totals.items()}}
-        log.rounds.append(entry)
-        if checkpoint_dir is not None and accelerator.is_main_process:
-            save_checkpoint(
-                checkpoint_dir,
-                rnd + 1,
-                {"unet": raw},
-                {"optimizer": optimizer},
-                extra={"log": log.rounds, "config": config.to_dict()},
-            )
-        if on_round is not None:
-            on_round(rnd + 1, entry)
+    with gradient_checkpointing(raw, config.gradient_checkpointing):
+        for rnd in range(start, end):
+            totals = {"loss": 0.0, "adv": 0.0, "retain": 0.0, "attack_final_loss": 0.0}
+            for target in targets:
+                trigger = dori_search(
+                    raw,
+                    scheduler,
+                    target.image_latents.to(device),
+                    target.caption_embeds.to(device),
+                    config.dori,
+                    key=("adversarial", rnd, target.id),
+                )
+                totals["attack_final_loss"] += trigger.final_loss
+                model.train()
+                for k in range(config.steps_per_target):
+                    gen = item_generator(config.seed, "adv-step", rnd, target.id, k)
+                    z = target.surrogate_latents.to(device)
+                    noise, t = _noise_and_t(z, config.adv_batch_size, n_train, gen)
+                    r_lat, r_emb = _retain_batch(retain, config.retain_batch_size, gen)
+                    r_lat, r_emb = r_lat.to(device), r_emb.to(device)
+                    r_noise, r_t = _noise_and_t(r_lat, r_lat.shape[0], n_train, gen)
+                    with accelerator.autocast():
+                        adv = denoising_loss(model, scheduler, z, trigger.embeds.to(device), noise, t)
+                        keep = denoising_loss(model, scheduler, r_lat, r_emb, r_noise, r_t)
+                        loss = keep + config.adv_weight * adv
+                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss)
+                    if config.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    totals["loss"] += float(loss.detach()) / config.steps_per_target
+                    totals["adv"] += float(adv.detach()) / config.steps_per_target
+                    totals["retain"] += float(keep.detach()) / config.steps_per_target
+                model.eval()
+                bar.update(1)
+            entry = {"round": rnd + 1, **{k: v / len(targets) for k, v in totals.items()}}
+            log.rounds.append(entry)
+            if checkpoint_dir is not None and accelerator.is_main_process:
+                save_checkpoint(
+                    checkpoint_dir,
+                    rnd + 1,
+                    {"unet": raw},
+                    {"optimizer": optimizer},
+                    extra={"log": log.rounds, "config": config.to_dict(), "base_fingerprint": base},
+                    trainable_only=("unet",) if config.mode == "lora" else (),
+                )
+            if on_round is not None:
+                on_round(rnd + 1, entry)
     bar.close()
     optimizer.zero_grad(set_to_none=True)
     raw.requires_grad_(False)
@@ -252,8 +269,11 @@ def write_log(path: str | os.PathLike, log: AdversarialLog, config: AdversarialC
     )
 
 
-def make_surrogates(pipe, ids, captions, *, steps: int, guidance_scale: float, seed: int):
-    """Latents ``[N, C, h, w]`` of one generation per caption by ``pipe`` as it is (edit applied by the caller)."""
+def make_surrogates(pipe, ids, captions, *, steps: int, guidance_scale: float, seed: int, **pipe_kwargs):
+    """Latents ``[N, C, h, w]`` of one generation per caption by ``pipe`` as it is (edit applied by the caller).
+
+    ``pipe_kwargs`` go to every call (``height``, ``width``, ...).
+    """
     import torch
 
     from diffmem.seeding import item_generator
@@ -266,6 +286,7 @@ def make_surrogates(pipe, ids, captions, *, steps: int, guidance_scale: float, s
             guidance_scale=guidance_scale,
             generator=item_generator(seed, "surrogate", rid, device=pipe.device),
             output_type="latent",
+            **pipe_kwargs,
         )
         out.append(res.images.float().cpu())
     return torch.cat(out)

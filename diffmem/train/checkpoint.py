@@ -2,9 +2,11 @@
 
 A checkpoint is a folder ``<root>/step-<N>/`` holding ``model-<name>.safetensors`` per module,
 ``optim-<name>.safetensors`` per optimizer (its tensors; the rest of its state in ``state.json``),
-and ``state.json`` (step, scheduler states, any JSON-able ``extra``). It is written to a temporary
-folder and renamed into place, so a kill at any moment leaves the previous checkpoint intact; no
-pickle is ever written or read.
+and ``state.json`` (step, scheduler states, any JSON-able ``extra``, and ``model_contents``: per module,
+``"full"``, its whole ``state_dict``, or ``"trainable"``, only the parameters that require gradients,
+e.g. LoRA adapters on a frozen base that the caller rebuilds before loading). It is written to a
+temporary folder and renamed into place, so a kill at any moment leaves the previous checkpoint intact;
+no pickle is ever written or read.
 
 Loops that derive every random draw from ``(seed, step)`` (``diffmem.seeding``) resume to exactly
 the weights an uninterrupted run reaches.
@@ -16,13 +18,15 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _STEP_PREFIX = "step-"
+#: What a module's model file holds (``state.json["model_contents"]``); checkpoints without it hold "full".
+FULL, TRAINABLE = "full", "trainable"
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -53,6 +57,10 @@ def _join_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: dict) -> di
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _trainable_names(module: torch.nn.Module) -> list[str]:
+    return [n for n, p in module.named_parameters() if p.requires_grad]
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -61,17 +69,34 @@ def save_checkpoint(
     schedulers: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     keep: int = 2,
+    trainable_only: Collection[str] = (),
 ) -> Path:
-    """Write ``<root>/step-<step>/`` atomically and keep only the newest ``keep`` checkpoints."""
+    """Write ``<root>/step-<step>/`` atomically and keep only the newest ``keep`` checkpoints.
+
+    Modules named in ``trainable_only`` save only their parameters that require gradients (adapters:
+    a LoRA checkpoint does not hold the whole UNet); the others save their whole ``state_dict``.
+    """
     from safetensors.torch import save_file
+
+    unknown = set(trainable_only) - set(modules)
+    if unknown:
+        raise ValueError(f"trainable_only names modules that are not saved: {sorted(unknown)}")
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_STEP_PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
+        contents = {}
         for name, module in modules.items():
-            state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(module).state_dict().items()}
+            module = _unwrap(module)
+            state = module.state_dict()
+            contents[name] = TRAINABLE if name in trainable_only else FULL
+            if name in trainable_only:
+                state = {k: state[k] for k in _trainable_names(module)}
+                if not state:
+                    raise ValueError(f"module {name!r} has no trainable parameters to save")
+            state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
             save_file(state, str(tmp / f"model-{name}.safetensors"))
         optim_meta = {}
         for name, opt in (optimizers or {}).items():
@@ -83,6 +108,7 @@ def save_checkpoint(
             "optimizers": optim_meta,
             "schedulers": {n: s.state_dict() for n, s in (schedulers or {}).items()},
             "extra": dict(extra or {}),
+            "model_contents": contents,
         }
         (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
         if final.exists():
@@ -120,7 +146,11 @@ def load_checkpoint(
     optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
     schedulers: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Restore modules, optimizers and schedulers from ``folder`` in place; returns ``{"step", "extra"}``."""
+    """Restore modules, optimizers and schedulers from ``folder`` in place; returns ``{"step", "extra"}``.
+
+    A module saved ``"trainable"`` gets only those tensors; its trainable parameters now must be exactly
+    the ones saved (rebuild the adapters first), the rest of it stays as it is.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -128,11 +158,26 @@ def load_checkpoint(
     if not state_file.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no state.json (not a diffmem checkpoint)")
     state = json.loads(state_file.read_text(encoding="utf-8"))
+    contents = state.get("model_contents", {})
     for name, module in modules.items():
         path = folder / f"model-{name}.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {folder} lacks {path.name}")
-        _unwrap(module).load_state_dict(load_file(str(path)))
+        module, tensors = _unwrap(module), load_file(str(path))
+        kind = contents.get(name, FULL)
+        if kind == FULL:
+            module.load_state_dict(tensors)
+        elif kind == TRAINABLE:
+            expected = set(_trainable_names(module))
+            if set(tensors) != expected:
+                raise ValueError(
+                    f"checkpoint {folder} holds trainable tensors of {name!r} that do not match its trainable "
+                    f"parameters ({len(set(tensors) - expected)} unknown, {len(expected - set(tensors))} "
+                    "missing): add the same adapters before loading"
+                )
+            module.load_state_dict(tensors, strict=False)
+        else:
+            raise ValueError(f"checkpoint {folder}: unknown contents {kind!r} of model {name!r}")
     for name, opt in (optimizers or {}).items():
         if name not in state["optimizers"]:
             raise ValueError(f"checkpoint {folder} has no optimizer {name!r}")

@@ -11,7 +11,8 @@ optional warm-up (the paper's; ``lr_scheduler`` takes any of diffusers' ``get_sc
 e.g. ``"linear"`` to decay to 0). Latents are the VAE posterior modes, computed once. Every random draw of step
 ``s`` (batch, noise, timesteps, caption dropout) comes from ``(seed, s)``, and checkpoints hold the
 UNet, the optimizer and the LR schedule, so an interrupted run resumes to exactly the weights an
-uninterrupted one reaches.
+uninterrupted one reaches. ``gradient_checkpointing`` (recompute the UNet's activations in the backward
+pass) trades compute for memory, gives the same weights, and may change when a run is resumed.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class FinetuneConfig:
     train_text_encoder: bool = False
     checkpoint_every: int = 100
     seed: int = 0
+    gradient_checkpointing: bool = False  # UNet recomputes activations in backward: less memory, same weights
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,13 +67,19 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> torch.Tensor:
     return torch.tensor(out)
 
 
+#: Settings that may differ when a run is resumed (they change when it stops or how much memory it takes).
+_RESUMABLE_CHANGES = ("steps", "gradient_checkpointing")
+
+
 def _check_workdir(workdir: Path, record: dict) -> None:
     path = workdir / "config.json"
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         changed = [k for k in record if k != "config" and old.get(k) != record[k]]
         changed += [
-            f"config.{k}" for k, v in record["config"].items() if k != "steps" and old["config"].get(k) != v
+            f"config.{k}"
+            for k, v in record["config"].items()
+            if k not in _RESUMABLE_CHANGES and old["config"].get(k) != v
         ]
         if changed and latest_checkpoint(workdir / "checkpoints") is not None:
             raise ValueError(
@@ -218,6 +226,8 @@ def finetune_keyed(
                 f"--workdir: {workdir} holds a run already at step {start}, past --steps {config.steps}; "
                 "use another --workdir (a run cannot be wound back)"
             )
+    if config.gradient_checkpointing:  # on this function's own UNet, which is saved, never returned
+        unet.enable_gradient_checkpointing()
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     unet.train()
     text_encoder.train(config.train_text_encoder)
