@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -121,3 +122,59 @@ def first_step_throughput(
         "generation_prompts_per_s": generation,
         "first_step": rows,
     }
+
+
+# ------------------------------------------------------------------------------------------ real size
+#: every model-loading command, as one small run: ``{command: argv}`` with ``{model}``, ``{px}`` and the
+#: input/output names of :func:`real_size_inputs` filled in by :func:`real_size_commands`
+_REAL_SIZE = {
+    "detect": "detect --model {model} --prompts {d}/prompts.txt --out {o}/detect.jsonl --num-gens 2 "
+    "--num-inference-steps 4",
+    "localize": "localize --model {model} --prompts {d}/prompts.txt --limit 1 --reference-prompts {d}/reference.txt "
+    "--calibration-prompts 4 --seeds 4 --steps 4 --max-unet-calls 8 --out {o}/localize",
+    "prune": "prune --model {model} --memorized {d}/prompts.txt --steps 4 --tau 2 --batch-size 2 --out {o}/prune",
+    "attack": "attack --model {model} --targets {d}/images --limit 1 --steps 2 --batch-size 1 --seeds 1 "
+    "--gen-steps 2 --out {o}/attack",
+    "finetune-lora": "finetune --adversarial --model {model} --targets {d}/images --retain {d}/images --rounds 1 "
+    "--lora --attack-steps 2 --attack-batch-size 1 --surrogate-steps 2 --adv-batch-size 1 --retain-batch-size 1 "
+    "--retain-limit 1 --out {o}/finetune-lora",
+    "scan": "scan --model {model} --data {d}/images --num-gens 1 --steps 2 --batch-size 2 --no-report "
+    "--no-progress --out {o}/scan",
+    "solidmark": "solidmark score --model {model} --data {d}/keyed --steps 2 --batch-size 1 --out {o}/solidmark",
+}
+#: commands that take --height/--width (the rest: the images' size, or SolidMark's keyed size)
+_SIZED = ("detect", "localize", "prune", "attack", "finetune-lora", "scan")
+
+
+def real_size_inputs(folder, px: int) -> Path:
+    """Two prompts, four reference prompts, a captioned image folder of two ``px``-px images and its
+    SolidMark-keyed copy (``px`` px, a 16-px frame included), written to ``folder`` (once; reused after)."""
+    from PIL import Image
+
+    from diffmem.data import ImageFolderWriter
+    from diffmem.solidmark.keying import key_dataset
+
+    folder = Path(folder)
+    if (folder / "keyed" / "metadata.jsonl").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompts.txt").write_text("a photo of a red car\nthe pagoda on the lake at dawn\n")
+    (folder / "reference.txt").write_text("a dog\na blue vase\ntwo cats on a sofa\na city street\n")
+    rng = np.random.default_rng(0)
+    with ImageFolderWriter(folder / "images") as w:
+        for i, caption in enumerate(("a photo of a red car", "the pagoda on the lake at dawn")):
+            tile = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((px, px))
+            w.add(f"img{i}", caption, np.asarray(tile))
+    key_dataset(folder / "images", folder / "keyed", size=px, progress=False)
+    return folder
+
+
+def real_size_commands(model: str, inputs, out, px: int, extra: Sequence[str] = ()) -> dict[str, list[str]]:
+    """``{command: argv for diffmem.cli.main}`` running each model-loading command once, small, at ``px``."""
+    argvs = {}
+    for name, line in _REAL_SIZE.items():
+        argv = line.format(model=model, d=inputs, o=out).split()
+        if name in _SIZED:
+            argv += ["--height", str(px), "--width", str(px)]
+        argvs[name] = argv + list(extra)
+    return argvs

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model
+from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
 
 NAME = "attack"
 HELP = (
@@ -54,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="attack only the first N targets")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute UNet activations in the backward pass: less memory, about 20 %% slower, same result",
+    )
     add_runtime_arguments(p)
 
 
@@ -128,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     edit = load_edit(args)
     targets = load_targets(args.targets, limit=args.limit)
     pipe = load_model(args, StableDiffusionPipeline)
+    height, width = resolution(args, pipe)
     config = DoriConfig(
         steps=args.steps,
         lr=args.lr,
@@ -135,15 +141,34 @@ def run(args: argparse.Namespace) -> int:
         init=args.init,
         eps_ball=args.eps_ball,
         seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path, triggers_path = out / "results.jsonl", out / "triggers.safetensors"
     done: dict[str, dict] = {}
+    from diffmem.modelio import model_fingerprint
+
+    settings = {
+        "model_fingerprint": model_fingerprint(pipe.unet),
+        "dtype": args.dtype,
+        "resolution": [height, width],
+        "edit": None if edit is None else {"mask": args.mask, "neurons": args.neurons},
+        "config": {k: v for k, v in config.__dict__.items() if k != "gradient_checkpointing"},
+        "seeds": args.seeds,
+        "gen_steps": args.gen_steps,
+        "guidance_scale": args.guidance_scale,
+        "threshold": args.threshold,
+    }
     if results_path.is_file():
         for line in results_path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 row = json.loads(line)
+                if row.get("settings", settings) != settings:  # rows written before settings were: accepted
+                    raise ValueError(
+                        f"--out: {results_path} holds targets attacked with other settings "
+                        f"({row.get('settings')}); rerun with the same ones to resume, or use another --out"
+                    )
                 done[row["id"]] = row
     triggers = load_file(str(triggers_path)) if triggers_path.is_file() else {}
     images_html: dict[str, str] = {}
@@ -165,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
                 num_inference_steps=args.gen_steps,
                 guidance_scale=args.guidance_scale,
                 keep_images=True,
+                height=height,
+                width=width,
             )
-            done[rid] = outcome.row()
+            done[rid] = {**outcome.row(), "settings": settings}
             triggers[rid] = outcome.embeds[0].contiguous()
             images_html[rid] = (
                 img_tag(_hwc(image), "training image")
@@ -193,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
         "criterion": ReplicationCriterion(args.threshold, "mean").describe(),
         "similarity": "SSIM (torchmetrics) to the training image, mean over seeds",
         "config": config.__dict__,
+        "resolution": [height, width],
+        "dtype": args.dtype,
     }
     atomic_write_json(out / "report.json", summary)
     columns = [

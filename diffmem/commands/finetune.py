@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+from diffmem.precision import torch_dtype
 
 NAME = "finetune"
 HELP = (
@@ -58,10 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_runtime_arguments(
         p,
-        dtype_help="precision of the frozen work: surrogate generation, image and caption encoding (default "
-        "float32); the UNet is trained in float32 master weights, see --mixed-precision",
+        dtype_help="autocast precision of the frozen work: surrogate generation, image and caption encoding "
+        "(default float32); the weights stay float32 (the UNet is trained), see --mixed-precision",
     )
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute UNet activations in the backward pass (training and attacks): less memory, same result",
+    )
 
 
 def _encode_images(pipe, paths, argument: str, size: tuple[int, int], batch: int = 16):
@@ -94,6 +100,7 @@ def _encode_captions(pipe, captions, batch: int = 32):
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
     import shutil
     import tempfile
     import warnings
@@ -124,8 +131,14 @@ def run(args: argparse.Namespace) -> int:
     targets = load_targets(args.targets, "--targets")
     retain_rows = load_targets(args.retain, "--retain", limit=args.retain_limit)
     edit = load_edit(args)
-    pipe = load_model(args, StableDiffusionPipeline)
+    pipe = load_model(args, StableDiffusionPipeline, dtype="float32")  # trained: float32 master weights
     size = resolution(args, pipe)
+
+    def frozen_precision():
+        if args.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(pipe.device.type, dtype=torch_dtype(args.dtype))
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -133,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     captions = [r.caption for r in targets]
     surrogate_file = out / "surrogates.safetensors"
     cached = load_file(str(surrogate_file)) if surrogate_file.is_file() else {}
-    if all(i in cached for i in ids):
+    latent_size = tuple(v // pipe.vae_scale_factor for v in size)
+    if all(i in cached and tuple(cached[i].shape[-2:]) == latent_size for i in ids):
         surrogates = torch.stack([cached[i] for i in ids])
     else:
         if edit is None:
@@ -142,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 "that is right only if --model is already a mitigated model",
                 stacklevel=1,
             )
-        with applied(pipe.unet, edit):
+        with applied(pipe.unet, edit), frozen_precision():
             surrogates = make_surrogates(
                 pipe,
                 ids,
@@ -150,20 +164,22 @@ def run(args: argparse.Namespace) -> int:
                 steps=args.surrogate_steps,
                 guidance_scale=args.guidance_scale,
                 seed=args.seed,
+                height=size[0],
+                width=size[1],
             )
         atomic_save_tensors(surrogate_file, {i: s for i, s in zip(ids, surrogates)})
     surrogates = surrogates.view(len(ids), 1, *surrogates.shape[-3:]).float()
-    image_latents = _encode_images(pipe, [r.image for r in targets], "--targets", size).float()
-    caption_embeds = _encode_captions(pipe, captions).float()
+    with frozen_precision():
+        image_latents = _encode_images(pipe, [r.image for r in targets], "--targets", size).float()
+        caption_embeds = _encode_captions(pipe, captions).float()
+        retain = RetainSet(
+            _encode_images(pipe, [r.image for r in retain_rows], "--retain", size).float(),
+            _encode_captions(pipe, [r.caption for r in retain_rows]).float(),
+        )
     adv_targets = [
         AdversarialTarget(i, image_latents[k : k + 1], surrogates[k], caption_embeds[k : k + 1])
         for k, i in enumerate(ids)
     ]
-    retain = RetainSet(
-        _encode_images(pipe, [r.image for r in retain_rows], "--retain", size).float(),
-        _encode_captions(pipe, [r.caption for r in retain_rows]).float(),
-    )
-    pipe.unet.to(torch.float32)  # trained in float32 master weights (autocast with --mixed-precision)
     config = AdversarialConfig(
         rounds=args.rounds,
         steps_per_target=args.steps_per_target,
@@ -178,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         seed=args.seed,
         mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
 
     def report(rnd: int, entry: dict) -> None:

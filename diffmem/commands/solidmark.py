@@ -141,6 +141,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute UNet activations in the backward pass: less memory, same weights (mixed precision: "
+        "accelerate launch --mixed_precision bf16)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -329,6 +335,7 @@ def _finetune(args) -> int:
         train_text_encoder=args.train_text_encoder,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     out = finetune_keyed(args.model, args.data, args.workdir, args.out, config)
     print(f"fine-tuned pipeline saved to {out}")

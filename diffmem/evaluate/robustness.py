@@ -60,7 +60,7 @@ class RobustnessSettings:
             "steps": self.num_inference_steps,
             "guidance": self.guidance_scale,
             "criterion": self.criterion.to_dict(),
-            "dori": asdict(self.dori),
+            "dori": {k: v for k, v in asdict(self.dori).items() if k != "gradient_checkpointing"},
         }
 
 

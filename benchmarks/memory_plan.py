@@ -1,0 +1,139 @@
+"""Benchmark: peak memory of every model-loading command at Stable Diffusion 1.5's and 2.1's size (CPU).
+
+Random weights in each architecture (``diffmem.tiny.build_sd_architecture_pipeline``) are saved once as a
+diffusers folder under ``--work``; each command of ``diffmem.benchmark.real_size_commands`` (the same
+small runs the slow test makes) then runs in its own process, and its peak resident memory is read
+from the kernel (``wait4``'s ``ru_maxrss``). Variants: ``--dtype bfloat16`` and
+``--gradient-checkpointing`` against the same command without them; two resolutions on SD-1.5 give the
+activations' growth per latent pixel, from which 512 and 768 px are extrapolated (an estimate,
+labelled so). Results: ``benchmarks/results/memory_plan.json`` (rewritten after every run, so a
+stopped run keeps what it measured; rerun to resume). Takes about 40 minutes on 2 cores.
+
+    .venv/bin/python benchmarks/memory_plan.py [--work /tmp/diffmem-memory] [--arch sd15 sd21]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from machine import cpu_model  # benchmarks/machine.py (this script's folder)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: (arch, px, command, extra flags) in the order run; name = command + variant
+PLAN = [
+    *[
+        ("sd15", 128, c, ())
+        for c in ("detect", "localize", "prune", "attack", "finetune-lora", "scan", "solidmark")
+    ],
+    ("sd15", 128, "detect", ("--dtype", "bfloat16")),
+    ("sd15", 128, "attack", ("--dtype", "bfloat16")),
+    ("sd15", 128, "attack", ("--gradient-checkpointing",)),
+    ("sd15", 128, "finetune-lora", ("--gradient-checkpointing",)),
+    *[("sd15", 256, c, ()) for c in ("detect", "attack", "finetune-lora")],
+    ("sd15", 256, "attack", ("--gradient-checkpointing",)),
+    *[
+        ("sd21", 128, c, ())
+        for c in ("detect", "localize", "prune", "attack", "finetune-lora", "scan", "solidmark")
+    ],
+]
+
+CHILD = "import sys; from diffmem.cli import main; raise SystemExit(main(sys.argv[1:]))"
+
+
+def model_folder(work: Path, arch: str) -> Path:
+    folder = work / f"{arch}-random"
+    if not (folder / "model_index.json").is_file():
+        from diffmem.tiny import build_sd_architecture_pipeline
+
+        print(f"building {arch} (random weights) ...", flush=True)
+        build_sd_architecture_pipeline(arch, image_size=512 if arch == "sd15" else 768).save_pretrained(
+            folder
+        )
+    return folder
+
+
+def run_child(argv: list[str], threads: int) -> tuple[int, float, float]:
+    """(exit code, peak RSS in MiB, wall seconds) of ``diffmem argv`` in a fresh process."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "DIFFUSERS_VERBOSITY": "error",
+        "HF_HUB_OFFLINE": "1",
+    }
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *argv], env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - start
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/diffmem-memory", help="model folders and run outputs")
+    p.add_argument("--arch", nargs="+", default=["sd15", "sd21"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=str(ROOT / "benchmarks/results/memory_plan.json"))
+    args = p.parse_args()
+
+    from diffmem.benchmark import real_size_commands, real_size_inputs
+    from diffmem.io import atomic_write_json
+
+    work = Path(args.work)
+    path = Path(args.json)
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    result.update(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=f"{cpu_model()}, {os.cpu_count()} cores, {args.threads} threads; float32 unless stated",
+    )
+    runs = result.setdefault("runs", {})
+    for arch, px, command, extra in PLAN:
+        if arch not in args.arch:
+            continue
+        name = f"{arch}/{px}/{command}{''.join(' ' + e for e in extra)}"
+        if name in runs and runs[name]["exit_code"] == 0:
+            continue
+        model = model_folder(work, arch)
+        inputs = real_size_inputs(work / f"inputs-{px}", px)
+        out = work / "runs" / name.replace("/", "_").replace(" ", "_")
+        argv = real_size_commands(str(model), inputs, out, px, extra)[command]
+        code, rss, wall = run_child(argv, args.threads)
+        runs[name] = {
+            "arch": arch,
+            "px": px,
+            "command": command,
+            "variant": " ".join(extra) or "float32",
+            "exit_code": code,
+            "peak_rss_mib": round(rss),
+            "wall_s": round(wall, 1),
+        }
+        print(f"{name}: exit {code}, peak RSS {rss:.0f} MiB, {wall:.0f} s", flush=True)
+        atomic_write_json(path, result)
+    # activations per latent pixel from the two SD-1.5 resolutions, extrapolated to 512 and 768 px
+    growth = {}
+    for command in ("detect", "attack", "finetune-lora", "attack --gradient-checkpointing"):
+        lo, hi = runs.get(f"sd15/128/{command}"), runs.get(f"sd15/256/{command}")
+        if lo and hi and lo["exit_code"] == hi["exit_code"] == 0:
+            per_pixel = (hi["peak_rss_mib"] - lo["peak_rss_mib"]) / ((256 // 8) ** 2 - (128 // 8) ** 2)
+            base = lo["peak_rss_mib"] - per_pixel * (128 // 8) ** 2
+            growth[command] = {
+                "mib_per_latent_pixel": per_pixel,
+                "mib_at_0_px": base,
+                "estimate_512px_mib": base + per_pixel * 64**2,
+                "estimate_768px_mib": base + per_pixel * 96**2,
+            }
+    result["linear_extrapolation"] = growth
+    atomic_write_json(path, result)
+    print(json.dumps(growth, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
