@@ -254,3 +254,43 @@ def test_finetune_cli_lora_writes_a_model_and_resumes(tiny_sd1_dir, tmp_path, ca
     assert "round 1/1" not in capsys.readouterr().out
     assert main(argv[:1] + argv[2:]) == 2
     assert "--adversarial" in capsys.readouterr().err
+
+
+def test_eight_bit_adamw_keeps_8_bit_moments_checkpoints_them_and_resumes_exactly(tmp_path):
+    """bitsandbytes' AdamW8bit: both moments of large tensors stored as uint8; an interrupted run resumes
+    to the same weights."""
+    pytest.importorskip("bitsandbytes")
+    config = dataclasses.replace(CONFIG, optimizer="adamw8bit")
+    targets, retain = _data()
+    straight, scheduler = _components()
+    adversarial_finetune(
+        straight, scheduler, targets, retain, config, checkpoint_dir=tmp_path / "a", progress=False
+    )
+    optim = load_file(str(list_checkpoints(tmp_path / "a")[-1] / "optim-optimizer.safetensors"))
+    moments = [v for k, v in optim.items() if k.endswith(("state1", "state2"))]
+    large = [v for v in moments if v.numel() >= 4096]  # bitsandbytes keeps tensors under 4,096 in float32
+    assert large and all(v.dtype == torch.uint8 for v in large)
+    interrupted, scheduler = _components()
+    adversarial_finetune(
+        interrupted,
+        scheduler,
+        targets,
+        retain,
+        config,
+        checkpoint_dir=tmp_path / "b",
+        stop_after_round=1,
+        progress=False,
+    )
+    resumed, scheduler = _components()
+    adversarial_finetune(
+        resumed, scheduler, targets, retain, config, checkpoint_dir=tmp_path / "b", progress=False
+    )
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    plain, scheduler = _components()
+    adversarial_finetune(plain, scheduler, targets, retain, CONFIG, progress=False)
+    assert any(
+        not torch.equal(v, plain.state_dict()[k]) for k, v in straight.state_dict().items()
+    )  # it is used
+    with pytest.raises(ValueError, match="--optimizer: expected one of adamw, adamw8bit"):
+        adversarial_finetune(plain, scheduler, targets, retain, dataclasses.replace(CONFIG, optimizer="sgd"))

@@ -68,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute UNet activations in the backward pass (training and attacks): less memory, same result",
     )
+    p.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw8bit"),
+        default="adamw",
+        help="adamw8bit: bitsandbytes' 8-bit AdamW, 2 bytes of state per trained parameter instead of 8",
+    )
 
 
 def _encode_images(pipe, paths, argument: str, size: tuple[int, int], batch: int = 16):
@@ -195,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        optimizer=args.optimizer,
     )
 
     def report(rnd: int, entry: dict) -> None:

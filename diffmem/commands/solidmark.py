@@ -147,6 +147,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="recompute UNet activations in the backward pass: less memory, same weights (mixed precision: "
         "accelerate launch --mixed_precision bf16)",
     )
+    p.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw8bit"),
+        default="adamw",
+        help="adamw8bit: bitsandbytes' 8-bit AdamW, 2 bytes of state per trained parameter instead of 8",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -336,6 +342,7 @@ def _finetune(args) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
+        optimizer=args.optimizer,
     )
     out = finetune_keyed(args.model, args.data, args.workdir, args.out, config)
     print(f"fine-tuned pipeline saved to {out}")

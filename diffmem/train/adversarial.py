@@ -34,6 +34,7 @@ from torch import nn
 from diffmem.attack.dori import DoriConfig, denoising_loss, dori_search, gradient_checkpointing
 from diffmem.seeding import derive_seed, item_generator
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffmem.train.optimizers import make_optimizer
 
 #: Modules that get LoRA adapters by default: attention projections and the FFN linears.
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -58,6 +59,7 @@ class AdversarialConfig:
     seed: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False  # for the whole run, the Dori searches included
+    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes; diffmem.train.optimizers)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -181,7 +183,7 @@ def adversarial_finetune(
         unet.requires_grad_(True)
         params = list(unet.parameters())
     unet.to(device)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(unet, optimizer)
     raw = accelerator.unwrap_model(model)
     log = AdversarialLog()

@@ -37,23 +37,45 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors by path (``"<param>/<key>[/<key>...]"``: nested dicts, e.g. bitsandbytes' quantization
+    state, are flattened) for safetensors, and the JSON-able rest."""
     tensors: dict[str, torch.Tensor] = {}
-    rest: dict[str, dict] = {}
-    for idx, entry in state["state"].items():
-        rest[str(idx)] = {}
+    storages: set[int] = (
+        set()
+    )  # safetensors refuses shared memory (bitsandbytes shares its quantization maps)
+
+    def split(entry: dict, prefix: str) -> dict:
+        rest = {}
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{idx}/{key}"] = value.detach().cpu().contiguous()
+                value = value.detach().cpu().contiguous()
+                ptr = value.untyped_storage().data_ptr()
+                tensors[f"{prefix}/{key}"] = value.clone() if ptr in storages else value
+                storages.add(ptr)
+            elif isinstance(value, dict):
+                rest[key] = {"__nested__": split(value, f"{prefix}/{key}")}
             else:
-                rest[str(idx)][key] = value
+                rest[key] = value
+        return rest
+
+    rest = {str(idx): split(entry, str(idx)) for idx, entry in state["state"].items()}
     return tensors, {"param_groups": state["param_groups"], "scalars": rest}
 
 
 def _join_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["scalars"].items()}
+    def unnest(entry: dict) -> dict:
+        return {
+            k: unnest(v["__nested__"]) if isinstance(v, dict) and "__nested__" in v else v
+            for k, v in entry.items()
+        }
+
+    state: dict[int, dict] = {int(i): unnest(v) for i, v in meta["scalars"].items()}
     for name, value in tensors.items():
-        idx, key = name.split("/", 1)
-        state.setdefault(int(idx), {})[key] = value
+        idx, *keys = name.split("/")
+        node = state.setdefault(int(idx), {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

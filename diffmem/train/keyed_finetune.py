@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from diffmem.io import atomic_write_json
 from diffmem.seeding import item_generator
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffmem.train.optimizers import make_optimizer
 
 #: Written into the fine-tuned pipeline folder: what it was trained on and how.
 PROVENANCE_FILE = "solidmark_finetune.json"
@@ -52,6 +53,7 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     seed: int = 0
     gradient_checkpointing: bool = False  # UNet recomputes activations in backward: less memory, same weights
+    optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes; diffmem.train.optimizers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,9 +205,7 @@ def finetune_keyed(
 
     text_encoder.requires_grad_(config.train_text_encoder)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if config.train_text_encoder else [])
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8
-    )
+    optimizer = make_optimizer(params, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
     from diffusers.optimization import get_scheduler
 
     name = config.lr_scheduler
