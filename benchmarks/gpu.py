@@ -14,13 +14,15 @@ Builds random weights in SD-1.5's architecture (``diffmem.tiny.build_sd_architec
 5. ``faiss``: exact search on the GPU against the CPU (same neighbours), where faiss has GPU support.
 
 ``--smoke`` runs the same code on a tiny model on the CPU in a minute (CI runs it through the tests),
-so the script is known to work before a GPU is there. Results go to ``--json`` (default
-``benchmarks/results/gpu.json``, or ``gpu_smoke.json``), rewritten atomically after each section, so
+so the script is known to work before a GPU is there; ``--cpu`` runs it at SD-1.5's size at 256 px on
+the CPU (fewer steps and repeats), for the ratios a CPU gives. Results go to ``--json`` (default
+``benchmarks/results/gpu.json``, ``gpu_smoke.json`` or ``gpu_cpu.json``), rewritten atomically after each section, so
 a run stopped by its time limit keeps what it measured. Sized to finish in under 8 minutes on one
 H100/H200 (the model build, about a minute on the host, included).
 
     python benchmarks/gpu.py            # on a machine with a GPU
-    python benchmarks/gpu.py --smoke    # anywhere
+    python benchmarks/gpu.py --smoke    # anywhere, a minute
+    python benchmarks/gpu.py --cpu      # real size on a CPU (about 20 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -49,30 +51,57 @@ REFERENCE = [
     f"a photo of a {c} {o} on a table" for c in ("red", "blue", "green", "white") for o in ("cup", "book")
 ]
 
-#: sizes per mode: (resolution, steps, repeats, detection batches, NeMo mask batches, NeMo budget s, scan captions,
-#: faiss vectors, faiss queries)
+#: sizes per mode: resolution, steps of the timed calls, repeats, detection batches, prompts generated for
+#: 50 steps, NeMo mask batches, NeMo budget (s), scan captions, faiss vectors and queries
 SIZES = {
     "gpu": dict(
         px=512,
         steps=50,
         repeats=3,
         batches=(1, 32, 128),
+        generate=2,
         masks=(1, 32),
         nemo_s=90.0,
         scan=32,
         n=1_000_000,
         q=10_000,
     ),
+    "cpu": dict(
+        px=256,
+        steps=4,
+        repeats=2,
+        batches=(1, 8),
+        generate=1,
+        masks=(1, 4),
+        nemo_s=240.0,
+        scan=4,
+        n=100_000,
+        q=1_000,
+    ),
     "smoke": dict(
-        px=64, steps=4, repeats=1, batches=(1, 4), masks=(1, 4), nemo_s=20.0, scan=4, n=2_000, q=100
+        px=64,
+        steps=4,
+        repeats=1,
+        batches=(1, 4),
+        generate=2,
+        masks=(1, 4),
+        nemo_s=20.0,
+        scan=4,
+        n=2_000,
+        q=100,
     ),
 }
 
 
-def build(smoke: bool):
+def build(mode: str):
     from diffmem.pipelines import StableDiffusionMemGuardPipeline
 
-    if smoke:
+    if mode == "cpu":
+        from diffmem.tiny import build_sd_architecture_pipeline
+
+        stock = build_sd_architecture_pipeline("sd15", image_size=256)
+        label = "random weights in SD-1.5's architecture (860M UNet), float32, CPU"
+    elif mode == "smoke":
         from diffmem.tiny import TinySDConfig, build_tiny_pipeline
 
         stock, label = (
@@ -113,7 +142,12 @@ def guard_section(stock, guarded, size: dict) -> dict:
 
 def detection_section(guarded, size: dict) -> dict:
     return first_step_throughput(
-        guarded, size["batches"], n_generate=2, num_inference_steps=50, height=size["px"], width=size["px"]
+        guarded,
+        size["batches"],
+        n_generate=size["generate"],
+        num_inference_steps=50,
+        height=size["px"],
+        width=size["px"],
     )
 
 
@@ -246,16 +280,25 @@ def main() -> int:
     p.add_argument(
         "--smoke", action="store_true", help="a tiny model on the CPU: check that every section runs"
     )
-    p.add_argument("--json", default=None, help="results file (default benchmarks/results/gpu[_smoke].json)")
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="SD-1.5's architecture at 256 px on the CPU (the ratios a CPU gives)",
+    )
+    p.add_argument("--json", default=None, help="results file (default benchmarks/results/gpu[_MODE].json)")
     p.add_argument("--only", default=None, help="comma-separated sections (default: all)")
     args = p.parse_args()
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("gpu.py: no CUDA device here; run with --smoke for the CPU check")
-    size = SIZES["smoke" if args.smoke else "gpu"]
-    path = Path(args.json or ROOT / "benchmarks/results" / ("gpu_smoke.json" if args.smoke else "gpu.json"))
+    mode = "smoke" if args.smoke else "cpu" if args.cpu else "gpu"
+    if mode == "gpu" and not torch.cuda.is_available():
+        raise SystemExit(
+            "gpu.py: no CUDA device here; run with --smoke (tiny model) or --cpu (real size) instead"
+        )
+    size = SIZES[mode]
+    name = "gpu.json" if mode == "gpu" else f"gpu_{mode}.json"
+    path = Path(args.json or ROOT / "benchmarks/results" / name)
     start = time.perf_counter()
-    stock, guarded, label = build(args.smoke)
+    stock, guarded, label = build(mode)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -278,6 +321,8 @@ def main() -> int:
     failed = False
     for name in chosen:
         t = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         try:
             result["sections"][name] = sections[name]()
         except Exception as err:  # a GPU run keeps the other sections' figures; the smoke run fails
@@ -287,6 +332,8 @@ def main() -> int:
                 "traceback": traceback.format_exc(),
             }
         result["sections"][name]["section_s"] = time.perf_counter() - t
+        if torch.cuda.is_available():
+            result["sections"][name]["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         result["total_s"] = time.perf_counter() - start
         atomic_write_json(path, result)
         print(f"{name}: {result['sections'][name]['section_s']:.1f} s", flush=True)

@@ -1,15 +1,21 @@
-"""Benchmark: peak memory of every model-loading command at Stable Diffusion 1.5's and 2.1's size (CPU).
+"""Benchmark: memory of every model-loading command at Stable Diffusion 1.5's and 2.1's size (CPU).
 
-Random weights in each architecture (``diffmem.tiny.build_sd_architecture_pipeline``) are saved once as a
-diffusers folder under ``--work``; each command of ``diffmem.benchmark.real_size_commands`` (the same
-small runs the slow test makes) then runs in its own process, and its peak resident memory is read
-from the kernel (``wait4``'s ``ru_maxrss``). Variants: ``--dtype bfloat16`` and
-``--gradient-checkpointing`` against the same command without them; two resolutions on SD-1.5 give the
-activations' growth per latent pixel, from which 512 and 768 px are extrapolated (an estimate,
-labelled so). Results: ``benchmarks/results/memory_plan.json`` (rewritten after every run, so a
-stopped run keeps what it measured; rerun to resume). Takes about 40 minutes on 2 cores.
+Random weights in each architecture (``diffmem.tiny.build_sd_architecture_pipeline``) are saved once
+as a diffusers folder under ``--work``. Two parts:
 
-    .venv/bin/python benchmarks/memory_plan.py [--work /tmp/diffmem-memory] [--arch sd15 sd21]
+* commands (default): each run of ``diffmem.benchmark.real_size_commands`` (the small runs the slow
+  test makes) in its own process, its peak resident memory read from the kernel (``wait4``'s
+  ``ru_maxrss``); variants ``--dtype bfloat16`` and ``--gradient-checkpointing`` beside the plain run.
+  At these sizes loading dominates the peak.
+* ``--activations``: each kind of UNet work (``diffmem.benchmark.unet_workloads``) in one process, its
+  memory beyond the loaded weights (``diffmem.benchmark.peak_memory``: the resident high-water mark,
+  reset before each), at 128 and 256 px, extrapolated linearly in latent pixels to 512 and 768 px
+  (an estimate, labelled so).
+
+Results: ``benchmarks/results/memory_plan.json``, rewritten after every run, so a stopped run keeps
+what it measured and a rerun resumes. About 30 minutes for each part on 2 cores.
+
+    .venv/bin/python benchmarks/memory_plan.py [--activations] [--work /tmp/diffmem-memory] [--arch sd15 sd21]
 """
 
 from __future__ import annotations
@@ -75,12 +81,56 @@ def run_child(argv: list[str], threads: int) -> tuple[int, float, float]:
     return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - start
 
 
+def activations(work: Path, archs: list[str], result: dict, path: Path) -> None:
+    """Memory each kind of UNet work needs beyond the loaded weights, per architecture and resolution,
+    extrapolated linearly in latent pixels to 512 and 768 px (SDPA keeps attention linear in pixels)."""
+
+    from diffmem.benchmark import peak_memory, unet_workloads
+    from diffmem.io import atomic_write_json
+    from diffmem.modelio import load_pipeline
+
+    table = result.setdefault("activations", {})
+    for arch in archs:
+        pipe = load_pipeline(model_folder(work, arch))
+        pipe.set_progress_bar_config(disable=True)
+        weights = sum(
+            p.numel() * p.element_size()
+            for m in (pipe.unet, pipe.text_encoder, pipe.vae)
+            for p in m.parameters()
+        )
+        table.setdefault(arch, {})["weights_mib_float32"] = weights / 2**20
+        unet_workloads(pipe, 128)["generate"]()  # touch every weight first: mmapped pages are not activations
+        for px in (128, 256):
+            for name, fn in unet_workloads(pipe, px).items():
+                key = f"{px}/{name}"
+                if key in table[arch]:
+                    continue
+                table[arch][key] = peak_memory(fn)
+                print(
+                    f"{arch} {key}: +{table[arch][key]['extra_mib']:.0f} MiB, {table[arch][key]['wall_s']:.0f} s",
+                    flush=True,
+                )
+                atomic_write_json(path, result)
+        for name in unet_workloads(pipe, 128):
+            lo, hi = table[arch][f"128/{name}"]["extra_mib"], table[arch][f"256/{name}"]["extra_mib"]
+            per_pixel = max(0.0, (hi - lo) / (32**2 - 16**2))
+            table[arch][f"estimate/{name}"] = {
+                "mib_per_latent_pixel": per_pixel,
+                **{f"{px}px_float32_mib": lo + per_pixel * ((px // 8) ** 2 - 16**2) for px in (512, 768)},
+            }
+        del pipe
+    atomic_write_json(path, result)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/diffmem-memory", help="model folders and run outputs")
     p.add_argument("--arch", nargs="+", default=["sd15", "sd21"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(ROOT / "benchmarks/results/memory_plan.json"))
+    p.add_argument(
+        "--activations", action="store_true", help="measure the UNet work's memory in-process instead"
+    )
     args = p.parse_args()
 
     from diffmem.benchmark import real_size_commands, real_size_inputs
@@ -93,6 +143,9 @@ def main() -> int:
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         machine=f"{cpu_model()}, {os.cpu_count()} cores, {args.threads} threads; float32 unless stated",
     )
+    if args.activations:
+        activations(work, args.arch, result, path)
+        return 0
     runs = result.setdefault("runs", {})
     for arch, px, command, extra in PLAN:
         if arch not in args.arch:
@@ -116,22 +169,7 @@ def main() -> int:
         }
         print(f"{name}: exit {code}, peak RSS {rss:.0f} MiB, {wall:.0f} s", flush=True)
         atomic_write_json(path, result)
-    # activations per latent pixel from the two SD-1.5 resolutions, extrapolated to 512 and 768 px
-    growth = {}
-    for command in ("detect", "attack", "finetune-lora", "attack --gradient-checkpointing"):
-        lo, hi = runs.get(f"sd15/128/{command}"), runs.get(f"sd15/256/{command}")
-        if lo and hi and lo["exit_code"] == hi["exit_code"] == 0:
-            per_pixel = (hi["peak_rss_mib"] - lo["peak_rss_mib"]) / ((256 // 8) ** 2 - (128 // 8) ** 2)
-            base = lo["peak_rss_mib"] - per_pixel * (128 // 8) ** 2
-            growth[command] = {
-                "mib_per_latent_pixel": per_pixel,
-                "mib_at_0_px": base,
-                "estimate_512px_mib": base + per_pixel * 64**2,
-                "estimate_768px_mib": base + per_pixel * 96**2,
-            }
-    result["linear_extrapolation"] = growth
     atomic_write_json(path, result)
-    print(json.dumps(growth, indent=1))
     return 0
 
 

@@ -130,8 +130,10 @@ def first_step_throughput(
 _REAL_SIZE = {
     "detect": "detect --model {model} --prompts {d}/prompts.txt --out {o}/detect.jsonl --num-gens 2 "
     "--num-inference-steps 4",
+    # threshold 0 without the early exit: random weights memorize nothing, so this forces the search over
+    # every candidate neuron until the budget ends it
     "localize": "localize --model {model} --prompts {d}/prompts.txt --limit 1 --reference-prompts {d}/reference.txt "
-    "--calibration-prompts 4 --seeds 4 --steps 4 --max-unet-calls 8 --out {o}/localize",
+    "--threshold 0 --no-early-exit --seeds 4 --steps 4 --max-unet-calls 8 --out {o}/localize",
     "prune": "prune --model {model} --memorized {d}/prompts.txt --steps 4 --tau 2 --batch-size 2 --out {o}/prune",
     "attack": "attack --model {model} --targets {d}/images --limit 1 --steps 2 --batch-size 1 --seeds 1 "
     "--gen-steps 2 --out {o}/attack",
@@ -178,3 +180,152 @@ def real_size_commands(model: str, inputs, out, px: int, extra: Sequence[str] = 
             argv += ["--height", str(px), "--width", str(px)]
         argvs[name] = argv + list(extra)
     return argvs
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def _release_free_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), so it does not hide the next peak."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Memory ``fn()`` needs beyond what is already held: ``{"before_mib", "peak_mib", "extra_mib", "wall_s"}``.
+
+    CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``, reset first). CPU (Linux): the
+    process's resident high-water mark, reset through ``/proc/self/clear_refs`` before ``fn`` runs, so
+    the weights already loaded count in ``before`` and not in ``extra``.
+    """
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+        wall, _, _ = timed(fn)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        _release_free_heap()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
+        before = _status_mib("VmRSS")
+        wall, _, _ = timed(fn)
+        peak = _status_mib("VmHWM")
+    return {"before_mib": before, "peak_mib": peak, "extra_mib": peak - before, "wall_s": wall}
+
+
+def unet_workloads(pipe, px: int) -> dict[str, Callable[[], Any]]:
+    """One step of each kind of UNet work diffmem does, at ``px`` px, each a callable for :func:`peak_memory`.
+
+    ``generate``: one guided denoising step of one image (UNet batch 2: detect, scan, prune, SolidMark);
+    ``detect-batch-8``: first-step scores of 8 prompts (UNet batch 16); ``nemo-masks-8``: 8 candidate
+    masks x 10 seeds in one call (NeMo's batched search on CUDA, UNet batch 80); ``attack``: one Dori
+    step (forward and backward to the text embedding, batch 8), ``attack-checkpointed`` the same with
+    gradient checkpointing; ``lora-step``: one LoRA training step (rank 4, batch 4, AdamW);
+    ``full-step-adamw`` / ``full-step-adamw8bit``: one full fine-tuning step (batch 4, gradient
+    checkpointing on) with AdamW or bitsandbytes' 8-bit AdamW (where installed). The training steps
+    change the UNet's weights: use a model loaded for the benchmark.
+    """
+    from diffmem.attack.dori import denoising_loss, gradient_checkpointing
+    from diffmem.detect import score_prompts
+    from diffmem.hooks.neurons import scaled_value_neurons, value_layers
+
+    unet, device = pipe.unet, pipe._execution_device
+    dtype = unet.dtype
+    h = w = px // pipe.vae_scale_factor
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    t = torch.tensor([500], device=device)
+
+    def generate():
+        pipe("a photo", num_inference_steps=1, height=px, width=px, output_type="latent")
+
+    def detect():
+        score_prompts(
+            pipe,
+            [f"prompt {i}" for i in range(8)],
+            num_gens=1,
+            num_inference_steps=50,
+            height=px,
+            width=px,
+            batch_size=8,
+            progress=False,
+        )
+
+    def nemo_masks():
+        layers = value_layers(unet)
+        scales = {n: torch.ones(8, m.out_features, device=device, dtype=dtype) for n, m in layers.items()}
+        x = torch.randn(80, unet.config.in_channels, h, w, generator=g).to(device, dtype)
+        with torch.no_grad(), scaled_value_neurons(unet, layers, scales):
+            return unet(x, t, encoder_hidden_states=embeds.expand(80, -1, -1)).sample
+
+    def attack(checkpointed: bool):
+        latents = torch.randn(1, unet.config.in_channels, h, w, generator=g).to(device)
+        noise = torch.randn(8, unet.config.in_channels, h, w, generator=g).to(device)
+        y = embeds.float().clone().requires_grad_(True)
+        unet.requires_grad_(False)
+        with gradient_checkpointing(unet, checkpointed):
+            denoising_loss(unet, pipe.scheduler, latents, y, noise, t.expand(8)).backward()
+
+    def lora_step():
+        from diffmem.train.adversarial import add_lora
+
+        params = add_lora(unet, 4, ("to_q", "to_k", "to_v", "to_out.0"), 0)
+        try:
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            latents = torch.randn(4, unet.config.in_channels, h, w, generator=g).to(device)
+            noise = torch.randn(4, unet.config.in_channels, h, w, generator=g).to(device)
+            denoising_loss(unet, pipe.scheduler, latents, embeds, noise, t.expand(4)).backward()
+            opt.step()
+        finally:
+            unet.unload_lora()  # the plain modules back (value_layers and hooks expect nn.Linear)
+            unet.requires_grad_(False)
+
+    def full_step(optimizer: str):
+        from diffmem.train.optimizers import make_optimizer
+
+        unet.requires_grad_(True)
+        try:
+            opt = make_optimizer(unet.parameters(), optimizer, lr=1e-6)
+            latents = torch.randn(4, unet.config.in_channels, h, w, generator=g).to(device)
+            noise = torch.randn(4, unet.config.in_channels, h, w, generator=g).to(device)
+            with gradient_checkpointing(unet):
+                denoising_loss(unet, pipe.scheduler, latents, embeds, noise, t.expand(4)).backward()
+            opt.step()
+        finally:
+            unet.requires_grad_(False)
+            for p in unet.parameters():
+                p.grad = None
+
+    workloads = {
+        "generate": generate,
+        "detect-batch-8": detect,
+        "nemo-masks-8": nemo_masks,
+        "attack": lambda: attack(False),
+        "attack-checkpointed": lambda: attack(True),
+        "lora-step": lora_step,
+        "full-step-adamw": lambda: full_step("adamw"),
+    }
+    try:
+        import bitsandbytes  # noqa: F401
+
+        workloads["full-step-adamw8bit"] = lambda: full_step("adamw8bit")
+    except ImportError:
+        pass
+    return workloads

@@ -351,7 +351,9 @@ def test_cli_localize_is_resumable(tmp_path, planted, nemo, capsys):
     assert "none.txt" in capsys.readouterr().err
     # a budget and another resolution (latents 12x20 instead of the UNet's 16x16): recorded, obeyed
     argv[argv.index(str(out))] = str(tmp_path / "cut")
-    assert main(argv + ["--max-unet-calls", "3", "--height", "24", "--width", "40", "--dtype", "bfloat16"]) == 0
+    assert (
+        main(argv + ["--max-unet-calls", "3", "--height", "24", "--width", "40", "--dtype", "bfloat16"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "at threshold" in printed and "24x40 px" in printed and "budget_exhausted 1" in printed
     cut = NeuronSet.load(tmp_path / "cut" / "neurons" / "0.json")

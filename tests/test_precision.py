@@ -4,13 +4,14 @@ answer under each attention processor; the shared command-line options check the
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from test_detect import ORDINARY, PLANTED, planted_pipeline
 
-from diffmem.attention import attention_processors, use_attention_processor
+from diffmem.attention import attention_processors, use_attention_processor, xformers_usable
 from diffmem.cli import main
 from diffmem.detect import score_prompts
 from diffmem.detectors import available_detectors, get_detector
@@ -59,9 +60,14 @@ def _unet_inputs(unet):
     return x, torch.tensor(500), e
 
 
-@pytest.mark.parametrize("kind", ["naive"])
+@pytest.mark.parametrize("kind", ["naive", "xformers"])
 def test_every_hook_gives_the_same_answer_under_each_processor(planted, kind):
     """SDPA is the reference (the default processor); ``kind`` must agree with it to float rounding."""
+    if kind == "xformers":
+        if not xformers_usable("cuda"):
+            pytest.skip("xformers runs on CUDA only (and needs the xformers package)")
+        planted = copy.deepcopy(planted).to("cuda")
+    device = planted.device
 
     def measure(processor):
         with attention_processors(planted.unet, processor):
@@ -74,10 +80,10 @@ def test_every_hook_gives_the_same_answer_under_each_processor(planted, kind):
                 attention=None,
             )
             layers = value_layers(planted.unet)
-            scales = {n: torch.ones(m.out_features) for n, m in layers.items()}
+            scales = {n: torch.ones(m.out_features, device=device) for n, m in layers.items()}
             first = next(iter(scales))
             scales[first][: scales[first].numel() // 2] = 0  # NeMo blocks neurons by zeroing their output
-            x, t, e = _unet_inputs(planted.unet)
+            x, t, e = (v.to(device) for v in _unet_inputs(planted.unet))
             with torch.no_grad(), scaled_value_neurons(planted.unet, layers, scales):
                 masked = planted.unet(x, t, encoder_hidden_states=e).sample
             ffn = collect_ffn_stats(planted, PLANTED, num_steps=2, num_inference_steps=5, progress=False)
