@@ -46,10 +46,6 @@ from diffmem.io import atomic_write_json
 from diffmem.precision import dtype_name
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "a photograph of an astronaut riding a horse"
-REFERENCE = [
-    f"a photo of a {c} {o} on a table" for c in ("red", "blue", "green", "white") for o in ("cup", "book")
-]
 
 #: sizes per mode: resolution, steps of the timed calls, repeats, detection batches, prompts generated for
 #: 50 steps, NeMo mask batches, NeMo budget (s), scan captions, faiss vectors and queries
@@ -152,19 +148,50 @@ def detection_section(guarded, size: dict) -> dict:
 
 
 def nemo_section(stock, size: dict) -> dict:
-    """Candidate-mask evaluation batched vs one per UNet call (same scores); and the whole search where it can run.
-
-    Random weights memorize nothing, so the threshold of the whole search is put halfway between the
-    prompt's unblocked score and its score with every searched neuron off, when blocking lowers it.
+    """NeMo on a copy of the model with a planted trigger neuron (tests/test_nemo.py's, which works at SD
+    size too), so the search has a known answer: candidate masks batched vs one per UNet call (same
+    scores), then the whole search for the trigger prompt at each mask batch (same neurons, planted one
+    among them). Random weights alone memorize nothing and blocking their neurons does not lower the score.
     """
+    import copy
+    import sys
+
+    from diffusers import StableDiffusionPipeline
+
     from diffmem.localize.nemo import NeMo, NemoConfig
     from diffmem.localize.stats import value_stats_of
 
-    stats = value_stats_of(stock, REFERENCE, progress=False)
-    probe = NeMo.from_pipe(stock, stats, NemoConfig(threshold=0.0)).probe(PROMPT)  # every seed kept
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_nemo import PLANT_CHANNEL, TRIGGER, plant_trigger_neuron
+    from test_nemo import REFERENCE as NEMO_REFERENCE
+
+    parts = {
+        "unet": copy.deepcopy(stock.unet),
+        "text_encoder": copy.deepcopy(stock.text_encoder),
+        "tokenizer": stock.tokenizer,
+    }
+    layer = plant_trigger_neuron(parts)
+    planted = StableDiffusionPipeline(**{**stock.components, **parts})
+    prompt = f"a photo of {TRIGGER}"
+    stats = value_stats_of(planted, NEMO_REFERENCE, progress=False)
+    threshold = NeMo.from_pipe(planted, stats, NemoConfig()).calibrate_threshold(NEMO_REFERENCE[:8])
+    probe = NeMo.from_pipe(planted, stats, NemoConfig(threshold=threshold)).probe(prompt)
+    out: dict = {
+        "prompt": prompt,
+        "planted": [layer, PLANT_CHANNEL],
+        "neurons_searched": probe.n_neurons,
+        "threshold": threshold,
+        "score": probe.score,
+        "seeds_memorized": int(probe.kept.sum()),
+    }
+    if not probe.memorized:
+        out["note"] = (
+            "the planted prompt is not above the calibrated threshold on this model: nothing to localize"
+        )
+        return out
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(size["masks"][-1] * 2, probe.n_neurons, generator=g) < 0.5
-    out: dict = {"prompt": PROMPT, "neurons_searched": probe.n_neurons, "candidate_masks": len(masks)}
+    out["candidate_masks"] = len(masks)
     scores = {}
     for b in size["masks"]:
         probe.mask_batch = b
@@ -174,27 +201,20 @@ def nemo_section(stock, size: dict) -> dict:
     one, batched = size["masks"][0], size["masks"][-1]
     out["candidate_speedup"] = out[f"masks_per_s_batch_{batched}"] / out[f"masks_per_s_batch_{one}"]
     out["candidate_scores_max_abs_diff"] = float((scores[one] - scores[batched]).abs().max())
-
-    all_off = float(probe.scores(torch.ones(1, probe.n_neurons, dtype=torch.bool))[0])
-    out.update(score=probe.score, score_all_off=all_off)
-    if not all_off < probe.score:
-        out["search"] = "not run: blocking every searched neuron does not lower this model's score"
-        return out
-    threshold = (probe.score + all_off) / 2
     runs = {}
     for b in (one, batched):
         config = NemoConfig(threshold=threshold, mask_batch=b, max_seconds=size["nemo_s"])
-        wall, _, found = timed(lambda c=config: NeMo.from_pipe(stock, stats, c).localize(PROMPT))
+        wall, _, found = timed(lambda c=config: NeMo.from_pipe(planted, stats, c).localize(prompt))
         runs[b] = {
             "seconds": wall,
             "outcome": found.info.get("outcome"),
             "unet_calls": found.info.get("unet_calls"),
             "neurons": len(found),
+            "planted_found": (layer, PLANT_CHANNEL) in found.items(),
             "items": found.items(),
         }
     cut = {b for b, r in runs.items() if r["outcome"] == "budget_exhausted"}
     out["search"] = {
-        "threshold": threshold,
         "budget_s": size["nemo_s"],
         "runs": {str(b): {k: v for k, v in r.items() if k != "items"} for b, r in runs.items()},
         "speedup_batched": runs[one]["seconds"] / runs[batched]["seconds"],
@@ -309,6 +329,8 @@ def main() -> int:
         "build_s": time.perf_counter() - start,
         "sections": {},
     }
+    if args.only and path.is_file():  # a partial rerun keeps the other sections' figures
+        result["sections"] = json.loads(path.read_text()).get("sections", {})
     work = Path(tempfile.mkdtemp(prefix="diffmem-gpu-bench-"))
     sections = {
         "guard": lambda: guard_section(stock, guarded, size),

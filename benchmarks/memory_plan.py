@@ -122,6 +122,53 @@ def activations(work: Path, archs: list[str], result: dict, path: Path) -> None:
     atomic_write_json(path, result)
 
 
+def markdown(result: dict) -> str:
+    """The two tables of docs/gpu.md and RESULTS.md from the results."""
+    runs = result.get("runs", {})
+    lines = [
+        "| command | variant | SD-1.5, 128 px | SD-1.5, 256 px | SD-2.1, 128 px |",
+        "|---|---|---|---|---|",
+    ]
+    for command, variant in dict.fromkeys((r["command"], r["variant"]) for r in runs.values()):
+        cells = []
+        for arch, px in (("sd15", 128), ("sd15", 256), ("sd21", 128)):
+            row = next(
+                (
+                    r
+                    for r in runs.values()
+                    if (r["arch"], r["px"], r["command"], r["variant"]) == (arch, px, command, variant)
+                ),
+                None,
+            )
+            cells.append(
+                "" if row is None else f"{row['peak_rss_mib'] / 1024:.1f} GiB ({row['wall_s']:.0f} s)"
+            )
+        lines.append(f"| `{command}` | {variant} | " + " | ".join(cells) + " |")
+    table = result.get("activations", {})
+    act = [
+        "| UNet work | "
+        + " | ".join(
+            f"{a} {c}" for a in table for c in ("128 px", "256 px", "512 px (est.)", "768 px (est.)")
+        )
+        + " |"
+    ]
+    act.append("|---|" + "---|" * (4 * len(table)))
+    names = dict.fromkeys(k.split("/", 1)[1] for a in table.values() for k in a if k.startswith("128/"))
+    for name in names:
+        cells = []
+        for a in table.values():
+            lo, hi, est = a.get(f"128/{name}"), a.get(f"256/{name}"), a.get(f"estimate/{name}", {})
+            cells += [
+                f"{lo['extra_mib'] / 1024:.2f}" if lo else "",
+                f"{hi['extra_mib'] / 1024:.2f}" if hi else "",
+            ]
+            cells += [
+                f"{est[k] / 1024:.1f}" if k in est else "" for k in ("512px_float32_mib", "768px_float32_mib")
+            ]
+        act.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nGiB beyond the loaded weights, float32:\n\n" + "\n".join(act) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/diffmem-memory", help="model folders and run outputs")
@@ -131,6 +178,7 @@ def main() -> int:
     p.add_argument(
         "--activations", action="store_true", help="measure the UNet work's memory in-process instead"
     )
+    p.add_argument("--markdown", action="store_true", help="print the tables of the results so far and stop")
     args = p.parse_args()
 
     from diffmem.benchmark import real_size_commands, real_size_inputs
@@ -139,6 +187,9 @@ def main() -> int:
     work = Path(args.work)
     path = Path(args.json)
     result = json.loads(path.read_text()) if path.is_file() else {}
+    if args.markdown:
+        print(markdown(result))
+        return 0
     result.update(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         machine=f"{cpu_model()}, {os.cpu_count()} cores, {args.threads} threads; float32 unless stated",

@@ -32,4 +32,6 @@ def test_gpu_benchmark_smoke_runs_every_section(tmp_path):
     assert [r["batch_size"] for r in sections["detection"]["first_step"]] == [1, 4]
     nemo = sections["nemo"]
     assert nemo["candidate_scores_max_abs_diff"] < 1e-5  # batched masks score exactly as one at a time
+    runs = nemo["search"]["runs"].values()
+    assert nemo["search"]["same_neurons"] and all(r["planted_found"] for r in runs)  # the known answer
     assert sections["scan"]["generations"] == 4 * sections["scan"]["captions"]

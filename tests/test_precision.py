@@ -146,9 +146,12 @@ MODEL_COMMANDS = [
         (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
         (["--height", "100"], "--height: expected a multiple of 8"),
         (["--attention", "flash"], "argument --attention: invalid choice: 'flash'"),
+        (["--attention", "xformers"], "attention='xformers' needs a CUDA device"),
     ],
 )
 def test_shared_options_are_checked_before_loading(tmp_path, capsys, command, extra, match):
+    if "xformers" in extra and xformers_usable("cuda"):
+        pytest.skip("xformers is usable here")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
     argv = [a.format(p=prompts, o=tmp_path) for a in command] + ["--model", str(tmp_path / "absent")] + extra

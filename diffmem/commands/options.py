@@ -51,7 +51,8 @@ def add_runtime_arguments(
 
 
 def check_runtime_arguments(args: argparse.Namespace):
-    """Check ``--device`` (it exists here), ``--height``/``--width`` (multiples of 8) up front; the device.
+    """Check ``--device`` (it exists here), ``--height``/``--width`` (multiples of 8) and ``--attention
+    xformers`` (CUDA and xformers there) up front; the device.
 
     Returns the torch device to load on (the given one, else CUDA when available, else the CPU).
     """
@@ -64,7 +65,12 @@ def check_runtime_arguments(args: argparse.Namespace):
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"--{name}: expected a multiple of 8 (>= 8), got {value}")
     device = check_device(getattr(args, "device", None))
-    return device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if getattr(args, "attention", None) == "xformers":
+        from diffmem.attention import fast_attention_processor
+
+        fast_attention_processor("xformers", device)  # one clear error when CUDA or xformers is missing
+    return device
 
 
 def load_model(args: argparse.Namespace, pipeline_class=None, *, dtype: str | None = None):

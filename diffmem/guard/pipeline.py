@@ -427,11 +427,9 @@ class MemGuardMixin:
 
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """``(height, width)`` in pixels of a call with these arguments (the stock default: the UNet's size)."""
-        if height and width:
-            return int(height), int(width)
-        size = self.unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return h * self.vae_scale_factor, w * self.vae_scale_factor
+        from diffmem.modelio import model_resolution
+
+        return model_resolution(self, height, width)
 
     def _draw_latents(self, call: dict, n: int, dtype: torch.dtype) -> torch.Tensor:
         """The loop's starting noise before ``init_noise_sigma`` (as the stock ``prepare_latents`` draws it)."""
