@@ -1,4 +1,5 @@
-"""Timing flows shared by the benchmark scripts: paired pipeline comparisons and first-step throughput.
+"""Flows shared by the benchmark scripts and the real-size test: timing (paired pipeline comparisons,
+first-step throughput), one small run of every command at real size, and memory measurement.
 
 Times are wall-clock (``time.perf_counter``) and process CPU time; on CUDA the device is synchronized
 before each clock read, so a time covers the GPU work it started. Comparisons interleave the two
@@ -17,7 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["compare_pipelines", "first_step_throughput", "timed"]
+__all__ = [
+    "compare_pipelines",
+    "first_step_throughput",
+    "peak_memory",
+    "real_size_commands",
+    "real_size_inputs",
+    "timed",
+    "unet_workloads",
+]
 
 
 def _sync() -> None:
