@@ -2,15 +2,18 @@
 
 ``attention_processors(unet, "auto")`` swaps the plain attention processors of a UNet for the fast
 one of this machine and puts the original processors back when the context ends (also on an error).
-Processors that do more than attention (LoRA, IP-Adapter, a user's own) are left alone.
+Processors that do more than attention (LoRA, IP-Adapter, a user's own) are left alone. torch is
+imported where it is used, so the command line can read :data:`ATTENTION_CHOICES` cheaply.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ATTENTION_CHOICES",
@@ -26,6 +29,8 @@ ATTENTION_CHOICES = (None, "auto", "sdpa", "xformers", "naive")
 
 def xformers_usable(device: torch.device | str) -> bool:
     """True when ``device`` is CUDA and xformers imports with its compiled memory-efficient kernel."""
+    import torch
+
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return False
     try:

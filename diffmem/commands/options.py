@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.attention import ATTENTION_CHOICES
 from diffmem.precision import DTYPES, torch_dtype
 
 __all__ = ["add_runtime_arguments", "check_runtime_arguments", "load_model", "resolution"]
-
-ATTENTION = ("auto", "sdpa", "xformers", "naive")
 
 
 def add_runtime_arguments(
@@ -41,7 +40,7 @@ def add_runtime_arguments(
     if attention:
         p.add_argument(
             "--attention",
-            choices=ATTENTION,
+            choices=[kind for kind in ATTENTION_CHOICES if kind is not None],
             default="auto",
             help="attention processor: auto = xformers on CUDA where it imports, else PyTorch SDPA (default auto)",
         )
