@@ -173,6 +173,11 @@ def default_mask_batch(device: torch.device) -> int:
     return 8 if torch.device(device).type == "cuda" else 1
 
 
+def effective_mask_batch(config: NemoConfig, device: torch.device) -> int:
+    """Masks per UNet call for ``config`` on ``device``: ``config.mask_batch``, else :func:`default_mask_batch`."""
+    return max(1, config.mask_batch or default_mask_batch(device))
+
+
 # ------------------------------------------------------------------------------------------ similarity
 class NoiseSimilarity:
     """Per-sample MS-SSIM of ``[B, C, H, W]`` maps in ``[0, 1]`` (torchmetrics, Gaussian window), sized to fit ``H x W``.
@@ -268,7 +273,7 @@ class MemorizationProbe:
         )
         self.embeds = prompt_embeds.to(self.device, self.dtype)[:1]
         self.similarity = NoiseSimilarity(min(h, w), config.kernel_size, config.betas)
-        self.mask_batch = max(1, config.mask_batch or default_mask_batch(self.device))
+        self.mask_batch = effective_mask_batch(config, self.device)
         self.unet_calls = 0
         self.masks_evaluated = 0
         self.call_limit: int | None = None
@@ -500,7 +505,7 @@ class NeMo:
     @property
     def mask_batch(self) -> int:
         """Candidate masks per UNet call on this model's device (``config.mask_batch`` or the device default)."""
-        return max(1, self.config.mask_batch or default_mask_batch(next(self.unet.parameters()).device))
+        return effective_mask_batch(self.config, next(self.unet.parameters()).device)
 
     @torch.no_grad()
     def localize(self, prompt: str, progress: Callable[[SearchProgress], None] | None = None) -> NeuronSet:
