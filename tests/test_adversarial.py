@@ -52,13 +52,26 @@ CONFIG = AdversarialConfig(
 )
 
 
-def test_rounds_checkpoint_and_resume_to_identical_weights(tmp_path):
+def _train(config, checkpoint_dir=None, stop_after_round=None, seed: int = 0):
+    """``(unet, log)`` of a fresh tiny UNet trained on ``_data()`` (a fresh process, as far as resuming knows)."""
     targets, retain = _data()
-    straight, scheduler = _components()
-    start = {k: v.clone() for k, v in straight.state_dict().items()}
+    unet, scheduler = _components(seed)
     log = adversarial_finetune(
-        straight, scheduler, targets, retain, CONFIG, checkpoint_dir=tmp_path / "a", progress=False
+        unet,
+        scheduler,
+        targets,
+        retain,
+        config,
+        checkpoint_dir=checkpoint_dir,
+        stop_after_round=stop_after_round,
+        progress=False,
     )
+    return unet, log
+
+
+def test_rounds_checkpoint_and_resume_to_identical_weights(tmp_path):
+    start = _components()[0].state_dict()
+    straight, log = _train(CONFIG, tmp_path / "a")
     assert [r["round"] for r in log.rounds] == [1, 2]
     assert all(r["adv"] > 0 and r["retain"] > 0 for r in log.rounds)
     assert any(not torch.equal(start[k], v) for k, v in straight.state_dict().items())
@@ -67,22 +80,9 @@ def test_rounds_checkpoint_and_resume_to_identical_weights(tmp_path):
     assert json.loads((saved / "state.json").read_text())["model_contents"] == {"unet": "full"}
     assert load_file(str(saved / "model-unet.safetensors")).keys() == straight.state_dict().keys()
 
-    interrupted, scheduler = _components()
-    adversarial_finetune(
-        interrupted,
-        scheduler,
-        targets,
-        retain,
-        CONFIG,
-        checkpoint_dir=tmp_path / "b",
-        stop_after_round=1,
-        progress=False,
-    )
+    _train(CONFIG, tmp_path / "b", stop_after_round=1)
     assert len(list_checkpoints(tmp_path / "b")) == 1
-    resumed, scheduler = _components()  # a fresh process: weights come back from the checkpoint
-    log_b = adversarial_finetune(
-        resumed, scheduler, targets, retain, CONFIG, checkpoint_dir=tmp_path / "b", progress=False
-    )
+    resumed, log_b = _train(CONFIG, tmp_path / "b")  # weights come back from the checkpoint
     assert [r["round"] for r in log_b.rounds] == [1, 2]
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
@@ -124,22 +124,8 @@ LORA = dataclasses.replace(CONFIG, mode="lora", lora_rank=2, lr=1e-2)
 
 
 def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
-    targets, retain = _data()
-    straight, scheduler = _components()
-    log = adversarial_finetune(
-        straight, scheduler, targets, retain, LORA, checkpoint_dir=tmp_path / "a", progress=False
-    )
-    interrupted, scheduler = _components()
-    adversarial_finetune(
-        interrupted,
-        scheduler,
-        targets,
-        retain,
-        LORA,
-        checkpoint_dir=tmp_path / "b",
-        stop_after_round=1,
-        progress=False,
-    )
+    straight, log = _train(LORA, tmp_path / "a")
+    interrupted, _ = _train(LORA, tmp_path / "b", stop_after_round=1)
     folder = list_checkpoints(tmp_path / "b")[-1]
     assert json.loads((folder / "state.json").read_text())["model_contents"] == {"unet": "trainable"}
     saved = load_file(str(folder / "model-unet.safetensors"))
@@ -149,23 +135,15 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
     size = (folder / "model-unet.safetensors").stat().st_size
     assert size < 0.1 * sum(v.numel() * v.element_size() for v in whole.values())
 
-    resumed, scheduler = (
-        _components()
-    )  # a fresh process: the base from the model, adapters from the checkpoint
-    log_b = adversarial_finetune(
-        resumed, scheduler, targets, retain, LORA, checkpoint_dir=tmp_path / "b", progress=False
-    )
+    resumed, log_b = _train(LORA, tmp_path / "b")  # the base from the model, adapters from the checkpoint
     assert [r["round"] for r in log_b.rounds] == [1, 2]
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
     for a, b in zip(log_b.rounds, log.rounds):
         assert a == pytest.approx(b)
     # adapters trained on one base model are not resumed on another
-    other, scheduler = _components(seed=1)
     with pytest.raises(ValueError, match="another base model"):
-        adversarial_finetune(
-            other, scheduler, targets, retain, LORA, checkpoint_dir=tmp_path / "b", progress=False
-        )
+        _train(LORA, tmp_path / "b", seed=1)
 
 
 def test_gradient_checkpointing_trains_to_the_same_weights_and_is_restored(monkeypatch):
@@ -261,36 +239,18 @@ def test_eight_bit_adamw_keeps_8_bit_moments_checkpoints_them_and_resumes_exactl
     to the same weights."""
     pytest.importorskip("bitsandbytes")
     config = dataclasses.replace(CONFIG, optimizer="adamw8bit")
-    targets, retain = _data()
-    straight, scheduler = _components()
-    adversarial_finetune(
-        straight, scheduler, targets, retain, config, checkpoint_dir=tmp_path / "a", progress=False
-    )
+    straight, _ = _train(config, tmp_path / "a")
     optim = load_file(str(list_checkpoints(tmp_path / "a")[-1] / "optim-optimizer.safetensors"))
     moments = [v for k, v in optim.items() if k.endswith(("state1", "state2"))]
     large = [v for v in moments if v.numel() >= 4096]  # bitsandbytes keeps tensors under 4,096 in float32
     assert large and all(v.dtype == torch.uint8 for v in large)
-    interrupted, scheduler = _components()
-    adversarial_finetune(
-        interrupted,
-        scheduler,
-        targets,
-        retain,
-        config,
-        checkpoint_dir=tmp_path / "b",
-        stop_after_round=1,
-        progress=False,
-    )
-    resumed, scheduler = _components()
-    adversarial_finetune(
-        resumed, scheduler, targets, retain, config, checkpoint_dir=tmp_path / "b", progress=False
-    )
+    _train(config, tmp_path / "b", stop_after_round=1)
+    resumed, _ = _train(config, tmp_path / "b")
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
-    plain, scheduler = _components()
-    adversarial_finetune(plain, scheduler, targets, retain, CONFIG, progress=False)
+    plain, _ = _train(CONFIG)
     assert any(
         not torch.equal(v, plain.state_dict()[k]) for k, v in straight.state_dict().items()
     )  # it is used
     with pytest.raises(ValueError, match="--optimizer: expected one of adamw, adamw8bit"):
-        adversarial_finetune(plain, scheduler, targets, retain, dataclasses.replace(CONFIG, optimizer="sgd"))
+        _train(dataclasses.replace(CONFIG, optimizer="sgd"))
