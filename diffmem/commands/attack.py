@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+from diffmem.commands.options import (
+    add_runtime_arguments,
+    add_training_memory_arguments,
+    check_runtime_arguments,
+    load_model,
+    resolution,
+)
 
 NAME = "attack"
 HELP = (
@@ -54,11 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="attack only the first N targets")
-    p.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="recompute UNet activations in the backward pass: less memory, about 20 %% slower, same result",
-    )
+    add_training_memory_arguments(p, optimizer=False)
     add_runtime_arguments(p)
 
 

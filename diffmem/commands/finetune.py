@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+from diffmem.commands.options import (
+    add_runtime_arguments,
+    add_training_memory_arguments,
+    check_runtime_arguments,
+    load_model,
+    resolution,
+)
 from diffmem.precision import torch_dtype
 
 NAME = "finetune"
@@ -63,17 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default float32); the weights stay float32 (the UNet is trained), see --mixed-precision",
     )
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
-    p.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="recompute UNet activations in the backward pass (training and attacks): less memory, same result",
-    )
-    p.add_argument(
-        "--optimizer",
-        choices=("adamw", "adamw8bit"),
-        default="adamw",
-        help="adamw8bit: bitsandbytes' 8-bit AdamW, 2 bytes of state per trained parameter instead of 8",
-    )
+    add_training_memory_arguments(p)  # checkpointing covers the training and the attacks
 
 
 def _encode_images(pipe, paths, argument: str, size: tuple[int, int], batch: int = 16):

@@ -14,7 +14,13 @@ import argparse
 from diffmem.attention import ATTENTION_CHOICES
 from diffmem.precision import DTYPES, torch_dtype
 
-__all__ = ["add_runtime_arguments", "check_runtime_arguments", "load_model", "resolution"]
+__all__ = [
+    "add_runtime_arguments",
+    "add_training_memory_arguments",
+    "check_runtime_arguments",
+    "load_model",
+    "resolution",
+]
 
 
 def add_runtime_arguments(
@@ -47,6 +53,24 @@ def add_runtime_arguments(
     if size:
         p.add_argument("--height", type=int, default=None, help="image height in px (default: the model's)")
         p.add_argument("--width", type=int, default=None, help="image width in px (default: the model's)")
+
+
+def add_training_memory_arguments(p: argparse.ArgumentParser, *, optimizer: bool = True) -> None:
+    """``--gradient-checkpointing`` and (optionally) ``--optimizer``: what keeps a backward pass in memory."""
+    from diffmem.train.optimizers import OPTIMIZERS
+
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute UNet activations in the backward pass: less memory, about 20 %% slower, same result",
+    )
+    if optimizer:
+        p.add_argument(
+            "--optimizer",
+            choices=OPTIMIZERS,
+            default="adamw",
+            help="adamw8bit: bitsandbytes' 8-bit AdamW, 2 bytes of state per trained parameter instead of 8",
+        )
 
 
 def check_runtime_arguments(args: argparse.Namespace):

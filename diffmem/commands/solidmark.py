@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffmem.commands.options import add_runtime_arguments
+from diffmem.commands.options import add_runtime_arguments, add_training_memory_arguments
 
 NAME = "solidmark"
 HELP = "SolidMark: key a dataset, fine-tune on it, score memorization per image by outpainting the key"
@@ -120,7 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write comparison.json here (default: print only)")
 
     p = sub.add_parser(
-        "finetune", help="fine-tune a Stable Diffusion folder's UNet on a keyed dataset (resumable)"
+        "finetune",
+        help="fine-tune a Stable Diffusion folder's UNet on a keyed dataset (resumable; mixed precision: "
+        "accelerate launch --mixed_precision bf16 -m diffmem solidmark finetune ...)",
     )
     p.add_argument(
         "--model", default=None, help="Stable Diffusion folder to start from (default: the model organism)"
@@ -141,18 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="recompute UNet activations in the backward pass: less memory, same weights (mixed precision: "
-        "accelerate launch --mixed_precision bf16)",
-    )
-    p.add_argument(
-        "--optimizer",
-        choices=("adamw", "adamw8bit"),
-        default="adamw",
-        help="adamw8bit: bitsandbytes' 8-bit AdamW, 2 bytes of state per trained parameter instead of 8",
-    )
+    add_training_memory_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,8 +10,10 @@ Its state is plain tensors, so checkpoints (safetensors) and exact resumes work 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["OPTIMIZERS", "make_optimizer"]
 
@@ -28,6 +30,8 @@ def make_optimizer(
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
     """AdamW (``"adamw"``) or bitsandbytes' ``AdamW8bit`` (``"adamw8bit"``) over ``params``."""
+    import torch
+
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw8bit":
