@@ -31,7 +31,7 @@ def _offenders_html(
     cells = []
     for r in rows[:n]:
         gen = Image.open(out / r["image_file"]).convert("RGB")
-        train = _training_image(catalog_images.get(r["nn_row"]), gen.size)
+        train = _training_image(r.get("nn_image") or catalog_images.get(r["nn_row"]), gen.size)
         flag = "verbatim" if r["verbatim"] else "replication" if r["replicated"] else ""
         cells.append(
             '<div class="cell">'

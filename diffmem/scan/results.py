@@ -10,8 +10,12 @@ from typing import Any
 import numpy as np
 
 from diffmem.io import atomic_write_json
+from diffmem.scan.config import SSIM_THRESHOLD
 from diffmem.scan.store import ShardStore
 from diffmem.scan.summary import flag_metrics, similarity_stats
+
+#: the training-image bad rows that apply to a scan's rows (written by the runner)
+IMAGE_BAD_ROWS = "image_bad_rows.parquet"
 
 
 def load_results(out: str | Path) -> dict[str, Any]:
@@ -25,18 +29,11 @@ def load_results(out: str | Path) -> dict[str, Any]:
         with np.load(out / "background.npz") as f:
             bg = {k: f[k] for k in f.files}
     bad = pq.read_table(out / "bad_rows.parquet") if (out / "bad_rows.parquet").is_file() else None
-    image_bad = []
-    train = ShardStore(out, "train", ".npz")
-    for k in train.done_shards():
-        a = train.read_arrays(k)
-        for r, i, reason, detail in zip(a["bad_rows"], a["bad_ids"], a["bad_reasons"], a["bad_details"]):
-            image_bad.append(
-                {"row": int(r), "id": str(i), "reason": str(reason), "detail": str(detail), "stage": "image"}
-            )
-    if image_bad:
+    image_bad = out / IMAGE_BAD_ROWS
+    if image_bad.is_file():
         import pyarrow as pa
 
-        extra = pa.Table.from_pylist(image_bad, schema=bad.schema)
+        extra = pq.read_table(image_bad)
         bad = pa.concat_tables([bad, extra]) if bad is not None else extra
     return {
         "scores": ShardStore(out, "scores").concat(),
@@ -73,14 +70,15 @@ def caption_table(gens) -> dict[str, dict[str, Any]]:
     return per
 
 
-def write_summary(cfg, out: Path, describe: dict, image_bad: list[dict]) -> dict[str, Any]:
+def write_summary(cfg, out: Path, describe: dict) -> dict[str, Any]:
     """Somepalli et al.'s dataset statistics, bad-row counts, flags and (with labels) precision/recall."""
     import pyarrow.parquet as pq
 
     res = load_results(out)
     scores, gens, bg = res["scores"], res["gens"], res["background"]
     read_bad = pq.read_table(out / "bad_rows.parquet").to_pylist()
-    bad_all = read_bad + list(image_bad)
+    image_bad = pq.read_table(out / IMAGE_BAD_ROWS).to_pylist() if (out / IMAGE_BAD_ROWS).is_file() else []
+    bad_all = read_bad + image_bad
     rep_t = describe.get("replication_threshold", 0.5)
     ver_t = describe.get("verbatim_threshold", 0.7)
     thresholds = {"05pc" if rep_t == 0.5 else f"{rep_t:g}": rep_t, "verbatim": ver_t}
@@ -94,6 +92,8 @@ def write_summary(cfg, out: Path, describe: dict, image_bad: list[dict]) -> dict
         "guidance_scale": cfg.guidance_scale,
         "seed": cfg.seed,
         "index": cfg.index,
+        "train_embeddings": cfg.train_embeddings,
+        "train_index": cfg.train_index,
     }
     catalog_rows = pq.ParquetFile(out / "catalog.parquet").metadata.num_rows
     summary["rows_read"] = catalog_rows + len(read_bad)
@@ -133,8 +133,6 @@ def write_summary(cfg, out: Path, describe: dict, image_bad: list[dict]) -> dict
             )
         ssim_vals = gens.column("ssim").to_pylist()
         if any(v is not None for v in ssim_vals):
-            from diffmem.scan.runner import SSIM_THRESHOLD
-
             summary.update(
                 similarity_stats([v for v in ssim_vals if v is not None], "ssim", {"thr": SSIM_THRESHOLD})
             )

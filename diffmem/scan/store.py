@@ -5,7 +5,8 @@ Layout under the scan folder::
     scan.json                      the configuration (a rerun must match it)
     catalog.parquet                the usable rows, one parquet row group per shard
     bad_rows.parquet               rows set aside while reading, with reasons
-    train/train-000000.npz         training-image descriptors of shard 0 (+ rows whose image is bad)
+    embeddings/                    training-image descriptors (``diffmem.scan.layout``) and bad images
+    image_bad_rows.parquet         training images that failed to load, for rows of this scan
     scores/scores-000000.parquet   first-step scores of shard 0
     gens/gens-000000.parquet       generations of shard 0: nearest training image, similarity, flags
     images/000000/...png           kept generations of shard 0 (written before the shard commits)
@@ -17,18 +18,15 @@ rest with the same per-item seeds, so the union is exactly the rows of an uninte
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
-from diffmem.io import atomic_write, atomic_write_bytes
+from diffmem.io import atomic_write
 
 
 class ShardStore:
-    """Shard files of one stage (``train``, ``scores``, ``gens``) in a scan folder."""
+    """Shard files of one stage (``scores``, ``gens``) in a scan folder."""
 
     def __init__(self, root: str | os.PathLike, stage: str, suffix: str = ".parquet"):
         self.root = Path(root)
@@ -74,14 +72,5 @@ class ShardStore:
         import pyarrow as pa
 
         tables = list(self.iter_tables(columns=columns))
-        return pa.concat_tables(tables) if tables else None
-
-    # npz shards ----------------------------------------------------------------------------------
-    def write_arrays(self, shard: int, **arrays: np.ndarray) -> Path:
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return atomic_write_bytes(self.path(shard), buf.getvalue())
-
-    def read_arrays(self, shard: int) -> dict[str, np.ndarray]:
-        with np.load(self.path(shard), allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        # shards written before a column was added read as nulls there
+        return pa.concat_tables(tables, promote_options="default") if tables else None

@@ -1,0 +1,191 @@
+"""A faiss index over an embedding layout, built shard by shard and searched memory-mapped from disk.
+
+``build_index_file(layout, path)`` writes the index to ``path`` and its record to ``path + ".json"``
+(the embedder and preprocessing, the layout it indexes, the parameters, the build cost); an index
+without its record is not read. Parameters come from the number of vectors ``n`` (``index_parameters``):
+
+- ``n <= EXACT_MAX``: ``Flat``, exact inner product;
+- otherwise ``IVF{nlist},PQ{m}``: ``nlist`` the power of two nearest ``sqrt(n)`` (at least 39 training
+  points per list), ``m = d / 8`` sub-quantizers of 8 bits (``d/8`` bytes per vector, 1/16 of float16),
+  trained on ``max(64 * nlist, 100_000)`` vectors sampled with the seed, searched with
+  ``nprobe = max(16, nlist // 64)``. (Lower than autofaiss's rule of ``4..16 sqrt(n)`` lists: on a few
+  CPU cores k-means over that many lists costs more than the search it saves; measured in RESULTS.)
+- ``kind="hnsw"``: ``HNSW32,Flat`` (graph search; holds the full vectors in memory, no memory-mapping).
+
+Search is approximate: a scan re-ranks each query's ``rerank`` best candidates exactly from the stored
+vectors (``diffmem.scan.training``), so reported similarities are exact inner products.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffmem.io import atomic_write, atomic_write_json
+from diffmem.scan.layout import EmbeddingLayout
+
+FORMAT = "diffmem-faiss-index/1"
+#: up to this many vectors ``kind="auto"`` builds an exact index
+EXACT_MAX = 200_000
+INDEX_KINDS = ("auto", "flat", "ivfpq", "hnsw")
+
+
+def _faiss():
+    from diffmem.scan.index import _faiss
+
+    faiss = _faiss()
+    if faiss is None:
+        raise ImportError("faiss is not installed: pip install 'diffmem[scan]'")
+    return faiss
+
+
+def index_parameters(n: int, d: int, kind: str = "auto") -> dict[str, Any]:
+    """The factory string and search parameters for ``n`` vectors of dimension ``d`` (the rule above)."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"--kind: expected one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    if kind == "auto":
+        kind = "flat" if n <= EXACT_MAX else "ivfpq"
+    if kind == "flat":
+        return {"kind": "flat", "factory": "Flat"}
+    if kind == "hnsw":
+        return {"kind": "hnsw", "factory": "HNSW32,Flat", "efSearch": 128}
+    nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(n)))))
+    nlist = max(1, min(nlist, n // 39))
+    m = next(c for c in (d // 8, d // 4, d // 2, d) if c >= 1 and d % c == 0)
+    return {
+        "kind": "ivfpq",
+        "factory": f"IVF{nlist},PQ{m}",
+        "nlist": nlist,
+        "m": m,
+        "nprobe": min(nlist, max(16, nlist // 64)),
+        "train_size": min(n, max(64 * nlist, 100_000)),
+    }
+
+
+def _sample_positions(n: int, size: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def build_index_file(
+    layout: EmbeddingLayout,
+    path: str | os.PathLike,
+    *,
+    kind: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build an index over ``layout`` (one block of vectors in memory at a time, besides the training
+    sample) and commit ``path`` and ``path.json``; returns the record."""
+    from tqdm.auto import tqdm
+
+    faiss = _faiss()
+    path = Path(path)
+    n, d = layout.ntotal, layout.dim
+    if n == 0:
+        raise ValueError(f"--embeddings: {layout.root} holds no vectors")
+    params = index_parameters(n, d, kind)
+    t0 = time.perf_counter()
+    index = faiss.index_factory(d, params["factory"], faiss.METRIC_INNER_PRODUCT)
+    if params["kind"] == "ivfpq":
+        sample = layout.vectors_at(_sample_positions(n, params["train_size"], seed))
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        index.train(sample)
+        del sample
+    train_s = time.perf_counter() - t0
+    with tqdm(total=n, desc="adding vectors", unit="vec", disable=not progress) as bar:
+        for _, block in layout.iter_vectors(batch=1 << 18):
+            index.add(block)
+            bar.update(len(block))
+    build_s = time.perf_counter() - t0
+    if params["kind"] == "ivfpq":
+        faiss.extract_index_ivf(index).nprobe = params["nprobe"]
+    if params["kind"] == "hnsw":
+        index.hnsw.efSearch = params["efSearch"]
+    atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
+    record = {
+        "format": FORMAT,
+        "embeddings": str(layout.root.resolve()),
+        "layout": layout.fingerprint(),
+        "embedder": layout.embedder,
+        "ntotal": n,
+        "dim": d,
+        "metric": "inner_product",
+        **params,
+        "seed": seed,
+        "train_seconds": round(train_s, 3),
+        "build_seconds": round(build_s, 3),
+        "bytes": path.stat().st_size,
+        "faiss": faiss.__version__,
+    }
+    atomic_write_json(Path(f"{path}.json"), record)
+    return record
+
+
+def read_index_record(path: str | os.PathLike, argument: str = "--train-index") -> dict[str, Any]:
+    """The record of an index file (``path.json``); a clear error when it or the index is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}: {path} does not exist (build one with `diffmem index`)")
+    rec_path = Path(f"{path}.json")
+    if not rec_path.is_file():
+        raise FileNotFoundError(
+            f"{argument}: {path} has no record {rec_path.name} (which embedder and layout it indexes); "
+            "build the index with `diffmem index`"
+        )
+    try:
+        record = json.loads(rec_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{argument}: {rec_path} is not JSON ({err.msg})") from None
+    if record.get("format") != FORMAT:
+        raise ValueError(
+            f"{argument}: {rec_path} is not a diffmem index record (format {record.get('format')!r})"
+        )
+    return record
+
+
+class IndexFile:
+    """A prebuilt index, read memory-mapped (``faiss.IO_FLAG_MMAP``: IVF lists stay on disk and only the
+    probed ones are read); moved to the GPU when faiss-gpu and a CUDA device are there."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        layout: EmbeddingLayout,
+        *,
+        nprobe: int | None = None,
+        gpu_device: int | None = None,
+        argument: str = "--train-index",
+    ):
+        faiss = _faiss()
+        self.record = read_index_record(path, argument)
+        if self.record["layout"] != layout.fingerprint():
+            raise ValueError(
+                f"{argument}: {path} indexes another set of embeddings than {layout.root} "
+                f"({self.record['ntotal']} vectors there, {layout.ntotal} here, or other shards or embedder); "
+                "rebuild it with `diffmem index`"
+            )
+        mmap = self.record["kind"] != "hnsw"
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+        if self.record["kind"] == "ivfpq":
+            faiss.extract_index_ivf(index).nprobe = nprobe or self.record["nprobe"]
+        self.on_gpu = False
+        if gpu_device is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            self._resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._resources, gpu_device, index)
+            self.on_gpu = True
+        self.index = index
+        self.kind = self.record["kind"]
+        self.ntotal = int(index.ntotal)
+        self.dim = int(index.d)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """``(similarities, positions)`` as the index scores them (approximate for IVF-PQ)."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return self.index.search(q, min(k, self.ntotal))

@@ -1,0 +1,195 @@
+"""clip-retrieval's embedding layout (the layout of LAION's released embeddings), written and read shard by shard.
+
+::
+
+    DIR/embeddings.json                  what made it: embedder description, dtype, data, shard size
+    DIR/catalog.parquet, bad_rows.parquet the rows embedded (``diffmem.scan.catalog``), one row group a shard
+    DIR/img_emb/img_emb_0000.npy         (n_k, d) unit descriptors of shard 0 (float16 by default)
+    DIR/metadata/metadata_0000.parquet   their rows: image_path, caption, id, row (the source row)
+    DIR/bad_images/bad_images_0000.parquet  rows of shard 0 whose image did not load, with reasons
+
+A shard is done when its ``.npy`` file exists: it is committed last, after its metadata and bad images,
+each written atomically. Positions (``0 .. n-1``, the ids of a faiss index built over the layout) run
+through the shards in shard order. Vectors are read with ``pread`` (``vectors_at``), not memory-mapped,
+so an exact re-rank of a few candidates does not pull a whole shard into the resident set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffmem.io import atomic_write, atomic_write_bytes, atomic_write_json
+
+FORMAT = "clip-retrieval"
+RECORD = "embeddings.json"
+_NPY = re.compile(r"img_emb_(\d+)\.npy$")
+
+
+def shard_name(kind: str, k: int) -> str:
+    return f"{kind}_{k:04d}"
+
+
+class LayoutWriter:
+    """Commit shards of a layout folder (one process writes each shard; any number of writers)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def npy_path(self, k: int) -> Path:
+        return self.root / "img_emb" / f"{shard_name('img_emb', k)}.npy"
+
+    def done(self, k: int) -> bool:
+        return self.npy_path(k).is_file()
+
+    def write_shard(self, k: int, vectors: np.ndarray, metadata, bad_images) -> None:
+        """Commit shard ``k``: ``metadata`` / ``bad_images`` are pyarrow tables; the ``.npy`` goes last."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        meta = self.root / "metadata" / f"{shard_name('metadata', k)}.parquet"
+        bad = self.root / "bad_images" / f"{shard_name('bad_images', k)}.parquet"
+        atomic_write(meta, lambda tmp: pq.write_table(metadata, tmp))
+        atomic_write(bad, lambda tmp: pq.write_table(bad_images, tmp))
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(vectors))
+        atomic_write_bytes(self.npy_path(k), buf.getvalue())
+
+
+def write_record(root: Path, record: dict[str, Any], argument: str = "--out") -> None:
+    """Write ``embeddings.json``, or refuse (naming the first differing field) a resume with other settings."""
+    path = root / RECORD
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+        if diff:
+            k = diff[0]
+            raise ValueError(
+                f"{argument}: {root} holds embeddings made with other settings ({k}: {old.get(k)!r} there, "
+                f"{record.get(k)!r} now); rerun with the same settings to resume, or use another folder"
+            )
+    else:
+        atomic_write_json(path, record)
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a ``.npy`` file (header only)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read(f)
+        if fortran:
+            raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+        return shape, dtype, f.tell()
+
+
+class EmbeddingLayout:
+    """Read a layout folder: vectors by shard or by position, metadata columns, bad images, the record."""
+
+    def __init__(self, root: str | os.PathLike, argument: str = "--train-embeddings"):
+        self.root = Path(root)
+        if not (self.root / "img_emb").is_dir():
+            raise FileNotFoundError(
+                f"{argument}: {self.root} is not an embedding folder (no img_emb/; make one with `diffmem embed`)"
+            )
+        record = self.root / RECORD
+        if not record.is_file():
+            raise FileNotFoundError(
+                f"{argument}: {self.root} has no {RECORD}, so which embedder made it is unknown "
+                "(`diffmem embed` writes it; for embeddings made elsewhere write the embedder's description there)"
+            )
+        self.record: dict[str, Any] = json.loads(record.read_text())
+        shards = sorted(
+            int(m.group(1)) for p in (self.root / "img_emb").iterdir() if (m := _NPY.match(p.name))
+        )
+        self.shards = shards
+        self.files = [self.root / "img_emb" / f"{shard_name('img_emb', k)}.npy" for k in shards]
+        headers = [_npy_header(p) for p in self.files]
+        dims = {h[0][1] for h in headers if len(h[0]) == 2}
+        if any(len(h[0]) != 2 for h in headers) or len(dims) > 1:
+            raise ValueError(
+                f"{argument}: {self.root}: the img_emb shards are not all (n, d) arrays of one d"
+            )
+        self.dim = dims.pop() if dims else int(self.record.get("dim", 0))
+        self.counts = np.asarray([h[0][0] for h in headers], dtype=np.int64)
+        self._dtypes = [h[1] for h in headers]
+        self._offsets = [h[2] for h in headers]
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.ntotal = int(self.starts[-1])
+        self.embedder = self.record.get("embedder", {})
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What an index over this layout depends on: the embedder, the shards and their sizes."""
+        return {"embedder": self.embedder, "shards": self.shards, "counts": self.counts.tolist()}
+
+    def shard_vectors(self, i: int) -> np.ndarray:
+        """The vectors of the ``i``-th shard present, as float32."""
+        return np.load(self.files[i]).astype(np.float32, copy=False)
+
+    def iter_vectors(self, batch: int = 1 << 20):
+        """``(start_position, float32 block)`` through all vectors, one shard (or ``batch`` rows) at a time."""
+        for i in range(len(self.files)):
+            if self.counts[i] == 0:
+                continue
+            arr = np.load(self.files[i], mmap_mode="r")
+            for s in range(0, len(arr), batch):
+                yield int(self.starts[i] + s), np.asarray(arr[s : s + batch], dtype=np.float32)
+
+    def all_vectors(self) -> np.ndarray:
+        """All vectors in memory as one float32 array (for exact in-memory search of small sets)."""
+        if not self.files:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate([self.shard_vectors(i) for i in range(len(self.files))])
+
+    def vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        """Float32 vectors at ``positions`` (any shape; ``-1`` gives zeros), read with ``pread``."""
+        pos = np.asarray(positions, dtype=np.int64)
+        flat = pos.reshape(-1)
+        out = np.zeros((flat.size, self.dim), np.float32)
+        valid = np.flatnonzero((flat >= 0) & (flat < self.ntotal))
+        if valid.size:
+            shard = np.searchsorted(self.starts, flat[valid], side="right") - 1
+            for i in np.unique(shard):
+                sel = valid[shard == i]
+                local = flat[sel] - self.starts[i]
+                dtype = self._dtypes[i]
+                row_bytes = dtype.itemsize * self.dim
+                fd = os.open(self.files[i], os.O_RDONLY)
+                try:
+                    order = np.argsort(local, kind="stable")
+                    for j in order:
+                        raw = os.pread(fd, row_bytes, self._offsets[i] + int(local[j]) * row_bytes)
+                        out[sel[j]] = np.frombuffer(raw, dtype=dtype)
+                finally:
+                    os.close(fd)
+        return out.reshape(*pos.shape, self.dim)
+
+    def metadata_column(self, name: str):
+        """One metadata column over all shards, in position order (a pyarrow ChunkedArray)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        chunks = []
+        for k in self.shards:
+            t = pq.read_table(self.root / "metadata" / f"{shard_name('metadata', k)}.parquet", columns=[name])
+            chunks.extend(t.column(name).chunks)
+        return pa.chunked_array(chunks, type=chunks[0].type if chunks else pa.string())
+
+    def bad_images(self) -> list[dict]:
+        """Rows whose image did not load, over all shards (``diffmem.scan.bad_rows`` records)."""
+        import pyarrow.parquet as pq
+
+        out: list[dict] = []
+        for k in self.shards:
+            path = self.root / "bad_images" / f"{shard_name('bad_images', k)}.parquet"
+            if path.is_file():
+                out.extend(pq.read_table(path).to_pylist())
+        return out

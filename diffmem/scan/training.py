@@ -1,0 +1,117 @@
+"""The training side of a scan: the training images' descriptors (a clip-retrieval layout), the index
+that searches them, and per position the training row, id and image.
+
+Either the scan embeds ``--data``'s own images into ``DIR/embeddings`` (float32, searched in memory
+with the ``--index`` kind), or it reads a prebuilt layout (``--train-embeddings``, made by ``diffmem
+embed``) and optionally a prebuilt index over it (``--train-index``, made by ``diffmem index``), whose
+candidates are re-ranked exactly from the stored vectors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from diffmem.io import atomic_write
+from diffmem.scan.layout import EmbeddingLayout
+
+
+def check_embedder(layout: EmbeddingLayout, describe: dict, argument: str) -> None:
+    """Refuse a layout made with another embedder or preprocessing than the scan's."""
+    theirs = layout.embedder
+    diff = sorted(k for k in set(theirs) | set(describe) if theirs.get(k) != describe.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(
+            f"{argument}: {layout.root} was embedded with another embedder ({k}: {theirs.get(k)!r} there, "
+            f"{describe.get(k)!r} in this scan); scan with the same --embedder settings, or re-embed"
+        )
+
+
+class TrainingSet:
+    """Training descriptors, an index over them, and what each position is."""
+
+    def __init__(
+        self,
+        layout: EmbeddingLayout,
+        *,
+        index: str = "flat",
+        index_file: str | None = None,
+        rerank: int = 64,
+        nprobe: int = 16,
+        seed: int = 0,
+        device=None,
+    ):
+        import torch
+
+        self.layout = layout
+        self.rerank = rerank
+        self.rows = layout.metadata_column("row").to_numpy() if layout.ntotal else np.zeros(0, np.int64)
+        self._ids = layout.metadata_column("id")
+        self._images = layout.metadata_column("image_path")
+        self.bad = layout.bad_images()
+        self.index = None
+        self.exact = True  # whether the index's similarities are exact (no re-rank needed)
+        device = torch.device(device) if device is not None else None
+        gpu = (device.index or 0) if device is not None and device.type == "cuda" else None
+        if index_file is not None:
+            from diffmem.scan.index_file import IndexFile
+
+            self.index = IndexFile(index_file, layout, gpu_device=gpu)
+            self.exact = False
+        elif layout.ntotal:
+            from diffmem.scan.index import build_index
+
+            self.index = build_index(
+                layout.all_vectors(), kind=index, device=device, nprobe=nprobe, seed=seed
+            )
+
+    def __len__(self) -> int:
+        return self.layout.ntotal
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """``(similarities, positions)``, each ``(n, k)``, best first. With a prebuilt index, its
+        ``max(k, rerank)`` candidates are re-scored exactly (inner product with the stored vectors)."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.exact:
+            return self.index.search(q, k)
+        _, cand = self.index.search(q, max(k, self.rerank))
+        vecs = self.layout.vectors_at(cand)  # (n, c, d); -1 positions give zero vectors
+        sims = np.einsum("ncd,nd->nc", vecs, q)
+        sims[cand < 0] = -np.inf
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        top_s = np.take_along_axis(sims, order, 1).astype(np.float32)
+        top_p = np.take_along_axis(cand, order, 1)
+        top_p[~np.isfinite(top_s)] = -1
+        return top_s, top_p
+
+    def row(self, pos: int) -> int:
+        return int(self.rows[pos]) if pos >= 0 else -1
+
+    def id(self, pos: int) -> str | None:
+        return self._ids[pos].as_py() if pos >= 0 else None
+
+    def image(self, pos: int) -> str | None:
+        return self._images[pos].as_py() if pos >= 0 else None
+
+
+def compute_background(path: Path, train: TrainingSet, sample: int, seed: int) -> None:
+    """Somepalli et al.'s background: each (sampled) training image vs its nearest other training
+    image, written to ``path`` (``rows``, ``sims``, ``nn_rows``)."""
+    if path.is_file() or train.index is None:
+        return
+    from diffmem.scan.index import nearest_other
+
+    n = len(train)
+    take = np.arange(n)
+    if sample and n > sample:
+        take = np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
+    sims, pos = nearest_other(train, train.layout.vectors_at(take), take)
+    nn_rows = np.where(pos >= 0, train.rows[np.maximum(pos, 0)], -1)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, rows=train.rows[take], sims=sims, nn_rows=nn_rows)
+
+    atomic_write(path, write)
