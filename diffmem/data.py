@@ -6,7 +6,12 @@ Sources (``open_dataset``):
   Hugging Face ``imagefolder`` convention: a ``file_name`` column (path relative to the folder), a caption
   column and any extra columns;
 - a ``.csv`` / ``.jsonl`` / ``.parquet`` table of (id, caption, image path); relative image paths are
-  relative to the table's folder.
+  relative to the table's folder;
+- img2dataset outputs (``diffmem.shards``): webdataset tar shards, one ``.tar`` or a folder of them
+  (``{key}.jpg``, ``{key}.txt``, ``{key}.json`` per sample), or a parquet file / folder of shards whose
+  image bytes are in a binary column (``jpg``, ...) beside ``key`` and ``caption``. ``Record.image`` is
+  then a member reference (``/abs/00000.tar::4608+1234``, ``/abs/part.parquet::row=17,col=jpg``) that
+  ``load_rgb`` reads without rescanning the shard.
 
 Every row becomes a ``Record`` or a ``BadRow`` (with a reason from ``REASONS``), in source order. Cheap
 checks (empty caption, duplicate or missing id, missing image file) happen while reading; image checks
@@ -50,7 +55,8 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 @dataclass(frozen=True)
 class Record:
-    """One usable row: ``image`` is an absolute path (or ``None`` for caption-only tables)."""
+    """One usable row: ``image`` is an absolute path, or a member reference into an img2dataset shard
+    (``diffmem.shards``; ``load_rgb`` reads both), or ``None`` for caption-only tables."""
 
     id: str
     caption: str
@@ -186,7 +192,8 @@ def find_metadata(folder: str | os.PathLike) -> Path:
             return folder / name
     raise FileNotFoundError(
         f"{folder}: no {', '.join(METADATA_FILES)} in this image folder "
-        "(expected the Hugging Face imagefolder layout: images plus a metadata file with a file_name column)"
+        "(expected the Hugging Face imagefolder layout: images plus a metadata file with a file_name column; "
+        "or img2dataset shards: *.tar, or *.parquet with an image-bytes column)"
     )
 
 
@@ -200,17 +207,38 @@ def open_dataset(
     check_files: bool = True,
     argument: str = "--data",
 ) -> Iterator[Record | BadRow]:
-    """Stream the rows of a dataset (image folder or table) as ``Record`` / ``BadRow``, in source order.
+    """Stream the rows of a dataset (image folder, table or img2dataset output) as ``Record`` / ``BadRow``,
+    in source order.
 
     Columns are found by name unless given: id from ``ID_COLUMNS`` (else the image path, else the row
     number), caption from ``CAPTION_COLUMNS``, image from ``IMAGE_COLUMNS``. The first row with an id
     wins; later rows with the same id are ``duplicate_id``. Memory: one set of seen ids.
     Raises ``FileNotFoundError`` / ``ValueError`` (naming ``argument``) only for a dataset that cannot be
     read at all.
+
+    img2dataset outputs (a ``.tar``, a folder of ``*.tar``, or parquet with a binary image column; a folder
+    with a metadata file stays an image folder) are read by ``diffmem.shards``: for tar shards
+    ``caption_column`` / ``id_column`` name json fields (or, for the caption, a text member extension) and
+    ``image_column`` the image member's extension; for parquet they name columns. ``check_files`` does not
+    apply there (the images are inside the shards, read by ``load_rgb``).
     """
+    from diffmem import shards
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{argument}: {path} does not exist")
+    has_metadata = path.is_dir() and any((path / name).is_file() for name in METADATA_FILES)
+    kind = None if has_metadata else shards.detect(path, image_column)
+    options = dict(
+        id_column=id_column,
+        caption_column=caption_column,
+        image_column=image_column,
+        require_image=require_image,
+    )
+    if kind == "webdataset":
+        return shards.iter_webdataset(path, **options)
+    if kind == "parquet":
+        return shards.iter_parquet_bytes(path, **options)
     table = find_metadata(path) if path.is_dir() else path
     base = table.parent
     columns, rows = _iter_table_rows(table)
@@ -301,27 +329,40 @@ def _to_rgb_8bit(im):
 def load_rgb(path: str | os.PathLike, *, convert_modes: bool = False):
     """Open an image as 8-bit RGB, or raise ``BadImageError`` with a ``REASONS`` key.
 
-    Palette, grey, and alpha images are converted (alpha composited on white). CMYK and 16-bit images
-    are refused unless ``convert_modes`` (CMYK then goes through PIL's conversion, using an embedded ICC
-    profile when there is one; 16-bit is divided by 257, not clipped).
+    ``path`` is an image file or a member reference into an img2dataset shard (``diffmem.shards``), whose
+    bytes are decoded the same way. Palette, grey, and alpha images are converted (alpha composited on
+    white). CMYK and 16-bit images are refused unless ``convert_modes`` (CMYK then goes through PIL's
+    conversion, using an embedded ICC profile when there is one; 16-bit is divided by 257, not clipped).
     """
-    from PIL import Image, UnidentifiedImageError
+    import io
 
+    from diffmem import shards
+
+    if shards.is_member_ref(path):
+        name = os.fspath(path)
+        return _decode_rgb(io.BytesIO(shards.read_member_bytes(name)), name, convert_modes)
     path = Path(path)
     if not path.is_file():
         raise BadImageError("missing_file", f"{path} does not exist")
+    return _decode_rgb(path, str(path), convert_modes)
+
+
+def _decode_rgb(source, name: str, convert_modes: bool):
+    """``load_rgb``'s decoding, for a file path or a file-like object of image bytes (``name`` for messages)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             high = _is_high_bit_depth(im)
             im.load()
             mode = im.mode
             if mode == "CMYK":
                 if not convert_modes:
-                    raise BadImageError("cmyk_image", f"{path} is CMYK")
+                    raise BadImageError("cmyk_image", f"{name} is CMYK")
                 return _cmyk_to_rgb(im)
             if high:
                 if not convert_modes:
-                    raise BadImageError("high_bit_depth", f"{path} has mode {mode} with more than 8 bits")
+                    raise BadImageError("high_bit_depth", f"{name} has mode {mode} with more than 8 bits")
                 return _to_rgb_8bit(im)
             if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
@@ -329,16 +370,16 @@ def load_rgb(path: str | os.PathLike, *, convert_modes: bool = False):
                 return Image.alpha_composite(background, rgba).convert("RGB")
             if mode in ("RGB", "L", "P", "1", "YCbCr", "LAB", "HSV"):
                 return im.convert("RGB")
-            raise BadImageError("unsupported_mode", f"{path} has mode {mode}")
+            raise BadImageError("unsupported_mode", f"{name} has mode {mode}")
     except BadImageError:
         raise
     except Image.DecompressionBombError as err:
-        raise BadImageError("too_large", f"{path}: {err}") from None
+        raise BadImageError("too_large", f"{name}: {err}") from None
     except UnidentifiedImageError:
-        raise BadImageError("corrupt_image", f"{path} is not an image PIL can read") from None
+        raise BadImageError("corrupt_image", f"{name} is not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as err:
         reason = "truncated_image" if "truncated" in str(err).lower() else "corrupt_image"
-        raise BadImageError(reason, f"{path}: {err}") from None
+        raise BadImageError(reason, f"{name}: {err}") from None
 
 
 def _cmyk_to_rgb(im):
