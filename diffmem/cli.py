@@ -25,6 +25,8 @@ COMMANDS = [
     "attack",
     "finetune",
     "solidmark",
+    "embed",
+    "index",
     "scan",
     "bench",
 ]

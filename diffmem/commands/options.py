@@ -15,9 +15,12 @@ from diffmem.attention import ATTENTION_CHOICES
 from diffmem.precision import DTYPES, torch_dtype
 
 __all__ = [
+    "add_data_column_arguments",
+    "add_embedder_arguments",
     "add_runtime_arguments",
     "add_training_memory_arguments",
     "check_runtime_arguments",
+    "embedder_settings",
     "load_model",
     "resolution",
 ]
@@ -123,3 +126,53 @@ def resolution(args: argparse.Namespace, pipe) -> tuple[int, int]:
     from diffmem.modelio import model_resolution
 
     return model_resolution(pipe, getattr(args, "height", None), getattr(args, "width", None))
+
+
+def add_embedder_arguments(p: argparse.ArgumentParser) -> None:
+    """The image embedder of a scan or an embedding run: ``--embedder`` and its files and settings."""
+    from diffmem.embed import EMBEDDERS
+
+    e = p.add_argument_group("embedder")
+    e.add_argument("--embedder", choices=EMBEDDERS, default="pixel")
+    e.add_argument(
+        "--embedder-file", default=None, help="SSCD .onnx / TorchScript file, or open_clip state dict"
+    )
+    e.add_argument("--embedder-arch", default=None, help="open_clip architecture name (with --embedder clip)")
+    e.add_argument("--sscd-preprocessing", choices=("small_288", "skew_320", "dcr_224"), default="small_288")
+    e.add_argument("--pixel-size", type=int, default=32, help="side of the pixel descriptor (default 32)")
+    e.add_argument(
+        "--allow-torchscript", action="store_true", help="allow loading a TorchScript file (runs its code)"
+    )
+    e.add_argument(
+        "--allow-pickle", action="store_true", help="allow a pickle checkpoint for --embedder clip"
+    )
+
+
+def embedder_settings(args: argparse.Namespace) -> dict:
+    """The ``add_embedder_arguments`` values, under the names of ``ScanConfig`` / ``load_embedder``."""
+    names = ("embedder", "embedder_file", "embedder_arch", "sscd_preprocessing", "pixel_size")
+    return {
+        **{n: getattr(args, n) for n in names},
+        "allow_torchscript": args.allow_torchscript,
+        "allow_pickle": args.allow_pickle,
+    }
+
+
+def add_data_column_arguments(p: argparse.ArgumentParser, *, labels: bool = True):
+    """``--id-column`` ... ``--convert-modes``: how a dataset's columns and images are read; the group."""
+    d = p.add_argument_group("data columns")
+    d.add_argument("--id-column", default=None)
+    d.add_argument("--caption-column", default=None)
+    d.add_argument("--image-column", default=None)
+    if labels:
+        d.add_argument(
+            "--label-column",
+            default=None,
+            help="0/1 memorized labels (default: a column named memorized or label)",
+        )
+    d.add_argument(
+        "--convert-modes",
+        action="store_true",
+        help="convert CMYK and 16-bit images instead of setting them aside",
+    )
+    return d

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments
+from diffmem.commands.options import (
+    add_data_column_arguments,
+    add_embedder_arguments,
+    add_runtime_arguments,
+    check_runtime_arguments,
+    embedder_settings,
+)
 
 NAME = "scan"
 HELP = (
@@ -19,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="image folder with metadata.jsonl/.csv/.parquet, or a .csv/.jsonl/.parquet table",
+        help="image folder with metadata.jsonl/.csv/.parquet, a .csv/.jsonl/.parquet table, or img2dataset "
+        "output (webdataset .tar shards, or parquet with image bytes)",
     )
     p.add_argument("--out", required=True, help="scan folder (rerun the same command to resume)")
     p.add_argument(
@@ -55,20 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(
         p, device=False
     )  # the device is the process's: accelerate's, or CUDA when available
-    e = p.add_argument_group("embedder")
-    e.add_argument("--embedder", choices=("pixel", "sscd", "clip"), default="pixel")
-    e.add_argument(
-        "--embedder-file", default=None, help="SSCD .onnx / TorchScript file, or open_clip state dict"
-    )
-    e.add_argument("--embedder-arch", default=None, help="open_clip architecture name (with --embedder clip)")
-    e.add_argument("--sscd-preprocessing", choices=("small_288", "skew_320", "dcr_224"), default="small_288")
-    e.add_argument("--pixel-size", type=int, default=32, help="side of the pixel descriptor (default 32)")
-    e.add_argument(
-        "--allow-torchscript", action="store_true", help="allow loading a TorchScript file (runs its code)"
-    )
-    e.add_argument(
-        "--allow-pickle", action="store_true", help="allow a pickle checkpoint for --embedder clip"
-    )
+    add_embedder_arguments(p)
     s = p.add_argument_group("search")
     s.add_argument(
         "--index",
@@ -76,7 +70,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="flat",
         help="faiss exact (flat), IVF, auto (IVF past 5M), or torch matmul",
     )
-    s.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
+    s.add_argument(
+        "--nprobe", type=int, default=16, help="IVF lists searched per query (in-memory --index ivf)"
+    )
+    s.add_argument(
+        "--train-embeddings",
+        default=None,
+        help="search a prebuilt embedding folder (`diffmem embed`, clip-retrieval layout) instead of embedding --data's images",
+    )
+    s.add_argument(
+        "--train-index",
+        default=None,
+        help="search a prebuilt faiss index (`diffmem index`), memory-mapped; its embeddings folder comes from its record",
+    )
+    s.add_argument(
+        "--rerank",
+        type=int,
+        default=64,
+        help="candidates per generation re-ranked exactly from the stored vectors, with --train-index (default 64)",
+    )
     s.add_argument(
         "--background-sample",
         type=int,
@@ -104,20 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=8,
         help="generations kept per shard for the report (plus all flagged)",
     )
-    d = p.add_argument_group("data columns")
-    d.add_argument("--id-column", default=None)
-    d.add_argument("--caption-column", default=None)
-    d.add_argument("--image-column", default=None)
-    d.add_argument(
-        "--label-column",
-        default=None,
-        help="0/1 memorized labels (default: a column named memorized or label)",
-    )
-    d.add_argument(
-        "--convert-modes",
-        action="store_true",
-        help="convert CMYK and 16-bit images instead of setting them aside",
-    )
+    d = add_data_column_arguments(p)
     d.add_argument(
         "--all-rows",
         action="store_true",
@@ -147,15 +146,12 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         dtype=args.dtype,
         attention=args.attention,
-        embedder=args.embedder,
-        embedder_file=args.embedder_file,
-        embedder_arch=args.embedder_arch,
-        sscd_preprocessing=args.sscd_preprocessing,
-        pixel_size=args.pixel_size,
-        allow_torchscript=args.allow_torchscript,
-        allow_pickle=args.allow_pickle,
+        **embedder_settings(args),
         index=args.index,
         nprobe=args.nprobe,
+        train_embeddings=args.train_embeddings,
+        train_index=args.train_index,
+        rerank=args.rerank,
         background_sample=args.background_sample,
         tiled_l2=args.tiled_l2,
         carlini_delta=args.carlini_delta,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 
-from diffmem.embed.base import Embedder, l2_normalize
+from diffmem.embed.base import Embedder, file_sha256, l2_normalize
 
 EMBEDDERS = ("pixel", "sscd", "clip")
 
-__all__ = ["EMBEDDERS", "Embedder", "l2_normalize", "load_embedder"]
+__all__ = ["EMBEDDERS", "Embedder", "file_sha256", "l2_normalize", "load_embedder"]
 
 
 def load_embedder(
@@ -28,6 +28,17 @@ def load_embedder(
     ``sscd``: ``file`` is a ``.onnx`` file or a TorchScript file (``allow_torchscript`` required);
     ``clip``: ``arch`` is an open_clip model name, ``file`` its state dict; ``pixel``: no file.
     """
+    embedder = _load(
+        kind, file, arch, sscd_preprocessing, allow_torchscript, allow_pickle, pixel_size, device
+    )
+    if file is not None and kind != "pixel":
+        embedder.weights = file_sha256(file)
+    return embedder
+
+
+def _load(
+    kind, file, arch, sscd_preprocessing, allow_torchscript, allow_pickle, pixel_size, device
+) -> Embedder:
     if kind == "pixel":
         from diffmem.embed.pixel import PixelEmbedder
 

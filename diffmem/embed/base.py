@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB blocks (names an embedder's weights in its description)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -31,6 +43,8 @@ class Embedder(ABC):
     replication_threshold: float = 0.5
     verbatim_threshold: float = 0.7
     batch_size: int = 32
+    #: sha256 of the weights file a loaded embedder came from (``None``: no file, e.g. the pixel descriptor)
+    weights: str | None = None
 
     @abstractmethod
     def _embed_batch(self, images: Sequence[Any]) -> np.ndarray:
@@ -54,4 +68,5 @@ class Embedder(ABC):
             "preprocessing": self.preprocessing,
             "replication_threshold": self.replication_threshold,
             "verbatim_threshold": self.verbatim_threshold,
+            **({"weights_sha256": self.weights} if self.weights else {}),
         }

@@ -52,13 +52,15 @@ def build_catalog(
     *,
     shard_size: int,
     require_image: bool = True,
+    check_files: bool | None = None,
     id_column: str | None = None,
     caption_column: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
 ) -> None:
     """Stream ``data`` once into ``out/catalog.parquet`` (usable rows, row group = shard of
-    ``shard_size``) and ``out/bad_rows.parquet``; the catalog is committed last (it marks the stage done)."""
+    ``shard_size``) and ``out/bad_rows.parquet`` (``require_image``: a row must name an image;
+    ``check_files``: a named image file must exist; default ``require_image``); the catalog is committed last (it marks the stage done)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -70,7 +72,7 @@ def build_catalog(
         caption_column=caption_column,
         image_column=image_column,
         require_image=require_image,
-        check_files=require_image,
+        check_files=require_image if check_files is None else check_files,
     )
     schema = catalog_schema()
     bad: list[dict] = []

@@ -112,7 +112,7 @@ class ScanConfig:
 
 
 def _layout_of_index(index_file: str) -> str:
-    from diffmem.scan.ann import read_index_record
+    from diffmem.scan.index_file import read_index_record
 
     return read_index_record(index_file, argument="--train-index")["embeddings"]
 

@@ -35,9 +35,11 @@ def embed_catalog(
     dtype: str = "float16",
     convert_modes: bool = False,
     progress: bool = True,
-) -> dict[str, float]:
-    """Embed this process's catalog shards that are not yet in the layout at ``root``; returns
-    ``{"images": n, "seconds": s}`` for the images embedded here (the progress bar shows images/s)."""
+) -> None:
+    """Embed this process's catalog shards that are not yet in the layout at ``root`` (the progress
+    bar shows images/s)."""
+    import pyarrow as pa
+
     from diffmem.data import Record, check_record
 
     if dtype not in LAYOUT_DTYPES:
@@ -45,8 +47,6 @@ def embed_catalog(
     writer = LayoutWriter(root)
     todo = [k for k in procs.mine(catalog.n_shards) if not writer.done(k)]
     rows_todo = sum(catalog.file.metadata.row_group(k).num_rows for k in todo)
-    done = 0
-    t0 = time.perf_counter()
     bar = progress_bar(None, rows_todo, "embedding images", progress and procs.main, unit="img")
     with bar:
         for k in todo:
@@ -64,8 +64,6 @@ def embed_catalog(
                         {"row": r["row"], "id": r["id"], "reason": badrow.reason, "detail": badrow.detail}
                     )
             emb = embedder.embed(images) if images else np.zeros((0, embedder.dim), np.float32)
-            import pyarrow as pa
-
             metadata = pa.Table.from_pylist(
                 [
                     {"image_path": r["image"], "caption": r["caption"], "id": r["id"], "row": r["row"]}
@@ -76,6 +74,90 @@ def embed_catalog(
             writer.write_shard(
                 k, emb.astype(dtype), metadata, bad_table([{**b, "stage": "image"} for b in bad])
             )
-            done += len(rows)
             bar.update(len(rows))
-    return {"images": done, "seconds": time.perf_counter() - t0}
+
+
+def embed_dataset(
+    data: str,
+    out: str | Path,
+    embedder,
+    *,
+    shard_size: int = 1024,
+    dtype: str = "float16",
+    convert_modes: bool = False,
+    id_column: str | None = None,
+    caption_column: str | None = None,
+    image_column: str | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """``diffmem embed``: the images of ``data`` into a clip-retrieval layout at ``out`` (catalog first,
+    then shard by shard; rerun to resume). Returns the summary on the main process, ``None`` elsewhere."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from diffmem.io import atomic_write_json
+    from diffmem.scan.catalog import build_catalog
+    from diffmem.scan.layout import FORMAT, EmbeddingLayout, write_record
+
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"--shard-size: expected an integer >= 1, got {shard_size!r}")
+    if dtype not in LAYOUT_DTYPES:
+        raise ValueError(f"--dtype: expected one of {', '.join(LAYOUT_DTYPES)}, got {dtype!r}")
+    root = Path(out)
+    procs = Procs()
+    t0 = time.perf_counter()
+    if procs.main:
+        root.mkdir(parents=True, exist_ok=True)
+        record = {
+            "format": FORMAT,
+            "embedder": embedder.describe(),
+            "dtype": dtype,
+            "data": str(Path(data).resolve()),
+            "shard_size": shard_size,
+            "columns": {"id": id_column, "caption": caption_column, "image": image_column},
+            "convert_modes": convert_modes,
+        }
+        write_record(root, record)
+        if not (root / "catalog.parquet").is_file():
+            build_catalog(
+                data,
+                root,
+                shard_size=shard_size,
+                id_column=id_column,
+                caption_column=caption_column,
+                image_column=image_column,
+            )
+    procs.barrier()
+    catalog = Catalog(root)
+    writer = LayoutWriter(root)
+    rows_todo = sum(
+        catalog.file.metadata.row_group(k).num_rows for k in range(catalog.n_shards) if not writer.done(k)
+    )
+    procs.barrier()  # every process has counted the work before any of it is done
+    t_embed = time.perf_counter()
+    embed_catalog(catalog, root, embedder, procs, dtype=dtype, convert_modes=convert_modes, progress=progress)
+    procs.barrier()
+    embed_s = time.perf_counter() - t_embed
+    if not procs.main:
+        return None
+    layout = EmbeddingLayout(root, argument="--out")
+    bad = pq.read_table(root / "bad_rows.parquet").to_pylist() + layout.bad_images()
+    seconds = time.perf_counter() - t0
+    summary = {
+        "embeddings": str(root.resolve()),
+        "vectors": layout.ntotal,
+        "dim": layout.dim,
+        "dtype": dtype,
+        "shards": len(layout.shards),
+        "rows_read": catalog.n_rows + sum(b["stage"] == "read" for b in bad),
+        "bad_rows": len(bad),
+        "bad_rows_by_reason": dict(sorted(Counter(b["reason"] for b in bad).items())),
+        "processes": procs.world,
+        "images_this_run": rows_todo,
+        "embed_seconds": round(embed_s, 3),
+        "images_per_s": round(rows_todo / embed_s, 3) if rows_todo and embed_s > 0 else None,
+        "seconds": round(seconds, 3),
+    }
+    atomic_write_json(root / "embed_summary.json", summary)
+    return summary

@@ -27,18 +27,31 @@ __all__ = ["ScanConfig", "run_scan"]
 OWN_EMBEDDINGS = "embeddings"
 
 
-def _training_side(cfg: ScanConfig, out: Path, catalog: Catalog, embedder, describe: dict, procs: Procs):
+def _prebuilt_layout(cfg: ScanConfig, describe: dict):
+    """The prebuilt layout, checked against the scan's embedder (before any model is loaded)."""
+    from diffmem.scan.layout import EmbeddingLayout
+    from diffmem.scan.training import check_embedder
+
+    layout = EmbeddingLayout(cfg.train_embeddings, argument="--train-embeddings")
+    check_embedder(layout, describe, "--train-embeddings")
+    return layout
+
+
+def _training_side(cfg: ScanConfig, out: Path, catalog: Catalog, embedder, layout, procs: Procs):
     from diffmem.scan.embedding import embed_catalog
     from diffmem.scan.layout import EmbeddingLayout, write_record
-    from diffmem.scan.training import TrainingSet, check_embedder
+    from diffmem.scan.training import TrainingSet
 
-    if cfg.prebuilt:
-        layout = EmbeddingLayout(cfg.train_embeddings, argument="--train-embeddings")
-        check_embedder(layout, describe, "--train-embeddings")
-    else:
+    if layout is None:
+        describe = embedder.describe()
         root = out / OWN_EMBEDDINGS
         if procs.main:
-            record = {"format": "clip-retrieval", "embedder": describe, "dtype": "float32", "data": cfg.data}
+            record = {
+                "format": "clip-retrieval",
+                "embedder": describe,
+                "dtype": "float32",
+                "data": str(Path(cfg.data).resolve()),
+            }
             write_record(root, record, argument="--out")
         embed_catalog(
             catalog,
@@ -95,6 +108,7 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
             device=str(procs.device),
         )
     describe = embedder.describe() if embedder is not None else {}
+    prebuilt = _prebuilt_layout(cfg, describe) if needs_images and cfg.prebuilt else None
     if procs.main:
         check_or_write_config(cfg, out, describe)
         if not (out / "catalog.parquet").is_file():
@@ -102,7 +116,8 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
                 cfg.data,
                 out,
                 shard_size=cfg.shard_size,
-                require_image=needs_images and not cfg.prebuilt,
+                require_image=needs_images and not cfg.prebuilt,  # a prebuilt side: captions suffice
+                check_files=needs_images,
                 id_column=cfg.id_column,
                 caption_column=cfg.caption_column,
                 image_column=cfg.image_column,
@@ -124,7 +139,7 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
     skip: set[int] = set()
     if needs_images:
         t = time.perf_counter()
-        train = _training_side(cfg, out, catalog, embedder, describe, procs)
+        train = _training_side(cfg, out, catalog, embedder, prebuilt, procs)
         bad_ids = {b["id"] for b in train.bad}
         row_of = {i: r for r, i in zip(catalog.column("row"), catalog.column("id")) if i in bad_ids}
         skip = set(row_of.values())

@@ -1,0 +1,40 @@
+"""``diffmem index``: a faiss index over an embedding folder, for memory-mapped search by ``diffmem scan``."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "index"
+HELP = (
+    "Build a faiss index over an embedding folder (`diffmem embed`) without loading it all at once: exact "
+    "up to 200,000 vectors, IVF-PQ past that (parameters from the number of vectors), or HNSW. Writes FILE "
+    "and FILE.json (the embedder and layout it indexes); search it with `diffmem scan --train-index FILE`."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from diffmem.scan.index_file import INDEX_KINDS
+
+    p.add_argument("--embeddings", required=True, help="embedding folder made by `diffmem embed`")
+    p.add_argument("--out", required=True, help="index file to write (its record goes to FILE.json)")
+    p.add_argument(
+        "--kind",
+        choices=INDEX_KINDS,
+        default="auto",
+        help="auto: flat up to 200,000 vectors, else IVF-PQ (default); hnsw: graph index, held in memory",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the training sample and k-means")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffmem.scan.index_file import build_index_file
+    from diffmem.scan.layout import EmbeddingLayout
+
+    layout = EmbeddingLayout(args.embeddings, argument="--embeddings")
+    record = build_index_file(layout, args.out, kind=args.kind, seed=args.seed, progress=not args.no_progress)
+    print(
+        f"index: {args.out} ({record['factory']}, {record['ntotal']} vectors of {record['dim']}, "
+        f"{record['bytes'] / 2**20:.1f} MiB, built in {record['build_seconds']:.1f} s)"
+    )
+    return 0
