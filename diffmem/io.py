@@ -35,6 +35,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     return path
 
 
+def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first key (in sorted order) whose value differs between two records, or ``None``: what a
+    refused resume names."""
+    return next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), None)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

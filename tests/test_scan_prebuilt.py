@@ -29,7 +29,7 @@ from diffmem.cli import main
 from diffmem.embed import load_embedder
 from diffmem.scan.embedding import embed_dataset
 from diffmem.scan.index_file import IndexFile, build_index_file, index_parameters
-from diffmem.scan.layout import EmbeddingLayout, LayoutWriter, write_record
+from diffmem.scan.layout import EmbeddingLayout, write_vectors
 from diffmem.scan.results import load_results
 from diffmem.scan.runner import ScanConfig, run_scan
 from diffmem.scan.training import TrainingSet
@@ -107,24 +107,8 @@ def _clustered(n: int, d: int, seed: int) -> np.ndarray:
 
 
 def _write_layout(root: Path, vectors: np.ndarray, shard: int) -> EmbeddingLayout:
-    import pyarrow as pa
-
-    from diffmem.scan.bad_rows import bad_table
-    from diffmem.scan.embedding import metadata_schema
-
-    write_record(
-        root, {"format": "clip-retrieval", "embedder": {"embedder": "synthetic"}, "dtype": "float16"}
-    )
-    writer = LayoutWriter(root)
-    for k, s in enumerate(range(0, len(vectors), shard)):
-        block = vectors[s : s + shard]
-        meta = [
-            {"image_path": None, "caption": "", "id": f"v{s + i}", "row": s + i} for i in range(len(block))
-        ]
-        writer.write_shard(
-            k, block.astype(np.float16), pa.Table.from_pylist(meta, schema=metadata_schema()), bad_table([])
-        )
-    return EmbeddingLayout(root)
+    blocks = [vectors[s : s + shard] for s in range(0, len(vectors), shard)]
+    return write_vectors(root, blocks, {"embedder": "synthetic"})
 
 
 def test_index_built_here_is_read_memory_mapped_and_reranked_exactly(tmp_path):
@@ -175,8 +159,13 @@ def test_scan_against_a_prebuilt_index_finds_the_same_neighbours(
 ):
     ref_out, ref_summary, _ = reference
     emb_dir, _ = layout16
-    record = build_index_file(EmbeddingLayout(emb_dir), tmp_path / "planted.index", progress=False)
-    assert record["kind"] == "flat"
+    assert (
+        main(
+            ["index", "--embeddings", str(emb_dir), "--out", str(tmp_path / "planted.index"), "--no-progress"]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "planted.index.json").read_text())["kind"] == "flat"
     out = tmp_path / "prebuilt"
     cfg = ScanConfig(
         data=str(planted), out=str(out), model=str(tiny_sd1_dir), progress=False, report=False,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from diffmem.commands.options import add_data_column_arguments, add_embedder_arguments, embedder_settings
+from diffmem.commands.options import (
+    DATA_HELP,
+    add_data_column_arguments,
+    add_embedder_arguments,
+    embedder_settings,
+)
 
 NAME = "embed"
 HELP = (
@@ -19,8 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="image folder with metadata.jsonl/.csv/.parquet, a .csv/.jsonl/.parquet table, or img2dataset "
-        "output (webdataset .tar shards, or parquet with image bytes)",
+        help=DATA_HELP,
     )
     p.add_argument("--out", required=True, help="the embedding folder (rerun the same command to resume)")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard file (default 1024)")

@@ -128,6 +128,13 @@ def resolution(args: argparse.Namespace, pipe) -> tuple[int, int]:
     return model_resolution(pipe, getattr(args, "height", None), getattr(args, "width", None))
 
 
+#: the datasets ``--data`` reads (``diffmem.data.open_dataset``)
+DATA_HELP = (
+    "image folder with metadata.jsonl/.csv/.parquet, a .csv/.jsonl/.parquet table, or img2dataset output "
+    "(webdataset .tar shards, or parquet with image bytes)"
+)
+
+
 def add_embedder_arguments(p: argparse.ArgumentParser) -> None:
     """The image embedder of a scan or an embedding run: ``--embedder`` and its files and settings."""
     from diffmem.embed import EMBEDDERS

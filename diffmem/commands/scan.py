@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from diffmem.commands.options import (
+    DATA_HELP,
     add_data_column_arguments,
     add_embedder_arguments,
     add_runtime_arguments,
@@ -25,8 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="image folder with metadata.jsonl/.csv/.parquet, a .csv/.jsonl/.parquet table, or img2dataset "
-        "output (webdataset .tar shards, or parquet with image bytes)",
+        help=DATA_HELP,
     )
     p.add_argument("--out", required=True, help="scan folder (rerun the same command to resume)")
     p.add_argument(
@@ -82,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--train-index",
         default=None,
         help="search a prebuilt faiss index (`diffmem index`), memory-mapped; its embeddings folder comes from its record",
+    )
+    s.add_argument(
+        "--index-nprobe",
+        type=int,
+        default=None,
+        help="IVF lists probed per query in --train-index (default: the one in its record)",
     )
     s.add_argument(
         "--rerank",
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         train_embeddings=args.train_embeddings,
         train_index=args.train_index,
         rerank=args.rerank,
+        index_nprobe=args.index_nprobe,
         background_sample=args.background_sample,
         tiled_l2=args.tiled_l2,
         carlini_delta=args.carlini_delta,

@@ -124,7 +124,9 @@ def load_sscd_onnx(
     if providers is None:
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    session = ort.InferenceSession(str(path), providers=list(providers))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # one thread budget with torch (OMP_NUM_THREADS)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     input_name = session.get_inputs()[0].name
 
     def forward(x: torch.Tensor) -> np.ndarray:

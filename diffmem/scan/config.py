@@ -7,14 +7,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffmem.io import atomic_write_json
+from diffmem.io import atomic_write_json, first_difference
 from diffmem.precision import DTYPES
 
 GENERATE_MODES = ("all", "top", "none")
 #: settings that may change between a run and its resume (the attention kernel changes float rounding only)
 MARGIN_KEYS = ("progress", "report", "out", "attention")
 #: settings added after scans were first written: a scan.json without them was made with these values
-ADDED_KEYS = {"dtype": "float32", "train_embeddings": None, "train_index": None, "rerank": 64}
+ADDED_KEYS = {
+    "dtype": "float32",
+    "train_embeddings": None,
+    "train_index": None,
+    "rerank": 64,
+    "index_nprobe": None,
+}
 
 #: SSIM at or above which a generation counts as a copy of its nearest training image (64 px RGB in
 #: [0, 1]; the definition of diffmem-organism-v1, with which the scan results were measured; v2's
@@ -56,6 +62,7 @@ class ScanConfig:
     #: (``diffmem embed``) and, optionally, a faiss index over it (``diffmem index``)
     train_embeddings: str | None = None
     train_index: str | None = None
+    index_nprobe: int | None = None  # IVF lists probed in --train-index (default: its record's)
     rerank: int = 64  # candidates per query re-ranked exactly from the stored vectors (prebuilt side)
     background_sample: int = 10_000
     tiled_l2: bool = False
@@ -88,6 +95,10 @@ class ScanConfig:
             raise ValueError(f"--top-fraction: expected 0 < fraction <= 1, got {self.top_fraction}")
         if self.keep_images < 0 or self.background_sample < 0 or self.ssim_rerank < 0:
             raise ValueError("--keep-images, --background-sample and --ssim-rerank must be >= 0")
+        if self.index_nprobe is not None and (
+            not isinstance(self.index_nprobe, int) or self.index_nprobe < 1
+        ):
+            raise ValueError(f"--index-nprobe: expected an integer >= 1, got {self.index_nprobe!r}")
         if self.train_index is not None and self.train_embeddings is None:
             self.train_embeddings = _layout_of_index(self.train_index)
 
@@ -124,9 +135,8 @@ def check_or_write_config(cfg: ScanConfig, out: Path, describe: dict) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         old = {**ADDED_KEYS, **old}
-        diff = [k for k in set(old) | set(identity) if old.get(k) != identity.get(k)]
-        if diff:
-            k = sorted(diff)[0]
+        k = first_difference(old, identity)
+        if k is not None:
             raise ValueError(
                 f"--out: {out} holds a scan with other settings ({k}: {old.get(k)!r} there, {identity.get(k)!r} now); "
                 "rerun with the same settings to resume, or use another --out"

@@ -11,19 +11,11 @@ import numpy as np
 
 from diffmem.scan.bad_rows import bad_table
 from diffmem.scan.catalog import Catalog
-from diffmem.scan.layout import LayoutWriter
+from diffmem.scan.layout import LayoutWriter, metadata_schema
 from diffmem.scan.procs import Procs, progress_bar
 
 #: the float types a layout may store (clip-retrieval's released embeddings are float16)
 LAYOUT_DTYPES = ("float16", "float32")
-
-
-def metadata_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [("image_path", pa.string()), ("caption", pa.string()), ("id", pa.string()), ("row", pa.int64())]
-    )
 
 
 def embed_catalog(

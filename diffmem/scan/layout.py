@@ -10,8 +10,8 @@
 
 A shard is done when its ``.npy`` file exists: it is committed last, after its metadata and bad images,
 each written atomically. Positions (``0 .. n-1``, the ids of a faiss index built over the layout) run
-through the shards in shard order. Vectors are read with ``pread`` (``vectors_at``), not memory-mapped,
-so an exact re-rank of a few candidates does not pull a whole shard into the resident set.
+through the shards in shard order. ``vectors_at`` maps a shard only while it copies a chunk of rows out, so an
+exact re-rank of a few candidates does not pull whole shards into the resident set.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.io import atomic_write, atomic_write_bytes, atomic_write_json
+from diffmem.io import atomic_write, atomic_write_bytes, atomic_write_json, first_difference
 
 FORMAT = "clip-retrieval"
 RECORD = "embeddings.json"
@@ -33,6 +33,16 @@ _NPY = re.compile(r"img_emb_(\d+)\.npy$")
 
 def shard_name(kind: str, k: int) -> str:
     return f"{kind}_{k:04d}"
+
+
+def metadata_schema():
+    """The columns of ``metadata_NNNN.parquet`` (clip-retrieval's ``image_path`` and ``caption``, then
+    diffmem's ``id`` and the source ``row``)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [("image_path", pa.string()), ("caption", pa.string()), ("id", pa.string()), ("row", pa.int64())]
+    )
 
 
 class LayoutWriter:
@@ -62,14 +72,38 @@ class LayoutWriter:
         atomic_write_bytes(self.npy_path(k), buf.getvalue())
 
 
+def write_vectors(
+    root: str | os.PathLike, blocks, embedder: dict[str, Any], dtype: str = "float16"
+) -> EmbeddingLayout:
+    """A layout of descriptors made elsewhere (one shard per block of ``blocks``; ids ``v{position}``,
+    no images): for vectors that did not come from ``diffmem embed``, e.g. a benchmark's or a test's."""
+    import pyarrow as pa
+
+    from diffmem.scan.bad_rows import bad_table
+
+    root = Path(root)
+    write_record(root, {"format": FORMAT, "embedder": embedder, "dtype": dtype})
+    writer = LayoutWriter(root)
+    start = 0
+    for k, block in enumerate(blocks):
+        ids = range(start, start + len(block))
+        meta = pa.table(
+            {"image_path": [None] * len(block), "caption": [""] * len(block), "id": [f"v{i}" for i in ids],
+             "row": list(ids)},
+            schema=metadata_schema(),
+        )  # fmt: skip
+        writer.write_shard(k, np.asarray(block).astype(dtype), meta, bad_table([]))
+        start += len(block)
+    return EmbeddingLayout(root)
+
+
 def write_record(root: Path, record: dict[str, Any], argument: str = "--out") -> None:
     """Write ``embeddings.json``, or refuse (naming the first differing field) a resume with other settings."""
     path = root / RECORD
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-        if diff:
-            k = diff[0]
+        k = first_difference(old, record)
+        if k is not None:
             raise ValueError(
                 f"{argument}: {root} holds embeddings made with other settings ({k}: {old.get(k)!r} there, "
                 f"{record.get(k)!r} now); rerun with the same settings to resume, or use another folder"
@@ -149,8 +183,9 @@ class EmbeddingLayout:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate([self.shard_vectors(i) for i in range(len(self.files))])
 
-    def vectors_at(self, positions: np.ndarray) -> np.ndarray:
-        """Float32 vectors at ``positions`` (any shape; ``-1`` gives zeros), read with ``pread``."""
+    def vectors_at(self, positions: np.ndarray, chunk: int = 16384) -> np.ndarray:
+        """Float32 vectors at ``positions`` (any shape; ``-1`` gives zeros). Each shard is mapped only
+        while ``chunk`` sorted rows are copied out, so the resident set grows by at most ``chunk`` pages."""
         pos = np.asarray(positions, dtype=np.int64)
         flat = pos.reshape(-1)
         out = np.zeros((flat.size, self.dim), np.float32)
@@ -160,16 +195,12 @@ class EmbeddingLayout:
             for i in np.unique(shard):
                 sel = valid[shard == i]
                 local = flat[sel] - self.starts[i]
-                dtype = self._dtypes[i]
-                row_bytes = dtype.itemsize * self.dim
-                fd = os.open(self.files[i], os.O_RDONLY)
-                try:
-                    order = np.argsort(local, kind="stable")
-                    for j in order:
-                        raw = os.pread(fd, row_bytes, self._offsets[i] + int(local[j]) * row_bytes)
-                        out[sel[j]] = np.frombuffer(raw, dtype=dtype)
-                finally:
-                    os.close(fd)
+                order = np.argsort(local, kind="stable")
+                for c in range(0, len(order), chunk):
+                    part = order[c : c + chunk]
+                    mapped = np.load(self.files[i], mmap_mode="r")
+                    out[sel[part]] = mapped[local[part]]
+                    del mapped  # unmapped: its pages leave this process's resident set
         return out.reshape(*pos.shape, self.dim)
 
     def metadata_column(self, name: str):

@@ -70,6 +70,7 @@ def _training_side(cfg: ScanConfig, out: Path, catalog: Catalog, embedder, layou
         index_file=cfg.train_index,
         rerank=cfg.rerank,
         nprobe=cfg.nprobe,
+        index_nprobe=cfg.index_nprobe,
         seed=cfg.seed,
         device=procs.device,
     )

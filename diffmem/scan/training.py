@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from diffmem.io import atomic_write
+from diffmem.io import atomic_write, first_difference
 from diffmem.scan.layout import EmbeddingLayout
 
 
 def check_embedder(layout: EmbeddingLayout, describe: dict, argument: str) -> None:
     """Refuse a layout made with another embedder or preprocessing than the scan's."""
     theirs = layout.embedder
-    diff = sorted(k for k in set(theirs) | set(describe) if theirs.get(k) != describe.get(k))
-    if diff:
-        k = diff[0]
+    k = first_difference(theirs, describe)
+    if k is not None:
         raise ValueError(
             f"{argument}: {layout.root} was embedded with another embedder ({k}: {theirs.get(k)!r} there, "
             f"{describe.get(k)!r} in this scan); scan with the same --embedder settings, or re-embed"
@@ -40,6 +39,7 @@ class TrainingSet:
         index_file: str | None = None,
         rerank: int = 64,
         nprobe: int = 16,
+        index_nprobe: int | None = None,
         seed: int = 0,
         device=None,
     ):
@@ -58,7 +58,7 @@ class TrainingSet:
         if index_file is not None:
             from diffmem.scan.index_file import IndexFile
 
-            self.index = IndexFile(index_file, layout, gpu_device=gpu)
+            self.index = IndexFile(index_file, layout, nprobe=index_nprobe, gpu_device=gpu)
             self.exact = False
         elif layout.ntotal:
             from diffmem.scan.index import build_index
@@ -70,19 +70,25 @@ class TrainingSet:
     def __len__(self) -> int:
         return self.layout.ntotal
 
-    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int = 1, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """``(similarities, positions)``, each ``(n, k)``, best first. With a prebuilt index, its
-        ``max(k, rerank)`` candidates are re-scored exactly (inner product with the stored vectors)."""
+        ``max(k, rerank)`` candidates are re-scored exactly (inner product with the stored vectors),
+        ``batch`` queries at a time (the candidates' vectors in memory: ``batch x rerank x d`` floats)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if self.exact:
             return self.index.search(q, k)
         _, cand = self.index.search(q, max(k, self.rerank))
-        vecs = self.layout.vectors_at(cand)  # (n, c, d); -1 positions give zero vectors
-        sims = np.einsum("ncd,nd->nc", vecs, q)
-        sims[cand < 0] = -np.inf
-        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        top_s = np.take_along_axis(sims, order, 1).astype(np.float32)
-        top_p = np.take_along_axis(cand, order, 1)
+        k = min(k, cand.shape[1])
+        top_s = np.empty((len(q), k), np.float32)
+        top_p = np.empty((len(q), k), np.int64)
+        for b in range(0, len(q), batch):
+            c = cand[b : b + batch]
+            vecs = self.layout.vectors_at(c)  # (b, c, d); -1 positions give zero vectors
+            sims = np.matmul(vecs, q[b : b + batch, :, None])[..., 0]
+            sims[c < 0] = -np.inf
+            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+            top_s[b : b + batch] = np.take_along_axis(sims, order, 1)
+            top_p[b : b + batch] = np.take_along_axis(c, order, 1)
         top_p[~np.isfinite(top_s)] = -1
         return top_s, top_p
 

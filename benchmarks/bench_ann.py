@@ -1,0 +1,321 @@
+"""Prebuilt-index search for scans at scale: IVF-PQ (``diffmem index``) vs exact faiss vs chunked torch.
+
+Same run, same data, each method in its own process (so each peak RSS is its own):
+
+- ``--part 1m``: 1,000,000 x 512 training descriptors, 10,000 queries. Exact faiss (``IndexFlatIP``)
+  gives the ground truth (top 10 of every query) and its queries/s; the chunked torch product is timed
+  on ``--torch-queries`` of them; IVF-PQ with the library's parameters is built over the on-disk
+  layout and searched memory-mapped at several ``nprobe``, with and without the exact re-rank.
+- ``--part 10m``: 10,000,000 x 128 (float16 layout on disk, 2.4 GiB): the IVF-PQ index, and the
+  search stage of a scan (``diffmem.scan.training.TrainingSet`` over the memory-mapped index, re-ranking
+  from the layout): its peak RSS against the vectors' raw size, and recall against an exact torch
+  search of ``--truth-queries`` queries.
+
+The descriptors are synthetic but shaped like image descriptors: unit vectors from a mixture of
+``--clusters`` centres with low-rank (32-d) spread plus isotropic noise. Half the queries are
+near-copies of training vectors (cosine ~0.9: what a replicated generation looks like), half fresh
+draws from the mixture (nearest neighbour often ambiguous); recall is reported for both.
+
+    .venv/bin/python benchmarks/bench_ann.py --part 1m --threads 2
+    .venv/bin/python benchmarks/bench_ann.py --part 10m --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def mixture(n: int, d: int, seed: int, clusters: int, chunk: int = 500_000):
+    """Blocks of unit vectors: centre + 32-d low-rank spread + isotropic noise (fixed by ``seed``)."""
+    g = np.random.default_rng(12345)  # the mixture itself is the same for every call
+    centres = g.standard_normal((clusters, d)).astype(np.float32)
+    basis = g.standard_normal((32, d)).astype(np.float32) / np.sqrt(32)
+    rng = np.random.default_rng(seed)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        x = centres[rng.integers(0, clusters, m)]
+        x += 0.8 * rng.standard_normal((m, 32), dtype=np.float32) @ basis * np.sqrt(d / 32)
+        x += 0.3 * rng.standard_normal((m, d), dtype=np.float32)
+        yield x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _rss() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _gib(b: float) -> float:
+    return round(b / 2**30, 3)
+
+
+# ----------------------------------------------------------------------------------------- stages
+
+
+def stage_prepare(a) -> dict:
+    from diffmem.scan.layout import write_vectors
+
+    t = time.perf_counter()
+    layout = write_vectors(a.work / "emb", mixture(a.n, a.dim, 0, a.clusters), {"embedder": "synthetic"})
+    write_s = time.perf_counter() - t
+    rng = np.random.default_rng(1)
+    half = a.queries // 2
+    src = np.sort(rng.choice(a.n, half, replace=False))
+    copies = layout.vectors_at(src)
+    copies += 0.48 / np.sqrt(a.dim) * rng.standard_normal(copies.shape, dtype=np.float32)  # cosine ~0.9
+    copies /= np.linalg.norm(copies, axis=1, keepdims=True)
+    fresh = next(mixture(a.queries - half, a.dim, 2, a.clusters))
+    q = np.concatenate([copies, fresh]).astype(np.float32)
+    np.save(a.work / "queries.npy", q)
+    np.save(a.work / "copy_sources.npy", src)
+    cos = float(np.mean(np.sum(copies * layout.vectors_at(src), axis=1)))
+    return {
+        "write_s": write_s,
+        "layout_bytes": int(sum(p.stat().st_size for p in layout.files)),
+        "copy_cosine": cos,
+    }
+
+
+def stage_exact(a) -> dict:
+    from diffmem.scan.index import FaissIndex
+    from diffmem.scan.layout import EmbeddingLayout
+
+    layout = EmbeddingLayout(a.work / "emb")
+    q = np.load(a.work / "queries.npy")[: a.limit or None]
+    t = time.perf_counter()
+    index = FaissIndex(layout.all_vectors(), kind="flat", use_gpu=False)
+    build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    sims, pos = index.search(q, k=10)
+    search_s = time.perf_counter() - t
+    np.save(a.work / "truth.npy", pos)
+    return {"build_s": build_s, "search_s": search_s, "queries": len(q), "qps": len(q) / search_s}
+
+
+def stage_torch(a) -> dict:
+    from diffmem.scan.index import TorchIndex
+    from diffmem.scan.layout import EmbeddingLayout
+
+    layout = EmbeddingLayout(a.work / "emb")
+    q = np.load(a.work / "queries.npy")
+    take = np.linspace(0, len(q) - 1, a.torch_queries).astype(int)  # both query kinds
+    if a.streaming:  # exact truth without holding the vectors: a running top-k over the layout's blocks
+        t = time.perf_counter()
+        best_s = np.full((len(take), 10), -np.inf, np.float32)
+        best_p = np.full((len(take), 10), -1, np.int64)
+        for start, block in layout.iter_vectors(batch=1 << 20):
+            s, p = TorchIndex(block, chunk=131072).search(q[take], k=10)
+            cat_s, cat_p = np.concatenate([best_s, s], 1), np.concatenate([best_p, p + start], 1)
+            order = np.argsort(-cat_s, axis=1, kind="stable")[:, :10]
+            best_s, best_p = np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_p, order, 1)
+        search_s = time.perf_counter() - t
+        np.save(a.work / "truth.npy", best_p)
+        np.save(a.work / "truth_rows.npy", take)
+        return {"build_s": 0.0, "search_s": search_s, "queries": len(take), "qps": len(take) / search_s}
+    t = time.perf_counter()
+    index = TorchIndex(layout.all_vectors(), chunk=131072)
+    build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    _, pos = index.search(q[take], k=10)
+    search_s = time.perf_counter() - t
+    truth = np.load(a.work / "truth.npy")[take]
+    return {
+        "build_s": build_s,
+        "search_s": search_s,
+        "queries": len(take),
+        "qps": len(take) / search_s,
+        "top1_agrees_with_faiss": float((pos[:, 0] == truth[:, 0]).mean()),
+    }
+
+
+def stage_build(a) -> dict:
+    from diffmem.scan.index_file import build_index_file
+    from diffmem.scan.layout import EmbeddingLayout
+
+    record = build_index_file(
+        EmbeddingLayout(a.work / "emb"), a.work / "ivfpq.index", kind="ivfpq", progress=False
+    )
+    return {
+        k: record[k]
+        for k in ("factory", "nlist", "m", "nprobe", "train_size", "train_seconds", "build_seconds", "bytes")
+    }
+
+
+def _recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """``k``-recall@``k``: the mean fraction of the exact top ``k`` found among the first ``k`` (for
+    ``k = 1``: whether the exact nearest neighbour comes first)."""
+    return float(np.mean([len(set(found[i, :k]) & set(truth[i, :k])) / k for i in range(len(truth))]))
+
+
+def stage_search(a) -> dict:
+    """The search stage of a scan over the prebuilt index: TrainingSet (index memory-mapped, re-rank
+    from the layout with pread), as ``diffmem scan --train-index`` runs it."""
+    from diffmem.scan.layout import EmbeddingLayout
+    from diffmem.scan.training import TrainingSet
+
+    q = np.load(a.work / "queries.npy")
+    rows = np.load(a.work / "truth_rows.npy") if (a.work / "truth_rows.npy").is_file() else np.arange(len(q))
+    truth = np.load(a.work / "truth.npy")
+    start = _rss()
+    t = time.perf_counter()
+    train = TrainingSet(  # the layout's metadata (ids, rows, paths) is read here too, as a scan does
+        EmbeddingLayout(a.work / "emb"),
+        index_file=str(a.work / "ivfpq.index"),
+        rerank=a.rerank,
+        index_nprobe=a.nprobe,
+    )
+    open_s = time.perf_counter() - t
+    t = time.perf_counter()
+    if a.rerank:
+        _, pos = train.search(q, k=10)
+    else:
+        _, pos = train.index.search(q, k=10)
+    search_s = time.perf_counter() - t
+    end = _rss()
+    half = len(q) // 2
+    is_copy = rows < half
+    found = pos[rows]
+    return {
+        "nprobe": a.nprobe,
+        "rerank": a.rerank,
+        "open_s": open_s,
+        "search_s": search_s,
+        "queries": len(q),
+        "qps": len(q) / search_s,
+        "recall_at_1": _recall(found, truth, 1),
+        "recall_at_10": _recall(found, truth, 10),
+        "recall_at_1_copies": _recall(found[is_copy], truth[is_copy], 1),
+        "recall_at_1_fresh": _recall(found[~is_copy], truth[~is_copy], 1),
+        "rss_before_bytes": start["VmRSS"],
+        "rss_end_anon_bytes": end["RssAnon"],
+        "rss_end_file_bytes": end["RssFile"],
+    }
+
+
+STAGES = {
+    "prepare": stage_prepare,
+    "exact": stage_exact,
+    "torch": stage_torch,
+    "build": stage_build,
+    "search": stage_search,
+}
+
+
+def run_stage(a, stage: str, **extra) -> dict:
+    """Run one stage in a fresh process; its result with that process's peak RSS (VmHWM)."""
+    cmd = [sys.executable, __file__, "--stage", stage, "--work", str(a.work), "--n", str(a.n), "--dim", str(a.dim),
+           "--queries", str(a.queries), "--clusters", str(a.clusters), "--threads", str(a.threads),
+           "--torch-queries", str(a.torch_queries)]  # fmt: skip
+    for k, v in extra.items():
+        if v is True:
+            cmd.append(f"--{k.replace('_', '-')}")
+        elif v is not None and v is not False:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    print("  ", stage, extra or "", flush=True)
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"stage {stage} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t
+    print("     ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}, flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("1m", "10m"), default=None)
+    p.add_argument("--stage", choices=tuple(STAGES), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default /tmp/bench_ann_<part>)")
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--clusters", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--torch-queries", type=int, default=1000)
+    p.add_argument("--nprobes", default=None, help="comma-separated nprobe values to search with")
+    p.add_argument("--nprobe", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rerank", type=int, default=64)
+    p.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--streaming", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None)
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the data, ground truth and index of the last run; search again",
+    )
+    a = p.parse_args()
+
+    import faiss
+    import torch
+
+    faiss.omp_set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    if a.stage:
+        result = STAGES[a.stage](a)
+        result.update(peak_rss_bytes=_rss()["VmHWM"])
+        print(json.dumps(result))
+        return
+
+    from machine import cpu_model
+
+    if a.part is None:
+        p.error("--part: expected 1m or 10m")
+    a.n = a.n or (1_000_000 if a.part == "1m" else 10_000_000)
+    a.dim = a.dim or (512 if a.part == "1m" else 128)
+    a.work = a.work or Path(f"/tmp/bench_ann_{a.part}")
+    a.work.mkdir(parents=True, exist_ok=True)
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "threads": a.threads,
+        "n": a.n,
+        "dim": a.dim,
+        "queries": a.queries,
+        "clusters": a.clusters,
+        "faiss": faiss.__version__,
+        "raw_float32_bytes": a.n * a.dim * 4,
+    }
+    print(f"bench_ann {a.part}: {a.n} x {a.dim}, {a.queries} queries, work {a.work}", flush=True)
+    out = Path(a.json or HERE / "results" / f"bench_ann_{a.part}.json")
+    if a.reuse:  # the earlier stages' records; the searches are run again
+        earlier = json.loads(out.read_text())
+        result.update({k: v for k, v in earlier.items() if k not in result and k != "ivfpq_search"})
+        result["reused_from"] = earlier["date"]
+    else:
+        result["prepare"] = run_stage(a, "prepare")
+        if a.part == "1m":
+            result["exact_faiss"] = run_stage(a, "exact")
+            result["torch"] = run_stage(a, "torch")
+        else:
+            result["exact_torch_streaming"] = run_stage(a, "torch", streaming=True)
+        result["ivfpq_build"] = run_stage(a, "build")
+    default_nprobe = result["ivfpq_build"]["nprobe"]
+    nprobes = (
+        [int(x) for x in a.nprobes.split(",")]
+        if a.nprobes
+        else sorted({default_nprobe, 2 * default_nprobe, 4 * default_nprobe, 8 * default_nprobe})
+    )
+    result["ivfpq_search"] = [run_stage(a, "search", nprobe=default_nprobe, rerank=0)]
+    result["ivfpq_search"] += [run_stage(a, "search", nprobe=n, rerank=a.rerank) for n in nprobes]
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
