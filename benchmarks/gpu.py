@@ -11,7 +11,8 @@ Builds random weights in SD-1.5's architecture (``diffmem.tiny.build_sd_architec
    the prompt's unblocked score and its score with every searched neuron off: the search has a real
    answer to find. Each run has a time budget; a cut run makes its ratio a lower bound (reported);
 4. ``scan``: replication-scan generation + embedding + search images/s (``diffmem.scan``);
-5. ``faiss``: exact search on the GPU against the CPU (same neighbours), where faiss has GPU support.
+5. ``faiss``: exact search on the GPU against the CPU (same neighbours), where faiss has GPU support; and a
+   prebuilt IVF-PQ index (``diffmem index``) searched as a scan does, on the CPU and on the GPU.
 
 ``--smoke`` runs the same code on a tiny model on the CPU in a minute (CI runs it through the tests),
 so the script is known to work before a GPU is there; ``--cpu`` runs it at SD-1.5's size at 256 px on
@@ -271,9 +272,8 @@ def faiss_section(size: dict) -> dict:
     d = 512
     vectors = rng.standard_normal((size["n"], d), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    queries = vectors[rng.choice(size["n"], size["q"], replace=False)] + 0.01 * rng.standard_normal(
-        (size["q"], d), dtype=np.float32
-    )
+    sources = rng.choice(size["n"], size["q"], replace=False)
+    queries = vectors[sources] + 0.01 * rng.standard_normal((size["q"], d), dtype=np.float32)
     out = {
         "vectors": size["n"],
         "dim": d,
@@ -292,6 +292,37 @@ def faiss_section(size: dict) -> dict:
     if "gpu" in results:
         out["gpu_over_cpu"] = out["gpu_queries_per_s"] / out["cpu_queries_per_s"]
         out["same_top1"] = float((results["gpu"][:, 0] == results["cpu"][:, 0]).mean())
+    out["ivfpq"] = _prebuilt_ivfpq(vectors[:, :128], queries[:, :128], sources, out["gpus"])
+    return out
+
+
+def _prebuilt_ivfpq(vectors: np.ndarray, queries: np.ndarray, sources: np.ndarray, gpus: int) -> dict:
+    """A prebuilt IVF-PQ index (``diffmem index``) searched as a scan does (memory-mapped on the CPU, or
+    moved to GPU 0), re-ranked from the layout: the same neighbours within the index's tolerance?"""
+    from diffmem.scan.index_file import build_index_file
+    from diffmem.scan.layout import write_vectors
+    from diffmem.scan.training import TrainingSet
+
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    out: dict = {"dim": vectors.shape[1]}
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = write_vectors(Path(tmp) / "emb", [vectors], {"embedder": "synthetic"})
+        wall, _, record = timed(
+            lambda: build_index_file(layout, Path(tmp) / "ivfpq.index", kind="ivfpq", progress=False)
+        )
+        out.update(factory=record["factory"], nprobe=record["nprobe"], build_s=wall)
+        found = {}
+        for name, device in (("cpu", None), ("gpu", "cuda:0")):
+            if device is not None and not gpus:
+                break
+            train = TrainingSet(layout, index_file=str(Path(tmp) / "ivfpq.index"), device=device)
+            wall, _, (_, pos) = timed(lambda t=train: t.search(queries, k=10))
+            found[name] = pos
+            out[f"{name}_queries_per_s"] = len(queries) / wall
+            out[f"{name}_top1_is_source"] = float((pos[:, 0] == sources).mean())  # queries are near-copies
+        if "gpu" in found:
+            out["same_top1_gpu_cpu"] = float((found["gpu"][:, 0] == found["cpu"][:, 0]).mean())
     return out
 
 

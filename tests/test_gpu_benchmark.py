@@ -35,3 +35,5 @@ def test_gpu_benchmark_smoke_runs_every_section(tmp_path):
     runs = nemo["search"]["runs"].values()
     assert nemo["search"]["same_neurons"] and all(r["planted_found"] for r in runs)  # the known answer
     assert sections["scan"]["generations"] == 4 * sections["scan"]["captions"]
+    ivfpq = sections["faiss"]["ivfpq"]  # a prebuilt index searched as a scan does
+    assert ivfpq["factory"].startswith("IVF") and ivfpq["cpu_top1_is_source"] >= 0.95

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffmem.scan.bad_rows import bad_table
+from diffmem.scan.bad_rows import bad_table, read_bad
 from diffmem.scan.catalog import Catalog
 from diffmem.scan.layout import LayoutWriter, metadata_schema
 from diffmem.scan.procs import Procs, progress_bar
@@ -52,9 +52,7 @@ def embed_catalog(
                     images.append(image)
                     kept.append(r)
                 else:
-                    bad.append(
-                        {"row": r["row"], "id": r["id"], "reason": badrow.reason, "detail": badrow.detail}
-                    )
+                    bad.append(read_bad(badrow, stage="image"))
             emb = embedder.embed(images) if images else np.zeros((0, embedder.dim), np.float32)
             metadata = pa.Table.from_pylist(
                 [
@@ -63,9 +61,7 @@ def embed_catalog(
                 ],
                 schema=metadata_schema(),
             )
-            writer.write_shard(
-                k, emb.astype(dtype), metadata, bad_table([{**b, "stage": "image"} for b in bad])
-            )
+            writer.write_shard(k, emb.astype(dtype), metadata, bad_table(bad))
             bar.update(len(rows))
 
 
