@@ -148,7 +148,7 @@ def stage_build(a) -> dict:
     from diffmem.scan.layout import EmbeddingLayout
 
     record = build_index_file(
-        EmbeddingLayout(a.work / "emb"), a.work / "ivfpq.index", kind="ivfpq", progress=False
+        EmbeddingLayout(a.work / "emb"), a.work / "ivfpq.index", kind=a.kind, progress=False
     )
     return {
         k: record[k]
@@ -220,7 +220,7 @@ def run_stage(a, stage: str, **extra) -> dict:
     """Run one stage in a fresh process; its result with that process's peak RSS (VmHWM)."""
     cmd = [sys.executable, __file__, "--stage", stage, "--work", str(a.work), "--n", str(a.n), "--dim", str(a.dim),
            "--queries", str(a.queries), "--clusters", str(a.clusters), "--threads", str(a.threads),
-           "--torch-queries", str(a.torch_queries)]  # fmt: skip
+           "--torch-queries", str(a.torch_queries), "--kind", a.kind]  # fmt: skip
     for k, v in extra.items():
         if v is True:
             cmd.append(f"--{k.replace('_', '-')}")
@@ -251,9 +251,13 @@ def main() -> None:
     p.add_argument("--nprobes", default=None, help="comma-separated nprobe values to search with")
     p.add_argument("--nprobe", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--rerank", type=int, default=64)
+    p.add_argument(
+        "--kind", default="ivfpq", help="diffmem index --kind of the approximate index (default ivfpq)"
+    )
     p.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--streaming", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None)
+    p.add_argument("--rebuild", action="store_true", help="with --reuse: build the approximate index again")
     p.add_argument(
         "--reuse",
         action="store_true",
@@ -289,6 +293,7 @@ def main() -> None:
         "queries": a.queries,
         "clusters": a.clusters,
         "faiss": faiss.__version__,
+        "kind": a.kind,
         "raw_float32_bytes": a.n * a.dim * 4,
     }
     print(f"bench_ann {a.part}: {a.n} x {a.dim}, {a.queries} queries, work {a.work}", flush=True)
@@ -297,6 +302,8 @@ def main() -> None:
         earlier = json.loads(out.read_text())
         result.update({k: v for k, v in earlier.items() if k not in result and k != "ivfpq_search"})
         result["reused_from"] = earlier["date"]
+        if a.rebuild:
+            result["ivfpq_build"] = run_stage(a, "build")
     else:
         result["prepare"] = run_stage(a, "prepare")
         if a.part == "1m":

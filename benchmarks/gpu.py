@@ -297,7 +297,7 @@ def faiss_section(size: dict) -> dict:
 
 
 def _prebuilt_ivfpq(vectors: np.ndarray, queries: np.ndarray, sources: np.ndarray, gpus: int) -> dict:
-    """A prebuilt IVF-PQ index (``diffmem index``) searched as a scan does (memory-mapped on the CPU, or
+    """A prebuilt 8-bit IVF-PQ index (``diffmem index --kind ivfpq8``, the kind faiss moves to a GPU) searched as a scan does (memory-mapped on the CPU, or
     moved to GPU 0), re-ranked from the layout: the same neighbours within the index's tolerance?"""
     from diffmem.scan.index_file import build_index_file
     from diffmem.scan.layout import write_vectors
@@ -309,7 +309,7 @@ def _prebuilt_ivfpq(vectors: np.ndarray, queries: np.ndarray, sources: np.ndarra
     with tempfile.TemporaryDirectory() as tmp:
         layout = write_vectors(Path(tmp) / "emb", [vectors], {"embedder": "synthetic"})
         wall, _, record = timed(
-            lambda: build_index_file(layout, Path(tmp) / "ivfpq.index", kind="ivfpq", progress=False)
+            lambda: build_index_file(layout, Path(tmp) / "ivfpq.index", kind="ivfpq8", progress=False)
         )
         out.update(factory=record["factory"], nprobe=record["nprobe"], build_s=wall)
         found = {}

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--kind",
         choices=INDEX_KINDS,
         default="auto",
-        help="auto: flat up to 200,000 vectors, else IVF-PQ (default); hnsw: graph index, held in memory",
+        help="auto: flat up to 200,000 vectors, else ivfpq (4-bit fast-scan IVF-PQ; default); ivfpq8: 8-bit "
+        "IVF-PQ, the kind faiss moves to a GPU; hnsw: graph index, held in memory",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the training sample and k-means")
     p.add_argument("--no-progress", action="store_true")

@@ -5,11 +5,14 @@
 without its record is not read. Parameters come from the number of vectors ``n`` (``index_parameters``):
 
 - ``n <= EXACT_MAX``: ``Flat``, exact inner product;
-- otherwise ``IVF{nlist},PQ{m}``: ``nlist`` the power of two nearest ``sqrt(n)`` (at least 39 training
-  points per list), ``m = d / 8`` sub-quantizers of 8 bits (``d/8`` bytes per vector, 1/16 of float16),
-  trained on ``max(64 * nlist, 100_000)`` vectors sampled with the seed, searched with
-  ``nprobe = max(16, nlist // 64)``. (Lower than autofaiss's rule of ``4..16 sqrt(n)`` lists: on a few
-  CPU cores k-means over that many lists costs more than the search it saves; measured in RESULTS.)
+- otherwise ``IVF{nlist},PQ{m}x4fs``: ``nlist`` the power of two nearest ``sqrt(n)`` (at least 39
+  training points per list), ``m = d / 4`` sub-quantizers of 4 bits, searched with faiss's SIMD
+  "fast scan" (``d/8`` bytes per vector, 1/16 of float16), trained on ``max(64 * nlist, 100_000)``
+  vectors sampled with the seed, searched with ``nprobe = max(16, nlist // 64)``. (Fewer lists than
+  autofaiss's rule of ``4..16 sqrt(n)``: on a few CPU cores k-means over that many lists costs more than
+  the search it saves; measured in RESULTS.)
+- ``kind="ivfpq8"``: the same with ``m = d / 8`` sub-quantizers of 8 bits (``IVF{nlist},PQ{m}``, the same
+  bytes per vector): the kind faiss can move to a GPU, slower on a CPU (RESULTS).
 - ``kind="hnsw"``: ``HNSW32,Flat`` (graph search; holds the full vectors in memory, no memory-mapping).
 
 Search is approximate: a scan re-ranks each query's ``rerank`` best candidates exactly from the stored
@@ -33,7 +36,9 @@ from diffmem.scan.layout import EmbeddingLayout
 FORMAT = "diffmem-faiss-index/1"
 #: up to this many vectors ``kind="auto"`` builds an exact index
 EXACT_MAX = 200_000
-INDEX_KINDS = ("auto", "flat", "ivfpq", "hnsw")
+INDEX_KINDS = ("auto", "flat", "ivfpq", "ivfpq8", "hnsw")
+#: the kinds with inverted lists (``nprobe``)
+IVF_KINDS = ("ivfpq", "ivfpq8")
 
 
 def _faiss():
@@ -57,12 +62,17 @@ def index_parameters(n: int, d: int, kind: str = "auto") -> dict[str, Any]:
         return {"kind": "hnsw", "factory": "HNSW32,Flat", "efSearch": 128}
     nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(n)))))
     nlist = max(1, min(nlist, n // 39))
-    m = next(c for c in (d // 8, d // 4, d // 2, d) if c >= 1 and d % c == 0)
+    bits = 4 if kind == "ivfpq" else 8
+    per_byte = 8 // bits  # sub-quantizers per byte of code
+    m = next(c for c in (d // 8 * per_byte, d // 4, d // 2, d) if c >= 1 and d % c == 0)
+    if bits == 4 and m % 2:
+        m = d  # fast scan packs two 4-bit codes a byte
     return {
-        "kind": "ivfpq",
-        "factory": f"IVF{nlist},PQ{m}",
+        "kind": kind,
+        "factory": f"IVF{nlist},PQ{m}x4fs" if bits == 4 else f"IVF{nlist},PQ{m}",
         "nlist": nlist,
         "m": m,
+        "bits": bits,
         "nprobe": min(nlist, max(16, nlist // 64)),
         "train_size": min(n, max(64 * nlist, 100_000)),
     }
@@ -92,7 +102,7 @@ def build_index_file(
     params = index_parameters(n, d, kind)
     t0 = time.perf_counter()
     index = faiss.index_factory(d, params["factory"], faiss.METRIC_INNER_PRODUCT)
-    if params["kind"] == "ivfpq":
+    if params["kind"] in IVF_KINDS:
         sample = layout.vectors_at(_sample_positions(n, params["train_size"], seed))
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.seed = seed
@@ -104,7 +114,7 @@ def build_index_file(
             index.add(block)
             bar.update(len(block))
     build_s = time.perf_counter() - t0
-    if params["kind"] == "ivfpq":
+    if params["kind"] in IVF_KINDS:
         faiss.extract_index_ivf(index).nprobe = params["nprobe"]
     if params["kind"] == "hnsw":
         index.hnsw.efSearch = params["efSearch"]
@@ -151,8 +161,9 @@ def read_index_record(path: str | os.PathLike, argument: str = "--train-index") 
 
 
 class IndexFile:
-    """A prebuilt index, read memory-mapped (``faiss.IO_FLAG_MMAP``: IVF lists stay on disk and only the
-    probed ones are read); moved to the GPU when faiss-gpu and a CUDA device are there."""
+    """A prebuilt index, read with ``faiss.IO_FLAG_MMAP`` (an 8-bit IVF-PQ's lists stay on disk and only the
+    probed ones are read; faiss reads a fast-scan index's lists into memory); moved to the GPU when
+    faiss-gpu and a CUDA device are there (8-bit and flat indices: faiss has no GPU fast scan)."""
 
     def __init__(
         self,
@@ -173,9 +184,18 @@ class IndexFile:
             )
         mmap = self.record["kind"] != "hnsw"
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
-        if self.record["kind"] == "ivfpq":
+        if self.record["kind"] in IVF_KINDS:
             faiss.extract_index_ivf(index).nprobe = nprobe or self.record["nprobe"]
         self.on_gpu = False
+        if self.record["kind"] == "ivfpq" and gpu_device is not None:  # faiss has no GPU fast-scan index
+            import warnings
+
+            warnings.warn(
+                f"{argument}: {path} is a 4-bit fast-scan IVF-PQ index, which faiss searches on the CPU only; "
+                "build it with `diffmem index --kind ivfpq8` to search on the GPU",
+                stacklevel=2,
+            )
+            gpu_device = None
         if gpu_device is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             self._resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._resources, gpu_device, index)
