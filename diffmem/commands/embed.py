@@ -8,7 +8,6 @@ from diffmem.commands.options import (
     DATA_HELP,
     add_data_column_arguments,
     add_embedder_arguments,
-    embedder_settings,
 )
 
 NAME = "embed"
@@ -41,20 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.embed import load_embedder
+    from diffmem.embed import embedder_from_settings
     from diffmem.modelio import check_device
     from diffmem.scan.embedding import embed_dataset
     from diffmem.scan.procs import Procs
 
     device = check_device(args.device) or Procs().device
-    settings = embedder_settings(args)
-    embedder = load_embedder(
-        settings.pop("embedder"),
-        settings.pop("embedder_file"),
-        arch=settings.pop("embedder_arch"),
-        device=str(device),
-        **settings,
-    )
+    embedder = embedder_from_settings(args, device=str(device))
     summary = embed_dataset(
         args.data,
         args.out,

@@ -156,13 +156,10 @@ def add_embedder_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def embedder_settings(args: argparse.Namespace) -> dict:
-    """The ``add_embedder_arguments`` values, under the names of ``ScanConfig`` / ``load_embedder``."""
-    names = ("embedder", "embedder_file", "embedder_arch", "sscd_preprocessing", "pixel_size")
-    return {
-        **{n: getattr(args, n) for n in names},
-        "allow_torchscript": args.allow_torchscript,
-        "allow_pickle": args.allow_pickle,
-    }
+    """The ``add_embedder_arguments`` values, under the names of ``ScanConfig`` (``EMBEDDER_SETTINGS``)."""
+    from diffmem.embed import EMBEDDER_SETTINGS
+
+    return {name: getattr(args, name) for name in EMBEDDER_SETTINGS}
 
 
 def add_data_column_arguments(p: argparse.ArgumentParser, *, labels: bool = True):

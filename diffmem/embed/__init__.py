@@ -8,8 +8,26 @@ import os
 from diffmem.embed.base import Embedder, file_sha256, l2_normalize
 
 EMBEDDERS = ("pixel", "sscd", "clip")
+#: the settings that name an embedder: ``ScanConfig`` fields and the command-line options' names
+EMBEDDER_SETTINGS = (
+    "embedder",
+    "embedder_file",
+    "embedder_arch",
+    "sscd_preprocessing",
+    "pixel_size",
+    "allow_torchscript",
+    "allow_pickle",
+)
 
-__all__ = ["EMBEDDERS", "Embedder", "file_sha256", "l2_normalize", "load_embedder"]
+__all__ = [
+    "EMBEDDERS",
+    "EMBEDDER_SETTINGS",
+    "Embedder",
+    "embedder_from_settings",
+    "file_sha256",
+    "l2_normalize",
+    "load_embedder",
+]
 
 
 def load_embedder(
@@ -34,6 +52,15 @@ def load_embedder(
     if file is not None and kind != "pixel":
         embedder.weights = file_sha256(file)
     return embedder
+
+
+def embedder_from_settings(settings, device: str = "cpu") -> Embedder:
+    """``load_embedder`` from the ``EMBEDDER_SETTINGS`` of a scan config or a command's arguments
+    (any object with those attributes)."""
+    s = {name: getattr(settings, name) for name in EMBEDDER_SETTINGS}
+    return load_embedder(
+        s.pop("embedder"), s.pop("embedder_file"), arch=s.pop("embedder_arch"), device=device, **s
+    )
 
 
 def _load(

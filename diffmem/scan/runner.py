@@ -96,18 +96,9 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
 
     needs_images = cfg.generate != "none"
     if embedder is None and needs_images:
-        from diffmem.embed import load_embedder
+        from diffmem.embed import embedder_from_settings
 
-        embedder = load_embedder(
-            cfg.embedder,
-            cfg.embedder_file,
-            arch=cfg.embedder_arch,
-            sscd_preprocessing=cfg.sscd_preprocessing,
-            allow_torchscript=cfg.allow_torchscript,
-            allow_pickle=cfg.allow_pickle,
-            pixel_size=cfg.pixel_size,
-            device=str(procs.device),
-        )
+        embedder = embedder_from_settings(cfg, device=str(procs.device))
     describe = embedder.describe() if embedder is not None else {}
     prebuilt = _prebuilt_layout(cfg, describe) if needs_images and cfg.prebuilt else None
     if procs.main:
