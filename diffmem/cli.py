@@ -24,6 +24,7 @@ COMMANDS = [
     "prune",
     "attack",
     "finetune",
+    "train",
     "solidmark",
     "embed",
     "index",

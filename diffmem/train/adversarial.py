@@ -32,12 +32,10 @@ import torch
 from torch import nn
 
 from diffmem.attack.dori import DoriConfig, denoising_loss, dori_search, gradient_checkpointing
-from diffmem.seeding import derive_seed, item_generator
+from diffmem.seeding import item_generator
+from diffmem.train.adapters import DEFAULT_LORA_TARGETS, add_lora, merge_lora  # noqa: F401 (re-exported)
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffmem.train.optimizers import make_optimizer
-
-#: Modules that get LoRA adapters by default: attention projections and the FFN linears.
-DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
 @dataclass(frozen=True)
@@ -96,35 +94,6 @@ class AdversarialLog:
     """Per-round means of the losses and of the attack's loss (after the search) on each target."""
 
     rounds: list[dict] = field(default_factory=list)
-
-
-def add_lora(unet: nn.Module, rank: int, targets: Sequence[str], seed: int) -> list[nn.Parameter]:
-    """Inject LoRA adapters (peft) into ``targets`` of ``unet``; freeze everything else; return the trainable parameters."""
-    from peft import LoraConfig
-
-    torch.manual_seed(derive_seed(seed, "lora-init") % (2**31))
-    unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
-    )
-    params = []
-    for name, p in unet.named_parameters():
-        trainable = "lora_" in name
-        p.requires_grad_(trainable)
-        if trainable:
-            params.append(p)
-    if not params:
-        raise ValueError(
-            f"no LoRA parameters were added (target modules {list(targets)} not found in the UNet)"
-        )
-    return params
-
-
-def merge_lora(unet: nn.Module) -> nn.Module:
-    """Fold LoRA adapters into the base weights and remove them (the UNet saves like an ordinary one)."""
-    unet.fuse_lora()
-    unet.unload_lora()
-    return unet
 
 
 def _retain_batch(retain: RetainSet, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

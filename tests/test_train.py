@@ -1,0 +1,189 @@
+"""diffmem train: exact resume after a kill, the step's split, what trains, mitigations wired in, the saved folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffmem.train.adapters import load_trainable_blocks, save_trainable_blocks, transformer_blocks
+from diffmem.train.text_to_image import (
+    TRAIN_RECORD,
+    TrainConfig,
+    TrainingData,
+    batch_indices,
+    load_training_data,
+    train_text_to_image,
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from diffmem.data import ImageFolderWriter
+
+    root = tmp_path_factory.mktemp("train-data")
+    rng = np.random.default_rng(0)
+    with ImageFolderWriter(root) as writer:
+        for i in range(6):
+            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)  # resized + centre-cropped to 32
+            for c in range(2 if i < 2 else 1):  # two images duplicated
+                writer.add(f"im{i}.{c}", f"photo {i}", pixels, image_id=f"im{i}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(data_dir) -> TrainingData:
+    return load_training_data(data_dir, 32)
+
+
+def _unet(folder):
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol)
+
+
+def test_reads_the_data_at_the_resolution_with_copies_grouped(data):
+    assert data.pixels.shape == (8, 32, 32, 3) and data.pixels.dtype == np.uint8
+    assert data.image_ids[:2] == ["im0", "im0"] and len(set(data.image_ids)) == 6
+    assert data.describe()["distinct_images"] == 6
+
+
+def test_batch_order_does_not_depend_on_the_batch_size():
+    whole, epochs = batch_indices(8, 8, 0, seed=1)
+    halves = torch.cat([batch_indices(8, 4, s, seed=1)[0] for s in (0, 1)])
+    assert torch.equal(whole, halves) and sorted(whole.tolist()) == list(range(8))
+    assert batch_indices(8, 4, 2, seed=1)[1].tolist() == [1, 1, 1, 1]
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, tiny_sd1_dir):
+    cfg = ["--steps", "6", "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "2", "--seed", "3"]
+    cfg += [
+        "--resolution",
+        "32",
+        "--no-progress",
+        "--mitigation",
+        "wen-filter",
+        "--mitigation-arg",
+        "tau=1e9",
+    ]
+    base = [sys.executable, "-m", "diffmem", "train", "--model", str(tiny_sd1_dir), "--data", str(data_dir)]
+    straight = subprocess.run([*base, "--out", str(tmp_path / "a"), *cfg], capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    # the same run SIGKILLed while writing its step-4 checkpoint: the step-2 one survives, the run resumes from it
+    killer = (
+        "import os, signal, sys; import diffmem.train.text_to_image as t; orig = t.save_checkpoint\n"
+        "def save(root, step, *a, **k):\n"
+        "    if step == 4: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return orig(root, step, *a, **k)\n"
+        "t.save_checkpoint = save\n"
+        "from diffmem.cli import main; sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = [*base[3:], "--out", str(tmp_path / "b"), *cfg]
+    killed = subprocess.run([sys.executable, "-c", killer, *args], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if not p.name.startswith(".")] == [
+        "step-00000002"
+    ]
+    resumed = subprocess.run([*base, "--out", str(tmp_path / "b"), *cfg], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _unet(tmp_path / "a" / "model"), _unet(tmp_path / "b" / "model")
+    _same(a, b)
+    assert any(not torch.equal(a[k], v) for k, v in _unet(tiny_sd1_dir).items())  # it did train
+    # another setting is refused on resume, with the option named
+    changed = subprocess.run(
+        [*base, "--out", str(tmp_path / "b"), *cfg, "--weight-decay", "0.5"], capture_output=True, text=True
+    )
+    assert (
+        changed.returncode == 2 and "--weight-decay" in changed.stderr and "Traceback" not in changed.stderr
+    )
+
+
+def test_accumulation_splits_the_step_not_the_result(tmp_path, data, tiny_sd1_dir, monkeypatch):
+    # plain SGD: Adam's first steps amplify float-rounding differences of near-zero gradients to +-lr
+    import diffmem.train.optimizers as optimizers
+
+    monkeypatch.setattr(
+        optimizers, "make_optimizer", lambda params, name, lr, weight_decay: torch.optim.SGD(params, lr)
+    )
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, seed=1, mitigation="wen-filter",
+                      mitigation_options={"tau": 1e9})  # fmt: skip
+    one = train_text_to_image(tiny_sd1_dir, data, tmp_path / "a", cfg, progress=False)
+    split = TrainConfig(**{**cfg.to_dict(), "gradient_accumulation": 2})
+    two = train_text_to_image(tiny_sd1_dir, data, tmp_path / "b", split, progress=False)
+    _same(_unet(one), _unet(two), atol=1e-6)
+    # and wen-filter with an unreachable threshold is the plain loss: the same weights as none
+    plain = train_text_to_image(
+        tiny_sd1_dir, data, tmp_path / "c", TrainConfig(**{**cfg.to_dict(), "mitigation": "none",
+                                                              "mitigation_options": {}}), progress=False
+    )  # fmt: skip
+    _same(_unet(one), _unet(plain), atol=1e-6)
+
+
+def test_wen_filter_that_drops_every_sample_leaves_the_model_unchanged(tmp_path, data, tiny_sd1_dir):
+    # caption dropout off: an empty caption's gap is 0, below any threshold
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-2, caption_dropout=0.0, mitigation="wen-filter",
+                      mitigation_options={"tau": 1e-9})  # fmt: skip
+    out = train_text_to_image(tiny_sd1_dir, data, tmp_path / "w", cfg, progress=False)
+    _same(_unet(out), _unet(tiny_sd1_dir))
+    log = json.loads((tmp_path / "w" / "log.json").read_text())
+    assert log[-1]["dropped"] == 8 and log[-1]["kept"] == 0 and log[-1]["loss"] is None
+
+
+def test_lora_in_chosen_blocks_changes_only_those_blocks(tmp_path, data, tiny_sd1_dir):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1_dir / "unet")
+    blocks = transformer_blocks(unet)
+    assert blocks[0].startswith("down_blocks.") and any(b.startswith("up_blocks.") for b in blocks)
+    chosen = blocks[:1]
+    file = save_trainable_blocks(tmp_path / "mask.json", unet, chosen, source="test")
+    assert load_trainable_blocks(file, unet) == chosen
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-2, mode="lora", trainable_blocks=tuple(chosen),
+                      mitigation="ambient", mitigation_options={"t_n": 100})  # fmt: skip
+    out = train_text_to_image(tiny_sd1_dir, data, tmp_path / "l", cfg, progress=False)
+    after, before = _unet(out), _unet(tiny_sd1_dir)
+    assert after.keys() == before.keys()  # merged: a plain UNet
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith(chosen[0] + ".") for k in changed)
+    record = json.loads((out / TRAIN_RECORD).read_text())
+    assert record["mitigation"] == {"name": "ambient", "t_n": 100, "seed": 0}
+    assert record["run"]["trainable_parameters"] > 0 and "ambient" in (out / "README.md").read_text()
+    StableDiffusionPipeline.from_pretrained(out)  # a stock diffusers folder
+
+
+def test_a_block_file_is_refused_on_another_architecture(tmp_path, tiny_sd1_dir):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1_dir / "unet")
+    file = save_trainable_blocks(tmp_path / "mask.json", unet, transformer_blocks(unet)[:1])
+    other = UNet2DConditionModel(**{**unet.config, "block_out_channels": (32, 32)})
+    with pytest.raises(ValueError, match="another UNet architecture"):
+        load_trainable_blocks(file, other)
+    (tmp_path / "bad.json").write_text('{"blocks": ["nope"]}')
+    with pytest.raises(ValueError, match="not a trainable-blocks file"):
+        load_trainable_blocks(tmp_path / "bad.json", unet)
+
+
+def test_cli_bad_input_is_one_line(tmp_path, data_dir, tiny_sd1_dir, capsys):
+    from diffmem.cli import main
+
+    base = ["train", "--model", str(tiny_sd1_dir), "--data", str(data_dir), "--out", str(tmp_path / "o")]
+    assert main([*base, "--mitigation", "wen-filter", "--mitigation-arg", "tau=-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tau" in err[0]
+    assert main([*base, "--mitigation-arg", "nokey"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert main([*base, "--batch-size", "3", "--gradient-accumulation", "2", "--resolution", "32"]) == 2
+    assert "multiple of 2" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "model")
