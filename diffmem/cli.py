@@ -25,6 +25,7 @@ COMMANDS = [
     "attack",
     "finetune",
     "train",
+    "memcontrol",
     "solidmark",
     "embed",
     "index",

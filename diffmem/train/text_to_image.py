@@ -297,6 +297,19 @@ Load it with `StableDiffusionPipeline.from_pretrained(folder)`; the full record 
 """
 
 
+def encode_latents(vae, pixels: np.ndarray, device, batch: int = 32) -> torch.Tensor:
+    """``(mode(q(z | x)) - shift) * scaling_factor`` of uint8 ``[N, H, W, 3]`` images, float32 on the CPU."""
+    vae.to(device).requires_grad_(False)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(pixels), batch):
+            x = torch.from_numpy(pixels[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            chunks.append(vae.encode(x.to(device, vae.dtype)).latent_dist.mode().float().cpu())
+    vae.to("cpu")
+    return (torch.cat(chunks) - shift) * vae.config.scaling_factor
+
+
 def train_text_to_image(
     model: str | os.PathLike | None,
     data: TrainingData,
@@ -368,15 +381,7 @@ def train_text_to_image(
     accelerator.wait_for_everyone()
 
     device = accelerator.device
-    vae.to(device).requires_grad_(False)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    with torch.no_grad():
-        chunks = []
-        for i in range(0, len(data), 32):
-            x = torch.from_numpy(data.pixels[i : i + 32]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            chunks.append(vae.encode(x.to(device, vae.dtype)).latent_dist.mode().float())
-    latents = ((torch.cat(chunks) - shift) * vae.config.scaling_factor).cpu()
-    vae.to("cpu")
+    latents = encode_latents(vae, data.pixels, device)
 
     def encode(captions: Sequence[str]) -> torch.Tensor:
         ids = tokenizer(

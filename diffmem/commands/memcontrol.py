@@ -1,0 +1,100 @@
+"""``diffmem memcontrol``: MemControl's search over which UNet transformer blocks a fine-tune may train."""
+
+from __future__ import annotations
+
+import argparse
+
+from diffmem.commands.options import DATA_HELP, add_data_column_arguments
+
+NAME = "memcontrol"
+HELP = (
+    "MemControl (Dutt et al., WACV 2025): an Optuna search (2 objectives: memorization noise gap on the "
+    "memorized rows, denoising loss on held-out data) over UNet transformer-block masks, each trial a short "
+    "fine-tune of the masked blocks; resumable (SQLite); writes pareto.json and trainable_blocks.json."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from diffmem.commands.train import add_fit_arguments
+
+    p.add_argument("--model", default=None, help="Stable Diffusion folder or hub id (default: the organism)")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument(
+        "--memorized-column",
+        default="memorized",
+        help="rows with a true value here form the memorization set (default memorized)",
+    )
+    p.add_argument("--heldout", required=True, help="held-out captioned images for the quality objective")
+    p.add_argument(
+        "--out", required=True, help="search folder: study.db, trials/, pareto.json (rerun to resume)"
+    )
+    p.add_argument("--trials", type=int, default=10, help="trials (default 10, the paper's)")
+    p.add_argument("--sampler", choices=("nsga2", "random", "tpe"), default="nsga2")
+    p.add_argument("--lr-low", type=float, default=1e-5)
+    p.add_argument("--lr-high", type=float, default=1e-3)
+    p.add_argument(
+        "--full", action="store_true", help="trials train the blocks' weights instead of LoRA adapters"
+    )
+    add_fit_arguments(p)
+    p.set_defaults(steps=200)
+    add_data_column_arguments(p, labels=False)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.commands.train import load_data, train_config
+    from diffmem.modelio import load_pipeline
+    from diffmem.train.memcontrol import MemControlConfig, run_memcontrol
+    from diffmem.train.text_to_image import TrainingData, load_training_data
+
+    config = MemControlConfig(
+        trials=args.trials, sampler=args.sampler, lr_low=args.lr_low, lr_high=args.lr_high, seed=args.seed
+    )
+    args.lora = not args.full
+    inner = train_config(args)
+    inner.check()
+    pipe = load_pipeline(args.model, StableDiffusionPipeline)
+    data = load_data(args, pipe)
+    flags = _memorized_flags(args, data)
+    rows = [i for i, f in enumerate(flags) if f]
+    if not rows:
+        raise ValueError(f"--memorized-column: no row of {args.data} has a true {args.memorized_column!r}")
+    memorized = TrainingData(
+        data.pixels[rows],
+        [data.captions[i] for i in rows],
+        [data.row_ids[i] for i in rows],
+        [data.image_ids[i] for i in rows],
+        f"{args.data} ({args.memorized_column})",
+    )
+    heldout = load_training_data(args.heldout, data.pixels.shape[1])
+    result = run_memcontrol(
+        args.model, data, memorized, heldout, args.out, config, inner, progress=not args.no_progress
+    )
+    print("Pareto front (memorization noise gap, held-out denoising loss):")
+    for t in result["front"]:
+        mark = " <- chosen" if t["number"] == result["chosen"]["number"] else ""
+        print(
+            f"  trial {t['number']}: {t['memorization']:.4f}, {t['quality_loss']:.4f}, {len(t['blocks'])} blocks{mark}"
+        )
+    b = result["baseline"]
+    print(
+        f"base model: {b['memorization']:.4f}, {b['quality_loss']:.4f}; mask written to {args.out}/trainable_blocks.json"
+    )
+    return 0
+
+
+def _memorized_flags(args: argparse.Namespace, data) -> list[bool]:
+    """The memorized column of each kept row, read again from the dataset (values 1/true/yes)."""
+    from diffmem.data import BadRow, open_dataset
+
+    flags = {}
+    for item in open_dataset(args.data, id_column=args.id_column, caption_column=args.caption_column,
+                             image_column=args.image_column):  # fmt: skip
+        if isinstance(item, BadRow):
+            continue
+        if args.memorized_column not in item.extra:
+            raise ValueError(f"--memorized-column: {args.data} has no column {args.memorized_column!r}")
+        flags[item.id] = str(item.extra[args.memorized_column]).strip().lower() in ("1", "true", "yes")
+    return [flags[r] for r in data.row_ids]

@@ -1,0 +1,258 @@
+"""MemControl (Dutt et al., WACV 2025): search which UNet transformer blocks a fine-tune may train.
+
+Outer loop: an Optuna study with two objectives, both minimised, over a binary mask of the UNet's
+transformer blocks (one ``suggest_int(block, 0, 1)`` each, the paper's ``auto_attention`` space; at least one
+block on) and the learning rate (log-uniform in ``[lr_low, lr_high]``, the paper's ``[1e-5, 1e-3]``):
+
+- memorization, MemControl's (Wen et al.'s noise gap on the memorization set, with training images):
+  ``m = mean_i || eps(z_t,i, t_i, c_i) - eps(z_t,i, t_i, empty) ||_2``, ``z_t`` from the memorized rows'
+  latents at seeded ``t`` and noise (the same draws for every trial);
+- quality: the denoising loss on held-out data ``mean_i || eps - eps_theta(z_t,i, t_i, c_i) ||^2`` (seeded
+  draws; the paper uses FID).
+
+Inner loop: :func:`diffmem.train.text_to_image.train_text_to_image` of the masked blocks (LoRA by default).
+The study lives in SQLite (``study.db``) and each trial's fine-tune in ``trials/<hash of its parameters>``,
+so a killed search resumes: a trial left running is marked failed and its parameters are run again, and
+its fine-tune resumes from its own checkpoint. The Pareto front is written to ``pareto.json`` and the chosen
+mask (the front's trial with the smallest sum of objectives, each scaled to [0, 1] over the front) to
+``trainable_blocks.json``, for ``diffmem train --trainable-blocks``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from diffmem.io import atomic_write_json
+from diffmem.seeding import derive_seed
+from diffmem.train.text_to_image import TrainConfig, TrainingData, encode_latents
+
+__all__ = ["MemControlConfig", "memorization_metric", "run_memcontrol", "validation_loss"]
+
+STUDY_NAME = "memcontrol"
+
+
+@dataclass(frozen=True)
+class MemControlConfig:
+    """The search's settings (the paper's defaults: 10 trials, NSGA-II, lr in [1e-5, 1e-3])."""
+
+    trials: int = 10
+    sampler: str = "nsga2"  # or "random", "tpe"
+    lr_low: float = 1e-5
+    lr_high: float = 1e-3
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _draws(latents: torch.Tensor, scheduler, seed: int, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from diffmem.train.mitigations import diffusion_draws
+
+    seeds = [derive_seed(seed, "memcontrol", scope, i) for i in range(len(latents))]
+    t, eps = diffusion_draws(seeds, latents.shape[1:], scheduler.config.num_train_timesteps)
+    a = scheduler.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+    return t, a.sqrt() * latents + (1 - a).sqrt() * eps, eps
+
+
+def _conds(pipe, captions) -> torch.Tensor:
+    ids = pipe.tokenizer(
+        list(captions), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+    with torch.no_grad():
+        return pipe.text_encoder(ids.to(pipe.device))[0]
+
+
+def memorization_metric(pipe, data: TrainingData, seed: int = 0, batch: int = 32) -> float:
+    """MemControl's memorization objective on ``data`` (the memorization set): the mean noise gap."""
+    from diffusers import DDPMScheduler
+
+    from diffmem.train.mitigations import WenFilterMitigation
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents = encode_latents(pipe.vae, data.pixels, pipe.device)
+    t, zt, _ = _draws(latents, scheduler, seed, "memorization")
+    empty = _conds(pipe, [""])
+    gaps = []
+    for i in range(0, len(data), batch):
+        cond = _conds(pipe, data.captions[i : i + batch])
+        gaps.append(
+            WenFilterMitigation.noise_gaps(pipe.unet, zt[i : i + batch], t[i : i + batch], cond, empty)
+        )
+    return float(torch.cat(gaps).mean())
+
+
+def validation_loss(pipe, data: TrainingData, seed: int = 0, batch: int = 32) -> float:
+    """The epsilon (or v) denoising loss on held-out ``data`` with seeded draws (the quality objective)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents = encode_latents(pipe.vae, data.pixels, pipe.device)
+    t, zt, eps = _draws(latents, scheduler, seed, "validation")
+    if scheduler.config.prediction_type == "v_prediction":
+        a = scheduler.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+        eps = a.sqrt() * eps - (1 - a).sqrt() * latents
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(data), batch):
+            cond = _conds(pipe, data.captions[i : i + batch])
+            pred = pipe.unet(zt[i : i + batch], t[i : i + batch], encoder_hidden_states=cond).sample
+            total += float((pred.float() - eps[i : i + batch]).square().flatten(1).mean(1).sum())
+    return total / len(data)
+
+
+def _sampler(config: MemControlConfig):
+    import optuna
+
+    samplers = {
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "random": optuna.samplers.RandomSampler,
+        "tpe": optuna.samplers.TPESampler,
+    }
+    if config.sampler not in samplers:
+        raise ValueError(f"--sampler: expected one of {', '.join(samplers)}, got {config.sampler!r}")
+    return samplers[config.sampler](seed=config.seed)
+
+
+def _trial_dir(out: Path, params: dict) -> Path:
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return out / "trials" / key
+
+
+def run_memcontrol(
+    model: str | os.PathLike | None,
+    train_data: TrainingData,
+    memorized: TrainingData,
+    heldout: TrainingData,
+    out: str | os.PathLike,
+    config: MemControlConfig | None = None,
+    inner: TrainConfig | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) the search; returns ``{"front": [...], "chosen": {...}, "trials": [...]}``.
+
+    ``train_data`` is what each trial fine-tunes on, ``memorized`` its memorization set (e.g. the duplicated
+    rows), ``heldout`` the quality data; ``inner`` the fine-tune's settings (its lr and blocks are searched).
+    """
+    import optuna
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.modelio import load_pipeline
+    from diffmem.train.adapters import save_trainable_blocks, transformer_blocks
+    from diffmem.train.text_to_image import train_text_to_image
+
+    config = config or MemControlConfig()
+    inner = inner or TrainConfig(steps=200, mode="lora")
+    if config.trials < 1 or not 0 < config.lr_low <= config.lr_high:
+        raise ValueError("--trials must be at least 1 and 0 < --lr-low <= --lr-high")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    search = {k: v for k, v in config.to_dict().items() if k != "trials"}  # --trials may grow on resume
+    settings = {"search": search, "inner": inner.to_dict(), "data": train_data.describe()}
+    settings_file = out / "memcontrol.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text(encoding="utf-8")) != settings:
+        raise ValueError(
+            f"--out: {out} holds a search with other settings (only --trials may change); use another --out"
+        )
+    atomic_write_json(settings_file, settings)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    study = optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=storage,
+        directions=["minimize", "minimize"],
+        sampler=_sampler(config),
+        load_if_exists=True,
+    )
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(
+            trial._trial_id, optuna.trial.TrialState.FAIL
+        )  # killed mid-trial
+        study.enqueue_trial(
+            trial.params
+        )  # the same parameters again; its fine-tune resumes from its checkpoint
+    base = load_pipeline(model, StableDiffusionPipeline)
+    blocks = transformer_blocks(base.unet)
+
+    def objective(trial) -> tuple[float, float]:
+        mask = [trial.suggest_int(b, 0, 1) for b in blocks]
+        lr = trial.suggest_float("lr", config.lr_low, config.lr_high, log=True)
+        if not any(mask):
+            raise optuna.TrialPruned("no block is trainable")
+        chosen = tuple(b for b, m in zip(blocks, mask) if m)
+        params = {"blocks": list(chosen), "lr": lr}
+        t0 = time.time()
+        pipe = load_pipeline(model, StableDiffusionPipeline)
+        folder = train_text_to_image(
+            model,
+            train_data,
+            _trial_dir(out, params),
+            replace(inner, lr=lr, trainable_blocks=chosen),
+            pipe=pipe,
+            progress=progress,
+        )
+        trial.set_user_attr("model", str(folder))
+        trial.set_user_attr("seconds", round(time.time() - t0, 1))
+        pipe.unet.eval()
+        return memorization_metric(pipe, memorized, config.seed), validation_loss(pipe, heldout, config.seed)
+
+    def done() -> int:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return len(study.get_trials(deepcopy=False, states=states))
+
+    while done() < config.trials:
+        study.optimize(objective, n_trials=1, catch=())
+    baseline = (
+        memorization_metric(base, memorized, config.seed),
+        validation_loss(base, heldout, config.seed),
+    )
+    trials = [
+        {
+            "number": t.number,
+            "blocks": [b for b in blocks if t.params.get(b)],
+            "lr": t.params.get("lr"),
+            "memorization": t.values[0],
+            "quality_loss": t.values[1],
+            "seconds": t.user_attrs.get("seconds"),
+            "model": t.user_attrs.get("model"),
+        }
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    ]
+    if not trials:
+        raise ValueError("memcontrol: every trial was pruned (no block trainable); run more --trials")
+    front_numbers = {t.number for t in study.best_trials}
+    front = [t for t in trials if t["number"] in front_numbers]
+
+    def scaled(key: str, value: float) -> float:
+        low, high = min(t[key] for t in front), max(t[key] for t in front)
+        return 0.0 if high == low else (value - low) / (high - low)
+
+    chosen = min(
+        front,
+        key=lambda t: scaled("memorization", t["memorization"]) + scaled("quality_loss", t["quality_loss"]),
+    )
+    save_trainable_blocks(
+        out / "trainable_blocks.json",
+        base.unet,
+        chosen["blocks"],
+        source="diffmem memcontrol",
+        trial=chosen["number"],
+        lr=chosen["lr"],
+        objectives={"memorization": chosen["memorization"], "quality_loss": chosen["quality_loss"]},
+    )
+    result = {
+        "baseline": {"memorization": baseline[0], "quality_loss": baseline[1]},
+        "front": front,
+        "chosen": chosen,
+        "trials": trials,
+        "search_seconds": round(sum(t["seconds"] or 0 for t in trials), 1),
+    }
+    atomic_write_json(out / "pareto.json", result)
+    return result

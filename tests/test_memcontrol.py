@@ -1,0 +1,72 @@
+"""MemControl: the study over block masks, its objectives, resume after a trial was killed, the mask file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+
+from diffmem.train.adapters import load_trainable_blocks, transformer_blocks
+from diffmem.train.memcontrol import STUDY_NAME, MemControlConfig, memorization_metric, run_memcontrol
+from diffmem.train.text_to_image import TrainConfig, TrainingData
+
+
+def _data(n: int, seed: int, prefix: str) -> TrainingData:
+    rng = np.random.default_rng(seed)
+    ids = [f"{prefix}{i}" for i in range(n)]
+    return TrainingData(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), [f"{prefix} photo {i}" for i in range(n)],
+                        ids, ids, prefix)  # fmt: skip
+
+
+def test_memorization_metric_is_the_noise_gap_and_zero_for_empty_captions(tiny_sd1_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
+    data = _data(3, 0, "m")
+    m = memorization_metric(pipe, data, seed=1)
+    assert m > 0 and m == memorization_metric(pipe, data, seed=1)
+    empty = TrainingData(data.pixels, ["", "", ""], data.row_ids, data.image_ids)
+    assert memorization_metric(pipe, empty, seed=1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_search_resumes_a_killed_trial_and_writes_a_usable_mask(tmp_path, tiny_sd1_dir):
+    from diffusers import UNet2DConditionModel
+
+    train, memorized, heldout = _data(6, 0, "t"), _data(2, 0, "t"), _data(3, 1, "h")
+    inner = TrainConfig(steps=2, batch_size=2, mode="lora", checkpoint_every=1)
+    config = MemControlConfig(trials=2, sampler="random", seed=0)
+    first = run_memcontrol(tiny_sd1_dir, train, memorized, heldout, tmp_path, config, inner, progress=False)
+    assert 1 <= len(first["trials"]) <= 2 and first["front"]
+    # a trial killed mid-way: left RUNNING in the SQLite study
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1_dir / "unet")
+    blocks = transformer_blocks(unet)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    killed = study.ask()
+    for b in blocks:
+        killed.suggest_int(b, 0, 1)
+    killed.suggest_float("lr", 1e-5, 1e-3, log=True)
+    killed_params = dict(killed.params)
+    if not any(killed_params[b] for b in blocks):
+        pytest.skip("the drawn mask is empty")  # pragma: no cover (seeded: does not happen)
+    again = run_memcontrol(tiny_sd1_dir, train, memorized, heldout, tmp_path,
+                           MemControlConfig(trials=3, sampler="random", seed=0), inner, progress=False)  # fmt: skip
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert any(t.params == killed_params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    done = [
+        t
+        for t in study.trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    assert len(done) == 3
+    saved = json.loads((tmp_path / "pareto.json").read_text())
+    assert saved["chosen"]["number"] in {t["number"] for t in saved["front"]}
+    assert all(np.isfinite([t["memorization"], t["quality_loss"]]).all() for t in again["trials"])
+    assert load_trainable_blocks(tmp_path / "trainable_blocks.json", unet) == again["chosen"]["blocks"]
+    with pytest.raises(ValueError, match="other settings"):
+        run_memcontrol(tiny_sd1_dir, train, memorized, heldout, tmp_path, config,
+                       TrainConfig(steps=3, batch_size=2, mode="lora"), progress=False)  # fmt: skip
+    assert np.isfinite(again["baseline"]["memorization"]) and again["search_seconds"] > 0
