@@ -9,13 +9,14 @@ accelerate. This module only reads the keyed dataset (checked against its manife
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from diffmem.io import atomic_write_json
-from diffmem.train.text_to_image import TrainConfig, TrainingData, train_text_to_image
+from diffmem.train.text_to_image import TRAIN_RECORD, TrainConfig, TrainingData, train_text_to_image
 
 #: Written into the fine-tuned pipeline folder: what it was trained on and how.
 PROVENANCE_FILE = "solidmark_finetune.json"
@@ -70,10 +71,6 @@ def finetune_keyed(
     )
     if until_step is not None and until_step < config.steps:
         return result
-    import json
-
-    from diffmem.train.text_to_image import TRAIN_RECORD
-
     record = json.loads((result / TRAIN_RECORD).read_text(encoding="utf-8"))
     provenance = {
         "model": record["model"],

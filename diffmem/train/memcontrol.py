@@ -31,7 +31,7 @@ import torch
 
 from diffmem.io import atomic_write_json
 from diffmem.seeding import derive_seed
-from diffmem.train.text_to_image import TrainConfig, TrainingData, encode_latents
+from diffmem.train.text_to_image import TrainConfig, TrainingData, encode_captions, encode_latents
 
 __all__ = ["MemControlConfig", "memorization_metric", "run_memcontrol", "validation_loss"]
 
@@ -62,12 +62,7 @@ def _draws(latents: torch.Tensor, scheduler, seed: int, scope: str) -> tuple[tor
 
 
 def _conds(pipe, captions) -> torch.Tensor:
-    ids = pipe.tokenizer(
-        list(captions), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids  # fmt: skip
-    with torch.no_grad():
-        return pipe.text_encoder(ids.to(pipe.device))[0]
+    return encode_captions(pipe.tokenizer, pipe.text_encoder, captions, pipe.device)
 
 
 def memorization_metric(pipe, data: TrainingData, seed: int = 0, batch: int = 32) -> float:

@@ -310,6 +310,21 @@ def encode_latents(vae, pixels: np.ndarray, device, batch: int = 32) -> torch.Te
     return (torch.cat(chunks) - shift) * vae.config.scaling_factor
 
 
+def encode_captions(
+    tokenizer, text_encoder, captions: Sequence[str], device, grad: bool = False
+) -> torch.Tensor:
+    """The text encoder's last hidden states of ``captions``, padded to the tokenizer's maximum length."""
+    ids = tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        return text_encoder(ids)[0]
+
+
 def train_text_to_image(
     model: str | os.PathLike | None,
     data: TrainingData,
@@ -384,15 +399,7 @@ def train_text_to_image(
     latents = encode_latents(vae, data.pixels, device)
 
     def encode(captions: Sequence[str]) -> torch.Tensor:
-        ids = tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        with contextlib.nullcontext() if config.train_text_encoder else torch.no_grad():
-            return text_encoder(ids)[0]
+        return encode_captions(tokenizer, text_encoder, captions, device, grad=config.train_text_encoder)
 
     text_encoder.to(device).requires_grad_(config.train_text_encoder)
     if config.mode == "lora":
