@@ -109,15 +109,10 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, tiny_sd1_d
     )
 
 
-def test_accumulation_splits_the_step_not_the_result(tmp_path, data, tiny_sd1_dir, monkeypatch):
+def test_accumulation_splits_the_step_not_the_result(tmp_path, data, tiny_sd1_dir):
     # plain SGD: Adam's first steps amplify float-rounding differences of near-zero gradients to +-lr
-    import diffmem.train.optimizers as optimizers
-
-    monkeypatch.setattr(
-        optimizers, "make_optimizer", lambda params, name, lr, weight_decay: torch.optim.SGD(params, lr)
-    )
-    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, seed=1, mitigation="wen-filter",
-                      mitigation_options={"tau": 1e9})  # fmt: skip
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, seed=1, mitigation="wen-filter", optimizer="sgd",
+                      weight_decay=0.0, mitigation_options={"tau": 1e9})  # fmt: skip
     one = train_text_to_image(tiny_sd1_dir, data, tmp_path / "a", cfg, progress=False)
     split = TrainConfig(**{**cfg.to_dict(), "gradient_accumulation": 2})
     two = train_text_to_image(tiny_sd1_dir, data, tmp_path / "b", split, progress=False)
@@ -128,6 +123,27 @@ def test_accumulation_splits_the_step_not_the_result(tmp_path, data, tiny_sd1_di
                                                               "mitigation_options": {}}), progress=False
     )  # fmt: skip
     _same(_unet(one), _unet(plain), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_weights_as_one(tmp_path, data_dir, tiny_sd1_dir):
+    """torchrun with 2 CPU processes (accelerate over gloo): each trains half of every step's samples, the
+    loss is normalised over the whole step, so plain SGD reaches the one-process weights to float rounding."""
+    args = ["train", "--model", str(tiny_sd1_dir), "--data", str(data_dir), "--steps", "2", "--batch-size", "4",
+            "--optimizer", "sgd", "--weight-decay", "0", "--lr", "1e-3", "--seed", "1", "--no-progress"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "diffmem", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([*torchrun, "-m", "diffmem", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    record = json.loads((tmp_path / "two" / "model" / TRAIN_RECORD).read_text())
+    assert record["run"]["processes"] == 2 and two.stdout.count("fine-tuned pipeline saved") == 1
+    a, b = _unet(tmp_path / "one" / "model"), _unet(tmp_path / "two" / "model")
+    _same(a, b, atol=1e-6)
+    assert max(float((a[k] - v).abs().max()) for k, v in _unet(tiny_sd1_dir).items()) > 1e-5  # it did train
 
 
 def test_wen_filter_that_drops_every_sample_leaves_the_model_unchanged(tmp_path, data, tiny_sd1_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from diffmem.commands.options import DATA_HELP, add_data_column_arguments, add_training_memory_arguments
 
@@ -176,5 +177,6 @@ def run(args: argparse.Namespace) -> int:
             f"set aside {len(data.bad_rows)} row(s); first: row {first['row']}: {first['reason']}: {first['detail']}"
         )
     out = train_text_to_image(args.model, data, args.out, config, pipe=pipe, progress=not args.no_progress)
-    print(f"fine-tuned pipeline saved to {out} ({len(data)} rows, mitigation {args.mitigation})")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line for a multi-process launch
+        print(f"fine-tuned pipeline saved to {out} ({len(data)} rows, mitigation {args.mitigation})")
     return 0

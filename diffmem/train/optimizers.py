@@ -1,4 +1,4 @@
-"""The optimizers a diffmem fine-tune can use, by name: AdamW, and bitsandbytes' 8-bit AdamW.
+"""The optimizers a diffmem fine-tune can use, by name: AdamW, bitsandbytes' 8-bit AdamW, and plain SGD.
 
 ``"adamw8bit"`` (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022) keeps both
 Adam moments in 8 bits with per-block scales: 2 bytes of optimizer state per parameter instead of 8,
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OPTIMIZERS", "make_optimizer"]
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 
 
 def make_optimizer(
@@ -29,11 +29,15 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """AdamW (``"adamw"``) or bitsandbytes' ``AdamW8bit`` (``"adamw8bit"``) over ``params``."""
+    """AdamW (``"adamw"``), bitsandbytes' ``AdamW8bit`` (``"adamw8bit"``) or plain SGD (``"sgd"``: no momentum,
+    ``theta -= lr * (g + weight_decay * theta)``; linear in the gradient, so runs that split a step differently
+    can be compared to float rounding) over ``params``."""
     import torch
 
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb

@@ -131,6 +131,17 @@ class TrainingData:
     def __len__(self) -> int:
         return len(self.pixels)
 
+    def subset(self, rows: Sequence[int], source: str) -> TrainingData:
+        """The rows ``rows`` (indices) as their own data, named ``source``."""
+        rows = list(rows)
+        return TrainingData(
+            self.pixels[rows],
+            [self.captions[i] for i in rows],
+            [self.row_ids[i] for i in rows],
+            [self.image_ids[i] for i in rows],
+            source,
+        )
+
     def describe(self) -> dict:
         return {
             "data": self.source,
@@ -363,8 +374,16 @@ def train_text_to_image(
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(out) if out is not None else workdir / "model"
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    # cpu=True where there is no accelerator: accelerate then runs a multi-process launch over gloo
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, cpu=not torch.accelerator.is_available()
+    )
     world, rank = accelerator.num_processes, accelerator.process_index
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:  # every process would train alone and write the same folders
+        raise ValueError(
+            f"launched as {launched} processes but accelerate runs {world}; use `accelerate launch` or torchrun"
+        )
     micro = config.gradient_accumulation * world
     if config.batch_size % micro:
         raise ValueError(
@@ -432,7 +451,10 @@ def train_text_to_image(
             )
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    if config.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:  # a frozen module is not wrapped (DDP refuses a module without trainable parameters)
+        unet, optimizer = accelerator.prepare(unet, optimizer)
     raw_unet = accelerator.unwrap_model(unet)
     unet.train()
     text_encoder.train(config.train_text_encoder)
