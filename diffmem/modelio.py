@@ -225,6 +225,15 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if new else {"torch_dtype": dtype}
 
 
+def _no_safety_checker(pipeline_class) -> dict:
+    """``safety_checker=None`` for the pipelines that have one (SD 1.x/2.x; SDXL has none)."""
+    import inspect
+
+    if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
+
+
 def load_pipeline(
     model: str | os.PathLike | None = None,
     pipeline_class=None,
@@ -267,8 +276,7 @@ def load_pipeline(
             model,
             **_dtype_kwarg(dtype),
             use_safetensors=True if not allow else None,  # allowed: safetensors first, pickle where missing
-            safety_checker=None,
-            requires_safety_checker=False,
+            **_no_safety_checker(pipeline_class),
         )
     except OSError as err:
         if looks_local(model):
@@ -289,12 +297,11 @@ def load_pipeline(
     return pipe
 
 
-def guarded_pipeline_class(model: str | os.PathLike | None):
-    """The guarded pipeline for ``model``: SDXL's when its ``model_index.json`` names an SDXL pipeline."""
-    from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
-
+def is_sdxl(model: str | os.PathLike | None) -> bool:
+    """Whether ``model`` (a folder or hub id; ``None``, the organism, is not) is an SDXL pipeline, by the
+    ``_class_name`` of its ``model_index.json``."""
     if model is None:
-        return StableDiffusionMemGuardPipeline
+        return False
     index = Path(str(model)) / "model_index.json"
     name = None
     if index.is_file():
@@ -310,9 +317,21 @@ def guarded_pipeline_class(model: str | os.PathLike | None):
             name = DiffusionPipeline.load_config(str(model)).get("_class_name")
         except Exception:  # not reachable: from_pretrained gives the error
             name = None
-    if isinstance(name, str) and "XL" in name:
-        return StableDiffusionXLMemGuardPipeline
-    return StableDiffusionMemGuardPipeline
+    return isinstance(name, str) and "XL" in name
+
+
+def guarded_pipeline_class(model: str | os.PathLike | None):
+    """The guarded pipeline for ``model``: SDXL's when its ``model_index.json`` names an SDXL pipeline."""
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
+
+    return StableDiffusionXLMemGuardPipeline if is_sdxl(model) else StableDiffusionMemGuardPipeline
+
+
+def stock_pipeline_class(model: str | os.PathLike | None):
+    """diffusers' own pipeline class for ``model`` (what a trained folder is saved as)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if is_sdxl(model) else StableDiffusionPipeline
 
 
 #: Prefix of the current fingerprint scheme (every weight); the old one (``legacy_fingerprint``) was 16

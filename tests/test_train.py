@@ -146,6 +146,49 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, data_dir, tiny_sd
     assert max(float((a[k] - v).abs().max()) for k, v in _unet(tiny_sd1_dir).items()) > 1e-5  # it did train
 
 
+def test_sdxl_fine_tunes_with_its_added_conditions_into_a_stock_folder(tmp_path, data, tiny_sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffmem.train.text_to_image import caption_conditioning
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    cond, added = caption_conditioning(pipe, ["photo 1", "photo 2"], "cpu", (32, 32))
+    own, _, pooled, _ = pipe.encode_prompt(
+        ["photo 1", "photo 2"], device="cpu", do_classifier_free_guidance=False
+    )
+    torch.testing.assert_close(cond, own)
+    torch.testing.assert_close(added["text_embeds"], pooled)
+    assert added["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, seed=1, optimizer="sgd", weight_decay=0.0)
+    plain = train_text_to_image(tiny_sdxl_dir, data, tmp_path / "a", cfg, progress=False)
+    loaded = StableDiffusionXLPipeline.from_pretrained(plain)  # a stock SDXL folder
+    assert json.loads((plain / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert "`StableDiffusionXLPipeline.from_pretrained(folder)`" in (plain / "README.md").read_text()
+    assert loaded(["photo 1"], num_inference_steps=2, height=32, width=32, output_type="np").images.shape == (
+        1,
+        32,
+        32,
+        3,
+    )
+    a, base = _unet(plain), _unet(tiny_sdxl_dir)
+    assert any(not torch.equal(a[k], v) for k, v in base.items())
+    # wen-filter's noise gaps run the SDXL UNet with both captions' added conditions: an unreachable
+    # threshold is the plain loss, a threshold below every gap leaves the model as it was
+    high = TrainConfig(**{**cfg.to_dict(), "mitigation": "wen-filter", "mitigation_options": {"tau": 1e9}})
+    _same(a, _unet(train_text_to_image(tiny_sdxl_dir, data, tmp_path / "b", high, progress=False)), atol=1e-6)
+    low = TrainConfig(**{**high.to_dict(), "mitigation_options": {"tau": 1e-9}, "caption_dropout": 0.0})
+    _same(base, _unet(train_text_to_image(tiny_sdxl_dir, data, tmp_path / "c", low, progress=False)))
+    # MemControl's objectives on SDXL: the noise gap is 0 for empty captions, positive for captions
+    from diffmem.train.memcontrol import memorization_metric, validation_loss
+
+    assert memorization_metric(pipe, data) > 0 and np.isfinite(validation_loss(pipe, data))
+    empty = TrainingData(data.pixels, [""] * len(data), data.row_ids, data.image_ids)
+    assert memorization_metric(pipe, empty) == pytest.approx(0.0, abs=1e-4)  # batch-size rounding
+    with pytest.raises(ValueError, match="--train-text-encoder: not supported for SDXL"):
+        train_text_to_image(tiny_sdxl_dir, data, tmp_path / "d", TrainConfig(steps=1, batch_size=4,
+                            train_text_encoder=True), progress=False)  # fmt: skip
+
+
 def test_wen_filter_that_drops_every_sample_leaves_the_model_unchanged(tmp_path, data, tiny_sd1_dir):
     # caption dropout off: an empty caption's gap is 0, below any threshold
     cfg = TrainConfig(steps=2, batch_size=4, lr=1e-2, caption_dropout=0.0, mitigation="wen-filter",

@@ -42,12 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers import StableDiffusionPipeline
-
     from diffmem.commands.train import load_data, train_config
-    from diffmem.modelio import load_pipeline
+    from diffmem.modelio import load_pipeline, stock_pipeline_class
     from diffmem.train.memcontrol import MemControlConfig, run_memcontrol
-    from diffmem.train.text_to_image import TrainingData, load_training_data
+    from diffmem.train.text_to_image import load_training_data
 
     config = MemControlConfig(
         trials=args.trials, sampler=args.sampler, lr_low=args.lr_low, lr_high=args.lr_high, seed=args.seed
@@ -55,19 +53,13 @@ def run(args: argparse.Namespace) -> int:
     args.lora = not args.full
     inner = train_config(args)
     inner.check()
-    pipe = load_pipeline(args.model, StableDiffusionPipeline)
+    pipe = load_pipeline(args.model, stock_pipeline_class(args.model))
     data = load_data(args, pipe)
     flags = _memorized_flags(args, data)
     rows = [i for i, f in enumerate(flags) if f]
     if not rows:
         raise ValueError(f"--memorized-column: no row of {args.data} has a true {args.memorized_column!r}")
-    memorized = TrainingData(
-        data.pixels[rows],
-        [data.captions[i] for i in rows],
-        [data.row_ids[i] for i in rows],
-        [data.image_ids[i] for i in rows],
-        f"{args.data} ({args.memorized_column})",
-    )
+    memorized = data.subset(rows, f"{args.data} ({args.memorized_column})")
     heldout = load_training_data(args.heldout, data.pixels.shape[1])
     result = run_memcontrol(
         args.model, data, memorized, heldout, args.out, config, inner, progress=not args.no_progress

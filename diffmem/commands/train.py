@@ -152,16 +152,14 @@ def load_data(args: argparse.Namespace, pipe):
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers import StableDiffusionPipeline
-
-    from diffmem.modelio import load_pipeline
+    from diffmem.modelio import load_pipeline, stock_pipeline_class
     from diffmem.train.adapters import load_trainable_blocks
     from diffmem.train.mitigations import get_training_mitigation
     from diffmem.train.text_to_image import train_text_to_image
 
     options = mitigation_options(args.mitigation_arg)
     get_training_mitigation(args.mitigation, options)  # bad parameters are refused before any weight is read
-    pipe = load_pipeline(args.model, StableDiffusionPipeline)
+    pipe = load_pipeline(args.model, stock_pipeline_class(args.model))
     blocks = load_trainable_blocks(args.trainable_blocks, pipe.unet) if args.trainable_blocks else None
     config = train_config(
         args,

@@ -31,9 +31,9 @@ import torch
 
 from diffmem.io import atomic_write_json
 from diffmem.seeding import derive_seed
-from diffmem.train.text_to_image import TrainConfig, TrainingData, encode_captions, encode_latents
+from diffmem.train.text_to_image import TrainConfig, TrainingData, caption_conditioning, encode_latents
 
-__all__ = ["MemControlConfig", "memorization_metric", "run_memcontrol", "validation_loss"]
+__all__ = ["MemControlConfig", "data_noise_gaps", "memorization_metric", "run_memcontrol", "validation_loss"]
 
 STUDY_NAME = "memcontrol"
 
@@ -61,27 +61,37 @@ def _draws(latents: torch.Tensor, scheduler, seed: int, scope: str) -> tuple[tor
     return t, a.sqrt() * latents + (1 - a).sqrt() * eps, eps
 
 
-def _conds(pipe, captions) -> torch.Tensor:
-    return encode_captions(pipe.tokenizer, pipe.text_encoder, captions, pipe.device)
+def _conds(pipe, data: TrainingData, captions):
+    """``(encoder_hidden_states, added_cond_kwargs)`` of ``captions`` for ``pipe`` (SDXL's added conditions
+    at the data's size)."""
+    return caption_conditioning(pipe, captions, pipe.device, tuple(data.pixels.shape[1:3]))
 
 
-def memorization_metric(pipe, data: TrainingData, seed: int = 0, batch: int = 32) -> float:
-    """MemControl's memorization objective on ``data`` (the memorization set): the mean noise gap."""
+def data_noise_gaps(pipe, data: TrainingData, seed: int = 0, batch: int = 32, scope: str = "memorization"):
+    """Wen et al.'s noise gap of every row of ``data`` at a seeded training draw (``t`` and noise from
+    ``(seed, scope, row)``): ``n_i = || eps(z_t,i, t_i, c_i) - eps(z_t,i, t_i, empty) ||_2``, ``[N]`` float32."""
     from diffusers import DDPMScheduler
 
     from diffmem.train.mitigations import WenFilterMitigation
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     latents = encode_latents(pipe.vae, data.pixels, pipe.device)
-    t, zt, _ = _draws(latents, scheduler, seed, "memorization")
-    empty = _conds(pipe, [""])
+    t, zt, _ = _draws(latents, scheduler, seed, scope)
+    empty, empty_added = _conds(pipe, data, [""])
     gaps = []
     for i in range(0, len(data), batch):
-        cond = _conds(pipe, data.captions[i : i + batch])
+        cond, added = _conds(pipe, data, data.captions[i : i + batch])
         gaps.append(
-            WenFilterMitigation.noise_gaps(pipe.unet, zt[i : i + batch], t[i : i + batch], cond, empty)
+            WenFilterMitigation.noise_gaps(
+                pipe.unet, zt[i : i + batch], t[i : i + batch], cond, empty, added, empty_added
+            )
         )
-    return float(torch.cat(gaps).mean())
+    return torch.cat(gaps)
+
+
+def memorization_metric(pipe, data: TrainingData, seed: int = 0, batch: int = 32) -> float:
+    """MemControl's memorization objective on ``data`` (the memorization set): the mean noise gap."""
+    return float(data_noise_gaps(pipe, data, seed, batch).mean())
 
 
 def validation_loss(pipe, data: TrainingData, seed: int = 0, batch: int = 32) -> float:
@@ -97,8 +107,10 @@ def validation_loss(pipe, data: TrainingData, seed: int = 0, batch: int = 32) ->
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(data), batch):
-            cond = _conds(pipe, data.captions[i : i + batch])
-            pred = pipe.unet(zt[i : i + batch], t[i : i + batch], encoder_hidden_states=cond).sample
+            cond, added = _conds(pipe, data, data.captions[i : i + batch])
+            pred = pipe.unet(
+                zt[i : i + batch], t[i : i + batch], encoder_hidden_states=cond, added_cond_kwargs=added
+            ).sample
             total += float((pred.float() - eps[i : i + batch]).square().flatten(1).mean(1).sum())
     return total / len(data)
 
@@ -137,9 +149,8 @@ def run_memcontrol(
     rows), ``heldout`` the quality data; ``inner`` the fine-tune's settings (its lr and blocks are searched).
     """
     import optuna
-    from diffusers import StableDiffusionPipeline
 
-    from diffmem.modelio import load_pipeline
+    from diffmem.modelio import load_pipeline, stock_pipeline_class
     from diffmem.train.adapters import save_trainable_blocks, transformer_blocks
     from diffmem.train.text_to_image import train_text_to_image
 
@@ -173,7 +184,7 @@ def run_memcontrol(
         study.enqueue_trial(
             trial.params
         )  # the same parameters again; its fine-tune resumes from its checkpoint
-    base = load_pipeline(model, StableDiffusionPipeline)
+    base = load_pipeline(model, stock_pipeline_class(model))
     blocks = transformer_blocks(base.unet)
 
     def objective(trial) -> tuple[float, float]:
@@ -184,7 +195,7 @@ def run_memcontrol(
         chosen = tuple(b for b, m in zip(blocks, mask) if m)
         params = {"blocks": list(chosen), "lr": lr}
         t0 = time.time()
-        pipe = load_pipeline(model, StableDiffusionPipeline)
+        pipe = load_pipeline(model, stock_pipeline_class(model))
         folder = train_text_to_image(
             model,
             train_data,

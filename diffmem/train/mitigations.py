@@ -7,7 +7,7 @@ A fine-tuning loop runs every step the same way, whatever the mitigation (no bra
     step = mitigation.prepare(TrainingBatch(latents=z0, cond=cond, seeds=seeds, scheduler=sched,
                                             ids=image_ids, unet=unet, empty_cond=empty))
     if not step.skip:  # skip: every sample is left out of this step's loss
-        pred = unet(step.noisy, step.timesteps, step.cond).sample
+        pred = unet(step.noisy, step.timesteps, step.cond, added_cond_kwargs=step.added_cond).sample
         loss = step.loss(pred)  # sum_i w_i ||pred_i - target_i||^2 / #{i : w_i > 0}
 
 ``edit_captions`` changes the text before it is encoded; ``prepare`` returns what the UNet step uses: its
@@ -63,6 +63,9 @@ class TrainingBatch:
             give the copies of a duplicated image one id to give them one noisy copy).
         unet: the UNet being trained (``wen-filter`` runs it without gradients).
         empty_cond: the empty caption's embedding, ``[1 or B, tokens, dim]`` (``wen-filter``).
+        added_cond / empty_added_cond: SDXL's added conditions of the captions / of the empty caption
+            (``text_embeds``, the pooled embedding, and ``time_ids``, one row per sample or one for all);
+            ``None`` for SD 1.x/2.x.
     """
 
     latents: torch.Tensor
@@ -72,6 +75,8 @@ class TrainingBatch:
     ids: Sequence[object] | None = None
     unet: nn.Module | None = None
     empty_cond: torch.Tensor | None = None
+    added_cond: dict[str, torch.Tensor] | None = None
+    empty_added_cond: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         n = self.latents.shape[0]
@@ -90,7 +95,8 @@ class TrainingBatch:
 
 @dataclass
 class TrainingStep:
-    """What the UNet step uses: ``unet(noisy, timesteps, cond)`` is compared with ``target``.
+    """What the UNet step uses: ``unet(noisy, timesteps, cond, added_cond_kwargs=added_cond)`` is compared
+    with ``target``.
 
     ``weight`` ``[B]`` (float32): sample ``i``'s loss weight, 0 where it is left out of this step's loss;
     ``noise`` the fresh diffusion noise drawn for the step; ``stats`` a few numbers for the log.
@@ -103,6 +109,7 @@ class TrainingStep:
     weight: torch.Tensor
     noise: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
+    added_cond: dict[str, torch.Tensor] | None = None  # SDXL's added conditions, passed through
 
     @property
     def skip(self) -> bool:
@@ -173,6 +180,7 @@ def standard_step(batch: TrainingBatch) -> TrainingStep:
         cond=batch.cond,
         weight=torch.ones(batch.size),
         noise=eps,
+        added_cond=batch.added_cond,
     )
 
 
@@ -257,17 +265,33 @@ class WenFilterMitigation(TrainingMitigation):
 
     @staticmethod
     def noise_gaps(
-        unet: nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, empty: torch.Tensor
+        unet: nn.Module,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        empty: torch.Tensor,
+        added: dict[str, torch.Tensor] | None = None,
+        empty_added: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``n_i`` ``[B]`` (float32), two UNet calls without gradients."""
+        """``n_i`` ``[B]`` (float32), two UNet calls without gradients (``added`` / ``empty_added``: SDXL's
+        added conditions of the captions and of the empty caption)."""
         from diffmem.attack.dori import module_dtype
 
         dtype = module_dtype(unet)
         x = noisy.to(dtype)
-        empty = empty.to(cond.device, dtype).expand(cond.shape[0], *empty.shape[-2:])
+        n = cond.shape[0]
+
+        def rows(c: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+            if c is None:
+                return None
+            return {k: v.to(cond.device, dtype).expand(n, *v.shape[1:]) for k, v in c.items()}
+
+        empty = empty.to(cond.device, dtype).expand(n, *empty.shape[-2:])
         with torch.no_grad():
-            e_c = unet(x, t, encoder_hidden_states=cond.detach().to(dtype)).sample
-            e_u = unet(x, t, encoder_hidden_states=empty).sample
+            e_c = unet(
+                x, t, encoder_hidden_states=cond.detach().to(dtype), added_cond_kwargs=rows(added)
+            ).sample
+            e_u = unet(x, t, encoder_hidden_states=empty, added_cond_kwargs=rows(empty_added)).sample
         return (e_c.float() - e_u.float()).flatten(1).norm(dim=1)
 
     def prepare(self, batch: TrainingBatch) -> TrainingStep:
@@ -276,7 +300,10 @@ class WenFilterMitigation(TrainingMitigation):
                 "wen-filter needs the batch's unet and empty_cond (the empty caption's embedding)"
             )
         step = standard_step(batch)
-        gaps = self.noise_gaps(batch.unet, step.noisy, step.timesteps, batch.cond, batch.empty_cond).cpu()
+        gaps = self.noise_gaps(
+            batch.unet, step.noisy, step.timesteps, batch.cond, batch.empty_cond, batch.added_cond,
+            batch.empty_added_cond,
+        ).cpu()  # fmt: skip
         keep = gaps < self.tau
         stats = {
             "kept": float(keep.sum()),
@@ -359,7 +386,7 @@ class AmbientMitigation(TrainingMitigation):
         weight = torch.where(high, (c / sigma_t) ** 4, torch.ones_like(c)).flatten().cpu()
         n_high = int(high.sum())
         stats = {"ambient": float(n_high), "clean": float(batch.size - n_high)}
-        return TrainingStep(noisy, t, target, batch.cond, weight, xi, stats)
+        return TrainingStep(noisy, t, target, batch.cond, weight, xi, stats, batch.added_cond)
 
 
 @register_training_mitigation

@@ -43,6 +43,7 @@ __all__ = [
     "TrainConfig",
     "TrainingData",
     "batch_indices",
+    "caption_conditioning",
     "load_training_data",
     "train_text_to_image",
 ]
@@ -304,7 +305,7 @@ aside, at {data["resolution"][0]} x {data["resolution"][1]} px. Trained: {traine
 |---|---|---|
 {losses}
 
-Load it with `StableDiffusionPipeline.from_pretrained(folder)`; the full record is `{TRAIN_RECORD}`.
+Load it with `{run.get("pipeline", "StableDiffusionPipeline")}.from_pretrained(folder)`; the full record is `{TRAIN_RECORD}`.
 """
 
 
@@ -336,6 +337,26 @@ def encode_captions(
         return text_encoder(ids)[0]
 
 
+def caption_conditioning(
+    pipe, captions: Sequence[str], device, size: tuple[int, int], grad: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """What ``pipe``'s UNet is conditioned on for ``captions``: ``(encoder_hidden_states, added_cond_kwargs)``.
+
+    SD 1.x/2.x: :func:`encode_captions`, and ``None``. SDXL: the pipeline's own ``encode_prompt`` (both text
+    encoders' penultimate states, concatenated; the second's pooled projection as ``text_embeds``) and
+    ``time_ids = (h, w, 0, 0, h, w)`` at ``size`` (original size = target size, no crop: the training images
+    are resized and centre-cropped to ``size`` when read)."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return encode_captions(pipe.tokenizer, pipe.text_encoder, captions, device, grad=grad), None
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        cond, _, pooled, _ = pipe.encode_prompt(
+            list(captions), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    h, w = size
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=cond.device)
+    return cond, {"text_embeds": pooled, "time_ids": time_ids.expand(len(captions), 6)}
+
+
 def train_text_to_image(
     model: str | os.PathLike | None,
     data: TrainingData,
@@ -358,11 +379,11 @@ def train_text_to_image(
     gets every log row.
     """
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from diffmem.modelio import load_pipeline, model_fingerprint
+    from diffmem.modelio import load_pipeline, model_fingerprint, stock_pipeline_class
     from diffmem.train.adapters import add_lora, merge_lora, set_trainable_blocks
     from diffmem.train.mitigations import TrainingBatch, get_training_mitigation
     from diffmem.train.optimizers import make_optimizer
@@ -390,11 +411,10 @@ def train_text_to_image(
             f"--batch-size {config.batch_size} does not split into {config.gradient_accumulation} micro-batches "
             f"on each of {world} process(es); use a multiple of {micro}"
         )
-    pipe = pipe if pipe is not None else load_pipeline(model, StableDiffusionPipeline)
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ValueError(
-            "--model: SDXL (two text encoders) is not supported by diffmem train yet; use SD 1.x/2.x"
-        )
+    pipe = pipe if pipe is not None else load_pipeline(model, stock_pipeline_class(model))
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if sdxl and config.train_text_encoder:
+        raise ValueError("--train-text-encoder: not supported for SDXL (its two text encoders stay frozen)")
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     height, width = data.pixels.shape[1:3]
     if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
@@ -417,10 +437,12 @@ def train_text_to_image(
     device = accelerator.device
     latents = encode_latents(vae, data.pixels, device)
 
-    def encode(captions: Sequence[str]) -> torch.Tensor:
-        return encode_captions(tokenizer, text_encoder, captions, device, grad=config.train_text_encoder)
+    def encode(captions: Sequence[str]):
+        return caption_conditioning(pipe, captions, device, (height, width), grad=config.train_text_encoder)
 
     text_encoder.to(device).requires_grad_(config.train_text_encoder)
+    if sdxl:
+        pipe.text_encoder_2.to(device).requires_grad_(False)
     if config.mode == "lora":
         params = add_lora(unet, config.lora_rank, config.lora_targets, config.seed, config.trainable_blocks)
     else:
@@ -458,7 +480,7 @@ def train_text_to_image(
     raw_unet = accelerator.unwrap_model(unet)
     unet.train()
     text_encoder.train(config.train_text_encoder)
-    empty_cond = None if config.train_text_encoder else encode([""])
+    empty_cond, empty_added = (None, None) if config.train_text_encoder else encode([""])
 
     bar = tqdm(
         total=config.steps, initial=start, desc=f"train ({mitigation.name})", disable=not progress or rank
@@ -482,14 +504,18 @@ def train_text_to_image(
         n_micro = per_process // config.gradient_accumulation
         for k in range(config.gradient_accumulation):
             part = slice(k * n_micro, (k + 1) * n_micro)
+            cond, added = encode(captions[part])
+            empty, empty_extra = (empty_cond, empty_added) if empty_cond is not None else encode([""])
             batch = TrainingBatch(
                 latents=latents[rows[part]].to(device),
-                cond=encode(captions[part]),
+                cond=cond,
                 seeds=seeds[part],
                 scheduler=noise_sched,
                 ids=[data.image_ids[int(r)] for r in rows[part]],
                 unet=raw_unet,
-                empty_cond=empty_cond if empty_cond is not None else encode([""]),
+                empty_cond=empty,
+                added_cond=added,
+                empty_added_cond=empty_extra,
             )
             with accelerator.autocast():
                 steps.append(mitigation.prepare(batch))
@@ -502,7 +528,9 @@ def train_text_to_image(
                     continue  # no sample of this micro-batch is in the loss (DDP needs every process's backward)
                 sync = k == len(steps) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
-                    pred = unet(s.noisy.to(device), s.timesteps.to(device), s.cond).sample
+                    pred = unet(
+                        s.noisy.to(device), s.timesteps.to(device), s.cond, added_cond_kwargs=s.added_cond
+                    ).sample
                     weighted = (s.weight.to(device) * s.per_sample_loss(pred)).sum()
                 accelerator.backward(weighted * (world / kept_total))
                 loss_sum += weighted.detach()
@@ -572,6 +600,7 @@ def train_text_to_image(
     losses = [r["loss"] for r in log if r["loss"] is not None]
     record["run"] = {
         "steps": config.steps,
+        "pipeline": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
         "seconds": round(seconds, 1),
         "processes": world,
         "trainable_parameters": n_trainable,
