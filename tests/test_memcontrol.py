@@ -9,7 +9,13 @@ import optuna
 import pytest
 
 from diffmem.train.adapters import load_trainable_blocks, transformer_blocks
-from diffmem.train.memcontrol import STUDY_NAME, MemControlConfig, memorization_metric, run_memcontrol
+from diffmem.train.memcontrol import (
+    STUDY_NAME,
+    MemControlConfig,
+    detector_metric,
+    memorization_metric,
+    run_memcontrol,
+)
 from diffmem.train.text_to_image import TrainConfig, TrainingData
 
 
@@ -29,6 +35,23 @@ def test_memorization_metric_is_the_noise_gap_and_zero_for_empty_captions(tiny_s
     assert m > 0 and m == memorization_metric(pipe, data, seed=1)
     empty = TrainingData(data.pixels, ["", "", ""], data.row_ids, data.image_ids)
     assert memorization_metric(pipe, empty, seed=1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_detector_as_the_memorization_objective(tiny_sd1_dir):
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline
+    from diffusers import StableDiffusionPipeline
+
+    from diffmem.detectors import get_detector
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
+    kw = dict(seed=2, generations=2, inference_steps=3)
+    m = detector_metric(pipe, ["a photo", "a cat", "a photo"], "wen", **kw)  # distinct captions
+    guarded = StableDiffusionMemGuardPipeline.from_pipe(pipe)
+    own = get_detector("wen").score(guarded, ["a photo", "a cat"], num_gens=2, seed=2, item_ids=["a photo", "a cat"],
+                                    num_inference_steps=3, progress=False)  # fmt: skip
+    assert m == pytest.approx(float(own.mean()), rel=1e-6) and m > 0
+    with pytest.raises(ValueError, match="--memorization: expected one of noise-gap, .*wen"):
+        MemControlConfig(memorization="loss").check()
 
 
 def test_search_resumes_a_killed_trial_and_writes_a_usable_mask(tmp_path, tiny_sd1_dir):

@@ -30,6 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--trials", type=int, default=10, help="trials (default 10, the paper's)")
     p.add_argument("--sampler", choices=("nsga2", "random", "tpe"), default="nsga2")
+    p.add_argument(
+        "--memorization",
+        default="noise-gap",
+        help="the memorization objective: noise-gap (MemControl's, on the memorized rows' latents) or a detector "
+        "of the registry (diffmem detect --detector) run at generation on the memorized captions (e.g. wen)",
+    )
+    p.add_argument(
+        "--generations", type=int, default=4, help="a detector's generations per memorized caption"
+    )
+    p.add_argument("--inference-steps", type=int, default=25, help="a detector's sampling steps")
     p.add_argument("--lr-low", type=float, default=1e-5)
     p.add_argument("--lr-high", type=float, default=1e-3)
     p.add_argument(
@@ -48,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.train.text_to_image import load_training_data
 
     config = MemControlConfig(
-        trials=args.trials, sampler=args.sampler, lr_low=args.lr_low, lr_high=args.lr_high, seed=args.seed
-    )
+        trials=args.trials, sampler=args.sampler, lr_low=args.lr_low, lr_high=args.lr_high, seed=args.seed,
+        memorization=args.memorization, generations=args.generations, inference_steps=args.inference_steps,
+    )  # fmt: skip
+    config.check()
     args.lora = not args.full
     inner = train_config(args)
     inner.check()
@@ -64,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_memcontrol(
         args.model, data, memorized, heldout, args.out, config, inner, progress=not args.no_progress
     )
-    print("Pareto front (memorization noise gap, held-out denoising loss):")
+    print(f"Pareto front (memorization: {args.memorization}, held-out denoising loss):")
     for t in result["front"]:
         mark = " <- chosen" if t["number"] == result["chosen"]["number"] else ""
         print(

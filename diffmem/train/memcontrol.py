@@ -6,7 +6,8 @@ block on) and the learning rate (log-uniform in ``[lr_low, lr_high]``, the paper
 
 - memorization, MemControl's (Wen et al.'s noise gap on the memorization set, with training images):
   ``m = mean_i || eps(z_t,i, t_i, c_i) - eps(z_t,i, t_i, empty) ||_2``, ``z_t`` from the memorized rows'
-  latents at seeded ``t`` and noise (the same draws for every trial);
+  latents at seeded ``t`` and noise (the same draws for every trial); or (``memorization=<detector>``) a
+  detector of the harness's registry at generation time on the memorized captions (:func:`detector_metric`);
 - quality: the denoising loss on held-out data ``mean_i || eps - eps_theta(z_t,i, t_i, c_i) ||^2`` (seeded
   draws; the paper uses FID).
 
@@ -33,7 +34,14 @@ from diffmem.io import atomic_write_json
 from diffmem.seeding import derive_seed
 from diffmem.train.text_to_image import TrainConfig, TrainingData, caption_conditioning, encode_latents
 
-__all__ = ["MemControlConfig", "data_noise_gaps", "memorization_metric", "run_memcontrol", "validation_loss"]
+__all__ = [
+    "MemControlConfig",
+    "data_noise_gaps",
+    "detector_metric",
+    "memorization_metric",
+    "run_memcontrol",
+    "validation_loss",
+]
 
 STUDY_NAME = "memcontrol"
 
@@ -47,9 +55,25 @@ class MemControlConfig:
     lr_low: float = 1e-5
     lr_high: float = 1e-3
     seed: int = 0
+    memorization: str = "noise-gap"  # or a detector of the registry (diffmem.detectors), e.g. "wen"
+    generations: int = 4  # a detector's generations per memorized caption
+    inference_steps: int = 25  # a detector's sampling steps
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        from diffmem.detectors import available_detectors
+
+        if self.trials < 1 or not 0 < self.lr_low <= self.lr_high:
+            raise ValueError("--trials must be at least 1 and 0 < --lr-low <= --lr-high")
+        choices = ("noise-gap", *available_detectors())
+        if self.memorization not in choices:
+            raise ValueError(
+                f"--memorization: expected one of {', '.join(choices)}, got {self.memorization!r}"
+            )
+        if self.generations < 1 or self.inference_steps < 1:
+            raise ValueError("--generations and --inference-steps must be at least 1")
 
 
 def _draws(latents: torch.Tensor, scheduler, seed: int, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +116,29 @@ def data_noise_gaps(pipe, data: TrainingData, seed: int = 0, batch: int = 32, sc
 def memorization_metric(pipe, data: TrainingData, seed: int = 0, batch: int = 32) -> float:
     """MemControl's memorization objective on ``data`` (the memorization set): the mean noise gap."""
     return float(data_noise_gaps(pipe, data, seed, batch).mean())
+
+
+def detector_metric(
+    pipe, captions: list[str], detector: str, seed: int = 0, generations: int = 4, inference_steps: int = 25
+) -> float:
+    """A registry detector's mean score over ``generations`` generations of each caption (generation ``j`` of
+    caption ``c`` from ``item_generator(seed, c, j)``): the harness's measure of memorization as a MemControl
+    objective (higher = more memorized, minimised)."""
+    from diffmem.detectors import get_detector
+    from diffmem.guard.pipeline import MemGuardMixin
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
+
+    if not isinstance(pipe, MemGuardMixin):  # detectors read the guarded pipeline's step scores
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        pipe = (StableDiffusionXLMemGuardPipeline if sdxl else StableDiffusionMemGuardPipeline).from_pipe(
+            pipe
+        )
+    captions = list(dict.fromkeys(captions))
+    scores = get_detector(detector).score(
+        pipe, captions, num_gens=generations, seed=seed, item_ids=captions,
+        num_inference_steps=inference_steps, progress=False,
+    )  # fmt: skip
+    return float(scores.float().mean())
 
 
 def validation_loss(pipe, data: TrainingData, seed: int = 0, batch: int = 32) -> float:
@@ -156,8 +203,7 @@ def run_memcontrol(
 
     config = config or MemControlConfig()
     inner = inner or TrainConfig(steps=200, mode="lora")
-    if config.trials < 1 or not 0 < config.lr_low <= config.lr_high:
-        raise ValueError("--trials must be at least 1 and 0 < --lr-low <= --lr-high")
+    config.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     search = {k: v for k, v in config.to_dict().items() if k != "trials"}  # --trials may grow on resume
@@ -187,6 +233,12 @@ def run_memcontrol(
     base = load_pipeline(model, stock_pipeline_class(model))
     blocks = transformer_blocks(base.unet)
 
+    def memorization(pipe) -> float:
+        if config.memorization == "noise-gap":
+            return memorization_metric(pipe, memorized, config.seed)
+        return detector_metric(pipe, memorized.captions, config.memorization, config.seed, config.generations,
+                               config.inference_steps)  # fmt: skip
+
     def objective(trial) -> tuple[float, float]:
         mask = [trial.suggest_int(b, 0, 1) for b in blocks]
         lr = trial.suggest_float("lr", config.lr_low, config.lr_high, log=True)
@@ -207,7 +259,7 @@ def run_memcontrol(
         trial.set_user_attr("model", str(folder))
         trial.set_user_attr("seconds", round(time.time() - t0, 1))
         pipe.unet.eval()
-        return memorization_metric(pipe, memorized, config.seed), validation_loss(pipe, heldout, config.seed)
+        return memorization(pipe), validation_loss(pipe, heldout, config.seed)
 
     def done() -> int:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -216,7 +268,7 @@ def run_memcontrol(
     while done() < config.trials:
         study.optimize(objective, n_trials=1, catch=())
     baseline = (
-        memorization_metric(base, memorized, config.seed),
+        memorization(base),
         validation_loss(base, heldout, config.seed),
     )
     trials = [
