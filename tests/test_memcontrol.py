@@ -93,3 +93,53 @@ def test_search_resumes_a_killed_trial_and_writes_a_usable_mask(tmp_path, tiny_s
         run_memcontrol(tiny_sd1_dir, train, memorized, heldout, tmp_path, config,
                        TrainConfig(steps=3, batch_size=2, mode="lora"), progress=False)  # fmt: skip
     assert np.isfinite(again["baseline"]["memorization"]) and again["search_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_resumes_to_the_uninterrupted_result(tmp_path, tiny_sd1_dir):
+    """`diffmem memcontrol` SIGKILLed inside its second trial's fine-tune, then rerun: the same trials (blocks,
+    lr, both objectives, to the last bit) and the same chosen mask as a search that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from diffmem.data import ImageFolderWriter
+
+    rng = np.random.default_rng(0)
+    for name, n in (("data", 6), ("heldout", 3)):
+        with ImageFolderWriter(tmp_path / name) as writer:
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                writer.add(f"{name}{i}", f"{name} photo {i}", pixels, memorized=int(name == "data" and i < 2))
+    args = ["memcontrol", "--model", str(tiny_sd1_dir), "--data", str(tmp_path / "data"), "--heldout",
+            str(tmp_path / "heldout"), "--trials", "3", "--sampler", "random", "--steps", "4", "--batch-size", "2",
+            "--checkpoint-every", "2", "--no-progress"]  # fmt: skip
+    straight = subprocess.run([sys.executable, "-m", "diffmem", *args, "--out", str(tmp_path / "a")],
+                              capture_output=True, text=True)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killer = (
+        "import os, signal, sys; import diffmem.train.text_to_image as t; orig = t.save_checkpoint; first = []\n"
+        "def save(root, step, *a, **k):\n"
+        "    first.append(first[0] if first else root)\n"
+        "    if step == 4 and root != first[0]: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return orig(root, step, *a, **k)\n"
+        "t.save_checkpoint = save\n"
+        "from diffmem.cli import main; sys.exit(main(sys.argv[1:]))\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", killer, *args, "--out", str(tmp_path / "b")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "b" / "pareto.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "diffmem", *args, "--out", str(tmp_path / "b")],
+                             capture_output=True, text=True, env=dict(os.environ))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "pareto.json").read_text()) for d in ("a", "b"))
+
+    def trials(result):
+        return [(t["blocks"], t["lr"], t["memorization"], t["quality_loss"]) for t in result["trials"]]
+
+    assert len(a["trials"]) == 3 and trials(a) == trials(b)
+    assert (a["chosen"]["blocks"], a["chosen"]["lr"]) == (b["chosen"]["blocks"], b["chosen"]["lr"])
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'b' / 'study.db'}")
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.FAIL) == 1

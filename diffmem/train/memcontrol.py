@@ -14,7 +14,8 @@ block on) and the learning rate (log-uniform in ``[lr_low, lr_high]``, the paper
 Inner loop: :func:`diffmem.train.text_to_image.train_text_to_image` of the masked blocks (LoRA by default).
 The study lives in SQLite (``study.db``) and each trial's fine-tune in ``trials/<hash of its parameters>``,
 so a killed search resumes: a trial left running is marked failed and its parameters are run again, and
-its fine-tune resumes from its own checkpoint. The Pareto front is written to ``pareto.json`` and the chosen
+its fine-tune resumes from its own checkpoint; the sampler is seeded by the number of trials done, so the
+resumed search draws the trials an uninterrupted one draws (tested with a SIGKILL). The Pareto front is written to ``pareto.json`` and the chosen
 mask (the front's trial with the smallest sum of objectives, each scaled to [0, 1] over the front) to
 ``trainable_blocks.json``, for ``diffmem train --trainable-blocks``.
 """
@@ -162,7 +163,7 @@ def validation_loss(pipe, data: TrainingData, seed: int = 0, batch: int = 32) ->
     return total / len(data)
 
 
-def _sampler(config: MemControlConfig):
+def _sampler(config: MemControlConfig, seed: int | None = None):
     import optuna
 
     samplers = {
@@ -172,7 +173,7 @@ def _sampler(config: MemControlConfig):
     }
     if config.sampler not in samplers:
         raise ValueError(f"--sampler: expected one of {', '.join(samplers)}, got {config.sampler!r}")
-    return samplers[config.sampler](seed=config.seed)
+    return samplers[config.sampler](seed=config.seed if seed is None else seed)
 
 
 def _trial_dir(out: Path, params: dict) -> Path:
@@ -266,6 +267,8 @@ def run_memcontrol(
         return len(study.get_trials(deepcopy=False, states=states))
 
     while done() < config.trials:
+        # the sampler is seeded by how many trials are done: a resumed search draws what an uninterrupted one would
+        study.sampler = _sampler(config, derive_seed(config.seed, "memcontrol-sampler", done()) % 2**32)
         study.optimize(objective, n_trials=1, catch=())
     baseline = (
         memorization(base),
