@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    # peft imports bitsandbytes, whose CPU backend warns on every start about a 4-bit kernel diffmem never uses
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     previous = os.environ.get(ALLOW_PICKLE_ENV)
     if args.allow_pickle_weights:
         os.environ[ALLOW_PICKLE_ENV] = "1"

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.commands.train import load_data, train_config
+    from diffmem.commands.train import check_paths_exist, load_data, train_config
     from diffmem.modelio import load_pipeline, stock_pipeline_class
     from diffmem.train.memcontrol import MemControlConfig, run_memcontrol
     from diffmem.train.text_to_image import load_training_data
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         memorization=args.memorization, generations=args.generations, inference_steps=args.inference_steps,
     )  # fmt: skip
     config.check()
+    check_paths_exist(args, "data", "heldout")
     args.lora = not args.full
     inner = train_config(args)
     inner.check()

@@ -110,6 +110,15 @@ def mitigation_options(pairs: list[str]) -> dict:
     return options
 
 
+def check_paths_exist(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a missing ``--data``-like path before any weight is read."""
+    from pathlib import Path
+
+    for name in names:
+        if not Path(getattr(args, name)).exists():
+            raise ValueError(f"--{name}: {getattr(args, name)} does not exist")
+
+
 def train_config(args: argparse.Namespace, **overrides):
     from diffmem.train.text_to_image import TrainConfig
 
@@ -157,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.train.mitigations import get_training_mitigation
     from diffmem.train.text_to_image import train_text_to_image
 
+    check_paths_exist(args, "data")
     options = mitigation_options(args.mitigation_arg)
     get_training_mitigation(args.mitigation, options)  # bad parameters are refused before any weight is read
     pipe = load_pipeline(args.model, stock_pipeline_class(args.model))
