@@ -327,6 +327,18 @@ def guarded_pipeline_class(model: str | os.PathLike | None):
     return StableDiffusionXLMemGuardPipeline if is_sdxl(model) else StableDiffusionMemGuardPipeline
 
 
+def as_guarded(pipe):
+    """``pipe`` as diffmem's guarded pipeline (SDXL's for a pipeline with two text encoders), sharing its
+    modules (``from_pipe``); a guarded pipeline is returned as it is."""
+    from diffmem.guard.pipeline import MemGuardMixin
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
+
+    if isinstance(pipe, MemGuardMixin):
+        return pipe
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    return (StableDiffusionXLMemGuardPipeline if sdxl else StableDiffusionMemGuardPipeline).from_pipe(pipe)
+
+
 def stock_pipeline_class(model: str | os.PathLike | None):
     """diffusers' own pipeline class for ``model`` (what a trained folder is saved as)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

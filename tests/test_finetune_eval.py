@@ -138,7 +138,13 @@ def test_the_duplicated_images_themselves_replicate_and_others_do_not(finetune_d
         gens, _ = generate_and_measure(model, captions, truth.training, num_gens=2, progress=False)
         rates, per_image = replication_rates(gens, truth)
         dup, single = rates["duplicated"], rates["single"]
-        assert dup["own"] == {"rate": 1.0, "ci": dup["own"]["ci"], "count": 6, "n": 6}
+        assert dup["own"] == {
+            "rate": 1.0,
+            "ci": dup["own"]["ci"],
+            "count": 6,
+            "n": 6,
+            "ci_images": [1.0, 1.0],
+        }
         assert dup["any"]["rate"] == 1.0 and single["own"]["rate"] == 0.0 and single["own"]["n"] == 18
         assert single["any"]["rate"] == single_any
         assert all(_inside(r) for group in (dup, single) for r in group.values())
@@ -160,6 +166,22 @@ def test_the_duplicated_images_themselves_replicate_and_others_do_not(finetune_d
                 assert rows[i]["replicated_ids"] == [given]
             else:
                 assert rows[i]["replicated_ids"] == []
+
+
+def test_the_interval_over_images_is_wider_when_generations_cluster_by_image():
+    """Half the images replicate in every generation, half in none: 40 generations but 10 independent images.
+    Wilson's interval over the generations understates the uncertainty; the bootstrap over images does not."""
+    from diffmem.scores.solidmark import binomial_ci
+    from diffmem.train.finetune_eval import image_bootstrap_ci
+
+    counts, ns = [4] * 5 + [0] * 5, [4] * 10
+    low, high = image_bootstrap_ci(counts, ns, seed=0)
+    w_low, w_high = binomial_ci(20, 40)
+    assert low < 0.5 < high and (high - low) > 1.3 * (w_high - w_low)
+    assert image_bootstrap_ci(counts, ns, seed=0) == [low, high]  # seeded
+    # independent generations (every image replicates in half of its generations): no wider than Wilson
+    b_low, b_high = image_bootstrap_ci([2] * 10, ns, seed=0)
+    assert (b_high - b_low) < (w_high - w_low)
 
 
 def test_evaluate_finetune_known_answers_on_a_model_that_copies(finetune_dir):

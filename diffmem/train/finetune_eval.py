@@ -44,6 +44,8 @@ __all__ = [
     "FinetuneEvaluation",
     "FinetuneTruth",
     "evaluate_finetune",
+    "check_set_size",
+    "image_bootstrap_ci",
     "read_finetune_set",
     "replication_rates",
 ]
@@ -97,6 +99,9 @@ def read_finetune_set(folder: str | os.PathLike) -> FinetuneTruth:
     ]
     if missing:
         raise _not_a_set(manifest_path, f"no list {', '.join(missing)}")
+    empty = [k for k in ("heldout_captions", "generic_captions") if not manifest[k]]
+    if empty:
+        raise _not_a_set(manifest_path, f"{' and '.join(empty)} empty (caption fidelity needs them)")
     try:
         rows = list(open_dataset(folder, argument=str(folder)))
     except (FileNotFoundError, ValueError) as err:
@@ -141,18 +146,8 @@ def read_finetune_set(folder: str | os.PathLike) -> FinetuneTruth:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _guarded(pipe):
-    """diffmem's guarded pipeline for ``pipe`` (it returns the step scores the organism's path reads)."""
-    from diffmem.guard.pipeline import MemGuardMixin
-
-    if isinstance(pipe, MemGuardMixin):
-        return pipe
-    from diffmem.modelio import guarded_pipeline_class
-
-    return guarded_pipeline_class(None).from_pipe(pipe)
-
-
-def _check_size(pipe, truth: FinetuneTruth) -> None:
+def check_set_size(pipe, truth: FinetuneTruth) -> None:
+    """Refuse a set whose images are not the size ``pipe`` generates."""
     from diffmem.modelio import model_resolution
 
     height, width = model_resolution(pipe)
@@ -224,13 +219,29 @@ def _fidelity_captions(truth: FinetuneTruth) -> list[tuple[str, str]]:
     ]
 
 
+def image_bootstrap_ci(
+    counts: Sequence[int], ns: Sequence[int], seed: int = 0, draws: int = 2000
+) -> list[float]:
+    """95 % percentile interval of ``sum(counts) / sum(ns)`` with the images resampled (``draws`` times, from
+    ``seed``): the generations of one image are not independent, so the interval is over images, not
+    generations (Wilson's over generations is narrower)."""
+    c, n = np.asarray(counts, float), np.asarray(ns, float)
+    if len(c) == 0 or n.sum() == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(derive_seed(seed, "image-bootstrap"))
+    picks = rng.integers(0, len(c), size=(draws, len(c)))
+    rates = c[picks].sum(1) / np.maximum(n[picks].sum(1), 1.0)
+    return [float(np.quantile(rates, 0.025)), float(np.quantile(rates, 0.975))]
+
+
 def replication_rates(gens: Sequence, truth: FinetuneTruth) -> tuple[dict, list[dict]]:
     """Replication of the fine-tuning set's images from measured generations of their captions.
 
     ``gens``: :class:`~diffmem.organism.evaluate.Generation` records of captions of ``truth``. Returns
     ``({"duplicated": {"own", "any"}, "single": {...}, "difference": {...}}, per_image)``: each rate is the
     share of generations that replicate (``own``: SSIM >= 0.7 to the caption's own image; ``any``: to the
-    nearest image of the set) with its Wilson 95 % interval; ``difference`` is duplicated - single
+    nearest image of the set) with its Wilson 95 % interval over generations (``ci``) and its bootstrap
+    interval over images (``ci_images``, :func:`image_bootstrap_ci`); ``difference`` is duplicated - single
     (``own``) with Newcombe's interval; ``per_image`` one row per distinct image with its counts.
     """
     from diffmem.evaluate.metrics import ReplicationRate
@@ -269,6 +280,12 @@ def replication_rates(gens: Sequence, truth: FinetuneTruth) -> tuple[dict, list[
     out: dict = {
         group: {kind: metric.compute() for kind, metric in kinds.items()} for group, kinds in rates.items()
     }
+    for group in (DUPLICATED, SINGLE):
+        rows = [r for r in per_image if r["duplicated"] == (group == DUPLICATED)]
+        for kind in ("own", "any"):
+            out[group][kind]["ci_images"] = image_bootstrap_ci(
+                [r[f"replicated_{kind}"] for r in rows], [r["n"] for r in rows]
+            )
     d, s = out[DUPLICATED]["own"], out[SINGLE]["own"]
     diff, low, high = difference_ci(d["count"], d["n"], s["count"], s["n"])
     out["difference"] = {"difference": diff, "ci": [low, high], "of": "duplicated - single, own"}
@@ -338,7 +355,7 @@ def evaluate_finetune(
     ``weights/diffmem-caption-classifier``). Images are generated at the model's own size.
     """
     from diffmem.evaluate.metrics import DetectionMetric
-    from diffmem.modelio import model_settings
+    from diffmem.modelio import as_guarded, model_settings
     from diffmem.organism.fidelity import load_caption_classifier
 
     start = time.perf_counter()
@@ -346,8 +363,8 @@ def evaluate_finetune(
     _check_int("num_inference_steps", num_inference_steps, 1)
     _check_int("batch_size", batch_size, 1)
     truth = read_finetune_set(folder)
-    pipe = _guarded(pipe)
-    _check_size(pipe, truth)
+    pipe = as_guarded(pipe)
+    check_set_size(pipe, truth)
     fs = truth.finetune
     dup_ids, single_ids = fs.duplicated_ids, truth.single_ids
     if negatives is None:
@@ -397,7 +414,6 @@ def evaluate_finetune(
         metric = DetectionMetric(seed=seed)
         metric.update(per_caption_score, [1] * len(dup_ids) + [0] * len(neg_ids))
         detection.update(metric.compute())
-        detection["chance_auc"] = 0.5
         detection["scores"] = {i: float(s) for i, s in zip(scored_ids, per_caption_score)}
         detection["negative_ids"] = neg_ids
     score_of = detection.get("scores", {})

@@ -33,7 +33,13 @@ import torch
 
 from diffmem.io import atomic_write_json
 from diffmem.seeding import derive_seed
-from diffmem.train.text_to_image import TrainConfig, TrainingData, caption_conditioning, encode_latents
+from diffmem.train.text_to_image import (
+    TRAIN_RECORD,
+    TrainConfig,
+    TrainingData,
+    caption_conditioning,
+    encode_latents,
+)
 
 __all__ = [
     "MemControlConfig",
@@ -108,9 +114,10 @@ def data_noise_gaps(pipe, data: TrainingData, seed: int = 0, batch: int = 32, sc
         cond, added = _conds(pipe, data, data.captions[i : i + batch])
         gaps.append(
             WenFilterMitigation.noise_gaps(
-                pipe.unet, zt[i : i + batch], t[i : i + batch], cond, empty, added, empty_added
-            )
-        )
+                pipe.unet, zt[i : i + batch].to(cond.device), t[i : i + batch].to(cond.device), cond, empty,
+                added, empty_added,
+            ).cpu()
+        )  # fmt: skip
     return torch.cat(gaps)
 
 
@@ -126,14 +133,9 @@ def detector_metric(
     caption ``c`` from ``item_generator(seed, c, j)``): the harness's measure of memorization as a MemControl
     objective (higher = more memorized, minimised)."""
     from diffmem.detectors import get_detector
-    from diffmem.guard.pipeline import MemGuardMixin
-    from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
+    from diffmem.modelio import as_guarded
 
-    if not isinstance(pipe, MemGuardMixin):  # detectors read the guarded pipeline's step scores
-        sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        pipe = (StableDiffusionXLMemGuardPipeline if sdxl else StableDiffusionMemGuardPipeline).from_pipe(
-            pipe
-        )
+    pipe = as_guarded(pipe)  # detectors read the guarded pipeline's step scores
     captions = list(dict.fromkeys(captions))
     scores = get_detector(detector).score(
         pipe, captions, num_gens=generations, seed=seed, item_ids=captions,
@@ -156,10 +158,12 @@ def validation_loss(pipe, data: TrainingData, seed: int = 0, batch: int = 32) ->
     with torch.no_grad():
         for i in range(0, len(data), batch):
             cond, added = _conds(pipe, data, data.captions[i : i + batch])
+            dtype = pipe.unet.dtype
             pred = pipe.unet(
-                zt[i : i + batch], t[i : i + batch], encoder_hidden_states=cond, added_cond_kwargs=added
-            ).sample
-            total += float((pred.float() - eps[i : i + batch]).square().flatten(1).mean(1).sum())
+                zt[i : i + batch].to(cond.device, dtype), t[i : i + batch].to(cond.device),
+                encoder_hidden_states=cond.to(dtype), added_cond_kwargs=added,
+            ).sample.float().cpu()  # fmt: skip
+            total += float((pred - eps[i : i + batch]).square().flatten(1).mean(1).sum())
     return total / len(data)
 
 
@@ -190,11 +194,14 @@ def run_memcontrol(
     config: MemControlConfig | None = None,
     inner: TrainConfig | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> dict:
     """Run (or resume) the search; returns ``{"front": [...], "chosen": {...}, "trials": [...]}``.
 
     ``train_data`` is what each trial fine-tunes on, ``memorized`` its memorization set (e.g. the duplicated
-    rows), ``heldout`` the quality data; ``inner`` the fine-tune's settings (its lr and blocks are searched).
+    rows), ``heldout`` the quality data; ``inner`` the fine-tune's settings (its lr and blocks are searched);
+    ``device`` where the objectives run (the fine-tunes: accelerate's device). One process: a multi-process
+    launch would add every rank's trials to one study, so it is refused.
     """
     import optuna
 
@@ -205,10 +212,19 @@ def run_memcontrol(
     config = config or MemControlConfig()
     inner = inner or TrainConfig(steps=200, mode="lora")
     config.check()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "memcontrol runs in one process (its trials share one study); launch it without torchrun"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     search = {k: v for k, v in config.to_dict().items() if k != "trials"}  # --trials may grow on resume
-    settings = {"search": search, "inner": inner.to_dict(), "data": train_data.describe()}
+    if config.memorization == "noise-gap":  # the detector's settings mean nothing here
+        search = {k: v for k, v in search.items() if k not in ("generations", "inference_steps")}
+    settings = json.loads(json.dumps({
+        "model": str(model), "search": search, "inner": inner.to_dict(), "data": train_data.describe(),
+        "memorized": memorized.describe(), "heldout": heldout.describe(),
+    }))  # fmt: skip
     settings_file = out / "memcontrol.json"
     if settings_file.is_file() and json.loads(settings_file.read_text(encoding="utf-8")) != settings:
         raise ValueError(
@@ -231,7 +247,7 @@ def run_memcontrol(
         study.enqueue_trial(
             trial.params
         )  # the same parameters again; its fine-tune resumes from its checkpoint
-    base = load_pipeline(model, stock_pipeline_class(model))
+    base = load_pipeline(model, stock_pipeline_class(model), device=device)
     blocks = transformer_blocks(base.unet)
 
     def memorization(pipe) -> float:
@@ -247,7 +263,6 @@ def run_memcontrol(
             raise optuna.TrialPruned("no block is trainable")
         chosen = tuple(b for b, m in zip(blocks, mask) if m)
         params = {"blocks": list(chosen), "lr": lr}
-        t0 = time.time()
         pipe = load_pipeline(model, stock_pipeline_class(model))
         folder = train_text_to_image(
             model,
@@ -257,10 +272,18 @@ def run_memcontrol(
             pipe=pipe,
             progress=progress,
         )
-        trial.set_user_attr("model", str(folder))
-        trial.set_user_attr("seconds", round(time.time() - t0, 1))
+        t0 = time.time()
+        if device is not None:
+            pipe.to(device)  # the saved pipeline is left on the CPU
         pipe.unet.eval()
-        return memorization(pipe), validation_loss(pipe, heldout, config.seed)
+        values = memorization(pipe), validation_loss(pipe, heldout, config.seed)
+        # the fine-tune's own record counts its time over every resume of it
+        train_seconds = json.loads((Path(folder) / TRAIN_RECORD).read_text(encoding="utf-8"))["run"][
+            "seconds"
+        ]
+        trial.set_user_attr("model", str(folder))
+        trial.set_user_attr("seconds", round(train_seconds + time.time() - t0, 1))
+        return values
 
     def done() -> int:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

@@ -1,4 +1,4 @@
-"""Text-to-image fine-tuning of a Stable Diffusion 1.x/2.x model with a training-time mitigation (``diffmem train``).
+"""Text-to-image fine-tuning of a Stable Diffusion 1.x/2.x or SDXL model with a training-time mitigation (``diffmem train``).
 
 The VAE is frozen (latents are the posterior modes, computed once), the text encoder frozen or trained,
 the UNet (all of it, chosen transformer blocks, or LoRA adapters) learns the denoising loss of the
@@ -239,6 +239,13 @@ def _check_workdir(workdir: Path, record: dict) -> None:
     atomic_write_json(path, record)
 
 
+def _has_accelerator() -> bool:
+    """A CUDA / MPS / XPU device is there (``torch.accelerator`` from torch 2.6; the CUDA and MPS checks before)."""
+    if hasattr(torch, "accelerator"):
+        return bool(torch.accelerator.is_available())
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
 def _machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
@@ -311,6 +318,7 @@ Load it with `{run.get("pipeline", "StableDiffusionPipeline")}.from_pretrained(f
 
 def encode_latents(vae, pixels: np.ndarray, device, batch: int = 32) -> torch.Tensor:
     """``(mode(q(z | x)) - shift) * scaling_factor`` of uint8 ``[N, H, W, 3]`` images, float32 on the CPU."""
+    was = next(vae.parameters()).device
     vae.to(device).requires_grad_(False)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     chunks = []
@@ -318,7 +326,7 @@ def encode_latents(vae, pixels: np.ndarray, device, batch: int = 32) -> torch.Te
         for i in range(0, len(pixels), batch):
             x = torch.from_numpy(pixels[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             chunks.append(vae.encode(x.to(device, vae.dtype)).latent_dist.mode().float().cpu())
-    vae.to("cpu")
+    vae.to(was)  # back where it was (a trainer's VAE: off the accelerator while the UNet trains)
     return (torch.cat(chunks) - shift) * vae.config.scaling_factor
 
 
@@ -396,11 +404,9 @@ def train_text_to_image(
     out = Path(out) if out is not None else workdir / "model"
 
     # cpu=True where there is no accelerator: accelerate then runs a multi-process launch over gloo
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, cpu=not torch.accelerator.is_available()
-    )
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not _has_accelerator())
     world, rank = accelerator.num_processes, accelerator.process_index
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = int(os.environ.get("WORLD_SIZE", world))  # an MPI launch sets no WORLD_SIZE
     if launched != world:  # every process would train alone and write the same folders
         raise ValueError(
             f"launched as {launched} processes but accelerate runs {world}; use `accelerate launch` or torchrun"
@@ -412,6 +418,10 @@ def train_text_to_image(
             f"on each of {world} process(es); use a multiple of {micro}"
         )
     pipe = pipe if pipe is not None else load_pipeline(model, stock_pipeline_class(model))
+    if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+        raise ValueError(
+            "--model: a text-to-image pipeline with a text encoder expected (an SDXL refiner has none)"
+        )
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     if sdxl and config.train_text_encoder:
         raise ValueError("--train-text-encoder: not supported for SDXL (its two text encoders stay frozen)")
@@ -600,7 +610,7 @@ def train_text_to_image(
     losses = [r["loss"] for r in log if r["loss"] is not None]
     record["run"] = {
         "steps": config.steps,
-        "pipeline": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+        "pipeline": type(pipe).__name__,  # the class model_index.json names
         "seconds": round(seconds, 1),
         "processes": world,
         "trainable_parameters": n_trainable,
