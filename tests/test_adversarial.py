@@ -252,5 +252,5 @@ def test_eight_bit_adamw_keeps_8_bit_moments_checkpoints_them_and_resumes_exactl
     assert any(
         not torch.equal(v, plain.state_dict()[k]) for k, v in straight.state_dict().items()
     )  # it is used
-    with pytest.raises(ValueError, match="--optimizer: expected one of adamw, adamw8bit"):
-        _train(dataclasses.replace(CONFIG, optimizer="sgd"))
+    with pytest.raises(ValueError, match="--optimizer: expected one of adamw, adamw8bit, sgd, got 'lion'"):
+        _train(dataclasses.replace(CONFIG, optimizer="lion"))

@@ -197,6 +197,19 @@ def test_wen_filter_that_drops_every_sample_leaves_the_model_unchanged(tmp_path,
     _same(_unet(out), _unet(tiny_sd1_dir))
     log = json.loads((tmp_path / "w" / "log.json").read_text())
     assert log[-1]["dropped"] == 8 and log[-1]["kept"] == 0 and log[-1]["loss"] is None
+    totals = json.loads((out / TRAIN_RECORD).read_text())["run"]["totals"]
+    assert totals["dropped"] == 8 and totals["kept"] == 0 and totals["gap_max"] >= totals["gap_mean"] > 0
+
+
+def test_log_numbers_add_counts_average_means_and_take_maxima():
+    from diffmem.train.text_to_image import merge_stats
+
+    parts = [
+        {"dropped": 1.0, "gap_mean": 2.0, "gap_max": 5.0},
+        {"dropped": 3.0, "gap_mean": 4.0, "gap_max": 4.0},
+        {"kept": 2.0},
+    ]
+    assert merge_stats(parts) == {"dropped": 4.0, "gap_mean": 3.0, "gap_max": 5.0, "kept": 2.0}
 
 
 def test_lora_in_chosen_blocks_changes_only_those_blocks(tmp_path, data, tiny_sd1_dir):

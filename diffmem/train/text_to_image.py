@@ -153,6 +153,21 @@ class TrainingData:
         }
 
 
+def merge_stats(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Combine a mitigation's log numbers over micro-batches, steps or a whole run: counts add up, a
+    ``*_mean`` is averaged over the parts that have it, a ``*_max`` is their maximum."""
+    merged: dict[str, float] = {}
+    for key in dict.fromkeys(k for part in parts for k in part):
+        values = [float(part[key]) for part in parts if key in part]
+        if key.endswith("_max"):
+            merged[key] = max(values)
+        elif key.endswith("_mean"):
+            merged[key] = sum(values) / len(values)
+        else:
+            merged[key] = sum(values)
+    return merged
+
+
 def _resize_center_crop(image, size: int) -> np.ndarray:
     """Shorter side to ``size`` (bicubic), then the central ``size x size`` crop (diffusers' training transform)."""
     from PIL import Image
@@ -554,10 +569,7 @@ def train_text_to_image(
             schedule.step()
         optimizer.zero_grad(set_to_none=True)
         loss_total = float(accelerator.reduce(loss_sum, reduction="sum")) if world > 1 else float(loss_sum)
-        stats = {**caption_stats}
-        for s in steps:
-            for key, value in s.stats.items():
-                stats[key] = stats.get(key, 0.0) + float(value)
+        stats = merge_stats([caption_stats, *(s.stats for s in steps)])
         stats["kept"] = kept_total  # samples in the step's loss, all processes
         window.append({"loss": loss_total / kept_total if kept_total else None, **stats})
         bar.update(1)
@@ -571,9 +583,7 @@ def train_text_to_image(
                 "loss": sum(losses) / len(losses) if losses else None,
                 "seconds": round(seconds + time.time() - t0, 1),
             }
-            for key in window[0]:
-                if key != "loss":
-                    row[key] = sum(w.get(key, 0.0) for w in window)
+            row.update(merge_stats([{k: v for k, v in w.items() if k != "loss"} for w in window]))
             log.append(row)
             window = []
             if on_log is not None and accelerator.is_main_process:
@@ -615,6 +625,9 @@ def train_text_to_image(
         "processes": world,
         "trainable_parameters": n_trainable,
         "final_loss": losses[-1] if losses else None,
+        "totals": merge_stats(
+            [{k: v for k, v in r.items() if k not in ("step", "loss", "seconds")} for r in log]
+        ),
         "machine": _machine(),
         "log": log,
     }
