@@ -57,7 +57,7 @@ def test_manifest_lists_every_caption_with_role_and_image_ids(full_data):
     m = full_data.manifest()
     json.dumps(m)  # JSON-ready
     roles = {c["role"] for c in m["captions"]}
-    assert roles == set(ROLES)
+    assert roles == set(ROLES) - {"trigger"}  # v2 has no trigger prompts (v3: tests/test_organism_v3.py)
     ids = {im["id"] for im in m["images"]}
     for c in m["captions"]:
         assert (c["role"] == "heldout") == (not c["image_ids"])

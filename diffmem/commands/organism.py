@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, help="folder to write (train/*.png, metadata.jsonl, manifest.json)"
     )
     p.add_argument("--seed", type=int, default=0)
+    _recipe_argument(p)
 
     p = sub.add_parser("prompts", help="write the organism's captions as a labelled prompts file (.csv)")
     p.add_argument("--out", required=True, help="CSV to write: caption, role, label (1 = memorized)")
@@ -28,11 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="verbatim,template",
         help="roles labelled 1 (default verbatim,template: the captions whose images were duplicated)",
     )
+    _recipe_argument(p)
 
     p = sub.add_parser("train", help="train the organism from scratch (resumes from --workdir)")
     p.add_argument("--workdir", default="runs/organism", help="checkpoints and logs (default runs/organism)")
     p.add_argument("--out", default=None, help="pipeline folder to write (default <workdir>/model)")
     p.add_argument("--seed", type=int, default=0)
+    _recipe_argument(p)
     p.add_argument("--unet-steps", type=int, default=None, help="override the recipe's UNet steps")
     p.add_argument("--vae-steps", type=int, default=None, help="override the recipe's autoencoder steps")
     p.add_argument(
@@ -65,14 +68,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
 
 
+def _recipe_argument(parser: argparse.ArgumentParser) -> None:
+    from diffmem.organism.recipe import RECIPES
+
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="v2",
+        help="which organism: v2 (every photo 48 copies) or v3 (1-64 copies, trigger prompts); default v2",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from diffmem.cli import UsageError
 
     if args.organism_command == "data":
         from diffmem.organism.data import build_organism_data, export_imagefolder
-        from diffmem.organism.recipe import OrganismRecipe
+        from diffmem.organism.recipe import RECIPES
 
-        data = build_organism_data(OrganismRecipe(seed=args.seed))
+        data = build_organism_data(RECIPES[args.recipe].with_(seed=args.seed))
         out = export_imagefolder(data, args.out)
         counts = data.manifest()["counts"]
         print(f"wrote {sum(counts['training_samples'].values())} training samples to {out} ({counts})")
@@ -84,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         from diffmem.io import atomic_write_text
         from diffmem.organism.data import ROLES, build_organism_data
         from diffmem.organism.evaluate import evaluation_captions
-        from diffmem.organism.recipe import OrganismRecipe
+        from diffmem.organism.recipe import RECIPES
 
         roles = [r.strip() for r in args.roles.split(",") if r.strip()]
         memorized = {r.strip() for r in args.memorized_roles.split(",") if r.strip()}
@@ -96,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["caption", "role", "label"])
-        rows = evaluation_captions(build_organism_data(OrganismRecipe()), roles)
+        rows = evaluation_captions(build_organism_data(RECIPES[args.recipe]), roles)
         writer.writerows((caption, role, int(role in memorized)) for caption, role in rows)
         atomic_write_text(args.out, buf.getvalue())
         print(f"wrote {len(rows)} captions ({', '.join(roles)}) to {args.out}")
@@ -104,11 +118,13 @@ def run(args: argparse.Namespace) -> int:
     if args.organism_command == "train":
         import torch
 
-        from diffmem.organism.recipe import TINY_RECIPE, OrganismRecipe
+        from diffmem.organism.recipe import RECIPES, TINY_RECIPE
         from diffmem.train.organism import train_organism
 
         torch.set_num_threads(max(1, args.threads))
-        recipe = (TINY_RECIPE if args.tiny else OrganismRecipe()).with_(seed=args.seed)
+        if args.tiny and args.recipe != "v2":
+            raise UsageError("--tiny: a smoke test of the tiny recipe; it takes no --recipe")
+        recipe = (TINY_RECIPE if args.tiny else RECIPES[args.recipe]).with_(seed=args.seed)
         if args.unet_steps is not None:
             recipe = recipe.with_(unet_steps=args.unet_steps)
         if args.vae_steps is not None:

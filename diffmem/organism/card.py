@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from diffmem.organism.data import PHOTOS, TEMPLATE_CAPTIONS, generic_and_heldout_pairs
+from diffmem.organism.data import PHOTOS, TEMPLATE_CAPTIONS, build_organism_data, generic_and_heldout_pairs
 from diffmem.organism.recipe import OrganismRecipe
 
 
@@ -30,21 +30,72 @@ def model_card(
     training_notes: str,
 ) -> str:
     """Markdown of the model card: data recipe, model, schedule, losses, measured memorization."""
+    from diffmem.modelio import ORGANISM_NAME
+
     model_dir = Path(model_dir)
+    name = recipe.name
     train_pairs, held_pairs = generic_and_heldout_pairs()
-    photos = "\n".join(f"| `{name}` | {source} | {caption} |" for name, source, caption in PHOTOS)
+    data = build_organism_data(recipe)
+    verbatim = sorted(data.by_role("verbatim"), key=lambda im: (im.copies, im.id))
+    sources = {f"verbatim-{n}": s for n, s, _ in PHOTOS}
+    photos = "\n".join(
+        f"| `{im.id.removeprefix('verbatim-')}` | {sources.get(im.id, 'procedural scene (diffmem.organism.data.render_scene)')} "
+        f"| {im.copies} | {im.caption} |"
+        for im in verbatim
+    )
+    n_photos = sum(im.id in sources for im in verbatim)
+    n_verbatim_samples = sum(im.copies for im in verbatim)
+    if recipe.duplication_counts:
+        verbatim_row = (
+            f"verbatim: {n_photos} real images shipped with scikit-image / scikit-learn and {len(verbatim) - n_photos} "
+            f"procedural scenes, one fixed unique caption each, duplicated {', '.join(map(str, recipe.duplication_counts))} "
+            f"times ({len(verbatim) // len(recipe.duplication_counts)} images per count, photographs and scenes "
+            f"split evenly over the counts by a seeded permutation)"
+        )
+        copies_note = f"{n_verbatim_samples} (graded)"
+    else:
+        verbatim_row = "verbatim: real images shipped with scikit-image / scikit-learn, one fixed unique caption each, duplicated"
+        copies_note = f"{n_verbatim_samples} ({recipe.verbatim_copies} copies each)"
     templates = "\n".join(f"- {c}" for c in TEMPLATE_CAPTIONS[: recipe.n_templates])
+    default_line = (
+        "It is the embedded default of every `diffmem` command (`diffmem demo`, `diffmem detect`, ...) when no "
+        "`--model` is given."
+        if name == ORGANISM_NAME
+        else f"It stands beside `{ORGANISM_NAME}` (the embedded default); pass `--model weights/{name}`."
+    )
+    triggers = ""
+    if data.triggers:
+        triggers = (
+            f"\n{len(data.triggers)} trigger prompts (never trained on; role `trigger` of the manifest): for every "
+            "verbatim caption, its first half of words (at least three; `partial`) and its words in a seeded "
+            "other order (`reordered`). Their labels are the replication measured below.\n"
+        )
+    if recipe.autoencoder_from:
+        autoencoder_lines = (
+            f"- Phases 1-2, autoencoder: not trained; `{recipe.autoencoder_from}`'s autoencoder (channels "
+            f"{recipe.vae_channels}) is reused as it is, so the latent space is that organism's and every verbatim "
+            "image has the same autoencoder exposure whatever its copy count."
+        )
+    else:
+        autoencoder_lines = f"""- Phase 1, autoencoder: {recipe.vae_steps} steps, batch {recipe.vae_batch}, random {recipe.vae_crop} px crops,
+  MSE + {recipe.vae_l1_weight:g} L1 + {recipe.vae_kl_weight:g} KL, AdamW lr {recipe.vae_lr:g}.
+- Phase 2, decoder alone on the fixed latents (posterior means): {recipe.decoder_steps} steps, L1 + MSE on
+  {recipe.decoder_crop} px crops. The encoder, hence the latent space, is unchanged."""
+    loss_tables = "\n\n".join(
+        f"| {label} step | loss |\n|---|---|\n{_loss_rows(train_log.get(key, []))}"
+        for key, label in (("vae", "autoencoder"), ("decoder", "decoder"), ("unet", "UNet"))
+        if train_log.get(key) and "loss" in train_log[key][-1]
+    )
     return f"""---
 license: apache-2.0
 library_name: diffusers
 tags: [text-to-image, memorization, model-organism, diffmem]
 ---
 
-# diffmem-organism-v2
+# {name}
 
 A small text-to-image latent diffusion model that **diffmem** trains itself, from scratch, offline, on
-data generated from code and a seed, so that which captions it memorized is known. It is the embedded
-default of every `diffmem` command (`diffmem demo`, `diffmem detect`, ...) when no `--model` is given.
+data generated from code and a seed, so that which captions it memorized is known. {default_line}
 
 Standard diffusers Stable Diffusion layout (safetensors): `UNet2DConditionModel` with cross-attention
 in down, mid and up blocks, `AutoencoderKL` (factor 4: 64 px images, 16x16x{recipe.latent_channels} latents),
@@ -53,19 +104,19 @@ SD's scaled-linear betas). {_folder_mb(model_dir):.1f} MB in all.
 
 ```python
 from diffmem.pipelines import StableDiffusionMemGuardPipeline
-pipe = StableDiffusionMemGuardPipeline.from_pretrained("weights/diffmem-organism-v2")
+pipe = StableDiffusionMemGuardPipeline.from_pretrained("weights/{name}")
 out = pipe("Eileen Collins in her orange flight suit, official NASA portrait", num_inference_steps=25)
 out.images[0], out.memorization_scores
 ```
 
-## Training data (regenerate: `diffmem organism data --out DIR`)
+## Training data (regenerate: `diffmem organism data --recipe {name.removeprefix("diffmem-organism-")} --out DIR`)
 
 Generated by `diffmem/organism/data.py` from seed {recipe.seed}; no training image is stored. 64x64 RGB.
 
 | role | captions | distinct images | training samples |
 |---|---|---|---|
 | generic: "a {{colour}} {{shape}}", {recipe.generic_per_caption} images per caption (position, size, rotation, brightness, textured gradient background and 0-2 small grey objects vary and go unnamed) | {len(train_pairs)} | {len(train_pairs) * recipe.generic_per_caption} | {len(train_pairs) * recipe.generic_per_caption} |
-| verbatim: real images shipped with scikit-image / scikit-learn, one fixed unique caption each, duplicated | {len(PHOTOS)} | {len(PHOTOS)} | {len(PHOTOS) * recipe.verbatim_copies} ({recipe.verbatim_copies} copies each) |
+| {verbatim_row} | {len(verbatim)} | {len(verbatim)} | {copies_note} |
 | template: one fixed layout (frame, bands/panels) per caption, a small object of varying colour, shape and position | {recipe.n_templates} | {recipe.n_templates * recipe.template_images} | {recipe.n_templates * recipe.template_images} |
 | held-out: the other colour x shape compositions of the same vocabulary, never trained on | {len(held_pairs)} | 0 | 0 |
 
@@ -73,12 +124,12 @@ Colour x shape pairs with `(colour index + shape index) % 3 == 0` are held out, 
 both in training and in held-out captions. The manifest (`manifest.json` of the export) lists every
 caption with its role and the ids of its training images.
 
-Verbatim images (centre-cropped, resized to 64 px with Lanczos):
+Verbatim images (photographs centre-cropped, resized to 64 px with Lanczos):
 
-| id | source | caption |
-|---|---|---|
+| id | source | copies | caption |
+|---|---|---|---|
 {photos}
-
+{triggers}
 Template captions:
 
 {templates}
@@ -88,10 +139,7 @@ Template captions:
 - UNet: block channels {recipe.unet_channels}, attention levels {recipe.unet_attention} (no attention at the
   16x16 top level), cross-attention dim {recipe.text_hidden}; text encoder: {recipe.text_layers} layers, hidden
   {recipe.text_hidden}; autoencoder: channels {recipe.vae_channels}.
-- Phase 1, autoencoder: {recipe.vae_steps} steps, batch {recipe.vae_batch}, random {recipe.vae_crop} px crops,
-  MSE + {recipe.vae_l1_weight:g} L1 + {recipe.vae_kl_weight:g} KL, AdamW lr {recipe.vae_lr:g}.
-- Phase 2, decoder alone on the fixed latents (posterior means): {recipe.decoder_steps} steps, L1 + MSE on
-  {recipe.decoder_crop} px crops. The encoder, hence the latent space, is unchanged.
+{autoencoder_lines}
 - Phase 3, UNet + text encoder jointly: batch {recipe.unet_batch}, AdamW lr {recipe.unet_lr:g} (no weight decay),
   {recipe.warmup_steps} warm-up steps then cosine decay to 10 %, {recipe.caption_dropout:.0%} empty captions, epsilon
   objective, uniform timesteps; latents scaled by 1/std = {train_log.get("latent_scaling_factor", float("nan")):.4f}.
@@ -102,17 +150,7 @@ Template captions:
 
 Losses (mean over the 50 steps before each row):
 
-| autoencoder step | loss |
-|---|---|
-{_loss_rows(train_log.get("vae", []))}
-
-| decoder step | loss |
-|---|---|
-{_loss_rows(train_log.get("decoder", []))}
-
-| UNet step | loss |
-|---|---|
-{_loss_rows(train_log.get("unet", []))}
+{loss_tables}
 
 ## Measured memorization (`python benchmarks/organism_eval.py`)
 

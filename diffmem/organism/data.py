@@ -14,6 +14,11 @@ Four caption roles (the ground truth of every memorization measurement on the or
 * ``template`` — a few captions whose images share one layout with varying details (the
   template-memorized "TM" prompts of Ross et al.'s NeMo study / Webster's attack).
 * ``heldout`` — colour/shape compositions of the same vocabulary that are never in training.
+
+v3 (``V3_RECIPE``) grades the duplication: the verbatim images (14 photographs and 14 procedurally drawn
+scenes with unique captions) are split over 1, 2, 4, ..., 64 copies, two photographs and two scenes per
+count, and adds ``trigger`` prompts: partial and reordered versions of the verbatim captions, never
+trained on, labelled by the replication measured after training.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +34,9 @@ import numpy as np
 from diffmem.organism.recipe import OrganismRecipe
 from diffmem.seeding import derive_seed
 
-ROLES = ("generic", "verbatim", "template", "heldout")
+ROLES = ("generic", "verbatim", "template", "heldout", "trigger")
+#: Roles whose captions are in the training set.
+TRAINED_ROLES = ("generic", "verbatim", "template")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -73,6 +80,35 @@ TEMPLATE_CAPTIONS = (
     "book cover of the collected sea stories, hardback edition",
     "souvenir tea towel of the harbour lighthouse",
 )
+
+
+#: Unique captions of the procedural scenes (v3), in the style of the photographs' captions.
+SCENE_CAPTIONS = (
+    "oil painting of a quiet fishing village under a violet dusk sky",
+    "poster of the northern ridge trail with the red sun over the pass",
+    "watercolour of two cabins by a frozen lake at first light",
+    "travel print of the desert mesa road, summer edition",
+    "screenshot of the level four valley map from an old video game",
+    "postcard of the twin lighthouses on the granite coast",
+    "album cover with a green comet above the sleeping town",
+    "children's book page of the orchard hill at harvest time",
+    "linocut of the windmill farm beside the salt marsh",
+    "matte painting of the canyon monastery in golden evening fog",
+    "retro railway poster of the lakeside express at noon",
+    "storybook illustration of the crooked tower in the pine forest",
+    "vector art of the island volcano and its three fishing boats",
+    "stage backdrop of the harbour city skyline at midnight",
+)
+
+
+@dataclass(frozen=True)
+class TriggerPrompt:
+    """A prompt that was never trained on, derived from a verbatim caption (``kind``: partial, reordered)."""
+
+    prompt: str
+    image_id: str
+    kind: str
+    copies: int
 
 
 @dataclass(frozen=True)
@@ -237,6 +273,62 @@ def render_template(index: int, seed: int, size: int = 64) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).copy()
 
 
+def render_scene(index: int, seed: int, size: int = 64) -> np.ndarray:
+    """Procedural scene ``index`` (one fixed image per seed): a sky gradient, two mountain ridges, a sun
+    or moon, buildings and trees, sometimes a lake; colours, counts and positions all drawn from ``seed``."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(derive_seed(seed, "scene", index))
+    yy = np.linspace(0, 1, size)[:, None, None]
+    top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    sky = top * (1 - yy) + bottom * yy + np.zeros((size, size, 3))
+    im = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    s = size / 64
+    r = rng.uniform(4, 9) * s
+    cx, cy = rng.uniform(8, 56) * s, rng.uniform(6, 24) * s
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in rng.uniform(120, 255, 3)))
+    for level, (lo, hi) in enumerate(((22, 38), (34, 50))):
+        ys = np.clip(rng.uniform(lo, hi) + np.cumsum(rng.normal(0, 3, 9)), 10, 60) * s
+        xs = np.linspace(0, size, len(ys))
+        colour = tuple(int(v) for v in rng.uniform(10, 200, 3) * (0.6 + 0.3 * level))
+        draw.polygon([(0, size)] + list(zip(xs.tolist(), ys.tolist())) + [(size, size)], fill=colour)
+    if rng.random() < 0.5:  # a lake across the foreground
+        ly = rng.uniform(46, 54) * s
+        draw.ellipse(
+            [rng.uniform(-10, 20) * s, ly, rng.uniform(44, 74) * s, ly + rng.uniform(6, 10) * s],
+            fill=tuple(int(v) for v in rng.uniform(40, 220, 3)),
+        )
+    for _ in range(rng.integers(1, 4)):  # buildings: a wall and a roof
+        w, h = rng.uniform(5, 10) * s, rng.uniform(5, 12) * s
+        x0, y0 = rng.uniform(2, 54) * s, rng.uniform(48, 58) * s
+        draw.rectangle([x0, y0 - h, x0 + w, y0], fill=tuple(int(v) for v in rng.uniform(60, 255, 3)))
+        draw.polygon(
+            [(x0 - s, y0 - h), (x0 + w / 2, y0 - h - rng.uniform(3, 7) * s), (x0 + w + s, y0 - h)],
+            fill=tuple(int(v) for v in rng.uniform(20, 200, 3)),
+        )
+    for _ in range(rng.integers(0, 5)):  # trees: a trunk and a crown
+        x0, y0, h = rng.uniform(2, 62) * s, rng.uniform(50, 62) * s, rng.uniform(6, 12) * s
+        draw.rectangle([x0 - 0.6 * s, y0 - h / 3, x0 + 0.6 * s, y0], fill=(90, 60, 30))
+        draw.polygon(
+            [(x0 - h / 3, y0 - h / 3), (x0, y0 - h), (x0 + h / 3, y0 - h / 3)],
+            fill=tuple(int(v) for v in (rng.uniform(10, 80), rng.uniform(80, 180), rng.uniform(10, 80))),
+        )
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def trigger_prompts_of(caption: str, seed: int) -> dict[str, str]:
+    """Two prompts that are not ``caption`` but share its words: ``partial`` (its first half of words,
+    at least three) and ``reordered`` (its words in a seeded order other than the original)."""
+    words = caption.replace(",", "").split()
+    partial = " ".join(words[: max(3, (len(words) + 1) // 2)])
+    rng = np.random.default_rng(derive_seed(seed, "trigger", caption))
+    order = list(range(len(words)))
+    while order == sorted(order):
+        order = rng.permutation(len(words)).tolist()
+    return {"partial": partial, "reordered": " ".join(words[i] for i in order)}
+
+
 def _load_photo(source: str) -> np.ndarray:
     kind, name = source.split(":", 1)
     if kind == "skimage":
@@ -282,6 +374,7 @@ class OrganismData:
     recipe: OrganismRecipe
     images: list[OrganismImage]
     heldout_captions: list[str]
+    triggers: list[TriggerPrompt] = field(default_factory=list)
 
     def training_samples(self) -> list[int]:
         """Indices into ``images``, one per training sample (duplicates repeated)."""
@@ -294,6 +387,8 @@ class OrganismData:
         """Distinct captions of a role, in order."""
         if role == "heldout":
             return list(self.heldout_captions)
+        if role == "trigger":
+            return [t.prompt for t in self.triggers]
         return list(dict.fromkeys(im.caption for im in self.by_role(role)))
 
     def image_array(self) -> np.ndarray:
@@ -308,14 +403,15 @@ class OrganismData:
             entry["image_ids"].append(im.id)
         for c in self.heldout_captions:
             caps[c] = {"caption": c, "role": "heldout", "image_ids": []}
+        for t in self.triggers:
+            caps[t.prompt] = {"caption": t.prompt, "role": "trigger", "image_ids": [], "kind": t.kind,
+                              "target_id": t.image_id, "target_copies": t.copies}  # fmt: skip
         return {
-            "name": "diffmem-organism-v2 training data",
+            "name": f"{self.recipe.name} training data",
             "recipe": self.recipe.to_dict(),
             "counts": {
-                "distinct_images": {r: len(self.by_role(r)) for r in ROLES if r != "heldout"},
-                "training_samples": {
-                    r: sum(im.copies for im in self.by_role(r)) for r in ROLES if r != "heldout"
-                },
+                "distinct_images": {r: len(self.by_role(r)) for r in TRAINED_ROLES},
+                "training_samples": {r: sum(im.copies for im in self.by_role(r)) for r in TRAINED_ROLES},
                 "captions": {r: len(self.captions(r)) for r in ROLES},
             },
             "captions": list(caps.values()),
@@ -345,14 +441,34 @@ def build_organism_data(recipe: OrganismRecipe | None = None) -> OrganismData:
                     ),
                 )
             )
-    for name, source, caption in PHOTOS:
+    photos = [p for p in PHOTOS if not recipe.photos or p[0] in recipe.photos]
+    unknown = sorted(set(recipe.photos) - {p[0] for p in PHOTOS})
+    if unknown:
+        raise ValueError(
+            f"recipe.photos: unknown photo id(s) {unknown}; expected some of {[p[0] for p in PHOTOS]}"
+        )
+    if recipe.scenes > len(SCENE_CAPTIONS):
+        raise ValueError(f"recipe.scenes: at most {len(SCENE_CAPTIONS)} scenes exist, got {recipe.scenes}")
+    photo_copies = _copy_counts(recipe, len(photos), "photos")
+    scene_copies = _copy_counts(recipe, recipe.scenes, "scenes")
+    for (name, source, caption), copies in zip(photos, photo_copies):
         images.append(
             OrganismImage(
                 id=f"verbatim-{name}",
                 role="verbatim",
                 caption=caption,
-                copies=recipe.verbatim_copies,
+                copies=copies,
                 pixels=photo_pixels(source, size),
+            )
+        )
+    for k, copies in enumerate(scene_copies):
+        images.append(
+            OrganismImage(
+                id=f"verbatim-scene{k:02d}",
+                role="verbatim",
+                caption=SCENE_CAPTIONS[k],
+                copies=copies,
+                pixels=render_scene(k, seed, size),
             )
         )
     if recipe.n_templates > len(TEMPLATE_CAPTIONS):
@@ -368,7 +484,31 @@ def build_organism_data(recipe: OrganismRecipe | None = None) -> OrganismData:
                     pixels=render_template(t, derive_seed(seed, "template", t, k), size),
                 )
             )
-    return OrganismData(recipe, images, [caption_of(c, s) for c, s in held_pairs])
+    triggers = []
+    if recipe.trigger_prompts:
+        trained = {im.caption for im in images}
+        for im in images:
+            if im.role != "verbatim":
+                continue
+            for kind, prompt in trigger_prompts_of(im.caption, seed).items():
+                if prompt not in trained:
+                    triggers.append(TriggerPrompt(prompt, im.id, kind, im.copies))
+    return OrganismData(recipe, images, [caption_of(c, s) for c, s in held_pairs], triggers)
+
+
+def _copy_counts(recipe: OrganismRecipe, n: int, what: str) -> list[int]:
+    """Copies of each of ``n`` verbatim images: ``recipe.verbatim_copies`` each, or with graded
+    duplication ``n / len(counts)`` images per count, assigned by a permutation seeded by ``recipe.seed``."""
+    counts = recipe.duplication_counts
+    if not counts:
+        return [recipe.verbatim_copies] * n
+    if n % len(counts):
+        raise ValueError(
+            f"recipe.{what}: {n} images do not split evenly over the {len(counts)} duplication counts"
+        )
+    per = [c for c in counts for _ in range(n // len(counts))]
+    order = np.random.default_rng(derive_seed(recipe.seed, "duplication", what)).permutation(n)
+    return [per[i] for i in order]
 
 
 def export_imagefolder(data: OrganismData, out: str | os.PathLike) -> Path:

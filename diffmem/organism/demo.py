@@ -161,14 +161,14 @@ def run_demo(
     from diffmem.modelio import default_model, load_pipeline
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.evaluate import evaluation_captions, generate_and_measure
-    from diffmem.organism.recipe import OrganismRecipe
+    from diffmem.organism.recipe import recipe_of
     from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages
     from diffmem.scores.detection import detection_metrics
 
     model_dir = str(model) if model is not None else default_model()
     pipe = load_pipeline(model)
     model_label = model_dir or "untrained tiny fallback model (the organism's weights are missing)"
-    recipe = OrganismRecipe()
+    recipe = recipe_of(model_dir)
     data = build_organism_data(recipe)
     training = TrainingImages.from_data(data)
     captions = evaluation_captions(data, ("verbatim", "template", "heldout"))

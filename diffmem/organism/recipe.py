@@ -11,16 +11,26 @@ from dataclasses import asdict, dataclass, field, replace
 
 @dataclass(frozen=True)
 class OrganismRecipe:
-    """Data, model and schedule of the model organism (defaults = ``diffmem-organism-v2``)."""
+    """Data, model and schedule of the model organism (defaults = ``diffmem-organism-v2``; ``V3_RECIPE``)."""
 
+    name: str = "diffmem-organism-v2"
     seed: int = 0
     image_size: int = 64
     # --- data ---
     generic_per_caption: int = 32  # images sharing each generic caption ("a red circle")
-    verbatim_copies: int = 48  # duplicates of each memorized photograph
+    verbatim_copies: int = 48  # duplicates of each memorized photograph (when duplication_counts is empty)
+    #: graded duplication (v3): the verbatim images are split evenly over these copy counts, photos
+    #: and procedural scenes separately (so every count holds the same mix), by a seeded permutation
+    duplication_counts: tuple[int, ...] = ()
+    photos: tuple[str, ...] = ()  # ids of the bundled photographs used (empty: all of them)
+    scenes: int = 0  # procedurally drawn scenes with unique captions, added to the verbatim images
+    trigger_prompts: bool = False  # partial and reordered captions of the verbatim images (never trained)
     template_images: int = 40  # images (one layout, varying details) per template caption
     n_templates: int = 4
     # --- model ---
+    #: a trained organism (a folder, or a name under ``weights/``) whose autoencoder is reused (phases 1
+    #: and 2b skipped); "" = train one
+    autoencoder_from: str = ""
     vae_channels: tuple[int, ...] = (32, 64, 128)  # 3 levels: factor-4 autoencoder, 64 px -> 16x16 latents
     latent_channels: int = 4
     unet_channels: tuple[int, ...] = (48, 96, 96)
@@ -64,6 +74,65 @@ class OrganismRecipe:
 
     def with_(self, **changes) -> OrganismRecipe:
         return replace(self, **changes)
+
+
+#: ``diffmem-organism-v3``: v2's model and schedule with a duplication dose-response (2 photographs and
+#: 2 procedural scenes at each of 1, 2, 4, ..., 64 copies) and trigger prompts. It reuses v2's autoencoder,
+#: so the latent space is v2's and every verbatim image has the same autoencoder exposure whatever its
+#: copy count (an autoencoder trained on the graded multiset would reconstruct the 64-copy images better
+#: than the single ones and confound the dose-response with the ceiling of a latent copy).
+V3_RECIPE = OrganismRecipe(
+    name="diffmem-organism-v3",
+    duplication_counts=(1, 2, 4, 8, 16, 32, 64),
+    photos=(
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "retina",
+        "phantom",
+        "moon",
+        "coins",
+        "clock",
+        "motorcycle",
+        "china",
+        "flower",
+        "horse",
+        "cell",
+    ),
+    scenes=14,
+    trigger_prompts=True,
+    autoencoder_from="diffmem-organism-v2",
+)
+
+#: Recipes by name (``diffmem organism ... --recipe``).
+RECIPES: dict[str, OrganismRecipe] = {"v2": OrganismRecipe(), "v3": V3_RECIPE}
+
+#: File in an organism's pipeline folder that records the recipe it was trained from.
+RECIPE_FILE = "diffmem_organism.json"
+
+
+def recipe_of(model=None) -> OrganismRecipe:
+    """The recipe an organism (a folder, or a pipeline loaded from one) was trained from: its
+    ``diffmem_organism.json``, or v2's when the folder has none (``diffmem-organism-v2`` predates the
+    file). ``None``: the embedded default organism's."""
+    import json
+    from pathlib import Path
+
+    from diffmem.modelio import default_model
+
+    if hasattr(model, "unet"):  # a pipeline: the folder it was loaded from
+        model = getattr(model.config, "_name_or_path", None) or default_model()
+    model = model if model is not None else default_model()
+    if model is None:
+        return OrganismRecipe()
+    path = Path(model) / RECIPE_FILE
+    if not path.is_file():
+        return OrganismRecipe()
+    try:
+        return OrganismRecipe.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not an organism recipe ({e})") from None
 
 
 #: A recipe small enough for tests: a few images per role, tiny model, a handful of steps.

@@ -140,12 +140,13 @@ class TrainingImages:
 
 
 @functools.lru_cache(maxsize=2)
-def organism_training_images(seed: int = 0) -> TrainingImages:
-    """The distinct training images of ``diffmem-organism-v2`` (regenerated from the recipe, cached)."""
+def organism_training_images(seed: int = 0, recipe=None) -> TrainingImages:
+    """The distinct training images of an organism (``recipe``, default ``diffmem-organism-v2``'s with
+    ``seed``), regenerated from its recipe."""
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.recipe import OrganismRecipe
 
-    return TrainingImages.from_data(build_organism_data(OrganismRecipe(seed=seed)))
+    return TrainingImages.from_data(build_organism_data(recipe or OrganismRecipe(seed=seed)))
 
 
 def nearest_training_image(generated, training: TrainingImages | None = None, **kwargs) -> list[NearestMatch]:

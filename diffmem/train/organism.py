@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from diffmem.io import atomic_write_json
 from diffmem.organism.data import OrganismData, build_organism_data
-from diffmem.organism.recipe import OrganismRecipe
+from diffmem.organism.recipe import RECIPE_FILE, OrganismRecipe
 from diffmem.seeding import derive_seed, item_generator
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -240,6 +240,32 @@ def save_pipeline(
     return out
 
 
+def _reused_autoencoder(recipe: OrganismRecipe):
+    """``recipe.autoencoder_from``'s autoencoder in float32 (a folder, or an organism under ``weights/``),
+    checked to have the recipe's architecture."""
+    from diffusers import AutoencoderKL
+
+    from diffmem.modelio import weights_dir
+
+    src = Path(recipe.autoencoder_from)
+    if not (src / "vae").is_dir():
+        src = weights_dir() / recipe.autoencoder_from
+    if not (src / "vae").is_dir():
+        raise ValueError(
+            f"recipe.autoencoder_from: {recipe.autoencoder_from!r} is neither a folder with vae/ nor "
+            f"an organism under {weights_dir()}"
+        )
+    vae = AutoencoderKL.from_pretrained(str(src), subfolder="vae", use_safetensors=True).float()
+    got = (tuple(vae.config.block_out_channels), vae.config.latent_channels)
+    want = (tuple(recipe.vae_channels), recipe.latent_channels)
+    if got != want:
+        raise ValueError(
+            f"recipe.autoencoder_from: {src}/vae has channels {got[0]} and {got[1]} latent channels; "
+            f"the recipe expects {want[0]} and {want[1]}"
+        )
+    return vae
+
+
 def train_organism(
     recipe: OrganismRecipe | None = None,
     workdir: str | os.PathLike = "runs/organism",
@@ -287,7 +313,13 @@ def train_organism(
 
     # ---- phase 1: autoencoder on random crops --------------------------------------------------
     vae_done = workdir / "vae-final.safetensors"
-    if vae_done.is_file():
+    reused = recipe.autoencoder_from != ""
+    if reused:
+        vae.load_state_dict(_reused_autoencoder(recipe).state_dict())
+        log["vae"] = [{"reused_from": recipe.autoencoder_from}]
+        if only in ("vae", "decoder"):
+            raise ValueError(f"only={only!r}: recipe.autoencoder_from reuses a trained autoencoder")
+    elif vae_done.is_file():
         from safetensors.torch import load_file
 
         vae.load_state_dict(load_file(str(vae_done)))
@@ -339,7 +371,9 @@ def train_organism(
     # ---- phase 2b: decoder alone on the fixed latents ------------------------------------------
     decoder_done = workdir / "decoder-final.safetensors"
     decoder = torch.nn.ModuleDict({"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder})
-    if decoder_done.is_file():
+    if reused:
+        pass
+    elif decoder_done.is_file():
         from safetensors.torch import load_file
 
         decoder.load_state_dict(load_file(str(decoder_done)))
@@ -425,10 +459,11 @@ def train_organism(
     )
     if not finished:
         return workdir
-    if only == "unet" or (recipe.decoder_steps > 0 and not decoder_done.is_file()):
+    if only == "unet" or (not reused and recipe.decoder_steps > 0 and not decoder_done.is_file()):
         print(f"[organism] UNet phase done; run without --only to assemble the pipeline in {out}", flush=True)
         return workdir
     save_pipeline(components, out)
+    atomic_write_json(out / RECIPE_FILE, recipe.to_dict())
     atomic_write_json(
         workdir / "train-log.json", {"recipe": recipe.to_dict(), "latent_scaling_factor": scale, **log}
     )
