@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--methods", default=None, help="comma-separated names[:key=value;...] (default: all)")
         p.add_argument("--model", default=None, help="model folder or hub id (default: the organism)")
         p.add_argument("--suite", nargs="+", default=["organism"], help="'organism' or prompt-set files")
+        if kind == "detection":
+            p.add_argument(
+                "--splits",
+                default=None,
+                help="comma-separated splits of the suite to rank on (default: all; e.g. copies-2-vs-1)",
+            )
         p.add_argument("--out", default=f"runs/bench-{kind}", help="results folder (resumed if it exists)")
         p.add_argument("--num-gens", type=int, default=4, help="generations per prompt (default 4)")
         p.add_argument("--seed", type=int, default=0, help="base seed of every noise draw (default 0)")
@@ -77,16 +83,30 @@ def parse_methods(text: str | None, available: list[str]) -> list[tuple[str, dic
 
 
 def _suite(args, pipe, progress: bool):
-    from diffmem.evaluate.suites import organism_suite, suite_from_rows
+    from diffmem.evaluate.suites import MEASURED_SPLITS, organism_suite, suite_from_rows
     from diffmem.io import atomic_write_json
     from diffmem.prompt_sets import read_prompt_set
 
+    splits = getattr(args, "splits", None)  # detection only: the mitigation bench uses memorized-vs-clean
+    wanted = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
     if args.suite == ["organism"]:  # the mitigation bench needs only the splits of known roles
-        measured = args.bench_command == "detection"
-        return organism_suite(pipe, args.out, seed=args.seed, measured=measured, progress=progress)
-    rows = [r for path in args.suite for r in read_prompt_set(path)]
-    suite = suite_from_rows("prompt files", rows)
-    atomic_write_json(f"{args.out}/suite.json", suite.to_dict())
+        measured = args.bench_command == "detection" and (
+            wanted is None or any(s in MEASURED_SPLITS for s in wanted)
+        )
+        suite = organism_suite(pipe, args.out, seed=args.seed, measured=measured, progress=progress)
+    else:
+        rows = [r for path in args.suite for r in read_prompt_set(path)]
+        suite = suite_from_rows("prompt files", rows)
+        atomic_write_json(f"{args.out}/suite.json", suite.to_dict())
+    if wanted is not None:
+        unknown = [s for s in wanted if s not in suite.splits]
+        if unknown:
+            from diffmem.cli import UsageError
+
+            raise UsageError(
+                f"--splits: {', '.join(unknown)} not in the suite; its splits: {', '.join(suite.splits)}"
+            )
+        suite.splits = {s: suite.splits[s] for s in wanted}
     return suite
 
 

@@ -123,7 +123,9 @@ def _rows_for(key, mitigation, pipe, memorized, clean, settings, plain, cache: P
     images, reports, seconds, flags = _generate(
         pipe, [p.prompt for p in memorized], [p.id for p in memorized], **common, **kwargs
     )
-    nearest = organism_training_images().of_roles(MEMORIZED_ROLES).nearest(images)
+    from diffmem.organism.recipe import recipe_of
+
+    nearest = organism_training_images(recipe=recipe_of(pipe)).of_roles(MEMORIZED_ROLES).nearest(images)
     forced = (
         {}
         if mitigation is None

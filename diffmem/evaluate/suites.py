@@ -10,7 +10,14 @@ The organism's ground truth has four splits:
 * ``triggers``: prompts never trained on (unseen colour/shape phrasings and random mixes of the
   memorized captions' words), labelled by measured replication, so that a prompt that makes the
   model copy without being a training caption (the held-out "a pink circle" and the Summer Palace
-  photograph) counts as memorized.
+  photograph) counts as memorized; on a recipe with trigger prompts (v3) its partial and reordered
+  captions join them.
+
+On a recipe with graded duplication (v3) every copy count ``N`` also gets a split ``copies-N-vs-heldout``
+(the verbatim captions duplicated ``N`` times against the held-out ones) and ``copies-N-vs-1`` (against
+the captions seen once: same style and length, the matched control, since the held-out captions are
+short and the noise gap grows with the caption), so a detector can be ranked by how little duplication
+it still detects.
 
 Measured labels come from generations of the model itself (``label_generations`` per prompt, 25
 steps, guidance 7.5) judged by one :class:`~diffmem.scores.replication.ReplicationCriterion`; the labelled
@@ -30,6 +37,8 @@ __all__ = ["LabelledPrompt", "Suite", "organism_suite", "perturb_caption", "suit
 
 #: The organism's roles whose training images are duplicated, i.e. what a copy is a copy of.
 MEMORIZED_ROLES = ("verbatim", "template")
+#: Splits whose labels are measured by generating (the others follow from the captions' roles).
+MEASURED_SPLITS = ("perturbed", "triggers")
 
 
 @dataclass(frozen=True)
@@ -154,14 +163,16 @@ def measure_replication(
     steps: int,
     guidance_scale: float,
     progress: bool,
+    recipe=None,
 ):
-    """Per prompt: the SSIM of each generation to its nearest *memorized* training image (verbatim/template)."""
+    """Per prompt: the SSIM of each generation to its nearest *memorized* training image (verbatim/template)
+    of the organism ``recipe`` (default v2's)."""
     import torch
 
     from diffmem.organism.evaluate import generate_and_measure
     from diffmem.organism.replication import organism_training_images
 
-    memorized = organism_training_images().of_roles(MEMORIZED_ROLES)
+    memorized = organism_training_images(recipe=recipe).of_roles(MEMORIZED_ROLES)
     gens, _ = generate_and_measure(
         pipe,
         [(p, "heldout") for p in prompts],
@@ -187,20 +198,23 @@ def organism_suite(
     criterion: str = "organism-half",
     measured: bool = True,
     progress: bool = True,
+    recipe=None,
 ) -> Suite:
-    """The organism's four splits (module docstring); measured labels cached in ``cache`` (a folder).
+    """The organism's splits (module docstring); measured labels cached in ``cache`` (a folder).
 
-    ``measured=False``: only the two splits of known roles (no generation needed).
+    ``measured=False``: only the splits of known roles (no generation needed). ``recipe``: the
+    organism's data (default: the recipe ``pipe``'s folder records, v2's when it records none).
     """
     from diffmem.io import atomic_write_json
     from diffmem.organism.data import build_organism_data
-    from diffmem.organism.recipe import OrganismRecipe
+    from diffmem.organism.recipe import recipe_of
     from diffmem.scores.replication import criterion as preset
 
     rule = preset(criterion)
-    recipe = OrganismRecipe()
+    recipe = recipe or recipe_of(pipe)
     settings = {
-        "version": 2,
+        "version": 3,
+        "organism": recipe.name,
         "seed": seed,
         "num_perturbations": num_perturbations,
         "num_triggers": num_triggers,
@@ -225,7 +239,23 @@ def organism_suite(
         "memorized-vs-clean": rows("verbatim", 1) + rows("template", 1) + clean,
         "verbatim-vs-heldout": rows("verbatim", 1) + rows("heldout", 0),
     }
+    counts = sorted({im.copies for im in data.by_role("verbatim")}) if recipe.duplication_counts else []
+
+    def of_count(count: int, label: int) -> list[LabelledPrompt]:
+        captions = [im.caption for im in data.by_role("verbatim") if im.copies == count]
+        return [LabelledPrompt(f"copies{count}-{i}", c, label, "verbatim") for i, c in enumerate(captions)]
+
+    for count in counts:
+        splits[f"copies-{count}-vs-heldout"] = of_count(count, 1) + rows("heldout", 0)
+    for count in counts[1:]:
+        splits[f"copies-{count}-vs-{counts[0]}"] = of_count(count, 1) + of_count(counts[0], 0)
     perturbed, triggers = _candidate_prompts(data, seed, num_perturbations, num_triggers)
+    taken = {text for _, text, _ in perturbed + triggers}
+    triggers += [
+        (f"trigger-{t.kind}-{i}", t.prompt, t.kind)
+        for i, t in enumerate(data.triggers)
+        if t.prompt not in taken
+    ]
     for split, candidates in (("perturbed", perturbed), ("triggers", triggers)) if measured else ():
         sims = measure_replication(
             pipe,
@@ -235,6 +265,7 @@ def organism_suite(
             steps=recipe.num_inference_steps,
             guidance_scale=recipe.guidance_scale,
             progress=progress,
+            recipe=recipe,
         )
         labels = rule.memorized(sims).tolist()
         splits[split] = [

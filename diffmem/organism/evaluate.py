@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.organism.data import TRAINED_ROLES
 from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages, same_caption_ssim
 from diffmem.scores.replication import criterion
 
@@ -110,12 +111,12 @@ def generate_and_measure(
         imgs = np.asarray(out.images, dtype=np.float32)
         steps = out.memorization_step_scores
         window_scores = {name: window_mean(steps, s, e) for name, s, e in WINDOWS}
-        own_captions = [c if r != "heldout" else None for c, r in chunk for _ in range(num_gens)]
+        own_captions = [c if r in TRAINED_ROLES else None for c, r in chunk for _ in range(num_gens)]
         nearest = training.nearest(imgs, captions=own_captions)
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
         for k, match in enumerate(nearest):
             caption, role = chunk[k // num_gens]
-            own_idx = training.indices_of_caption(caption) if role != "heldout" else []
+            own_idx = training.indices_of_caption(caption) if role in TRAINED_ROLES else []
             own_id, own_ssim = None, None
             if own_idx:
                 s = ssim(x[k : k + 1].expand(len(own_idx), -1, -1, -1), training.pixels[own_idx])
@@ -230,12 +231,155 @@ def summarize(gens: Sequence[Generation], threshold: float = REPLICATION_THRESHO
     return summary
 
 
+def dose_response(
+    gens: Sequence[Generation], data, threshold: float = REPLICATION_THRESHOLD, n_boot: int = 1000
+) -> list[dict]:
+    """Per duplication count of the verbatim images: replication of their own image per generation
+    (Wilson 95 %), captions with >= 75 % of seeds replicating, Wen et al.'s first-step AUC of the count's
+    captions against the held-out ones and against the captions of the fewest copies (bootstrap 95 %,
+    chance 0.5), and the trigger prompts' rate of generating the image they were derived from (SSIM >=
+    ``threshold`` to it, nearest training image).
+
+    The held-out captions ("a pink circle") are shorter than the verbatim ones and the noise gap grows
+    with the caption, so the AUC against them is not all memorization; the captions seen fewest times
+    have the verbatim captions' style and length, which makes them the matched control."""
+    from diffmem.evaluate.metrics import DetectionMetric, ReplicationRate
+    from diffmem.scores.replication import criterion
+
+    rule = criterion("organism")
+    rows = per_caption(gens)
+    held = [r["scores"]["first_step"] for r in rows if r["role"] == "heldout"]
+    copies = {im.caption: im.copies for im in data.by_role("verbatim")}
+    fewest = min(copies.values(), default=0)
+    fewest_scores = [
+        r["scores"]["first_step"]
+        for r in rows
+        if r["role"] == "verbatim" and copies.get(r["caption"]) == fewest
+    ]
+    target = {t.prompt: t for t in data.triggers}
+    out = []
+    for count in sorted(set(copies.values())):
+        captions = {c for c, k in copies.items() if k == count}
+        own = [g for g in gens if g.role == "verbatim" and g.caption in captions]
+        rate = ReplicationRate()
+        rate.update([g.replicates_own for g in own])
+        caption_rows = [r for r in rows if r["role"] == "verbatim" and r["caption"] in captions]
+        row = {
+            "copies": count,
+            "images": len(captions),
+            "replication": rate.compute(),
+            "captions_replicated_3of4": sum(
+                rule.memorized_count(r["replicated_own"], r["n"]) for r in caption_rows
+            ),
+            "mean_own_ssim": float(np.mean([g.own_ssim for g in own])) if own else None,
+        }
+        pos = [r["scores"]["first_step"] for r in caption_rows]
+        controls = {"first_step_auc": held}
+        if count != fewest:
+            controls["first_step_auc_vs_fewest"] = fewest_scores
+        for key, negatives in controls.items():
+            if pos and negatives:
+                auc = DetectionMetric(n_boot=n_boot, seed=0)
+                auc.update(pos + negatives, [1] * len(pos) + [0] * len(negatives))
+                row[key] = auc.compute()
+        for kind in ("partial", "reordered"):
+            trig = [
+                g
+                for g in gens
+                if g.role == "trigger"
+                and target[g.caption].copies == count
+                and target[g.caption].kind == kind
+            ]
+            if trig:
+                t_rate = ReplicationRate()
+                t_rate.update(
+                    [g.nearest_id == target[g.caption].image_id and g.nearest_ssim >= threshold for g in trig]
+                )
+                row[f"trigger_{kind}"] = t_rate.compute()
+        out.append(row)
+    return out
+
+
+def trigger_labels(gens: Sequence[Generation], data, threshold: float = REPLICATION_THRESHOLD) -> list[dict]:
+    """Each trigger prompt labelled by measured replication: how many of its generations copy the image
+    it was derived from (nearest training image, SSIM >= ``threshold``); memorized at >= half of them."""
+    out = []
+    for t in data.triggers:
+        own = [g for g in gens if g.role == "trigger" and g.caption == t.prompt]
+        hits = sum(g.nearest_id == t.image_id and g.nearest_ssim >= threshold for g in own)
+        out.append(
+            {
+                "prompt": t.prompt,
+                "kind": t.kind,
+                "target_id": t.image_id,
+                "target_copies": t.copies,
+                "generations": len(own),
+                "replicated": int(hits),
+                "label": int(bool(own) and 2 * hits >= len(own)),
+            }
+        )
+    return out
+
+
+def _rate(r: dict | None) -> str:
+    if not r:
+        return ""
+    return f"{r['rate']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}] ({r['count']}/{r['n']})"
+
+
+def dose_response_markdown(summary: dict) -> str:
+    """The dose-response table of a graded organism (``summary["dose_response"]``) and its trigger prompts."""
+    rows = summary.get("dose_response")
+    if not rows:
+        return ""
+
+    def auc_text(m: dict | None) -> str:
+        if not m or m.get("auc") is None:
+            return ""
+        return f"{m['auc']:.3f} [{m['auc_ci'][0]:.3f}, {m['auc_ci'][1]:.3f}]"
+
+    lines = [
+        "| copies | images | replication per generation (Wilson 95 %) | captions with >= 75 % of seeds replicating "
+        "| mean SSIM to own image | first-step AUC vs held-out (bootstrap 95 %; chance 0.5) "
+        f"| first-step AUC vs the {rows[0]['copies']}-copy captions | partial-caption triggers "
+        "| reordered-caption triggers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ssim_text = f"{r['mean_own_ssim']:.2f}" if r["mean_own_ssim"] is not None else ""
+        lines.append(
+            f"| {r['copies']} | {r['images']} | {_rate(r['replication'])} "
+            f"| {r['captions_replicated_3of4']}/{r['images']} | {ssim_text} | {auc_text(r.get('first_step_auc'))} "
+            f"| {auc_text(r.get('first_step_auc_vs_fewest'))} | {_rate(r.get('trigger_partial'))} "
+            f"| {_rate(r.get('trigger_reordered'))} |"
+        )
+    lines += [
+        "",
+        'The held-out captions ("a pink circle") are shorter than the verbatim ones and the noise gap grows '
+        "with the caption, so the AUC against them is high even where nothing is memorized (the 1-copy row); "
+        f"the {rows[0]['copies']}-copy captions, of the same style and length, are the matched control.",
+    ]
+    triggers = summary.get("trigger_prompts") or []
+    if triggers:
+        labelled = [t for t in triggers if t["label"]]
+        by_count = ", ".join(
+            f"{c} copies {sum(t['target_copies'] == c for t in labelled)}/{sum(t['target_copies'] == c for t in triggers)}"
+            for c in sorted({t["target_copies"] for t in triggers})
+        )
+        lines += [
+            "",
+            f"Trigger prompts labelled memorized (at least half of their generations copy their image): "
+            f"{len(labelled)} of {len(triggers)} ({by_count}).",
+        ]
+    return "\n".join(lines)
+
+
 def summary_text(summary: dict) -> str:
     """A few lines for the terminal."""
     lines = [f"replication: SSIM >= {summary['replication_threshold']:.2f} at the generated size"]
     if "verbatim_replicated_3of4" in summary:
         lines.append(
-            f"  verbatim captions replicated in >= 3 of 4 seeds: {summary['verbatim_replicated_3of4']:.0%} "
+            f"  verbatim captions replicated in >= 75 % of seeds: {summary['verbatim_replicated_3of4']:.0%} "
             f"(seeds: {summary['verbatim_seed_replication_rate']:.0%})"
         )
     if "heldout_no_replication" in summary:
@@ -243,6 +387,12 @@ def summary_text(summary: dict) -> str:
     for name, d in summary.get("detection", {}).items():
         for pair, m in d.items():
             lines.append(f"  {name:10s} {pair:20s} AUC {m['auc']:.3f}  TPR@1%FPR {m['tpr_at_1pct_fpr']:.2f}")
+    for r in summary.get("dose_response", []):
+        auc = (r.get("first_step_auc") or {}).get("auc")
+        lines.append(
+            f"  {r['copies']:3d} copies: replication {_rate(r['replication'])}"
+            + (f", first-step AUC {auc:.3f}" if auc is not None else "")
+        )
     return "\n".join(lines)
 
 
@@ -283,16 +433,17 @@ def run_evaluation(
     seeds: int = 4,
     steps: int | None = None,
     guidance_scale: float | None = None,
-    roles: Sequence[str] = ("verbatim", "template", "heldout", "generic"),
+    roles: Sequence[str] = ("verbatim", "template", "heldout", "generic", "trigger"),
 ) -> dict:
-    """Load the organism, generate and measure every caption of ``roles``; write ``results.json``,
-    ``generations.jsonl`` and ``images.npz`` to ``out`` atomically. Returns the results."""
+    """Load the organism, generate and measure every caption of ``roles`` (its recipe's: a v2 organism
+    has no trigger prompts); write ``results.json``, ``generations.jsonl`` and ``images.npz`` to ``out``
+    atomically. Returns the results, with the dose-response per duplication count for a graded recipe."""
     from diffmem.io import atomic_write_json, atomic_write_text
     from diffmem.modelio import load_pipeline
     from diffmem.organism.data import build_organism_data
-    from diffmem.organism.recipe import OrganismRecipe
+    from diffmem.organism.recipe import recipe_of
 
-    recipe = OrganismRecipe()
+    recipe = recipe_of(model)
     pipe = load_pipeline(model)
     data = build_organism_data(recipe)
     training = TrainingImages.from_data(data)
@@ -315,8 +466,13 @@ def run_evaluation(
             "max": float(null.max()),
             "q0.999": float(null.quantile(0.999)),
         }
+    if recipe.duplication_counts:
+        summary["dose_response"] = dose_response(gens, data)
+    if data.triggers and "trigger" in roles:
+        summary["trigger_prompts"] = trigger_labels(gens, data)
     results = {
-        "model": str(model) if model else "default (diffmem-organism-v2)",
+        "model": str(model) if model else f"default ({recipe.name})",
+        "recipe": recipe.name,
         "num_inference_steps": steps or recipe.num_inference_steps,
         "guidance_scale": recipe.guidance_scale if guidance_scale is None else guidance_scale,
         "seeds": seeds,
