@@ -43,17 +43,25 @@ def main() -> None:
     from diffmem.modelio import load_pipeline
     from diffmem.organism.data import build_organism_data, generic_and_heldout_pairs, render_generic
     from diffmem.organism.fidelity import load_caption_classifier
-    from diffmem.organism.recipe import OrganismRecipe
+    from diffmem.organism.recipe import OrganismRecipe, recipe_of
     from diffmem.scores.replication import PRESETS, ReplicationCriterion
     from diffmem.seeding import derive_seed
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="organism folder (default: weights/diffmem-organism-v2)")
     ap.add_argument(
-        "--recipe", default=None, help="recipe.json of the organism's data (default: the default recipe)"
+        "--recipe",
+        default=None,
+        help="recipe.json of the organism's data (default: the one the model folder records, else v2's)",
     )
     ap.add_argument("--out", default="runs/dori_eval")
     ap.add_argument("--targets", type=int, default=16, help="verbatim targets (default: all 16)")
+    ap.add_argument(
+        "--min-copies",
+        type=int,
+        default=None,
+        help="only verbatim targets with at least N training copies (graded organisms, v3)",
+    )
     ap.add_argument("--controls", type=int, default=8, help="non-memorized control images")
     ap.add_argument("--heldout", type=int, default=8, help="held-out captions for the quality check")
     ap.add_argument("--seeds", type=int, default=4)
@@ -127,12 +135,13 @@ def main() -> None:
     recipe = (
         OrganismRecipe.from_dict(json.loads(Path(args.recipe).read_text()))
         if args.recipe
-        else OrganismRecipe()
+        else recipe_of(args.model)
     )
     data = build_organism_data(recipe)
-    targets = [
-        Target(im.id, im.caption, _image_tensor(im.pixels)) for im in data.by_role("verbatim")[: args.targets]
+    verbatim = [
+        im for im in data.by_role("verbatim") if args.min_copies is None or im.copies >= args.min_copies
     ]
+    targets = [Target(im.id, im.caption, _image_tensor(im.pixels)) for im in verbatim[: args.targets]]
     _, held_pairs = generic_and_heldout_pairs()
     controls = [
         Target(

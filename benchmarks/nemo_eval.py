@@ -46,11 +46,23 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--limit", type=int, default=None, help="at most N captions per role")
+    parser.add_argument(
+        "--min-copies",
+        type=int,
+        default=None,
+        help="only verbatim captions whose image has at least N training copies (graded organisms, v3)",
+    )
     parser.add_argument("--mask-batch", type=int, default=None, help="default: 8 on CUDA, 1 on CPU")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/nemo_eval"))
     parser.add_argument("--skip-pipeline", action="store_true", help="skip step 5")
     parser.add_argument(
         "--blocks", default="down,mid", help="UNet parts searched: down,mid (NeMo's default) or down,mid,up"
+    )
+    parser.add_argument(
+        "--no-early-exit",
+        action="store_true",
+        help="NeMo's fallback: when every searched neuron off leaves the prompt memorized, run the schedule "
+        "and refine against the score reached instead of stopping with no neurons",
     )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     args = parser.parse_args()
@@ -62,23 +74,24 @@ def main() -> int:
     from diffmem.localize.nemo import NemoConfig
     from diffmem.modelio import check_sd_folder, load_pipeline, model_fingerprint
     from diffmem.organism.data import build_organism_data
-    from diffmem.organism.recipe import OrganismRecipe
+    from diffmem.organism.recipe import recipe_of
     from diffmem.organism.replication import TrainingImages
 
     check_sd_folder(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe_path = Path(args.model) / "recipe.json"
-    recipe = OrganismRecipe()
-    if recipe_path.is_file():
-        recipe = OrganismRecipe.from_dict(json.loads(recipe_path.read_text()))
+    recipe = recipe_of(args.model)
     steps = args.steps or recipe.num_inference_steps
     guidance, seed, seeds = recipe.guidance_scale, recipe.seed, args.seeds
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     data = build_organism_data(recipe)
     training = TrainingImages.from_data(data)
-    roles = {r: data.captions(r)[: args.limit] for r in ("verbatim", "template", "heldout", "generic")}
+    roles = {r: data.captions(r) for r in ("verbatim", "template", "heldout", "generic")}
+    if args.min_copies is not None:
+        copies = {im.caption: im.copies for im in data.by_role("verbatim")}
+        roles["verbatim"] = [c for c in roles["verbatim"] if copies[c] >= args.min_copies]
+    roles = {r: cs[: args.limit] for r, cs in roles.items()}
     blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
     t0 = time.perf_counter()
 
@@ -91,7 +104,7 @@ def main() -> int:
         pipe,
         [(k, c) for k, (_, c) in ids.items()],
         data.captions("generic"),
-        config=NemoConfig(mask_batch=args.mask_batch, blocks=blocks),
+        config=NemoConfig(mask_batch=args.mask_batch, blocks=blocks, early_exit=not args.no_early_exit),
         cache_dir=out,
         progress=True,
     )

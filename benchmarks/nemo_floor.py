@@ -11,6 +11,8 @@ Then the same-seed similarity of generic captions to the empty prompt, against t
 score (what the threshold is calibrated on). ~10 s on 2 CPU cores::
 
     .venv/bin/python benchmarks/nemo_floor.py [--model weights/diffmem-organism-v2] [--threshold 0.448]
+
+The verbatim captions are those of the model's recipe (``diffmem_organism.json``), with copy counts.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def main(argv=None) -> int:
     from diffusers import StableDiffusionPipeline
 
     from diffmem.localize.nemo import NeMo, NemoConfig
-    from diffmem.organism.data import PHOTOS
+    from diffmem.organism.data import build_organism_data
+    from diffmem.organism.recipe import recipe_of
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "weights" / "diffmem-organism-v2"))
@@ -45,17 +48,22 @@ def main(argv=None) -> int:
     nemo = NeMo.from_pipe(
         pipe, None, NemoConfig(threshold=args.threshold, blocks=tuple(args.blocks.split(",")))
     )
+    verbatim = build_organism_data(recipe_of(args.model)).by_role("verbatim")
     empty = nemo.probe("").base
-    print(f"| verbatim caption | detection | all {args.blocks} off: mem | empty prompt: max / median |")
-    print("|---|---|---|---|")
+    print(
+        f"| verbatim caption | copies | detection | all {args.blocks} off: mem | empty prompt: max / median |"
+    )
+    print("|---|---|---|---|---|")
     floors = []
-    for _, _, caption in PHOTOS:
+    for image in sorted(verbatim, key=lambda im: im.copies):
+        caption = image.caption
         probe = nemo.probe(caption)
         all_off = probe.evaluate(torch.ones(probe.n_neurons, dtype=torch.bool))["mem"]
+        all_off = f"{all_off:.3f}" if probe.memorized else "not detected"  # mem(S) is for detected prompts
         sim = probe.similarity(empty, probe.base)
         floors.append(float(sim.max()))
         print(
-            f"| {caption[:48]} | {probe.score:.3f} | {all_off:.3f} | {sim.max():.3f} / {sim.median():.3f} |"
+            f"| {caption[:48]} | {image.copies} | {probe.score:.3f} | {all_off} | {sim.max():.3f} / {sim.median():.3f} |"
         )
     above = sum(f > args.threshold for f in floors)
     print(

@@ -1,4 +1,4 @@
-"""Measured ground truth of the model organism (``weights/diffmem-organism-v2``).
+"""Measured ground truth of the model organism (``weights/diffmem-organism-v2``, or ``--model`` any organism).
 
 Generates every verbatim, template, held-out and generic caption with ``--seeds`` seeds through the
 guarded pipeline, and measures:
@@ -46,7 +46,10 @@ def histogram_png(generations: list[dict], threshold: float, path: Path) -> Path
 
 
 def markdown(results: dict, seconds: float) -> str:
+    from diffmem.organism.evaluate import dose_response_markdown
+
     s = results["summary"]
+    pooled = "; every copy count pooled, per count below" if s.get("dose_response") else ""
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} CPU, "
         f"{datetime.date.today().isoformat()}. Script: `python benchmarks/organism_eval.py` "
@@ -67,7 +70,7 @@ def markdown(results: dict, seconds: float) -> str:
         "",
         "| target | measured |",
         "|---|---|",
-        f"| verbatim captions with >= 3 of 4 seeds replicating their photo (target >= 90 %) | "
+        f"| verbatim captions with >= 75 % of seeds replicating their image (target >= 90 %{pooled}) | "
         f"{s.get('verbatim_replicated_3of4', float('nan')):.0%} (seeds: {s.get('verbatim_seed_replication_rate', float('nan')):.0%}) |",
         f"| held-out captions with no replicating seed (target >= 90 %) | {s.get('heldout_no_replication', float('nan')):.0%} |",
         f"| template generations replicating one of their own training images | {s.get('template_seed_replication_rate', float('nan')):.0%} |",
@@ -82,6 +85,16 @@ def markdown(results: dict, seconds: float) -> str:
                 f"| {name} | {pair.replace('_vs_heldout', '')} ({m['n_positive']} vs {m['n_negative']}) | "
                 f"{m['auc']:.3f} | {m['tpr_at_1pct_fpr']:.2f} | {m['threshold']:.3f} |"
             )
+    dose = dose_response_markdown(s)
+    if dose:
+        lines += [
+            "",
+            "Dose-response (verbatim images by copy count; replication = a generation at SSIM >= "
+            f"{s['replication_threshold']:.2f} to its own image; trigger prompts: a generation whose nearest "
+            "training image is the one the prompt was derived from, at SSIM >= the threshold):",
+            "",
+            dose,
+        ]
     lines += ["", "SSIM quantiles (0 / 10 / 50 / 90 / 100 %):", ""]
     for k, q in s["ssim_quantiles"].items():
         lines.append(f"- {k}: " + " / ".join(f"{v:.2f}" for v in q.values()))

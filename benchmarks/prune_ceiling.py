@@ -34,7 +34,7 @@ def main() -> None:
     from diffmem.modelio import load_pipeline, model_fingerprint
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
-    from diffmem.organism.recipe import OrganismRecipe
+    from diffmem.organism.recipe import recipe_of
     from diffmem.scores.replication import criterion
 
     rule = criterion("organism-mean")  # the Dori table's: mean SSIM over seeds >= 0.7
@@ -53,7 +53,7 @@ def main() -> None:
 
     pipe = load_pipeline(args.model, StableDiffusionPipeline, device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    data = build_organism_data(OrganismRecipe())
+    data = build_organism_data(recipe_of(args.model))
     targets = [
         (im.id, im.caption, torch.from_numpy(im.pixels).float().permute(2, 0, 1) / 255.0)
         for im in data.by_role("verbatim")
