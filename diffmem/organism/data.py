@@ -37,6 +37,8 @@ from diffmem.seeding import derive_seed
 ROLES = ("generic", "verbatim", "template", "heldout", "trigger")
 #: Roles whose captions are in the training set.
 TRAINED_ROLES = ("generic", "verbatim", "template")
+#: prompts of an organism that are never training captions (no "own" image to replicate)
+UNTRAINED_ROLES = ("heldout", "trigger")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

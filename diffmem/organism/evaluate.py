@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.organism.data import TRAINED_ROLES
+from diffmem.organism.data import UNTRAINED_ROLES
 from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages, same_caption_ssim
 from diffmem.scores.replication import criterion
 
@@ -111,12 +111,12 @@ def generate_and_measure(
         imgs = np.asarray(out.images, dtype=np.float32)
         steps = out.memorization_step_scores
         window_scores = {name: window_mean(steps, s, e) for name, s, e in WINDOWS}
-        own_captions = [c if r in TRAINED_ROLES else None for c, r in chunk for _ in range(num_gens)]
+        own_captions = [c if r not in UNTRAINED_ROLES else None for c, r in chunk for _ in range(num_gens)]
         nearest = training.nearest(imgs, captions=own_captions)
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
         for k, match in enumerate(nearest):
             caption, role = chunk[k // num_gens]
-            own_idx = training.indices_of_caption(caption) if role in TRAINED_ROLES else []
+            own_idx = training.indices_of_caption(caption) if role not in UNTRAINED_ROLES else []
             own_id, own_ssim = None, None
             if own_idx:
                 s = ssim(x[k : k + 1].expand(len(own_idx), -1, -1, -1), training.pixels[own_idx])
