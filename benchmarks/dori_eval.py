@@ -138,9 +138,7 @@ def main() -> None:
         else recipe_of(args.model)
     )
     data = build_organism_data(recipe)
-    verbatim = [
-        im for im in data.by_role("verbatim") if args.min_copies is None or im.copies >= args.min_copies
-    ]
+    verbatim = data.by_role("verbatim", args.min_copies)
     targets = [Target(im.id, im.caption, _image_tensor(im.pixels)) for im in verbatim[: args.targets]]
     _, held_pairs = generic_and_heldout_pairs()
     controls = [

@@ -87,10 +87,8 @@ def main() -> int:
     pipe.set_progress_bar_config(disable=True)
     data = build_organism_data(recipe)
     training = TrainingImages.from_data(data)
-    roles = {r: data.captions(r) for r in ("verbatim", "template", "heldout", "generic")}
-    if args.min_copies is not None:
-        copies = {im.caption: im.copies for im in data.by_role("verbatim")}
-        roles["verbatim"] = [c for c in roles["verbatim"] if copies[c] >= args.min_copies]
+    roles = {r: data.captions(r) for r in ("template", "heldout", "generic")}
+    roles["verbatim"] = [im.caption for im in data.by_role("verbatim", args.min_copies)]
     roles = {r: cs[: args.limit] for r, cs in roles.items()}
     blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
     t0 = time.perf_counter()

@@ -34,11 +34,11 @@ import numpy as np
 from diffmem.organism.recipe import OrganismRecipe
 from diffmem.seeding import derive_seed
 
-ROLES = ("generic", "verbatim", "template", "heldout", "trigger")
 #: Roles whose captions are in the training set.
 TRAINED_ROLES = ("generic", "verbatim", "template")
-#: prompts of an organism that are never training captions (no "own" image to replicate)
+#: Roles of prompts that are never training captions (no "own" image to replicate).
 UNTRAINED_ROLES = ("heldout", "trigger")
+ROLES = TRAINED_ROLES + UNTRAINED_ROLES
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -382,8 +382,11 @@ class OrganismData:
         """Indices into ``images``, one per training sample (duplicates repeated)."""
         return [i for i, im in enumerate(self.images) for _ in range(im.copies)]
 
-    def by_role(self, role: str) -> list[OrganismImage]:
-        return [im for im in self.images if im.role == role]
+    def by_role(self, role: str, min_copies: int | None = None) -> list[OrganismImage]:
+        """The distinct images of a role, in order; ``min_copies``: only those with at least that many copies."""
+        return [
+            im for im in self.images if im.role == role and (min_copies is None or im.copies >= min_copies)
+        ]
 
     def captions(self, role: str) -> list[str]:
         """Distinct captions of a role, in order."""

@@ -231,6 +231,12 @@ def summarize(gens: Sequence[Generation], threshold: float = REPLICATION_THRESHO
     return summary
 
 
+def _copies_its_target(gen: Generation, trigger, threshold: float) -> bool:
+    """A trigger prompt's generation copies the image the prompt was derived from: that image is its
+    nearest training image, at SSIM >= ``threshold``."""
+    return gen.nearest_id == trigger.image_id and gen.nearest_ssim >= threshold
+
+
 def dose_response(
     gens: Sequence[Generation], data, threshold: float = REPLICATION_THRESHOLD, n_boot: int = 1000
 ) -> list[dict]:
@@ -244,7 +250,6 @@ def dose_response(
     with the caption, so the AUC against them is not all memorization; the captions seen fewest times
     have the verbatim captions' style and length, which makes them the matched control."""
     from diffmem.evaluate.metrics import DetectionMetric, ReplicationRate
-    from diffmem.scores.replication import criterion
 
     rule = criterion("organism")
     rows = per_caption(gens)
@@ -292,9 +297,7 @@ def dose_response(
             ]
             if trig:
                 t_rate = ReplicationRate()
-                t_rate.update(
-                    [g.nearest_id == target[g.caption].image_id and g.nearest_ssim >= threshold for g in trig]
-                )
+                t_rate.update([_copies_its_target(g, target[g.caption], threshold) for g in trig])
                 row[f"trigger_{kind}"] = t_rate.compute()
         out.append(row)
     return out
@@ -306,7 +309,7 @@ def trigger_labels(gens: Sequence[Generation], data, threshold: float = REPLICAT
     out = []
     for t in data.triggers:
         own = [g for g in gens if g.role == "trigger" and g.caption == t.prompt]
-        hits = sum(g.nearest_id == t.image_id and g.nearest_ssim >= threshold for g in own)
+        hits = sum(_copies_its_target(g, t, threshold) for g in own)
         out.append(
             {
                 "prompt": t.prompt,

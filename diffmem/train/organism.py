@@ -315,10 +315,10 @@ def train_organism(
     vae_done = workdir / "vae-final.safetensors"
     reused = recipe.autoencoder_from != ""
     if reused:
-        vae.load_state_dict(_reused_autoencoder(recipe).state_dict())
-        log["vae"] = [{"reused_from": recipe.autoencoder_from}]
         if only in ("vae", "decoder"):
             raise ValueError(f"only={only!r}: recipe.autoencoder_from reuses a trained autoencoder")
+        vae.load_state_dict(_reused_autoencoder(recipe).state_dict())
+        log["vae"] = [{"reused_from": recipe.autoencoder_from}]
     elif vae_done.is_file():
         from safetensors.torch import load_file
 
@@ -372,7 +372,7 @@ def train_organism(
     decoder_done = workdir / "decoder-final.safetensors"
     decoder = torch.nn.ModuleDict({"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder})
     if reused:
-        pass
+        pass  # the reused autoencoder's decoder is kept as it is
     elif decoder_done.is_file():
         from safetensors.torch import load_file
 
