@@ -67,12 +67,17 @@ def tables(results: dict) -> str:
         )
     mc = results.get("memcontrol")
     if mc:
+        objectives = mc.get("objectives", {"memorization": "noise-gap", "quality": "heldout-loss"})
+        quality_label = {"heldout-loss": "held-out loss", "caption-fidelity": "1 - caption fidelity"}[
+            objectives["quality"]
+        ]
         lines += [
             "",
-            "MemControl trials (memorization: noise gap on the duplicated rows; quality: held-out denoising loss; "
-            f"base model {mc['baseline']['memorization']:.3f} / {mc['baseline']['quality_loss']:.4f}):",
+            f"MemControl trials (memorization: {objectives['memorization']} on the duplicated rows; quality: "
+            f"{objectives['quality']}; both minimised; base model {mc['baseline']['memorization']:.3f} / "
+            f"{mc['baseline']['quality_loss']:.4f}):",
             "",
-            "| trial | blocks | lr | memorization | held-out loss | s | on the front |",
+            f"| trial | blocks | lr | {objectives['memorization']} | {quality_label} | s | on the front |",
             "|---|---|---|---|---|---|---|",
         ]
         front = {t["number"] for t in mc["front"]}
@@ -111,7 +116,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--trials", type=int, default=10, help="MemControl trials (the paper's 10)")
-    ap.add_argument("--memcontrol-steps", type=int, default=200, help="each trial's LoRA fine-tune")
+    ap.add_argument("--memcontrol-steps", type=int, default=200, help="each trial's fine-tune")
+    ap.add_argument("--memcontrol-mode", choices=("lora", "full"), default="lora",
+                    help="what MemControl's trials and its row train in the chosen blocks")  # fmt: skip
+    ap.add_argument("--memorization", default="noise-gap", help="MemControl's memorization objective")
+    ap.add_argument("--quality", default="heldout-loss", help="MemControl's quality objective")
+    ap.add_argument("--memcontrol-seed", type=int, default=0, help="the search's seed (sampler, objectives)")
+    ap.add_argument("--objective-generations", type=int, default=4,
+                    help="generations per caption of MemControl's objectives that generate")  # fmt: skip
+    ap.add_argument("--wen-filter-tau", type=float, default=None,
+                    help="wen-filter's threshold (default: the study's quantile of the pretrained model's gaps)")  # fmt: skip
     ap.add_argument("--seeds-per-caption", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="a small set, 40 steps, 2 trials, 1 seed")
     ap.add_argument("--device", default=None, help="evaluations and objectives (default: cuda if available)")
@@ -131,8 +145,19 @@ def main() -> None:
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=200, seed=0
         ),
         rows=tuple(args.rows),
-        memcontrol=MemControlConfig(trials=args.trials, seed=0),
+        mitigation_options={}
+        if args.wen_filter_tau is None
+        else {"wen-filter": {"tau": args.wen_filter_tau}},
+        memcontrol=MemControlConfig(
+            trials=args.trials,
+            seed=args.memcontrol_seed,
+            memorization=args.memorization,
+            quality=args.quality,
+            generations=args.objective_generations,
+            fidelity_generations=args.objective_generations,
+        ),  # fmt: skip
         memcontrol_steps=args.memcontrol_steps,
+        memcontrol_mode=args.memcontrol_mode,
         evaluation={"seeds_per_caption": args.seeds_per_caption, "num_inference_steps": 25},
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else None)

@@ -12,8 +12,11 @@ from diffmem.train.adapters import load_trainable_blocks, transformer_blocks
 from diffmem.train.memcontrol import (
     STUDY_NAME,
     MemControlConfig,
+    check_fidelity_captions,
     detector_metric,
+    fidelity_metric,
     memorization_metric,
+    replication_metric,
     run_memcontrol,
 )
 from diffmem.train.text_to_image import TrainConfig, TrainingData
@@ -143,3 +146,102 @@ def test_a_search_killed_mid_trial_resumes_to_the_uninterrupted_result(tmp_path,
     assert (a["chosen"]["blocks"], a["chosen"]["lr"]) == (b["chosen"]["blocks"], b["chosen"]["lr"])
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'b' / 'study.db'}")
     assert [t.state for t in study.trials].count(optuna.trial.TrialState.FAIL) == 1
+
+
+@pytest.fixture(scope="module")
+def organism():
+    """The committed organism (v2) and four of its verbatim images, which it replicates."""
+    from diffmem.modelio import load_pipeline
+    from diffmem.organism.data import build_organism_data
+    from diffmem.organism.recipe import OrganismRecipe
+
+    data = build_organism_data(OrganismRecipe(seed=0))
+    rows = [i for i, im in enumerate(data.images) if im.role == "verbatim"][:4]
+    ids = [data.images[i].id for i in rows]
+    verbatim = TrainingData(
+        data.image_array()[rows], [data.images[i].caption for i in rows], ids, ids, "verbatim"
+    )
+    return load_pipeline(None), verbatim
+
+
+def test_replication_objective_counts_copies_of_each_captions_own_image(organism):
+    pipe, verbatim = organism
+    kw = dict(seed=0, generations=4, inference_steps=25)
+    copied = replication_metric(pipe, verbatim, **kw)
+    assert copied >= 0.75  # the organism copies its verbatim images (RESULTS: organism v2)
+    # the same captions with each other's images: no generation is a copy of its caption's image
+    shuffled = TrainingData(
+        verbatim.pixels[[1, 2, 3, 0]], verbatim.captions, verbatim.row_ids, verbatim.image_ids
+    )
+    assert replication_metric(pipe, shuffled, **kw) == 0.0
+    # rows that repeat an image count it once: the rate is over captions' generations, not rows
+    doubled = verbatim.subset([0, 0, 1, 1, 2, 3], "doubled")
+    assert replication_metric(pipe, doubled, **kw) == copied
+    small = TrainingData(
+        verbatim.pixels[:, :32, :32], verbatim.captions, verbatim.row_ids, verbatim.image_ids, "s"
+    )
+    with pytest.raises(ValueError, match="s: images are 32x32 px but the model generates 64x64"):
+        replication_metric(pipe, small, **kw)
+
+
+def test_fidelity_objective_is_low_for_the_organism_and_one_without_its_text_encoder(organism):
+    import copy
+
+    import torch
+
+    from diffmem.organism.fidelity import COLOURS, SHAPES
+
+    pipe, _ = organism
+    captions = [f"a {c} {s}" for c, s in zip(COLOURS, SHAPES)]
+    kw = dict(seed=0, generations=4, inference_steps=10)
+    assert fidelity_metric(pipe, captions, **kw) <= 0.7
+    blind = copy.deepcopy(pipe)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a text encoder of noise: images no longer follow their captions
+        for p in blind.text_encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * p.std().clamp_min(1e-3))
+    assert fidelity_metric(blind, captions, **kw) >= 0.9
+    with pytest.raises(ValueError, match=r"--fidelity-captions: caption 2: caption 'a photo' is not"):
+        check_fidelity_captions(["a red circle", "a photo"])
+    with pytest.raises(ValueError, match="--quality: expected one of heldout-loss, caption-fidelity"):
+        MemControlConfig(quality="fid").check()
+
+
+def test_nsga2_breeds_after_its_population():
+    from diffmem.train.memcontrol import _sampler
+
+    config = MemControlConfig(trials=8)
+    assert config.population_size() == 4 and MemControlConfig(trials=2).population_size() == 2
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=_sampler(config))
+    for done in range(8):  # as run_memcontrol does: a new sampler every trial, seeded by the trials done
+        study.sampler = _sampler(config, done)
+        study.optimize(
+            lambda t: (t.suggest_float("x", 0, 1), 1 - t.suggest_float("x", 0, 1) ** 2), n_trials=1
+        )
+    generations = [t.system_attrs.get("NSGAIISampler:generation") for t in study.trials]
+    assert generations == [0, 0, 0, 0, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="--population: expected an integer >= 2"):
+        MemControlConfig(population=1).check()
+
+
+def test_a_search_with_measured_objectives_records_each_trials_own_values(tmp_path, organism):
+    """replication + caption-fidelity: each trial's values are the metrics of the model it saved."""
+    from diffmem.modelio import load_pipeline
+
+    _, verbatim = organism
+    captions = ["a red circle", "a blue square"]
+    config = MemControlConfig(trials=1, sampler="random", memorization="replication", quality="caption-fidelity",
+                              generations=1, fidelity_generations=2, inference_steps=5)  # fmt: skip
+    inner = TrainConfig(steps=2, batch_size=2, mode="lora")
+    result = run_memcontrol(None, verbatim, verbatim, verbatim, tmp_path, config, inner, progress=False,
+                            fidelity_captions=captions)  # fmt: skip
+    assert result["objectives"] == {"memorization": "replication", "quality": "caption-fidelity"}
+    (trial,) = result["trials"]
+    trained = load_pipeline(trial["model"])
+    assert trial["memorization"] == replication_metric(trained, verbatim, 0, 1, 5)
+    assert trial["quality_loss"] == pytest.approx(fidelity_metric(trained, captions, 0, 2, 5))
+    settings = json.loads((tmp_path / "memcontrol.json").read_text())
+    assert settings["fidelity_captions"] == captions and "population" not in settings["search"]
+    with pytest.raises(ValueError, match="--fidelity-captions: caption 1"):
+        run_memcontrol(None, verbatim, verbatim, verbatim, tmp_path / "b", config, inner, progress=False,
+                       fidelity_captions=["not a colour caption"])  # fmt: skip

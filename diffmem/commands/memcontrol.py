@@ -8,9 +8,9 @@ from diffmem.commands.options import DATA_HELP, add_data_column_arguments
 
 NAME = "memcontrol"
 HELP = (
-    "MemControl (Dutt et al., WACV 2025): an Optuna search (2 objectives: memorization noise gap on the "
-    "memorized rows, denoising loss on held-out data) over UNet transformer-block masks, each trial a short "
-    "fine-tune of the masked blocks; resumable (SQLite); writes pareto.json and trainable_blocks.json."
+    "MemControl (Dutt et al., WACV 2025): an Optuna search (2 objectives: memorization of the memorized rows, "
+    "quality on held-out data) over UNet transformer-block masks, each trial a short fine-tune of the masked "
+    "blocks; resumable (SQLite); writes pareto.json and trainable_blocks.json."
 )
 
 
@@ -33,13 +33,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memorization",
         default="noise-gap",
-        help="the memorization objective: noise-gap (MemControl's, on the memorized rows' latents) or a detector "
+        help="the memorization objective: noise-gap (MemControl's, on the memorized rows' latents), replication "
+        "(measured: share of generations from the memorized captions that copy their own image) or a detector "
         "of the registry (diffmem detect --detector) run at generation on the memorized captions (e.g. wen)",
     )
     p.add_argument(
-        "--generations", type=int, default=4, help="a detector's generations per memorized caption"
+        "--quality",
+        choices=("heldout-loss", "caption-fidelity"),
+        default="heldout-loss",
+        help="the quality objective: the denoising loss on --heldout, or one minus the caption fidelity of "
+        "generations from --fidelity-captions (the organism's caption classifier)",
     )
-    p.add_argument("--inference-steps", type=int, default=25, help="a detector's sampling steps")
+    p.add_argument(
+        "--fidelity-captions",
+        default=None,
+        help="text file, one 'a <colour> <shape>' caption a line, for --quality caption-fidelity "
+        "(default: the captions of --heldout)",
+    )
+    p.add_argument(
+        "--generations",
+        type=int,
+        default=4,
+        help="generations per memorized caption (replication, a detector)",
+    )
+    p.add_argument(
+        "--fidelity-generations", type=int, default=1, help="generations per caption of caption-fidelity"
+    )
+    p.add_argument("--inference-steps", type=int, default=25, help="sampling steps of those objectives")
+    p.add_argument(
+        "--population", type=int, default=None, help="NSGA-II's population (default: half the trials)"
+    )
     p.add_argument("--lr-low", type=float, default=1e-5)
     p.add_argument("--lr-high", type=float, default=1e-3)
     p.add_argument(
@@ -52,6 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffmem.commands.prune import read_prompts
     from diffmem.commands.train import check_paths_exist, load_data, train_config
     from diffmem.modelio import load_pipeline, stock_pipeline_class
     from diffmem.train.memcontrol import MemControlConfig, run_memcontrol
@@ -59,10 +83,13 @@ def run(args: argparse.Namespace) -> int:
 
     config = MemControlConfig(
         trials=args.trials, sampler=args.sampler, lr_low=args.lr_low, lr_high=args.lr_high, seed=args.seed,
-        memorization=args.memorization, generations=args.generations, inference_steps=args.inference_steps,
+        memorization=args.memorization, quality=args.quality, generations=args.generations,
+        fidelity_generations=args.fidelity_generations, inference_steps=args.inference_steps,
+        population=args.population,
     )  # fmt: skip
     config.check()
     check_paths_exist(args, "data", "heldout")
+    fidelity_captions = read_prompts(args.fidelity_captions, "--fidelity-captions") or None
     args.lora = not args.full
     inner = train_config(args)
     inner.check()
@@ -75,9 +102,10 @@ def run(args: argparse.Namespace) -> int:
     memorized = data.subset(rows, f"{args.data} ({args.memorized_column})")
     heldout = load_training_data(args.heldout, data.pixels.shape[1])
     result = run_memcontrol(
-        args.model, data, memorized, heldout, args.out, config, inner, progress=not args.no_progress
-    )
-    print(f"Pareto front (memorization: {args.memorization}, held-out denoising loss):")
+        args.model, data, memorized, heldout, args.out, config, inner, progress=not args.no_progress,
+        fidelity_captions=fidelity_captions,
+    )  # fmt: skip
+    print(f"Pareto front (memorization: {args.memorization}, quality: {args.quality}, both minimised):")
     for t in result["front"]:
         mark = " <- chosen" if t["number"] == result["chosen"]["number"] else ""
         print(

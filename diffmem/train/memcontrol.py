@@ -4,12 +4,20 @@ Outer loop: an Optuna study with two objectives, both minimised, over a binary m
 transformer blocks (one ``suggest_int(block, 0, 1)`` each, the paper's ``auto_attention`` space; at least one
 block on) and the learning rate (log-uniform in ``[lr_low, lr_high]``, the paper's ``[1e-5, 1e-3]``):
 
-- memorization, MemControl's (Wen et al.'s noise gap on the memorization set, with training images):
-  ``m = mean_i || eps(z_t,i, t_i, c_i) - eps(z_t,i, t_i, empty) ||_2``, ``z_t`` from the memorized rows'
-  latents at seeded ``t`` and noise (the same draws for every trial); or (``memorization=<detector>``) a
-  detector of the harness's registry at generation time on the memorized captions (:func:`detector_metric`);
-- quality: the denoising loss on held-out data ``mean_i || eps - eps_theta(z_t,i, t_i, c_i) ||^2`` (seeded
-  draws; the paper uses FID).
+- memorization (``memorization=``): ``noise-gap``, MemControl's (Wen et al.'s noise gap on the memorization
+  set, with training images): ``m = mean_i || eps(z_t,i, t_i, c_i) - eps(z_t,i, t_i, empty) ||_2``, ``z_t``
+  from the memorized rows' latents at seeded ``t`` and noise (the same draws for every trial);
+  ``replication``, measured: the share of generations from the memorized captions that copy their own
+  training image (:func:`replication_metric`, the project's one replication criterion); or a detector of
+  the harness's registry at generation time on the memorized captions (:func:`detector_metric`);
+- quality (``quality=``): ``heldout-loss``, the denoising loss on held-out data
+  ``mean_i || eps - eps_theta(z_t,i, t_i, c_i) ||^2`` (seeded draws); or ``caption-fidelity``, one minus the
+  share of generations from held-out captions that the organism's caption classifier reads as named
+  (:func:`fidelity_metric`). The paper uses FID, which needs Inception weights (not available offline).
+
+The paper's sampler is Optuna's default NSGA-II, whose first generation (50 trials) is random: with its 10
+trials the paper's search is a random search. Here NSGA-II's population is ``population`` (default half the
+trials), so the second half of a search is bred from the first.
 
 Inner loop: :func:`diffmem.train.text_to_image.train_text_to_image` of the masked blocks (LoRA by default).
 The study lives in SQLite (``study.db``) and each trial's fine-tune in ``trials/<hash of its parameters>``,
@@ -42,15 +50,24 @@ from diffmem.train.text_to_image import (
 )
 
 __all__ = [
+    "MEMORIZATION_OBJECTIVES",
+    "QUALITY_OBJECTIVES",
     "MemControlConfig",
     "data_noise_gaps",
     "detector_metric",
+    "fidelity_metric",
     "memorization_metric",
+    "replication_metric",
     "run_memcontrol",
     "validation_loss",
 ]
 
 STUDY_NAME = "memcontrol"
+#: the memorization objectives besides the registry's detectors, and the quality objectives
+MEMORIZATION_OBJECTIVES = ("noise-gap", "replication")
+QUALITY_OBJECTIVES = ("heldout-loss", "caption-fidelity")
+#: classifier-free guidance of the objectives that generate (evaluate_finetune's default)
+GUIDANCE_SCALE = 7.5
 
 
 @dataclass(frozen=True)
@@ -62,25 +79,42 @@ class MemControlConfig:
     lr_low: float = 1e-5
     lr_high: float = 1e-3
     seed: int = 0
-    memorization: str = "noise-gap"  # or a detector of the registry (diffmem.detectors), e.g. "wen"
-    generations: int = 4  # a detector's generations per memorized caption
-    inference_steps: int = 25  # a detector's sampling steps
+    memorization: str = "noise-gap"  # "replication", or a registry detector, e.g. "wen"
+    quality: str = "heldout-loss"  # or "caption-fidelity"
+    generations: int = 4  # generations per memorized caption (replication, a detector)
+    fidelity_generations: int = 1  # generations per caption of caption-fidelity
+    inference_steps: int = 25  # the sampling steps of the objectives that generate
+    population: int | None = None  # NSGA-II's population (default: half the trials, at least 2)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def generates(self) -> bool:
+        """Whether an objective generates images (``generations`` and ``inference_steps`` matter)."""
+        return self.memorization != "noise-gap" or self.quality == "caption-fidelity"
+
+    def population_size(self) -> int:
+        return self.population if self.population is not None else max(2, self.trials // 2)
 
     def check(self) -> None:
         from diffmem.detectors import available_detectors
 
         if self.trials < 1 or not 0 < self.lr_low <= self.lr_high:
             raise ValueError("--trials must be at least 1 and 0 < --lr-low <= --lr-high")
-        choices = ("noise-gap", *available_detectors())
+        choices = (*MEMORIZATION_OBJECTIVES, *available_detectors())
         if self.memorization not in choices:
             raise ValueError(
                 f"--memorization: expected one of {', '.join(choices)}, got {self.memorization!r}"
             )
-        if self.generations < 1 or self.inference_steps < 1:
-            raise ValueError("--generations and --inference-steps must be at least 1")
+        if self.quality not in QUALITY_OBJECTIVES:
+            raise ValueError(
+                f"--quality: expected one of {', '.join(QUALITY_OBJECTIVES)}, got {self.quality!r}"
+            )
+        if min(self.generations, self.fidelity_generations, self.inference_steps) < 1:
+            raise ValueError("--generations, --fidelity-generations and --inference-steps must be at least 1")
+        if self.population is not None and self.population < 2:
+            raise ValueError(f"--population: expected an integer >= 2, got {self.population!r}")
 
 
 def _draws(latents: torch.Tensor, scheduler, seed: int, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +178,86 @@ def detector_metric(
     return float(scores.float().mean())
 
 
+def _generate(pipe, captions: list[str], generations: int, seed: int, inference_steps: int) -> torch.Tensor:
+    """``generations`` images of each caption, ``[len(captions) * generations, 3, H, W]`` in [0, 1],
+    caption-major; generation ``j`` of caption ``c`` from ``item_generator(seed, c, j)``
+    (:func:`diffmem.detect.initial_latents`, the noise every evaluation of the project draws)."""
+    import numpy as np
+
+    from diffmem.detect import initial_latents
+
+    pipe.set_progress_bar_config(disable=True)
+    batch = max(1, 32 // generations)
+    images = []
+    for b in range(0, len(captions), batch):
+        chunk = captions[b : b + batch]
+        latents = initial_latents(pipe, chunk, generations, seed)
+        with torch.no_grad():
+            out = pipe(
+                chunk, num_images_per_prompt=generations, num_inference_steps=inference_steps,
+                guidance_scale=GUIDANCE_SCALE, latents=latents.to(pipe._execution_device, pipe.unet.dtype),
+                output_type="np",
+            )  # fmt: skip
+        images.append(torch.from_numpy(np.asarray(out.images, dtype=np.float32)).permute(0, 3, 1, 2))
+    return torch.cat(images)
+
+
+def replication_metric(
+    pipe, memorized: TrainingData, seed: int = 0, generations: int = 4, inference_steps: int = 25
+) -> float:
+    """Measured replication on the memorization set: the share of the ``generations`` generations of each
+    distinct memorized caption whose SSIM to one of that caption's own training images is at least
+    :data:`~diffmem.organism.replication.REPLICATION_THRESHOLD` (:func:`~diffmem.organism.replication.replicates`,
+    Somepalli et al., CVPR 2023's copy criterion as the project defines it)."""
+    from diffmem.organism.replication import replicates
+
+    own: dict[str, dict[str, int]] = {}  # caption -> its distinct images (first row of each)
+    for i, (caption, image_id) in enumerate(zip(memorized.captions, memorized.image_ids)):
+        own.setdefault(caption, {}).setdefault(image_id, i)
+    captions = list(own)
+    images = _generate(pipe, captions, generations, seed, inference_steps)
+    reference = torch.from_numpy(memorized.pixels).permute(0, 3, 1, 2).float() / 255.0
+    if tuple(images.shape[-2:]) != tuple(reference.shape[-2:]):
+        raise ValueError(
+            f"{memorized.source}: images are {reference.shape[-2]}x{reference.shape[-1]} px but the model "
+            f"generates {images.shape[-2]}x{images.shape[-1]} px; give the data at the model's size"
+        )
+    copied = []
+    for k, caption in enumerate(captions):
+        gens = images[k * generations : (k + 1) * generations]
+        hits = torch.stack([replicates(gens, reference[i : i + 1]) for i in own[caption].values()])
+        copied += hits.any(0).tolist()
+    return float(sum(copied) / len(copied))
+
+
+def fidelity_metric(
+    pipe, captions: list[str], seed: int = 0, generations: int = 1, inference_steps: int = 25, classifier=None
+) -> float:
+    """One minus caption fidelity (:func:`diffmem.organism.fidelity.caption_fidelity`: the share of the
+    generations of ``captions``, "a <colour> <shape>", whose colour and shape the caption classifier reads as
+    named; ``classifier`` default ``weights/diffmem-caption-classifier``), so lower is better."""
+    from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
+
+    check_fidelity_captions(captions)
+    classifier = classifier if classifier is not None else load_caption_classifier()
+    images = _generate(pipe, list(captions), generations, seed, inference_steps)
+    labels = [c for c in captions for _ in range(generations)]
+    return 1.0 - caption_fidelity(classifier, images, labels).both
+
+
+def check_fidelity_captions(captions: list[str], argument: str = "--fidelity-captions") -> None:
+    """Refuse, in one line naming ``argument``, an empty list or a caption the classifier cannot read."""
+    from diffmem.organism.fidelity import parse_caption
+
+    if not captions:
+        raise ValueError(f"{argument}: no caption for the caption-fidelity objective")
+    for i, caption in enumerate(captions):
+        try:
+            parse_caption(caption)
+        except ValueError as err:
+            raise ValueError(f"{argument}: caption {i + 1}: {err}") from None
+
+
 def validation_loss(pipe, data: TrainingData, seed: int = 0, batch: int = 32) -> float:
     """The epsilon (or v) denoising loss on held-out ``data`` with seeded draws (the quality objective)."""
     from diffusers import DDPMScheduler
@@ -177,7 +291,10 @@ def _sampler(config: MemControlConfig, seed: int | None = None):
     }
     if config.sampler not in samplers:
         raise ValueError(f"--sampler: expected one of {', '.join(samplers)}, got {config.sampler!r}")
-    return samplers[config.sampler](seed=config.seed if seed is None else seed)
+    seed = config.seed if seed is None else seed
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=config.population_size(), seed=seed)
+    return samplers[config.sampler](seed=seed)
 
 
 def _trial_dir(out: Path, params: dict) -> Path:
@@ -195,13 +312,15 @@ def run_memcontrol(
     inner: TrainConfig | None = None,
     progress: bool = True,
     device: str | None = None,
+    fidelity_captions: list[str] | None = None,
 ) -> dict:
     """Run (or resume) the search; returns ``{"front": [...], "chosen": {...}, "trials": [...]}``.
 
     ``train_data`` is what each trial fine-tunes on, ``memorized`` its memorization set (e.g. the duplicated
-    rows), ``heldout`` the quality data; ``inner`` the fine-tune's settings (its lr and blocks are searched);
-    ``device`` where the objectives run (the fine-tunes: accelerate's device). One process: a multi-process
-    launch would add every rank's trials to one study, so it is refused.
+    rows), ``heldout`` the quality data (``heldout-loss``); ``fidelity_captions`` the captions of the
+    ``caption-fidelity`` objective (default: ``heldout``'s); ``inner`` the fine-tune's settings (its lr and
+    blocks are searched); ``device`` where the objectives run (the fine-tunes: accelerate's device). One
+    process: a multi-process launch would add every rank's trials to one study, so it is refused.
     """
     import optuna
 
@@ -219,12 +338,28 @@ def run_memcontrol(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     search = {k: v for k, v in config.to_dict().items() if k != "trials"}  # --trials may grow on resume
-    if config.memorization == "noise-gap":  # the detector's settings mean nothing here
-        search = {k: v for k, v in search.items() if k not in ("generations", "inference_steps")}
-    settings = json.loads(json.dumps({
+    used = {
+        "generations": config.memorization != "noise-gap",
+        "fidelity_generations": config.quality == "caption-fidelity",
+        "inference_steps": config.generates,
+        "population": config.sampler == "nsga2",
+    }
+    search = {k: v for k, v in search.items() if used.get(k, True)}  # settings that mean nothing here: out
+    settings = {
         "model": str(model), "search": search, "inner": inner.to_dict(), "data": train_data.describe(),
         "memorized": memorized.describe(), "heldout": heldout.describe(),
-    }))  # fmt: skip
+    }  # fmt: skip
+    if config.quality == "caption-fidelity":
+        where = "--fidelity-captions"
+        if fidelity_captions is None:
+            fidelity_captions, where = (
+                heldout.captions,
+                f"--heldout {heldout.source} (--fidelity-captions not given)",
+            )
+        fidelity_captions = list(fidelity_captions)
+        check_fidelity_captions(fidelity_captions, where)
+        settings["fidelity_captions"] = fidelity_captions
+    settings = json.loads(json.dumps(settings))
     settings_file = out / "memcontrol.json"
     if settings_file.is_file() and json.loads(settings_file.read_text(encoding="utf-8")) != settings:
         raise ValueError(
@@ -250,11 +385,28 @@ def run_memcontrol(
     base = load_pipeline(model, stock_pipeline_class(model), device=device)
     blocks = transformer_blocks(base.unet)
 
+    generation = dict(
+        seed=config.seed, generations=config.generations, inference_steps=config.inference_steps
+    )
+
     def memorization(pipe) -> float:
         if config.memorization == "noise-gap":
             return memorization_metric(pipe, memorized, config.seed)
-        return detector_metric(pipe, memorized.captions, config.memorization, config.seed, config.generations,
-                               config.inference_steps)  # fmt: skip
+        if config.memorization == "replication":
+            return replication_metric(pipe, memorized, **generation)
+        return detector_metric(pipe, memorized.captions, config.memorization, **generation)
+
+    classifier = None
+    if config.quality == "caption-fidelity":
+        from diffmem.organism.fidelity import load_caption_classifier
+
+        classifier = load_caption_classifier()
+
+    def quality(pipe) -> float:
+        if config.quality == "heldout-loss":
+            return validation_loss(pipe, heldout, config.seed)
+        return fidelity_metric(pipe, fidelity_captions, config.seed, config.fidelity_generations,
+                               config.inference_steps, classifier)  # fmt: skip
 
     def objective(trial) -> tuple[float, float]:
         mask = [trial.suggest_int(b, 0, 1) for b in blocks]
@@ -276,7 +428,7 @@ def run_memcontrol(
         if device is not None:
             pipe.to(device)  # the saved pipeline is left on the CPU
         pipe.unet.eval()
-        values = memorization(pipe), validation_loss(pipe, heldout, config.seed)
+        values = memorization(pipe), quality(pipe)
         # the fine-tune's own record counts its time over every resume of it
         train_seconds = json.loads((Path(folder) / TRAIN_RECORD).read_text(encoding="utf-8"))["run"][
             "seconds"
@@ -293,10 +445,7 @@ def run_memcontrol(
         # the sampler is seeded by how many trials are done: a resumed search draws what an uninterrupted one would
         study.sampler = _sampler(config, derive_seed(config.seed, "memcontrol-sampler", done()) % 2**32)
         study.optimize(objective, n_trials=1, catch=())
-    baseline = (
-        memorization(base),
-        validation_loss(base, heldout, config.seed),
-    )
+    baseline = memorization(base), quality(base)
     trials = [
         {
             "number": t.number,
@@ -332,6 +481,7 @@ def run_memcontrol(
         objectives={"memorization": chosen["memorization"], "quality_loss": chosen["quality_loss"]},
     )
     result = {
+        "objectives": {"memorization": config.memorization, "quality": config.quality},
         "baseline": {"memorization": baseline[0], "quality_loss": baseline[1]},
         "front": front,
         "chosen": chosen,

@@ -12,9 +12,12 @@ or in what it trains; each fine-tuned folder is then measured by
   Somepalli et al.'s family each at the authors' settings (``--trainspecial randrepl`` / ``randwordadd`` with
   ``--trainspecial_prob 0.1``, ``--rand_noise_lam 0.1``);
 - ``lora``: LoRA on the default targets of every block, the PEFT baseline of MemControl's row;
-- ``memcontrol``: LoRA on MemControl's chosen blocks at its chosen learning rate
-  (:func:`diffmem.train.memcontrol.run_memcontrol`, its trials short LoRA fine-tunes on the same data, the
-  memorization set the duplicated rows, the quality set held-out renderings written from ``heldout_seed``).
+- ``memcontrol``: MemControl's chosen blocks at its chosen learning rate, trained as its trials were
+  (``memcontrol_mode``: ``lora``, or ``full``, the blocks' own weights, the paper's ``auto_attention``)
+  (:func:`diffmem.train.memcontrol.run_memcontrol`, its trials short fine-tunes on the same data, the
+  memorization set the duplicated rows, the quality set held-out renderings written from ``heldout_seed``
+  for ``heldout-loss``, or the set's generic and held-out captions for ``caption-fidelity``: the captions the
+  evaluation reads too, so give the search its own ``memcontrol.seed`` to keep their noise apart).
 
 ``wen-filter``'s threshold is fixed before any fine-tune: Wen et al. set ``tau`` where prompts that are not
 memorized stay below it, so here ``tau`` is the ``tau_quantile`` quantile of the pretrained model's noise
@@ -80,7 +83,8 @@ class StudyConfig:
     mitigation_options: dict = field(default_factory=dict)  # row -> parameters over MITIGATION_ROWS' defaults
     tau_quantile: float = 0.95
     memcontrol: MemControlConfig = field(default_factory=MemControlConfig)
-    memcontrol_steps: int = 200  # each trial's LoRA fine-tune
+    memcontrol_steps: int = 200  # each trial's fine-tune
+    memcontrol_mode: str = "lora"  # or "full": the chosen blocks' own weights (the paper's auto_attention)
     heldout_images: int = 64
     heldout_seed: int = 7
     evaluation: dict = field(default_factory=lambda: {"seeds_per_caption": 4, "num_inference_steps": 25})
@@ -109,6 +113,8 @@ class StudyConfig:
             raise ValueError(
                 f"evaluation: unknown {', '.join(bad)}; expected some of {', '.join(EVALUATION_KEYS)}"
             )
+        if self.memcontrol_mode not in ("lora", "full"):
+            raise ValueError(f"memcontrol_mode: expected lora or full, got {self.memcontrol_mode!r}")
         if not 0.0 < self.tau_quantile <= 1.0:
             raise ValueError(f"tau_quantile: expected a number in (0, 1], got {self.tau_quantile!r}")
         for name in ("memcontrol_steps", "heldout_images"):
@@ -317,17 +323,18 @@ def run_mitigation_study(
                 image_size=size,
             )  # fmt: skip
             heldout = load_training_data(heldout_dir, size, group_column="image_id")
-            inner = replace(config.train, steps=config.memcontrol_steps, mode="lora")
-            log(f"memcontrol: {config.memcontrol.trials} trials of {inner.steps} LoRA steps")
+            mode = config.memcontrol_mode
+            inner = replace(config.train, steps=config.memcontrol_steps, mode=mode)
+            log(f"memcontrol: {config.memcontrol.trials} trials of {inner.steps} {mode} steps")
             search = run_memcontrol(
                 model, data, memorized, heldout, workdir / "memcontrol", config.memcontrol, inner, progress,
-                device=device,
+                device=device, fidelity_captions=truth.finetune.generic_captions + truth.finetune.heldout_captions,
             )  # fmt: skip
             results["memcontrol"] = search
             chosen = search["chosen"]
             folders[name] = trained(
                 name,
-                replace(config.train, mode="lora", trainable_blocks=tuple(chosen["blocks"]), lr=chosen["lr"]),
+                replace(config.train, mode=mode, trainable_blocks=tuple(chosen["blocks"]), lr=chosen["lr"]),
             )
     for name, folder in folders.items():
         path = workdir / name / "evaluation.json"
