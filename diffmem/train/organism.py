@@ -32,6 +32,7 @@ from diffmem.organism.data import OrganismData, build_organism_data
 from diffmem.organism.recipe import RECIPE_FILE, OrganismRecipe
 from diffmem.seeding import derive_seed, item_generator
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffmem.train.text_to_image import batch_indices
 
 
 def build_organism_components(recipe: OrganismRecipe) -> dict:
@@ -85,17 +86,6 @@ def _lr_lambda(total: int, warmup: int):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-def _batch_indices(n: int, batch: int, step: int, seed: int, phase: str) -> torch.Tensor:
-    """Sample indices of ``step``: consecutive slices of per-epoch permutations (seeded by epoch)."""
-    start = step * batch
-    out = []
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=item_generator(seed, phase, "epoch", epoch))
-        out.extend(perm[offset : offset + batch - len(out)].tolist())
-    return torch.tensor(out)
 
 
 class _Progress:
@@ -329,7 +319,7 @@ def train_organism(
 
         def vae_step(step: int) -> torch.Tensor:
             g = item_generator(seed, "vae", "step", step)
-            idx = samples[_batch_indices(len(samples), recipe.vae_batch, step, seed, "vae")]
+            idx = samples[batch_indices(len(samples), recipe.vae_batch, step, seed, "vae")[0]]
             x = images[idx]
             offs = torch.randint(0, recipe.image_size - crop + 1, (len(idx), 2), generator=g)
             x = torch.stack([xi[:, a : a + crop, b : b + crop] for xi, (a, b) in zip(x, offs.tolist())])
@@ -384,7 +374,7 @@ def train_organism(
 
         def decoder_step(step: int) -> torch.Tensor:
             g = item_generator(seed, "decoder", "step", step)
-            idx = samples[_batch_indices(len(samples), recipe.vae_batch, step, seed, "decoder")].tolist()
+            idx = samples[batch_indices(len(samples), recipe.vae_batch, step, seed, "decoder")[0]].tolist()
             offs = torch.randint(0, latents.shape[-1] - lcrop + 1, (len(idx), 2), generator=g).tolist()
             z = torch.stack([latents[i, :, a : a + lcrop, b : b + lcrop] for i, (a, b) in zip(idx, offs)])
             x = torch.stack(
@@ -429,7 +419,7 @@ def train_organism(
 
     def unet_step(step: int) -> torch.Tensor:
         g = item_generator(seed, "unet", "step", step)
-        idx = samples[_batch_indices(len(samples), recipe.unet_batch, step, seed, "unet")]
+        idx = samples[batch_indices(len(samples), recipe.unet_batch, step, seed, "unet")[0]]
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)

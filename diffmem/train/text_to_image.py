@@ -222,13 +222,16 @@ def load_training_data(
     return TrainingData(stack, captions, row_ids, image_ids, str(path), bad)
 
 
-def batch_indices(n: int, batch: int, step: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_indices(
+    n: int, batch: int, step: int, seed: int, scope: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``step``'s batch and the epoch of each: consecutive slices of per-epoch permutations (from
-    ``(seed, epoch)``), so the row order does not depend on the batch size."""
+    ``(seed, scope, epoch)``), so the row order does not depend on the batch size. The organism's training
+    draws its batches here too, one ``scope`` per phase."""
     start, rows, epochs = step * batch, [], []
     while len(rows) < batch:
         epoch, offset = divmod(start + len(rows), n)
-        perm = torch.randperm(n, generator=item_generator(seed, "train", "epoch", epoch))
+        perm = torch.randperm(n, generator=item_generator(seed, scope, "epoch", epoch))
         take = perm[offset : offset + batch - len(rows)].tolist()
         rows.extend(take)
         epochs.extend([epoch] * len(take))
