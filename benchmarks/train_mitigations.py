@@ -140,14 +140,13 @@ def main() -> None:
     data = build_set_once(
         out / "finetune", n_images=args.images, duplicated=args.duplicated, repeats=args.repeats, seed=0
     )
+    wen_tau = {} if args.wen_filter_tau is None else {"wen-filter": {"tau": args.wen_filter_tau}}
     config = StudyConfig(
         train=TrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, checkpoint_every=200, seed=0
         ),
         rows=tuple(args.rows),
-        mitigation_options={}
-        if args.wen_filter_tau is None
-        else {"wen-filter": {"tau": args.wen_filter_tau}},
+        mitigation_options=wen_tau,
         memcontrol=MemControlConfig(
             trials=args.trials,
             seed=args.memcontrol_seed,
@@ -155,7 +154,7 @@ def main() -> None:
             quality=args.quality,
             generations=args.objective_generations,
             fidelity_generations=args.objective_generations,
-        ),  # fmt: skip
+        ),
         memcontrol_steps=args.memcontrol_steps,
         memcontrol_mode=args.memcontrol_mode,
         evaluation={"seeds_per_caption": args.seeds_per_caption, "num_inference_steps": 25},
