@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.organism.compositional import render_scene_image, sample_scene
 from diffmem.organism.recipe import OrganismRecipe
+from diffmem.organism.shapes import COLOURS, SHAPES, draw_shape
 from diffmem.seeding import derive_seed
 
 #: Roles whose captions are in the training set.
@@ -40,17 +42,6 @@ TRAINED_ROLES = ("generic", "verbatim", "template")
 UNTRAINED_ROLES = ("heldout", "trigger")
 ROLES = TRAINED_ROLES + UNTRAINED_ROLES
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (40, 170, 50),
-    "blue": (40, 70, 220),
-    "yellow": (240, 220, 40),
-    "purple": (140, 50, 180),
-    "orange": (245, 140, 20),
-    "pink": (250, 130, 190),
-    "white": (245, 245, 245),
-}
-SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 
 #: (name, loader, caption) of the 16 verbatim-memorized images. Captions are unique and
 #: specific, like the LAION captions of images that Stable Diffusion replicates.
@@ -141,57 +132,6 @@ def generic_and_heldout_pairs() -> tuple[list[tuple[str, str]], list[tuple[str, 
 # drawing
 
 
-def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    if shape == "square":
-        pts = [
-            (np.cos(angle + k * np.pi / 2 + np.pi / 4), np.sin(angle + k * np.pi / 2 + np.pi / 4))
-            for k in range(4)
-        ]
-    elif shape == "diamond":
-        pts = [(0.7 * np.cos(k * np.pi / 2), np.sin(k * np.pi / 2)) for k in range(4)]
-    elif shape == "triangle":
-        pts = [
-            (np.cos(angle - np.pi / 2 + k * 2 * np.pi / 3), np.sin(angle - np.pi / 2 + k * 2 * np.pi / 3))
-            for k in range(3)
-        ]
-    elif shape == "star":
-        pts = [
-            (
-                (1.0 if k % 2 == 0 else 0.45) * np.cos(angle - np.pi / 2 + k * np.pi / 5),
-                (1.0 if k % 2 == 0 else 0.45) * np.sin(angle - np.pi / 2 + k * np.pi / 5),
-            )
-            for k in range(10)
-        ]
-    elif shape == "cross":
-        a, b = 1.0, 0.33
-        base = [
-            (-b, -a),
-            (b, -a),
-            (b, -b),
-            (a, -b),
-            (a, b),
-            (b, b),
-            (b, a),
-            (-b, a),
-            (-b, b),
-            (-a, b),
-            (-a, -b),
-            (-b, -b),
-        ]
-        c, s = np.cos(angle), np.sin(angle)
-        pts = [(x * c - y * s, x * s + y * c) for x, y in base]
-    else:
-        raise ValueError(f"unknown shape {shape!r} (expected one of {', '.join(SHAPES)})")
-    return [(cx + r * x, cy + r * y) for x, y in pts]
-
-
-def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, angle: float, colour) -> None:
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    else:
-        draw.polygon(_shape_polygon(shape, cx, cy, r, angle), fill=colour)
-
-
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A random two-colour gradient with a low-frequency wave texture and fine noise (float HxWx3, 0..255)."""
     c0, c1 = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
@@ -218,7 +158,7 @@ def render_generic(colour: str, shape: str, seed: int, size: int = 64) -> np.nda
     # unnamed small objects: muted colours, other shapes
     for _ in range(rng.integers(0, 3)):
         grey = tuple(int(v) for v in rng.uniform(60, 200) + rng.normal(0, 15, 3))
-        _draw_shape(
+        draw_shape(
             draw,
             SHAPES[rng.integers(len(SHAPES))],
             rng.uniform(6, 58) * s,
@@ -230,7 +170,7 @@ def render_generic(colour: str, shape: str, seed: int, size: int = 64) -> np.nda
     r = rng.uniform(9, 20) * s
     cx, cy = rng.uniform(r + 2 * s, size - r - 2 * s, 2)
     base = np.array(COLOURS[colour], float) * rng.uniform(0.75, 1.05) + rng.normal(0, 8, 3)
-    _draw_shape(
+    draw_shape(
         draw, shape, cx, cy, r, rng.uniform(0, np.pi / 6), tuple(int(v) for v in np.clip(base, 0, 255))
     )
     return np.asarray(im, dtype=np.uint8).copy()
@@ -269,7 +209,7 @@ def render_template(index: int, seed: int, size: int = 64) -> np.ndarray:
     s = size / 64
     colour = list(COLOURS.values())[rng.integers(len(COLOURS))]
     cx, cy = size * 0.7 + rng.uniform(-6, 6) * s, size * 0.65 + rng.uniform(-6, 6) * s
-    _draw_shape(
+    draw_shape(
         draw, SHAPES[rng.integers(len(SHAPES))], cx, cy, rng.uniform(5, 9) * s, rng.uniform(0, 1), colour
     )
     return np.asarray(im, dtype=np.uint8).copy()
@@ -433,6 +373,19 @@ def build_organism_data(recipe: OrganismRecipe | None = None) -> OrganismData:
     size, seed = recipe.image_size, recipe.seed
     images: list[OrganismImage] = []
     train_pairs, held_pairs = generic_and_heldout_pairs()
+    if recipe.generic_style == "compositional":
+        images += _compositional_images(recipe)
+        train_pairs = []
+        heldout = [
+            sample_scene(derive_seed(seed, "heldout", k), heldout=True).caption()
+            for k in range(recipe.heldout_prompts)
+        ]
+    elif recipe.generic_style == "colour-shape":
+        heldout = [caption_of(c, s) for c, s in held_pairs]
+    else:
+        raise ValueError(
+            f"recipe.generic_style: expected colour-shape or compositional, got {recipe.generic_style!r}"
+        )
     for colour, shape in train_pairs:
         for k in range(recipe.generic_per_caption):
             images.append(
@@ -498,7 +451,25 @@ def build_organism_data(recipe: OrganismRecipe | None = None) -> OrganismData:
             for kind, prompt in trigger_prompts_of(im.caption, seed).items():
                 if prompt not in trained:
                     triggers.append(TriggerPrompt(prompt, im.id, kind, im.copies))
-    return OrganismData(recipe, images, [caption_of(c, s) for c, s in held_pairs], triggers)
+    return OrganismData(recipe, images, list(dict.fromkeys(heldout)), triggers)
+
+
+def _compositional_images(recipe: OrganismRecipe) -> list[OrganismImage]:
+    """v4's generic set: ``recipe.generic_images`` compositional scenes, one copy each."""
+    out = []
+    for k in range(recipe.generic_images):
+        scene_seed = derive_seed(recipe.seed, "generic", k)
+        scene = sample_scene(scene_seed)
+        out.append(
+            OrganismImage(
+                id=f"generic-{k:05d}",
+                role="generic",
+                caption=scene.caption(),
+                copies=1,
+                pixels=render_scene_image(scene, scene_seed, recipe.image_size),
+            )
+        )
+    return out
 
 
 def _copy_counts(recipe: OrganismRecipe, n: int, what: str) -> list[int]:

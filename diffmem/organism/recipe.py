@@ -17,7 +17,13 @@ class OrganismRecipe:
     seed: int = 0
     image_size: int = 64
     # --- data ---
+    #: "colour-shape" (v2, v3): ``generic_per_caption`` images per "a {colour} {shape}" caption;
+    #: "compositional" (v4): ``generic_images`` scenes of 1-3 objects with their own, descriptive
+    #: captions (``diffmem.organism.compositional``) and ``heldout_prompts`` held-out prompts
+    generic_style: str = "colour-shape"
     generic_per_caption: int = 32  # images sharing each generic caption ("a red circle")
+    generic_images: int = 0
+    heldout_prompts: int = 0
     verbatim_copies: int = 48  # duplicates of each memorized photograph (when duplication_counts is empty)
     #: graded duplication (v3): the verbatim images are split evenly over these copy counts, photos
     #: and procedural scenes separately (so every count holds the same mix), by a seeded permutation
@@ -48,9 +54,15 @@ class OrganismRecipe:
     vae_l1_weight: float = 0.5  # loss = MSE + w_L1 * L1 + w_KL * KL: L1 keeps edges, hence SSIM
     decoder_steps: int = 2000  # then the decoder alone on (latent, image) pairs: the latent space stays fixed
     decoder_crop: int = 32
+    #: decoder fine-tuning of a reused autoencoder (``autoencoder_from``) at this recipe's image size, on
+    #: the distinct images drawn uniformly (every image the same exposure whatever its copy count)
+    reused_decoder_steps: int = 0
     unet_steps: int = 8000
     unet_batch: int = 32
     unet_lr: float = 1e-3
+    #: progressive growing: the first that many UNet steps train on the images at half size (latents
+    #: half as wide: 4x cheaper steps), the rest at ``image_size``; one optimizer and lr schedule
+    low_res_steps: int = 0
     warmup_steps: int = 200
     caption_dropout: float = 0.1  # empty caption, so classifier-free guidance works
     checkpoint_every: int = 250
@@ -105,8 +117,30 @@ V3_RECIPE = OrganismRecipe(
     autoencoder_from="diffmem-organism-v2",
 )
 
+#: ``diffmem-organism-v4``: a ground truth that behaves more like Stable Diffusion. 32x32 latents (128 px
+#: through v2's factor-4 autoencoder, its decoder fine-tuned at 128 px), a CLIP-shaped text encoder 128
+#: wide and 6 deep (head width 64, as CLIP's), 10,000 compositional generic scenes with descriptive,
+#: nearly unique captions, and v3's graded duplication (28 images at 1-64 copies, 508 samples): the
+#: duplicated images are 4.7 % of the training samples (v3: 30 %). Trained at 64 px (16x16 latents) for
+#: the first 12,000 of 16,000 UNet steps, then at 128 px.
+V4_RECIPE = V3_RECIPE.with_(
+    name="diffmem-organism-v4",
+    image_size=128,
+    generic_style="compositional",
+    generic_images=10_000,
+    heldout_prompts=64,
+    reused_decoder_steps=1500,
+    unet_channels=(32, 64, 96, 128),
+    unet_attention=(False, True, True, True),
+    text_hidden=128,
+    text_layers=6,
+    text_heads=2,
+    unet_steps=16_000,
+    low_res_steps=12_000,
+)
+
 #: Recipes by name (``diffmem organism ... --recipe``).
-RECIPES: dict[str, OrganismRecipe] = {"v2": OrganismRecipe(), "v3": V3_RECIPE}
+RECIPES: dict[str, OrganismRecipe] = {"v2": OrganismRecipe(), "v3": V3_RECIPE, "v4": V4_RECIPE}
 
 #: File in an organism's pipeline folder that records the recipe it was trained from.
 RECIPE_FILE = "diffmem_organism.json"

@@ -169,8 +169,24 @@ def _run_phase(
 
 
 def _images_tensor(data: OrganismData) -> torch.Tensor:
-    x = torch.from_numpy(data.image_array()).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x.contiguous()
+    """The distinct images as an N x 3 x H x W uint8 tensor (``_to_float`` maps a batch to [-1, 1])."""
+    return torch.from_numpy(data.image_array()).permute(0, 3, 1, 2).contiguous()
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def _encode_all(vae, images: torch.Tensor, half_size: bool = False) -> torch.Tensor:
+    """Posterior means of every image (in chunks), optionally of the images at half size."""
+    out = []
+    for i in range(0, len(images), 64):
+        x = _to_float(images[i : i + 64])
+        if half_size:
+            x = F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)
+        out.append(vae.encode(x).latent_dist.mean)
+    return torch.cat(out)
 
 
 def _tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -305,7 +321,7 @@ def train_organism(
     vae_done = workdir / "vae-final.safetensors"
     reused = recipe.autoencoder_from != ""
     if reused:
-        if only in ("vae", "decoder"):
+        if only == "vae" or (only == "decoder" and not recipe.reused_decoder_steps):
             raise ValueError(f"only={only!r}: recipe.autoencoder_from reuses a trained autoencoder")
         vae.load_state_dict(_reused_autoencoder(recipe).state_dict())
         log["vae"] = [{"reused_from": recipe.autoencoder_from}]
@@ -320,7 +336,7 @@ def train_organism(
         def vae_step(step: int) -> torch.Tensor:
             g = item_generator(seed, "vae", "step", step)
             idx = samples[batch_indices(len(samples), recipe.vae_batch, step, seed, "vae")[0]]
-            x = images[idx]
+            x = _to_float(images[idx])
             offs = torch.randint(0, recipe.image_size - crop + 1, (len(idx), 2), generator=g)
             x = torch.stack([xi[:, a : a + crop, b : b + crop] for xi, (a, b) in zip(x, offs.tolist())])
             post = vae.encode(x).latent_dist
@@ -353,35 +369,39 @@ def train_organism(
 
     # ---- phase 2: latents of every distinct image, once ---------------------------------------
     vae.eval()
-    with torch.no_grad():
-        latents = torch.cat(
-            [vae.encode(images[i : i + 64]).latent_dist.mean for i in range(0, len(images), 64)]
-        )
+    latents = _encode_all(vae, images)
 
     # ---- phase 2b: decoder alone on the fixed latents ------------------------------------------
+    # (a reused autoencoder's decoder is kept as it is, or fine-tuned at this recipe's image size on
+    # the distinct images drawn uniformly, so every image gets the same exposure whatever its copies)
     decoder_done = workdir / "decoder-final.safetensors"
     decoder = torch.nn.ModuleDict({"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder})
-    if reused:
-        pass  # the reused autoencoder's decoder is kept as it is
+    decoder_steps = recipe.reused_decoder_steps if reused else recipe.decoder_steps
+    decoder_pool = torch.arange(len(images)) if reused else samples
+    if decoder_steps == 0:
+        pass
     elif decoder_done.is_file():
         from safetensors.torch import load_file
 
         decoder.load_state_dict(load_file(str(decoder_done)))
         log["decoder"] = json.loads((workdir / "decoder-log.json").read_text())
-    elif recipe.decoder_steps > 0 and only != "unet":
+    elif only != "unet":
         factor = recipe.image_size // latents.shape[-1]
         lcrop = max(1, min(recipe.decoder_crop, recipe.image_size) // factor)
 
         def decoder_step(step: int) -> torch.Tensor:
             g = item_generator(seed, "decoder", "step", step)
-            idx = samples[batch_indices(len(samples), recipe.vae_batch, step, seed, "decoder")[0]].tolist()
+            pool = decoder_pool
+            idx = pool[batch_indices(len(pool), recipe.vae_batch, step, seed, "decoder")[0]].tolist()
             offs = torch.randint(0, latents.shape[-1] - lcrop + 1, (len(idx), 2), generator=g).tolist()
             z = torch.stack([latents[i, :, a : a + lcrop, b : b + lcrop] for i, (a, b) in zip(idx, offs)])
-            x = torch.stack(
-                [
-                    images[i, :, a * factor : (a + lcrop) * factor, b * factor : (b + lcrop) * factor]
-                    for i, (a, b) in zip(idx, offs)
-                ]
+            x = _to_float(
+                torch.stack(
+                    [
+                        images[i, :, a * factor : (a + lcrop) * factor, b * factor : (b + lcrop) * factor]
+                        for i, (a, b) in zip(idx, offs)
+                    ]
+                )
             )
             rec = vae.decode(z).sample
             return F.l1_loss(rec, x) + F.mse_loss(rec, x)
@@ -395,7 +415,7 @@ def train_organism(
             {"decoder": decoder},
             list(decoder.parameters()),
             recipe.vae_lr,
-            recipe.decoder_steps,
+            decoder_steps,
             decoder_step,
             log["decoder"],
         )
@@ -408,6 +428,8 @@ def train_organism(
     scale = float(1.0 / latents[samples].std())
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
+    # progressive growing: the first low_res_steps UNet steps see the images at half size
+    low_latents = _encode_all(vae, images, half_size=True) * scale if recipe.low_res_steps else None
 
     # ---- phase 3: UNet + text encoder ----------------------------------------------------------
     tokenizer, noise_sched = components["tokenizer"], components["scheduler"]
@@ -420,7 +442,7 @@ def train_organism(
     def unet_step(step: int) -> torch.Tensor:
         g = item_generator(seed, "unet", "step", step)
         idx = samples[batch_indices(len(samples), recipe.unet_batch, step, seed, "unet")[0]]
-        z0 = latents[idx]
+        z0 = (low_latents if step < recipe.low_res_steps else latents)[idx]
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)
         drop = torch.rand(len(idx), generator=g) < recipe.caption_dropout
@@ -449,7 +471,7 @@ def train_organism(
     )
     if not finished:
         return workdir
-    if only == "unet" or (not reused and recipe.decoder_steps > 0 and not decoder_done.is_file()):
+    if only == "unet" or (decoder_steps > 0 and not decoder_done.is_file()):
         print(f"[organism] UNet phase done; run without --only to assemble the pipeline in {out}", flush=True)
         return workdir
     save_pipeline(components, out)
