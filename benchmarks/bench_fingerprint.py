@@ -3,7 +3,7 @@
 Random weights in SD-1.5's architecture (``diffmem.tiny.build_sd15_architecture_pipeline``). Reported
 as ratios against one UNet call of the same run (batch 2, 64x64 latents, i.e. one guided step at
 512 px): the full content hash (``content_fingerprint``, computed once per load), a cached
-``model_fingerprint`` check (every edit validation), ``diffmem.edit.applied`` entered and left on a
+``model_fingerprint`` check (every edit validation), ``diffmem.edits.applied`` entered and left on a
 NeuronSet, and the old names/shapes/input-layers fingerprint it replaces.
 
     .venv/bin/python benchmarks/bench_fingerprint.py [--repeats 3] [--json benchmarks/results/bench_fingerprint.json]
@@ -39,10 +39,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from diffmem.edit import applied
+    from diffmem.edits import NeuronSet, applied
+    from diffmem.fingerprint import content_fingerprint, legacy_fingerprint, model_fingerprint
     from diffmem.hooks.neurons import value_layers
-    from diffmem.localize.neuron_set import NeuronSet
-    from diffmem.modelio import content_fingerprint, legacy_fingerprint, model_fingerprint
     from diffmem.tiny import build_sd15_architecture_pipeline
 
     unet = build_sd15_architecture_pipeline().unet.eval()

@@ -107,7 +107,8 @@ def run_throughput(work: Path, n_captions: int, threads: int) -> dict:
     """First-step scoring vs full generation + search, same model and captions, captions per second."""
     import torch
 
-    from diffmem.modelio import default_model, load_pipeline
+    from diffmem.guard.auto import load_guarded
+    from diffmem.modelio import default_model
     from diffmem.scan.runner import ScanConfig, run_scan
 
     torch.set_num_threads(threads)
@@ -119,7 +120,7 @@ def run_throughput(work: Path, n_captions: int, threads: int) -> dict:
         model = str(work / "tiny")
         if not (Path(model) / "model_index.json").is_file():
             build_tiny_pipeline(seed=0).save_pretrained(model)
-    pipe = load_pipeline(model)
+    pipe = load_guarded(model)
     pipe.set_progress_bar_config(disable=True)
     from PIL import Image
 

@@ -37,9 +37,9 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
 
     from diffmem.attack.dori import DoriConfig
+    from diffmem.edits import NeuronSet
     from diffmem.evaluate.localization import localize_prompts
     from diffmem.evaluate.robustness import RobustnessEvaluation, RobustnessSettings, Target
-    from diffmem.localize.neuron_set import NeuronSet
     from diffmem.modelio import load_pipeline
     from diffmem.organism.data import build_organism_data, generic_and_heldout_pairs, render_generic
     from diffmem.organism.fidelity import load_caption_classifier

@@ -38,7 +38,8 @@ def pareto_numbers(points: dict[int, tuple[float, float]]) -> set[int]:
 
 
 def main() -> None:
-    from diffmem.modelio import load_pipeline, model_resolution
+    from diffmem.guard.auto import load_guarded
+    from diffmem.modelio import model_resolution
     from diffmem.train.memcontrol import validation_loss
     from diffmem.train.text_to_image import load_training_data
 
@@ -54,15 +55,15 @@ def main() -> None:
     settings = json.loads((Path(args.search) / "memcontrol.json").read_text(encoding="utf-8"))
     seed = settings["search"]["seed"] if args.seed is None else args.seed
     trials = search["trials"]
-    heldout = load_training_data(args.heldout, model_resolution(load_pipeline(trials[0]["model"]))[0])
+    heldout = load_training_data(args.heldout, model_resolution(load_guarded(trials[0]["model"]))[0])
     losses = {}
     for t in trials:
-        losses[t["number"]] = validation_loss(load_pipeline(t["model"]), heldout, seed)
+        losses[t["number"]] = validation_loss(load_guarded(t["model"]), heldout, seed)
         print(f"trial {t['number']}: held-out loss {losses[t['number']]:.4f}", flush=True)
     extras = {}
     for item in args.extra:
         name, _, model = item.partition("=")
-        extras[name] = validation_loss(load_pipeline(model or None), heldout, seed)
+        extras[name] = validation_loss(load_guarded(model or None), heldout, seed)
         print(f"{name}: held-out loss {extras[name]:.4f}", flush=True)
     own_front = {t["number"] for t in search["front"]}
     loss_front = pareto_numbers({t["number"]: (t["memorization"], losses[t["number"]]) for t in trials})

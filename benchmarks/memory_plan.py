@@ -86,12 +86,12 @@ def activations(work: Path, archs: list[str], result: dict, path: Path) -> None:
     extrapolated linearly in latent pixels to 512 and 768 px (SDPA keeps attention linear in pixels)."""
 
     from diffmem.benchmark import peak_memory, unet_workloads
+    from diffmem.guard.auto import load_guarded
     from diffmem.io import atomic_write_json
-    from diffmem.modelio import load_pipeline
 
     table = result.setdefault("activations", {})
     for arch in archs:
-        pipe = load_pipeline(model_folder(work, arch))
+        pipe = load_guarded(model_folder(work, arch))
         pipe.set_progress_bar_config(disable=True)
         weights = sum(
             p.numel() * p.element_size()

@@ -70,9 +70,11 @@ def main() -> int:
 
     from diffmem.evaluate.edit_replication import EditReplication
     from diffmem.evaluate.localization import localize_prompts, random_control
+    from diffmem.fingerprint import model_fingerprint
+    from diffmem.guard.auto import load_guarded
     from diffmem.io import atomic_write_json
     from diffmem.localize.nemo import NemoConfig
-    from diffmem.modelio import check_sd_folder, load_pipeline, model_fingerprint
+    from diffmem.modelio import check_sd_folder
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.recipe import recipe_of
     from diffmem.organism.replication import TrainingImages
@@ -83,7 +85,7 @@ def main() -> int:
     recipe = recipe_of(args.model)
     steps = args.steps or recipe.num_inference_steps
     guidance, seed, seeds = recipe.guidance_scale, recipe.seed, args.seeds
-    pipe = load_pipeline(args.model)
+    pipe = load_guarded(args.model)
     pipe.set_progress_bar_config(disable=True)
     data = build_organism_data(recipe)
     training = TrainingImages.from_data(data)

@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy2(hist, Path(model) / "ssim_histogram.png")
     first = results["summary"]["detection"]["first_step"]["verbatim_vs_heldout"]
     if args.write_calibration:
-        from diffmem.modelio import load_pipeline, model_fingerprint
+        from diffmem.fingerprint import model_fingerprint
+        from diffmem.guard.auto import load_guarded
 
-        pipe = load_pipeline(model)
+        pipe = load_guarded(model)
         size = pipe.image_size()
         GuardCalibration(
             memorization_threshold=first["threshold"],

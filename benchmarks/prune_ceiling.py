@@ -28,10 +28,10 @@ def main() -> None:
     from torch import nn
 
     from diffmem.attack.dori import ssim_similarity
-    from diffmem.edit import applied
+    from diffmem.edits import WeightMask, applied
+    from diffmem.fingerprint import model_fingerprint
     from diffmem.io import atomic_write_json
-    from diffmem.localize.prune import WeightMask
-    from diffmem.modelio import load_pipeline, model_fingerprint
+    from diffmem.modelio import load_pipeline
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
     from diffmem.organism.recipe import recipe_of

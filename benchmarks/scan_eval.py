@@ -96,7 +96,8 @@ def main() -> None:
 
     import torch
 
-    from diffmem.modelio import default_model, load_pipeline
+    from diffmem.guard.auto import load_guarded
+    from diffmem.modelio import default_model
     from diffmem.organism.recipe import OrganismRecipe
     from diffmem.scan.runner import ScanConfig, run_scan
 
@@ -108,7 +109,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     table = organism_table(work)
-    pipe = load_pipeline(model)
+    pipe = load_guarded(model)
     pipe.set_progress_bar_config(disable=True)
     common = dict(
         data=str(table),

@@ -166,15 +166,13 @@ def _score(model, manifest, items, out: Path, args, **kwargs):
 
 
 def _nemo_neurons(model, captions_mem, captions_generic, out: Path):
+    from diffmem.edits import NeuronSet
     from diffmem.evaluate.localization import localize_prompts
-    from diffmem.localize.neuron_set import NeuronSet
-    from diffmem.modelio import load_pipeline
+    from diffmem.guard.auto import load_guarded
 
     if out.is_file():
         return NeuronSet.load(out)
-    run = localize_prompts(
-        load_pipeline(model), captions_mem, captions_generic, cache_dir=out.parent / "nemo"
-    )
+    run = localize_prompts(load_guarded(model), captions_mem, captions_generic, cache_dir=out.parent / "nemo")
     union = run.union
     union.info["calibrated_threshold"] = run.threshold
     union.save(out)
@@ -480,7 +478,7 @@ def main(argv=None) -> int:
     verbatim = [it for it in items if it.extra.get("role") == "verbatim"]
     keyed_v = [r for r in read_rows(work / "score-keyed") if r.get("role") == "verbatim"]
     if args.nemo or args.neurons or args.adversarial:
-        from diffmem.localize.neuron_set import NeuronSet
+        from diffmem.edits import NeuronSet
 
         neurons_file = Path(args.neurons) if args.neurons else work / "nemo-neurons.json"
         generic = sorted({it.caption for it in items if it.extra.get("role") == "generic"})

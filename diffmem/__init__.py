@@ -18,9 +18,10 @@ _EXPORTS = {
     "StableDiffusionXLMemGuardPipeline": "diffmem.pipelines",
     "SolidMarkOutpaintPipeline": "diffmem.pipelines",
     "GuardCalibration": "diffmem.guard.calibration",
-    "Edit": "diffmem.edit",
-    "load_edit": "diffmem.edit",
+    "Edit": "diffmem.edits",
+    "load_edit": "diffmem.edits",
     "load_pipeline": "diffmem.modelio",
+    "load_guarded": "diffmem.guard.auto",
     # detection
     "Detector": "diffmem.detectors",
     "get_detector": "diffmem.detectors",
@@ -34,12 +35,12 @@ _EXPORTS = {
     # localization and removal
     "NeMo": "diffmem.localize.nemo",
     "NemoConfig": "diffmem.localize.nemo",
-    "NeuronSet": "diffmem.localize.neuron_set",
-    "WeightMask": "diffmem.localize.prune",
+    "NeuronSet": "diffmem.edits",
+    "WeightMask": "diffmem.edits",
     "value_stats_of": "diffmem.localize.stats",
     "find_weight_mask": "diffmem.localize.prune",
     "localize_prompts": "diffmem.evaluate.localization",
-    "model_fingerprint": "diffmem.modelio",
+    "model_fingerprint": "diffmem.fingerprint",
     # evaluation
     "ReplicationCriterion": "diffmem.scores.replication",
     "evaluate_detectors": "diffmem.evaluate.detection",
@@ -69,7 +70,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs
     from diffmem.detect import calibrate, score_prompts  # noqa: F401
     from diffmem.detectors import Detector, available_detectors, get_detector  # noqa: F401
-    from diffmem.edit import Edit, load_edit  # noqa: F401
+    from diffmem.edits import Edit, load_edit  # noqa: F401
+    from diffmem.guard.auto import load_guarded  # noqa: F401
     from diffmem.guard.calibration import GuardCalibration  # noqa: F401
     from diffmem.mitigations import Mitigation, available_mitigations, get_mitigation  # noqa: F401
     from diffmem.pipelines import (  # noqa: F401

@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 __all__ = [
+    "encode_prompts",
     "expand_unet_kwargs",
     "guidance_batch",
     "is_sdxl",
@@ -25,6 +27,18 @@ __all__ = [
 def is_sdxl(pipe) -> bool:
     """True for a pipeline whose UNet takes SDXL's ``text_time`` micro-conditioning."""
     return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
+    """Text-encoder hidden states ``[n, max_length, dim]`` with max-length padding (all positions kept, as SD does)."""
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
 
 
 @torch.no_grad()
@@ -41,8 +55,6 @@ def prompt_conditioning(pipe, prompts: Sequence[str], repeat: int = 1) -> tuple[
             k: v.repeat_interleave(repeat, dim=0) for k, v in kwargs.get("added_cond_kwargs", {}).items()
         }
         return embeds.repeat_interleave(repeat, dim=0), ({"added_cond_kwargs": added} if added else {})
-    from diffmem.localize.stats import encode_prompts
-
     if not is_sdxl(pipe):
         return encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts), {}
     device = pipe.unet.device

@@ -26,89 +26,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-#: Why a row was set aside. Keys are the ``reason`` of a ``BadRow``.
-REASONS = {
-    "malformed_row": "the line of the metadata file cannot be parsed",
-    "missing_id": "the row has no id",
-    "duplicate_id": "the id appeared on an earlier row (the first one is kept)",
-    "empty_caption": "the caption is missing or only whitespace",
-    "missing_image_path": "the row names no image file",
-    "missing_file": "the image file does not exist",
-    "corrupt_image": "the file is not a readable image",
-    "truncated_image": "the image file ends before its data does",
-    "cmyk_image": "CMYK image (colours would change on conversion; pass convert_modes=True to convert)",
-    "high_bit_depth": "16-bit or float image (pass convert_modes=True to scale it to 8 bits)",
-    "unsupported_mode": "an image mode that has no faithful RGB conversion",
-    "too_large": "the image exceeds PIL's decompression-bomb limit",
-}
+from diffmem.records import CAPTION_COLUMNS, ID_COLUMNS, BadImageError, BadRow, Record, pick_column
 
-ID_COLUMNS = ("id", "key", "image_id", "sample_id")
-CAPTION_COLUMNS = ("caption", "text", "prompt")
 IMAGE_COLUMNS = ("file_name", "image", "image_path", "path", "file", "filepath")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 
-@dataclass(frozen=True)
-class Record:
-    """One usable row: ``image`` is an absolute path, or a member reference into an img2dataset shard
-    (``diffmem.shards``; ``load_rgb`` reads both), or ``None`` for caption-only tables."""
-
-    id: str
-    caption: str
-    image: Path | None
-    row: int  # 0-based position of the row in the source
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """A row set aside, with its reason (a key of ``REASONS``) and a human-readable detail."""
-
-    row: int
-    id: str | None
-    reason: str
-    detail: str
-    source: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "row": self.row,
-            "id": self.id,
-            "reason": self.reason,
-            "detail": self.detail,
-            "source": self.source,
-        }
-
-
-class BadImageError(ValueError):
-    """Raised by ``load_rgb``; ``reason`` is a key of ``REASONS``."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
 # ----------------------------------------------------------------------------------------------- reading
-
-
-def _pick(
-    columns: Iterable[str], wanted: str | None, candidates: tuple[str, ...], what: str, source: str
-) -> str | None:
-    columns = list(columns)
-    if wanted is not None:
-        if wanted not in columns:
-            raise ValueError(f"{source}: no column {wanted!r} for the {what} (columns: {', '.join(columns)})")
-        return wanted
-    for c in candidates:
-        if c in columns:
-            return c
-    return None
 
 
 def _not_utf8(text: str) -> bool:
@@ -243,17 +171,17 @@ def open_dataset(
     base = table.parent
     columns, rows = _iter_table_rows(table)
     source = str(table)
-    cap_col = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", source)
+    cap_col = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", source)
     if cap_col is None and columns:
         raise ValueError(
             f"{source}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}; pass caption_column)"
         )
-    img_col = _pick(columns, image_column, IMAGE_COLUMNS, "image path", source)
+    img_col = pick_column(columns, image_column, IMAGE_COLUMNS, "image path", source)
     if img_col is None and require_image and columns:
         raise ValueError(
             f"{source}: no image column (looked for {', '.join(IMAGE_COLUMNS)}; pass image_column)"
         )
-    id_col = _pick(columns, id_column, ID_COLUMNS, "id", source)
+    id_col = pick_column(columns, id_column, ID_COLUMNS, "id", source)
     return _records(rows, base, source, id_col, cap_col, img_col, require_image, check_files)
 
 

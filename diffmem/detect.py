@@ -23,10 +23,9 @@ __all__ = ["calibrate", "initial_latents", "noise_gap_scores", "score_prompts"]
 
 
 def _is_guarded(pipe) -> bool:
-    """True for diffmem's guarded pipelines (they score the loop themselves, mitigation included)."""
-    from diffmem.guard.pipeline import MemGuardMixin
-
-    return isinstance(pipe, MemGuardMixin)
+    """True for diffmem's guarded pipelines (they score the loop themselves, mitigation included; each
+    names the stock class it wraps)."""
+    return getattr(type(pipe), "stock_pipeline_class", None) is not None
 
 
 def initial_latents(

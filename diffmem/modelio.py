@@ -1,14 +1,14 @@
-"""Find, check and load Stable Diffusion folders; the embedded default model; model fingerprints."""
+"""Find, check and load Stable Diffusion folders; the embedded default model."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
+
+from diffmem.fingerprint import PICKLE_SUFFIXES, adopt_edit_record, fingerprint_loaded, model_fingerprint
 
 #: Components every Stable Diffusion folder must have (``model_index.json`` names them).
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -43,10 +43,6 @@ def required_components(pipeline_class=None) -> tuple[str, ...]:
     optional = set(getattr(pipeline_class, "_optional_components", []))
     required = [name for name in SD_COMPONENTS if name in expected]
     return tuple(required + sorted(n for n in expected if n not in optional and n not in required))
-
-
-#: Weight files that unpickle when loaded (refused unless pickle is allowed explicitly).
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def pickle_allowed(explicit: bool | None = None) -> bool:
@@ -262,12 +258,12 @@ def load_pipeline(
                 "using an untrained tiny model built from configs",
                 stacklevel=2,
             )
-            pipe = build_tiny_pipeline(pipeline_class=pipeline_class or guarded_pipeline_class(None))
+            pipe = build_tiny_pipeline(pipeline_class=pipeline_class or stock_pipeline_class(None))
             return pipe.to(device) if device is not None else pipe
     model = str(model)
     check_device(device)
     if pipeline_class is None:
-        pipeline_class = guarded_pipeline_class(model)
+        pipeline_class = stock_pipeline_class(model)
     allow = pickle_allowed(allow_pickle)
     if looks_local(model):
         check_sd_folder(model, argument, pipeline_class=pipeline_class, allow_pickle=allow)
@@ -285,11 +281,9 @@ def load_pipeline(
             f"{argument}: {model} is not a folder here, and neither the hub nor its local cache has it "
             "(offline, or not downloaded); download it first, or give a local folder"
         ) from err
-    from diffmem.guard.pipeline import MemGuardMixin
-
-    if looks_local(model) and not issubclass(pipeline_class, MemGuardMixin):  # guarded ones do it themselves
-        from diffmem.edit import adopt_edit_record
-
+    if looks_local(model) and not hasattr(
+        pipeline_class, "stock_pipeline_class"
+    ):  # guarded ones do it themselves
         fingerprint_loaded(model, pipe.unet)
         adopt_edit_record(model, pipe.unet)  # an exported edited model keeps its original's identity
     if device is not None:
@@ -320,209 +314,8 @@ def is_sdxl(model: str | os.PathLike | None) -> bool:
     return isinstance(name, str) and "XL" in name
 
 
-def guarded_pipeline_class(model: str | os.PathLike | None):
-    """The guarded pipeline for ``model``: SDXL's when its ``model_index.json`` names an SDXL pipeline."""
-    from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
-
-    return StableDiffusionXLMemGuardPipeline if is_sdxl(model) else StableDiffusionMemGuardPipeline
-
-
-def as_guarded(pipe):
-    """``pipe`` as diffmem's guarded pipeline (SDXL's for a pipeline with two text encoders), sharing its
-    modules (``from_pipe``); a guarded pipeline is returned as it is."""
-    from diffmem.guard.pipeline import MemGuardMixin
-    from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
-
-    if isinstance(pipe, MemGuardMixin):
-        return pipe
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    return (StableDiffusionXLMemGuardPipeline if sdxl else StableDiffusionMemGuardPipeline).from_pipe(pipe)
-
-
 def stock_pipeline_class(model: str | os.PathLike | None):
     """diffusers' own pipeline class for ``model`` (what a trained folder is saved as)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline if is_sdxl(model) else StableDiffusionPipeline
-
-
-#: Prefix of the current fingerprint scheme (every weight); the old one (``legacy_fingerprint``) was 16
-#: hex digits of names, shapes and the input/time layers only.
-FINGERPRINT_PREFIX = "w2-"
-_CACHE_ATTR = "_diffmem_fingerprint"
-
-
-def _state_key(unet: torch.nn.Module) -> tuple:
-    """Identity of the UNet's current weights: each tensor's storage, device, dtype and in-place version."""
-    tensors = list(unet.parameters()) + list(unet.buffers())
-    return tuple((t.data_ptr(), str(t.device), t.dtype, t._version) for t in tensors)
-
-
-def content_fingerprint(unet: torch.nn.Module) -> str:
-    """SHA-256 over every parameter and buffer (names, shapes, values rounded to float16), uncached.
-
-    Rounding to float16 makes a float32 and a float16 load of the same checkpoint agree (diffusers casts
-    with the same rounding). A bfloat16 copy rounds differently: loaded from a folder it gets the
-    fingerprint of the folder's files (:func:`fingerprint_loaded`), built in memory its own.
-    """
-    state = unet.state_dict()
-    return _hash_tensors((name, state[name]) for name in sorted(state))
-
-
-def _hash_tensors(items) -> str:
-    """The ``w2-`` hash of ``(name, tensor)`` pairs in the order given (names, shapes, float16-rounded values)."""
-    h = hashlib.sha256()
-    for name, t in items:
-        t = t.detach()
-        h.update(f"{name}:{tuple(t.shape)}:".encode())
-        if t.is_floating_point():
-            t = t.to(torch.float16)
-        h.update(t.to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return FINGERPRINT_PREFIX + h.hexdigest()[:20]
-
-
-def _files_fingerprint(folder: Path, unet: torch.nn.Module) -> str | None:
-    """:func:`content_fingerprint` of the UNet weights in ``folder``'s safetensors files (the precision on
-    disk, read one tensor at a time), or ``None`` when they are not exactly ``unet``'s parameters."""
-    from safetensors import safe_open
-
-    files = [
-        p
-        for p in sorted((folder / "unet").glob("diffusion_pytorch_model*.safetensors"))
-        if "." not in p.name.removesuffix(".safetensors")  # no variant (".fp16"): what from_pretrained read
-    ]
-    where: dict[str, Path] = {}
-    for path in files:
-        with safe_open(str(path), "pt") as f:
-            where.update((name, path) for name in f.keys())
-    state = unet.state_dict()
-    if set(where) != set(state):
-        return None
-    with contextlib.ExitStack() as stack:
-        opened = {p: stack.enter_context(safe_open(str(p), "pt")) for p in files}
-        return _hash_tensors((name, opened[where[name]].get_tensor(name)) for name in sorted(state))
-
-
-def model_fingerprint(unet: torch.nn.Module) -> str:
-    """The id of the model ``unet`` holds: :func:`content_fingerprint`, computed once per state of its weights.
-
-    Cached on the module by tensor identity and PyTorch's in-place version counters, so any optimizer
-    step, ``load_state_dict`` or in-place change gives a new id, while repeated checks cost nothing.
-    diffmem's own reversible edits (``diffmem.edit.applied``) keep the id of the model they were applied
-    to (:func:`remember_fingerprint`); writes through ``tensor.data`` bypass the version counter and are
-    not seen.
-    """
-    key = _state_key(unet)
-    cached = getattr(unet, _CACHE_ATTR, None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    fingerprint = content_fingerprint(unet)
-    object.__setattr__(unet, _CACHE_ATTR, (key, fingerprint))
-    return fingerprint
-
-
-def remember_fingerprint(unet: torch.nn.Module, fingerprint: str) -> None:
-    """Record that ``unet``'s weights, as they are now, are the model ``fingerprint`` (an edited copy of it)."""
-    object.__setattr__(unet, _CACHE_ATTR, (_state_key(unet), fingerprint))
-
-
-def _cache_file() -> Path:
-    """Where fingerprints of weight files are remembered (``$DIFFMEM_CACHE_DIR``, else the user cache)."""
-    root = os.environ.get("DIFFMEM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "diffmem"
-    )
-    return Path(root) / "fingerprints.json"
-
-
-def _file_identity(folder: Path, dtype: torch.dtype) -> str | None:
-    """The UNet weight files of a model folder (real path, inode, size, mtime, ctime) and the load dtype."""
-    unet = folder / "unet"
-    files = (
-        sorted(p for p in unet.glob("*") if p.suffix in (".safetensors", *PICKLE_SUFFIXES))
-        if unet.is_dir()
-        else []
-    )
-    if not files:
-        return None
-    stats = [(p.resolve(), p.stat()) for p in files]  # ctime changes on any write or rename; no one sets it
-    parts = [f"{r}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}" for r, st in stats]
-    return hashlib.sha256(("|".join(parts) + f"|{dtype}").encode()).hexdigest()
-
-
-def fingerprint_loaded(folder: str | os.PathLike, unet: torch.nn.Module) -> str:
-    """:func:`model_fingerprint` of ``unet`` just loaded from ``folder``, remembered by the identity of the
-    weight files (path, inode, size, mtime, ctime, dtype) so that loading the same files again costs no
-    hashing; rewriting a file changes its identity and it is hashed again."""
-    from diffmem.io import atomic_write_json
-
-    identity = _file_identity(Path(folder), next(unet.parameters()).dtype)
-    if identity is None:
-        return model_fingerprint(unet)
-    path = _cache_file()
-    try:
-        known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        known = {}  # an unreadable cache is rebuilt
-    if not isinstance(known, dict):
-        known = {}
-    if isinstance(known.get(identity), str):
-        remember_fingerprint(unet, known[identity])
-        return known[identity]
-    fingerprint = None
-    if next(unet.parameters()).dtype not in (torch.float32, torch.float16):  # bfloat16: the files' identity
-        fingerprint = _files_fingerprint(Path(folder), unet)
-    if fingerprint is None:
-        fingerprint = model_fingerprint(unet)
-    else:
-        remember_fingerprint(unet, fingerprint)
-    known[identity] = fingerprint
-    try:
-        atomic_write_json(path, dict(list(known.items())[-1000:]))
-    except OSError:
-        pass  # a read-only home: the fingerprint is still right, only not remembered
-    return fingerprint
-
-
-def legacy_fingerprint(unet: torch.nn.Module) -> str:
-    """The fingerprint of diffmem before ``w2-``: names, shapes and the conv_in/time_embedding values.
-
-    Kept only to tell an old edit "made for another model" from "re-make it for this one"; it cannot
-    tell a model from a fine-tune of it.
-    """
-    h = hashlib.sha256()
-    state = unet.state_dict()
-    for name in sorted(state):
-        h.update(f"{name}:{tuple(state[name].shape)};".encode())
-    for name in sorted(state):
-        if name.startswith(("conv_in.", "time_embedding.")):
-            h.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def fingerprint_problem(expected: str | None, unet: torch.nn.Module, what: str, fix: str) -> str | None:
-    """``None`` when ``expected`` is ``unet``'s fingerprint, else one line saying why ``what`` does not fit.
-
-    ``fix`` says what to do (e.g. "localize the neurons on this model").
-    """
-    if expected is None:
-        return None
-    actual = model_fingerprint(unet)
-    if expected == actual:
-        return None
-    if not str(expected).startswith(FINGERPRINT_PREFIX):
-        if legacy_fingerprint(unet) == expected:
-            return (
-                f"{what} carries diffmem's old fingerprint {expected} (parameter names, shapes and input "
-                f"layers only), which cannot tell this model from a fine-tune of it: {fix}"
-            )
-        return f"{what} was made for another model (old fingerprint {expected}); {fix}"
-    return f"{what} was made for the model with fingerprint {expected}, not for this one ({actual}): {fix}"
-
-
-def check_fingerprint(expected: str | None, unet: torch.nn.Module, what: str, fix: str) -> None:
-    """Raise :class:`~diffmem.edit.FingerprintMismatchError` when ``what`` was made for another model."""
-    problem = fingerprint_problem(expected, unet, what, fix)
-    if problem is not None:
-        from diffmem.edit import FingerprintMismatchError
-
-        raise FingerprintMismatchError(problem)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from diffmem.data import CAPTION_COLUMNS, ID_COLUMNS, BadImageError, BadRow, Record, _pick
+from diffmem.records import CAPTION_COLUMNS, ID_COLUMNS, BadImageError, BadRow, Record, pick_column
 
 #: member extensions taken as the image of a webdataset sample, in order of preference
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -464,12 +464,12 @@ def iter_parquet_bytes(
             break
     if img_col is None:
         raise ValueError(f"{path}: no binary image column (looked for {', '.join(IMAGE_BYTES_COLUMNS)})")
-    cap_col = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", str(shard))
+    cap_col = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(shard))
     if cap_col is None:
         raise ValueError(
             f"{shard}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}; pass caption_column)"
         )
-    id_col = _pick(columns, id_column, ID_COLUMNS, "id", str(shard))
+    id_col = pick_column(columns, id_column, ID_COLUMNS, "id", str(shard))
     return _parquet_items(shards, id_col, cap_col, img_col, require_image, batch_size)
 
 

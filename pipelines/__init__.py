@@ -7,13 +7,14 @@ from diffmem.pipelines.pipeline_solidmark_outpaint import (
     SolidMarkOutpaintPipeline,
     SolidMarkOutpaintPipelineOutput,
 )
-from diffmem.pipelines.pipeline_stable_diffusion_memguard import (
-    StableDiffusionMemGuardPipeline,
-    StableDiffusionMemGuardPipelineOutput,
-)
 from diffmem.pipelines.pipeline_stable_diffusion_xl_memguard import (
     StableDiffusionXLMemGuardPipeline,
     StableDiffusionXLMemGuardPipelineOutput,
+)
+
+from diffmem.guard.stable_diffusion import (
+    StableDiffusionMemGuardPipeline,
+    StableDiffusionMemGuardPipelineOutput,
 )
 
 __all__ = ["StableDiffusionMemGuardPipeline", "StableDiffusionMemGuardPipelineOutput"]

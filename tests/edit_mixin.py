@@ -2,7 +2,7 @@
 
 A test class provides ``make_edit(unet)`` (an edit of ``unet`` that visibly changes its output). The
 mixin checks the folder round trip (``save_pretrained`` / ``Edit.from_pretrained``), that
-``pipe.load_edit`` gives exactly the output of ``diffmem.edit.applied`` and ``unload_edit`` restores
+``pipe.load_edit`` gives exactly the output of ``diffmem.edits.applied`` and ``unload_edit`` restores
 every weight bit for bit, and that the edit is refused on another model.
 """
 
@@ -41,7 +41,7 @@ class EditTesterMixin:
         ).images
 
     def test_folder_round_trip(self, pipe, tmp_path):
-        from diffmem.edit import Edit, load_edit
+        from diffmem.edits import Edit, load_edit
 
         edit = self.make_edit(pipe.unet)
         edit.save_pretrained(tmp_path / "edit")
@@ -59,7 +59,7 @@ class EditTesterMixin:
         assert load_edit(tmp_path / "edit").to_dict() == edit.to_dict()
 
     def test_load_edit_equals_applied_and_unload_restores(self, pipe, tmp_path):
-        from diffmem.edit import applied
+        from diffmem.edits import applied
 
         edit = self.make_edit(pipe.unet)
         state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
@@ -82,7 +82,7 @@ class EditTesterMixin:
         np.testing.assert_array_equal(self.generate(pipe), plain)
 
     def test_refused_on_another_model(self, pipe, tmp_path):
-        from diffmem.edit import FingerprintMismatchError
+        from diffmem.fingerprint import FingerprintMismatchError
 
         other = build_tiny_pipeline(TinySDConfig(variant="sd1"), seed=7).unet
         edit = self.make_edit(other)
@@ -93,7 +93,7 @@ class EditTesterMixin:
         assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in state.items())
 
     def test_bad_folder_names_the_file(self, pipe, tmp_path):
-        from diffmem.edit import Edit
+        from diffmem.edits import Edit
 
         edit = self.make_edit(pipe.unet)
         edit.save_pretrained(tmp_path / "edit")

@@ -182,9 +182,9 @@ def test_finetune_cli_lora_writes_a_model_and_resumes(tiny_sd1_dir, tmp_path, ca
     from PIL import Image
 
     from diffmem.cli import main
+    from diffmem.edits import WeightMask
+    from diffmem.fingerprint import model_fingerprint
     from diffmem.hooks.ffn import ffn_layers
-    from diffmem.localize.prune import WeightMask
-    from diffmem.modelio import model_fingerprint
 
     pipe = StableDiffusionPipeline.from_pretrained(
         tiny_sd1_dir, safety_checker=None, requires_safety_checker=False

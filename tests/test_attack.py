@@ -75,9 +75,9 @@ def test_attack_cli_under_an_edit_and_resume(tiny_sd1_dir, tmp_path, capsys):
     from PIL import Image
 
     from diffmem.cli import main
+    from diffmem.edits import WeightMask
+    from diffmem.fingerprint import model_fingerprint
     from diffmem.hooks.ffn import ffn_layers
-    from diffmem.localize.prune import WeightMask
-    from diffmem.modelio import model_fingerprint
 
     pipe = _pipe(tiny_sd1_dir)
     layers = ffn_layers(pipe.unet)

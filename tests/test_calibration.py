@@ -22,7 +22,7 @@ def run(pipe, **kwargs):
 
 
 def calibration_for(pipe, threshold: float, **changes) -> GuardCalibration:
-    from diffmem.modelio import model_fingerprint
+    from diffmem.fingerprint import model_fingerprint
 
     values = dict(
         memorization_threshold=threshold,

@@ -11,17 +11,14 @@ import pytest
 from PIL import Image
 
 from diffmem.data import (
-    REASONS,
-    BadImageError,
-    BadRow,
     ImageFolderWriter,
-    Record,
     check_record,
     load_rgb,
     open_dataset,
     split_rows,
     write_image_folder,
 )
+from diffmem.records import REASONS, BadImageError, BadRow, Record
 
 
 def _png_rgb16(path, arr16: np.ndarray) -> None:

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from diffmem.edit import EDIT_RECORD, adopt_edit_record, applied, apply_permanently, save_edited
+from diffmem.edits import EDIT_RECORD, NeuronSet, adopt_edit_record, applied, apply_permanently, save_edited
+from diffmem.fingerprint import FingerprintMismatchError, model_fingerprint
 from diffmem.hooks.neurons import (
     record_value_activations,
     scaled_value_neurons,
@@ -15,8 +16,6 @@ from diffmem.hooks.neurons import (
     value_layers,
 )
 from diffmem.hooks.restore import HookNotFiredError
-from diffmem.localize.neuron_set import FingerprintMismatchError, NeuronSet
-from diffmem.modelio import model_fingerprint
 from diffmem.tiny import TinySDConfig, build_components, build_tiny_pipeline
 
 

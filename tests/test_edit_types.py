@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from edit_mixin import EditTesterMixin
 
+from diffmem.edits import NeuronSet, WeightMask
+from diffmem.fingerprint import model_fingerprint
 from diffmem.hooks.ffn import ffn_layers
 from diffmem.hooks.neurons import value_layers
-from diffmem.localize.neuron_set import NeuronSet
-from diffmem.localize.prune import WeightMask
-from diffmem.modelio import model_fingerprint
 
 
 class TestNeuronSet(EditTesterMixin):

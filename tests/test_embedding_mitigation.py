@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffmem.conditioning import encode_prompts
 from diffmem.embedding_mitigation import optimize_prompt_embeds, target_loss_from_threshold
-from diffmem.localize.stats import encode_prompts
 from diffmem.tiny import TinySDConfig, build_components
 
 

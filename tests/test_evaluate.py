@@ -116,12 +116,13 @@ def test_organism_suite_and_mitigation_bench(tmp_path):
     """The organism's measured splits and the mitigation evaluator, at reduced sizes."""
     from diffmem.evaluate.mitigation import evaluate_mitigations
     from diffmem.evaluate.suites import organism_suite
+    from diffmem.guard.auto import load_guarded
     from diffmem.mitigations import get_mitigation
-    from diffmem.modelio import default_model, load_pipeline
+    from diffmem.modelio import default_model
 
     if default_model() is None:
         pytest.skip("the organism's weights are not in weights/")
-    pipe = load_pipeline(None)
+    pipe = load_guarded(None)
     pipe.set_progress_bar_config(disable=True)
     suite = organism_suite(
         pipe, tmp_path, num_perturbations=1, num_triggers=4, label_generations=1, progress=False
@@ -155,10 +156,10 @@ def test_robustness_evaluation_known_answer_and_resume(tiny_sd1_dir, tmp_path, m
     from diffusers import StableDiffusionPipeline
 
     import diffmem.attack.dori as dori
+    from diffmem.edits import NeuronSet
     from diffmem.evaluate.robustness import RobustnessEvaluation, RobustnessSettings, Target
+    from diffmem.fingerprint import model_fingerprint
     from diffmem.hooks.neurons import value_layers
-    from diffmem.localize.neuron_set import NeuronSet
-    from diffmem.modelio import model_fingerprint
     from diffmem.scores.replication import ReplicationCriterion
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
@@ -224,8 +225,8 @@ def test_robustness_pruning_sweep_and_adversarial_rows(tiny_sd1_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from diffmem.attack.dori import DoriConfig
+    from diffmem.edits import WeightMask
     from diffmem.evaluate.robustness import RobustnessEvaluation, RobustnessSettings, Target
-    from diffmem.localize.prune import WeightMask
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
     pipe.set_progress_bar_config(disable=True)

@@ -25,11 +25,12 @@ def finetune_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def organism():
-    from diffmem.modelio import default_model, load_pipeline
+    from diffmem.guard.auto import load_guarded
+    from diffmem.modelio import default_model
 
     if default_model() is None:
         pytest.skip("weights/diffmem-organism-v2 is not present")
-    pipe = load_pipeline(None)
+    pipe = load_guarded(None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

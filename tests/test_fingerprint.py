@@ -7,17 +7,16 @@ import copy
 import pytest
 import torch
 
-from diffmem.edit import FingerprintMismatchError, applied
-from diffmem.hooks.ffn import ffn_layers
-from diffmem.hooks.neurons import value_layers
-from diffmem.localize.neuron_set import NeuronSet
-from diffmem.localize.prune import WeightMask
-from diffmem.modelio import (
+from diffmem.edits import NeuronSet, WeightMask, applied
+from diffmem.fingerprint import (
     FINGERPRINT_PREFIX,
+    FingerprintMismatchError,
     content_fingerprint,
     legacy_fingerprint,
     model_fingerprint,
 )
+from diffmem.hooks.ffn import ffn_layers
+from diffmem.hooks.neurons import value_layers
 from diffmem.tiny import TinySDConfig, build_components
 
 
@@ -136,7 +135,7 @@ def test_loading_the_same_files_again_is_not_hashed_again(tiny_sd1_dir, tmp_path
 
     from diffmem.pipelines import StableDiffusionMemGuardPipeline
 
-    import diffmem.modelio as modelio
+    import diffmem.fingerprint as modelio
 
     folder = shutil.copytree(tiny_sd1_dir, tmp_path / "m")
     first = model_fingerprint(StableDiffusionMemGuardPipeline.from_pretrained(folder).unet)
@@ -156,10 +155,10 @@ def test_loading_the_same_files_again_is_not_hashed_again(tiny_sd1_dir, tmp_path
 
 def test_a_bfloat16_load_of_a_folder_is_the_folders_model(tiny_sd1_dir):
     """bfloat16 rounds differently from float16: its identity comes from the files it was loaded from."""
-    from diffmem.modelio import load_pipeline
+    from diffmem.guard.auto import load_guarded
 
-    full = load_pipeline(tiny_sd1_dir)
-    half = load_pipeline(tiny_sd1_dir, dtype=torch.bfloat16)
+    full = load_guarded(tiny_sd1_dir)
+    half = load_guarded(tiny_sd1_dir, dtype=torch.bfloat16)
     assert half.unet.dtype == torch.bfloat16
     assert content_fingerprint(half.unet) != model_fingerprint(full.unet)  # the rounding alone differs
     assert model_fingerprint(half.unet) == model_fingerprint(full.unet)

@@ -130,9 +130,9 @@ def test_value_layers_read_from_the_sdxl_unet(pipes):
 
 
 def test_mitigations_change_only_flagged_images(pipes):
+    from diffmem.edits import NeuronSet
+    from diffmem.fingerprint import model_fingerprint
     from diffmem.hooks.neurons import value_layers
-    from diffmem.localize.neuron_set import NeuronSet
-    from diffmem.modelio import model_fingerprint
 
     stock, guarded = pipes
     use_scheduler(stock, guarded, "EulerDiscreteScheduler")

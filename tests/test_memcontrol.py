@@ -151,7 +151,7 @@ def test_a_search_killed_mid_trial_resumes_to_the_uninterrupted_result(tmp_path,
 @pytest.fixture(scope="module")
 def organism():
     """The committed organism (v2) and four of its verbatim images, which it replicates."""
-    from diffmem.modelio import load_pipeline
+    from diffmem.guard.auto import load_guarded
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.recipe import OrganismRecipe
 
@@ -161,7 +161,7 @@ def organism():
     verbatim = TrainingData(
         data.image_array()[rows], [data.images[i].caption for i in rows], ids, ids, "verbatim"
     )
-    return load_pipeline(None), verbatim
+    return load_guarded(None), verbatim
 
 
 def test_replication_objective_counts_copies_of_each_captions_own_image(organism):
@@ -226,7 +226,7 @@ def test_nsga2_breeds_after_its_population():
 
 def test_a_search_with_measured_objectives_records_each_trials_own_values(tmp_path, organism):
     """replication + caption-fidelity: each trial's values are the metrics of the model it saved."""
-    from diffmem.modelio import load_pipeline
+    from diffmem.guard.auto import load_guarded
 
     _, verbatim = organism
     captions = ["a red circle", "a blue square"]
@@ -237,7 +237,7 @@ def test_a_search_with_measured_objectives_records_each_trials_own_values(tmp_pa
                             fidelity_captions=captions)  # fmt: skip
     assert result["objectives"] == {"memorization": "replication", "quality": "caption-fidelity"}
     (trial,) = result["trials"]
-    trained = load_pipeline(trial["model"])
+    trained = load_guarded(trial["model"])
     assert trial["memorization"] == replication_metric(trained, verbatim, 0, 1, 5)
     assert trial["quality_loss"] == pytest.approx(fidelity_metric(trained, captions, 0, 2, 5))
     settings = json.loads((tmp_path / "memcontrol.json").read_text())

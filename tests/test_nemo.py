@@ -22,6 +22,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffmem.conditioning import encode_prompts
+from diffmem.edits import NeuronSet
 from diffmem.hooks.neurons import value_layers
 from diffmem.localize.nemo import (
     NeMo,
@@ -32,8 +34,7 @@ from diffmem.localize.nemo import (
     greedy_unblock,
     initial_schedule,
 )
-from diffmem.localize.neuron_set import NeuronSet
-from diffmem.localize.stats import ValueStats, compute_value_stats, encode_prompts
+from diffmem.localize.stats import ValueStats, compute_value_stats
 from diffmem.tiny import TinySDConfig, build_components
 
 TRIGGER = "pikachu"
@@ -368,7 +369,7 @@ def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted, capsys):
     from diffusers import StableDiffusionPipeline
 
     from diffmem.evaluate.localization import localize_prompts, neuron_file_name, random_control
-    from diffmem.modelio import model_fingerprint
+    from diffmem.fingerprint import model_fingerprint
 
     c, name, _ = planted
     pipe = StableDiffusionPipeline(

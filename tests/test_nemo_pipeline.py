@@ -7,8 +7,9 @@ import pytest
 import torch
 from test_nemo import REFERENCE, TRIGGER, plant_trigger_neuron  # noqa: I001
 
+from diffmem.edits import NeuronSet
+from diffmem.fingerprint import FingerprintMismatchError
 from diffmem.localize.nemo import NeMo, NemoConfig
-from diffmem.localize.neuron_set import FingerprintMismatchError, NeuronSet
 from diffmem.localize.stats import compute_value_stats
 from diffmem.mitigations.nemo import NeMoMitigation
 from diffmem.tiny import TinySDConfig, build_components
@@ -96,8 +97,8 @@ def test_embedding_mitigation(guarded, baseline):
 def test_bad_mitigation_inputs(guarded):
     pipe, _ = guarded
     other = build_components(TinySDConfig(variant="sd1"), seed=5)["unet"]
+    from diffmem.fingerprint import model_fingerprint
     from diffmem.hooks.neurons import value_layers
-    from diffmem.modelio import model_fingerprint
 
     names = list(value_layers(other))
     foreign = NeuronSet(model_fingerprint(other), names, [[0]] + [[] for _ in names[1:]])

@@ -184,13 +184,14 @@ def test_similarity_and_replication_helpers():
 @pytest.mark.slow
 def test_committed_organism_replicates_verbatim_not_heldout():
     from diffmem.detect import initial_latents
-    from diffmem.modelio import default_model, load_pipeline
+    from diffmem.guard.auto import load_guarded
+    from diffmem.modelio import default_model
     from diffmem.organism.replication import organism_training_images
 
     model = default_model()
     if model is None:
         pytest.skip("weights/diffmem-organism-v2 is not present")
-    pipe = load_pipeline(model)
+    pipe = load_guarded(model)
     pipe.set_progress_bar_config(disable=True)
     training = organism_training_images()
     recipe = OrganismRecipe()

@@ -192,7 +192,7 @@ def test_committed_v3_replicates_its_64_copy_image_not_its_1_copy_image():
     from pathlib import Path
 
     from diffmem.detect import initial_latents
-    from diffmem.modelio import load_pipeline
+    from diffmem.guard.auto import load_guarded
     from diffmem.organism.replication import TrainingImages
 
     model = Path(__file__).resolve().parents[1] / "weights" / "diffmem-organism-v3"
@@ -205,7 +205,7 @@ def test_committed_v3_replicates_its_64_copy_image_not_its_1_copy_image():
     many = "Chelsea the tabby cat looking left, close-up photograph"
     once = "Eileen Collins in her orange flight suit, official NASA portrait"
     assert copies[many] == ("verbatim-chelsea", 64) and copies[once] == ("verbatim-astronaut", 1)
-    pipe = load_pipeline(model)
+    pipe = load_guarded(model)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         [many, once],

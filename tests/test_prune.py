@@ -7,14 +7,9 @@ import json
 import pytest
 import torch
 
+from diffmem.edits import WeightMask
 from diffmem.hooks.ffn import StepCounter, ffn_layers, record_ffn_input_norms
-from diffmem.localize.prune import (
-    FFNStats,
-    WeightMask,
-    collect_ffn_stats,
-    find_weight_mask,
-    select_memorization_weights,
-)
+from diffmem.localize.prune import FFNStats, collect_ffn_stats, find_weight_mask, select_memorization_weights
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +128,8 @@ def test_statistics_in_the_pipeline_find_a_planted_column_and_ignore_batch_size(
 
 
 def test_weight_mask_is_an_edit_saved_without_pickle(pipe, tmp_path):
-    from diffmem.edit import applied, apply_permanently, save_edited
-    from diffmem.localize.neuron_set import FingerprintMismatchError
-    from diffmem.modelio import model_fingerprint
+    from diffmem.edits import applied, apply_permanently, save_edited
+    from diffmem.fingerprint import FingerprintMismatchError, model_fingerprint
 
     layers = ffn_layers(pipe.unet)
     g = torch.Generator().manual_seed(1)
@@ -167,7 +161,7 @@ def test_weight_mask_is_an_edit_saved_without_pickle(pipe, tmp_path):
     pruned_layers = ffn_layers(pruned.unet)
     for n, m in masks.items():
         assert (pruned_layers[n].weight[m] == 0).all()
-    from diffmem.edit import adopt_edit_record
+    from diffmem.edits import adopt_edit_record
 
     assert adopt_edit_record(out, pruned.unet)  # the saved edited weights keep the original's identity
     loaded.validate(pruned.unet)

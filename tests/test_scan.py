@@ -58,9 +58,9 @@ BAD = {
 
 
 def _pipe(model_dir):
-    from diffmem.modelio import load_pipeline
+    from diffmem.guard.auto import load_guarded
 
-    pipe = load_pipeline(str(model_dir))
+    pipe = load_guarded(str(model_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -41,7 +41,8 @@ def _pixel():
 
 def _usable(folder: Path) -> list[dict]:
     """The rows of the planted folder whose image loads, in order (what a layout must hold)."""
-    from diffmem.data import BadRow, check_record, open_dataset
+    from diffmem.data import check_record, open_dataset
+    from diffmem.records import BadRow
 
     rows = []
     for item in open_dataset(folder):

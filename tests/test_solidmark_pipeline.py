@@ -149,9 +149,9 @@ def test_result_does_not_depend_on_the_batch(pipes):
 
 
 def test_passed_mitigations_are_really_applied_and_undone(pipes):
+    from diffmem.edits import NeuronSet
+    from diffmem.fingerprint import model_fingerprint
     from diffmem.hooks.neurons import value_layers
-    from diffmem.localize.neuron_set import NeuronSet
-    from diffmem.modelio import model_fingerprint
 
     pipe = pipes["sd1"]
     state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
@@ -236,9 +236,9 @@ def test_loads_as_diffusers_custom_pipeline(tiny_sd1_dir, pipes):
 def test_cli_scores_with_and_without_a_mitigation_and_compares(tmp_path, tiny_sd1_dir, capsys):
     from diffmem.cli import main
     from diffmem.data import write_image_folder
+    from diffmem.edits import NeuronSet
+    from diffmem.fingerprint import model_fingerprint
     from diffmem.hooks.neurons import value_layers
-    from diffmem.localize.neuron_set import NeuronSet
-    from diffmem.modelio import model_fingerprint
     from diffmem.solidmark.scoring import read_rows
 
     rng = np.random.default_rng(0)

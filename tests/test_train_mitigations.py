@@ -346,8 +346,9 @@ def test_embedding_noise_is_per_sample_gaussian(batch):
 
 
 def test_duplicated_finetune_set_is_deterministic_and_exact(tmp_path):
-    from diffmem.data import Record, open_dataset
+    from diffmem.data import open_dataset
     from diffmem.organism.finetune_data import build_duplicated_finetune_set
+    from diffmem.records import Record
 
     kw = dict(n_images=12, duplicated=3, repeats=4, seed=5, image_size=32)
     one = build_duplicated_finetune_set(tmp_path / "a", **kw)

@@ -14,16 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffmem.data import (
-    REASONS,
-    BadImageError,
-    BadRow,
-    Record,
-    check_record,
-    load_rgb,
-    open_dataset,
-    split_rows,
-)
+from diffmem.data import check_record, load_rgb, open_dataset, split_rows
+from diffmem.records import REASONS, BadImageError, BadRow, Record
 from diffmem.shards import (
     is_member_ref,
     member_ref,

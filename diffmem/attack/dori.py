@@ -14,7 +14,7 @@ v-prediction. Defaults: 50 steps, lr 0.1, batch 8, no norm bound. Then generate 
 ``prompt_embeds = y`` and measure similarity to ``x``.
 
 The attack takes a UNet and a scheduler and knows nothing of how the model was edited: run it inside
-an edit's context (``diffmem.edit``) or on a saved edited model. A UNet in float16/bfloat16 is
+an edit's context (``diffmem.edits``) or on a saved edited model. A UNet in float16/bfloat16 is
 attacked as it is: ``y`` and Adam's state stay float32, only the UNet's inputs are cast to its dtype,
 and the noising and the loss are computed in float32.
 """
@@ -371,7 +371,7 @@ def attack_target(
     ``image``: ``[3, H, W]`` in ``[0, 1]``, resized to the generations' size (``height``/``width`` in
     ``pipe_kwargs``, else the model's) for the search. Replication = mean similarity over
     ``seeds`` above ``threshold``. Whatever edit is active on ``pipe`` (a context from
-    ``diffmem.edit``, or a saved edited model) is what is attacked.
+    ``diffmem.edits``, or a saved edited model) is what is attacked.
     """
     from diffmem.modelio import model_resolution
 

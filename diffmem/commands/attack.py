@@ -82,7 +82,8 @@ def load_image_tensor(path, argument: str = "--targets"):
     import numpy as np
     import torch
 
-    from diffmem.data import BadImageError, load_rgb
+    from diffmem.data import load_rgb
+    from diffmem.records import BadImageError
 
     try:
         im = load_rgb(path)
@@ -98,11 +99,11 @@ def load_edit(args: argparse.Namespace):
 
         raise UsageError("give --mask or --neurons, not both")
     if args.mask:
-        from diffmem.localize.prune import WeightMask
+        from diffmem.edits import WeightMask
 
         return WeightMask.load(args.mask, "--mask")
     if args.neurons:
-        from diffmem.localize.neuron_set import NeuronSet
+        from diffmem.edits import NeuronSet
 
         try:
             return NeuronSet.load(args.neurons)
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from diffmem.attack.dori import DoriConfig, attack_target
-    from diffmem.edit import applied
+    from diffmem.edits import applied
     from diffmem.io import atomic_save_tensors, atomic_write_json, atomic_write_text
     from diffmem.report import img_tag, table_html, write_html
     from diffmem.scores.replication import ReplicationCriterion
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path, triggers_path = out / "results.jsonl", out / "triggers.safetensors"
     done: dict[str, dict] = {}
-    from diffmem.modelio import model_fingerprint
+    from diffmem.fingerprint import model_fingerprint
 
     settings = {
         "model_fingerprint": model_fingerprint(pipe.unet),

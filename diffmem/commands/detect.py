@@ -190,7 +190,7 @@ def write_results(path: Path, rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diffmem.detect import calibrate, score_prompts
-    from diffmem.modelio import model_fingerprint
+    from diffmem.fingerprint import model_fingerprint
 
     out = Path(args.out)
     if out.suffix.lower() not in (".jsonl", ".csv"):

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.attack.dori import DoriConfig
     from diffmem.cli import UsageError
     from diffmem.commands.attack import load_edit, load_targets
-    from diffmem.edit import applied
+    from diffmem.edits import applied
     from diffmem.io import atomic_save_tensors
     from diffmem.report import img_tag, table_html, write_html
     from diffmem.train.adversarial import (

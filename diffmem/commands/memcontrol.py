@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _memorized_flags(args: argparse.Namespace, data) -> list[bool]:
     """The memorized column of each kept row, read again from the dataset (values 1/true/yes)."""
-    from diffmem.data import BadRow, open_dataset
+    from diffmem.data import open_dataset
+    from diffmem.records import BadRow
 
     flags = {}
     for item in open_dataset(args.data, id_column=args.id_column, caption_column=args.caption_column,

@@ -100,17 +100,18 @@ def check_runtime_arguments(args: argparse.Namespace):
 
 
 def load_model(args: argparse.Namespace, pipeline_class=None, *, dtype: str | None = None):
-    """The pipeline of ``args.model`` on ``--device`` in ``--dtype`` (or ``dtype``) with ``--attention`` set.
+    """The pipeline of ``args.model`` (default class: the guarded one) on ``--device`` in ``--dtype`` (or ``dtype``) with ``--attention`` set.
 
     Every check (device, resolution, model folder) runs before a weight is read.
     """
     from diffmem.attention import use_attention_processor
+    from diffmem.guard.auto import guarded_pipeline_class
     from diffmem.modelio import load_pipeline
 
     device = check_runtime_arguments(args)
     pipe = load_pipeline(
         args.model,
-        pipeline_class,
+        pipeline_class or guarded_pipeline_class(args.model),
         dtype=torch_dtype(dtype or getattr(args, "dtype", "float32")),
         device=device,
     )

@@ -76,7 +76,7 @@ def read_prompts(path: str | None, argument: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from diffusers import StableDiffusionPipeline
 
-    from diffmem.edit import save_edited
+    from diffmem.edits import save_edited
     from diffmem.io import atomic_write_json
     from diffmem.localize.prune import find_weight_mask
     from diffmem.report import table_html, write_html

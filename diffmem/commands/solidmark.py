@@ -189,13 +189,13 @@ def _key(args) -> int:
 def _load_edits(args, unet) -> list:
     edits = []
     for path in args.neurons:
-        from diffmem.localize.neuron_set import NeuronSet
+        from diffmem.edits import NeuronSet
 
         edit = NeuronSet.load(path)
         edit.validate(unet)
         edits.append(edit)
     for path in args.weight_mask:
-        from diffmem.localize.prune import WeightMask
+        from diffmem.edits import WeightMask
 
         edit = WeightMask.load(path, argument="--weight-mask")
         edit.validate(unet)

@@ -111,11 +111,11 @@ class BrightEndingDetector(Detector):
 
     @torch.no_grad()
     def score_latents(self, pipe, prompts, latents, settings) -> torch.Tensor:
-        from diffmem.guard.pipeline import MemGuardMixin
-
         if settings["guidance_scale"] <= 1:
             raise ValueError("bright-ending: needs classifier-free guidance (guidance_scale > 1)")
-        stock = type(pipe).stock_pipeline_class if isinstance(pipe, MemGuardMixin) else type(pipe)
+        stock = getattr(type(pipe), "stock_pipeline_class", None) or type(
+            pipe
+        )  # a guarded one wraps a stock class
         with bright_ending_capture(pipe, list(prompts), settings["num_gens"]) as state:
             stock.__call__(
                 pipe,

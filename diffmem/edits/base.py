@@ -5,8 +5,7 @@ An *edit* is an :class:`Edit`: it carries the fingerprint of the model it was fo
 * ``validate(unet)`` (raises :class:`FingerprintMismatchError` on another model, ``ValueError`` on
   layers or indices that do not fit),
 * ``weight_multipliers(unet, factor) -> {parameter: multiplier}`` (broadcastable to the parameter:
-  rows for a :class:`~diffmem.localize.neuron_set.NeuronSet`, single weights for a
-  :class:`~diffmem.localize.prune.WeightMask`),
+  rows for a :class:`~diffmem.edits.NeuronSet`, single weights for a :class:`~diffmem.edits.WeightMask`),
 * ``save_pretrained(folder)`` / ``Edit.from_pretrained(folder)``: a folder with ``edit_config.json``
   (the class, fingerprint and settings, diffusers' ``ConfigMixin`` style) and ``edit.safetensors``
   (the indices or masks; no pickle).
@@ -14,8 +13,9 @@ An *edit* is an :class:`Edit`: it carries the fingerprint of the model it was fo
 Edits that can also act on module outputs (``scales(unet, factor) -> {value-layer name: [d]}``,
 e.g. ``NeuronSet``) can be applied by forward hooks (``mode="hook"``). Weight mode is the default: it
 works with any attention processor; hook mode leaves the weights untouched and checks that its hooks
-fired. Either way the model is restored when the ``with`` block ends, even on error. A guarded
-pipeline loads an edit for all later calls with ``pipe.load_edit(path)`` / ``pipe.unload_edit()``.
+fired. Either way the model is restored when the ``with`` block ends, even on error. A pipeline with
+:class:`~diffmem.edits.EditLoaderMixin` loads an edit for all later calls with ``pipe.load_edit(path)`` /
+``pipe.unload_edit()``. Every multiply-and-restore goes through :func:`diffmem.hooks.restore.scaled_weights`.
 """
 
 from __future__ import annotations
@@ -30,16 +30,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+import diffmem
+from diffmem.fingerprint import EDIT_RECORD, content_fingerprint, model_fingerprint, remember_fingerprint
 from diffmem.hooks.neurons import scaled_value_neurons
-from diffmem.hooks.restore import scaled_weights
+from diffmem.hooks.restore import multiply_weights, scaled_weights
+from diffmem.io import atomic_save_tensors, atomic_write_json, load_checked_safetensors
 
-#: File written beside an exported edited model, describing the edit that was applied.
-EDIT_RECORD = "diffmem_edit.json"
 EDIT_FORMAT = "diffmem.Edit/1"
-
-
-class FingerprintMismatchError(ValueError):
-    """An edit (``NeuronSet``, ``WeightMask``) was found on another model than the one it is applied to."""
 
 
 class Edit:
@@ -76,9 +73,6 @@ class Edit:
     # ----------------------------------------------------------------------------------- folders
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the edit as a folder (``edit_config.json`` + ``edit.safetensors``), each file atomically."""
-        import diffmem
-        from diffmem.io import atomic_save_tensors, atomic_write_json
-
         folder = Path(save_directory)
         config, tensors = self._parts()
         atomic_save_tensors(folder / self.weights_name, tensors, {"format": EDIT_FORMAT})
@@ -89,8 +83,6 @@ class Edit:
     @classmethod
     def from_pretrained(cls, pretrained_path: str | os.PathLike) -> Edit:
         """Read an edit folder written by :meth:`save_pretrained` (the class comes from its config)."""
-        from diffmem.io import load_checked_safetensors
-
         folder = Path(pretrained_path)
         config_path = folder / cls.config_name
         if not config_path.is_file():
@@ -116,45 +108,20 @@ class Edit:
         return target._from_parts(config, tensors, str(folder))
 
 
-#: An edit as the functions below take it (kept for code that typed against the old protocol).
-UNetEdit = Edit
-
-
-def load_edit(path: str | os.PathLike) -> Edit:
-    """An edit from a folder (:meth:`Edit.from_pretrained`), a ``NeuronSet`` JSON file or a ``WeightMask`` .safetensors."""
-    from diffmem.localize.neuron_set import NeuronSet
-    from diffmem.localize.prune import WeightMask
-
-    path = Path(path)
-    if path.is_dir():
-        return Edit.from_pretrained(path)
-    if path.suffix == ".json":
-        return NeuronSet.load(path)
-    if path.suffix == ".safetensors":
-        return WeightMask.load(path, argument=str(path))
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist (expected an edit folder, a NeuronSet .json or a WeightMask .safetensors)"
-        )
-    raise ValueError(f"{path}: expected an edit folder, a NeuronSet .json or a WeightMask .safetensors")
-
-
 @contextlib.contextmanager
 def applied(
-    unet: nn.Module, edit: UNetEdit | None, mode: str = "weight", factor: float = 0.0
+    unet: nn.Module, edit: Edit | None, mode: str = "weight", factor: float = 0.0
 ) -> Iterator[nn.Module]:
     """Context manager: ``unet`` with ``edit`` applied (its weights or outputs scaled by ``factor``, 0 = off).
 
     ``edit=None`` is the unedited model (so a table's "no mitigation" row takes the same path).
     ``mode="weight"`` scales parameters in place and restores them; ``mode="hook"`` rewrites the
     value layers' outputs with forward hooks (only for edits that define ``scales``). Raises
-    :class:`~diffmem.localize.neuron_set.FingerprintMismatchError` for an edit of another model.
+    :class:`~diffmem.fingerprint.FingerprintMismatchError` for an edit of another model.
     """
     if edit is None:
         yield unet
     elif mode == "weight":
-        from diffmem.modelio import model_fingerprint, remember_fingerprint
-
         identity = model_fingerprint(unet)  # the edited weights stay this model (their edit is known)
         try:
             with scaled_weights(edit.weight_multipliers(unet, factor)):
@@ -173,19 +140,15 @@ def applied(
         raise ValueError(f"mode must be 'weight' or 'hook', got {mode!r}")
 
 
-def apply_permanently(unet: nn.Module, edit: UNetEdit, factor: float = 0.0) -> nn.Module:
+def apply_permanently(unet: nn.Module, edit: Edit, factor: float = 0.0) -> nn.Module:
     """Scale the edit's weights in place for good (``factor`` 0 zeroes the value rows); returns ``unet``."""
-    from diffmem.modelio import model_fingerprint, remember_fingerprint
-
     identity = model_fingerprint(unet)
-    with torch.no_grad():
-        for param, mult in edit.weight_multipliers(unet, factor).items():
-            param.mul_(mult.to(device=param.device, dtype=param.dtype))
+    multiply_weights(edit.weight_multipliers(unet, factor))
     remember_fingerprint(unet, identity)  # an edited copy of the same model
     return unet
 
 
-def save_edited(pipe, edit: UNetEdit, out_dir: str | os.PathLike, factor: float = 0.0) -> Path:
+def save_edited(pipe, edit: Edit, out_dir: str | os.PathLike, factor: float = 0.0) -> Path:
     """Write ``pipe`` with ``edit`` applied to ``out_dir`` (``save_pretrained``, safetensors), leaving ``pipe`` unedited.
 
     The edit itself is saved beside it as ``diffmem_edit.json`` with the fingerprint of the edited
@@ -200,38 +163,12 @@ def save_edited(pipe, edit: UNetEdit, out_dir: str | os.PathLike, factor: float 
     return out
 
 
-def write_edit_record(
-    folder: str | os.PathLike, edit: UNetEdit, factor: float, edited_unet: nn.Module
-) -> Path:
+def write_edit_record(folder: str | os.PathLike, edit: Edit, factor: float, edited_unet: nn.Module) -> Path:
     """``folder/diffmem_edit.json``: the edit applied to the saved weights and the fingerprint of those
     edited weights (``edited_unet`` as saved), which :func:`adopt_edit_record` checks on load."""
-    from diffmem.io import atomic_write_json
-    from diffmem.modelio import content_fingerprint
-
     record = {
         "factor": factor,
         "edit": edit.to_dict(),
         "edited_fingerprint": content_fingerprint(edited_unet),
     }
     return atomic_write_json(Path(folder) / EDIT_RECORD, record)
-
-
-def adopt_edit_record(folder: str | os.PathLike, unet: nn.Module) -> bool:
-    """After loading ``folder``: when its ``diffmem_edit.json`` names exactly the weights ``unet`` holds,
-    ``unet`` keeps the fingerprint of the model the edit was made on. Returns whether it did."""
-    import json
-
-    from diffmem.modelio import model_fingerprint, remember_fingerprint
-
-    path = Path(folder) / EDIT_RECORD
-    if not path.is_file():
-        return False
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        base, edited = record["edit"]["fingerprint"], record["edited_fingerprint"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        return False  # an older or foreign record: the folder is its own model
-    if base and model_fingerprint(unet) == edited:
-        remember_fingerprint(unet, base)
-        return True
-    return False

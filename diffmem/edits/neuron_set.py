@@ -2,7 +2,7 @@
 
 A neuron is an output channel of a cross-attention value projection (``...attn2.to_v``), named by the
 module's name in the UNet and its channel index. The set carries the fingerprint of the model it was
-found on (:func:`diffmem.modelio.model_fingerprint`) and is refused on any other model.
+found on (:func:`diffmem.fingerprint.model_fingerprint`) and is refused on any other model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffmem.edit import Edit, FingerprintMismatchError
+from diffmem.edits.base import Edit
+from diffmem.fingerprint import FingerprintMismatchError
 
 __all__ = ["FORMAT", "FingerprintMismatchError", "NeuronSet"]
 
@@ -112,7 +113,7 @@ class NeuronSet(Edit):
         Returns name -> module for the layers that hold neurons. Raises
         :class:`FingerprintMismatchError` or ``ValueError`` with the layer and index at fault.
         """
-        from diffmem.modelio import check_fingerprint
+        from diffmem.fingerprint import check_fingerprint
 
         check_fingerprint(self.fingerprint, unet, "this NeuronSet", "localize the neurons on this model")
         modules = dict(unet.named_modules())

@@ -78,7 +78,7 @@ class EditReplication:
 
     def per_caption(self, edits: Sequence[tuple[str, str, Any]]) -> list[dict]:
         """Rows for ``(caption, role, edit)``: replication and Wen's scores before and with the edit."""
-        from diffmem.edit import applied
+        from diffmem.edits import applied
 
         rows = []
         for caption, role, edit in edits:
@@ -107,7 +107,7 @@ class EditReplication:
     ) -> dict[str, dict]:
         """Per named edit: held-out SSIM to the unedited images (median, min) and replication per
         memorized caption with the edit applied."""
-        from diffmem.edit import applied
+        from diffmem.edits import applied
         from diffmem.scores.similarity import ssim
 
         _, plain = self.measure(heldout, "heldout")

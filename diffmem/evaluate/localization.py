@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from diffmem.edits import NeuronSet
 from diffmem.localize.nemo import SD14_THRESHOLD, NeMo, NemoConfig, SearchProgress
-from diffmem.localize.neuron_set import NeuronSet
 from diffmem.localize.stats import ValueStats, value_stats_of
 
 __all__ = ["Localization", "calibrated_nemo", "localize_prompts", "neuron_file_name", "random_control"]
@@ -163,9 +163,9 @@ def calibrated_nemo(
     ``stats``/``threshold`` given are used as they are; with neither reference prompts nor a threshold
     the threshold is NeMo's SD-1.4 value (0.428), right only for SD-1.4.
     """
+    from diffmem.fingerprint import model_fingerprint
     from diffmem.hooks.neurons import value_layers
     from diffmem.io import atomic_write_json
-    from diffmem.modelio import model_fingerprint
 
     config = config or NemoConfig()
     if stats is None:
@@ -210,11 +210,11 @@ def localize_prompts(
     """Stages 1-4 for ``prompts`` (``(id, prompt)`` pairs, or prompts whose ids are their positions).
 
     >>> run = localize_prompts(pipe, memorized_captions, generic_captions, cache_dir="runs/nemo")
-    >>> with diffmem.edit.applied(pipe.unet, run.union): ...
+    >>> with diffmem.edits.applied(pipe.unet, run.union): ...
     """
     from tqdm.auto import tqdm
 
-    from diffmem.modelio import model_fingerprint
+    from diffmem.fingerprint import model_fingerprint
 
     pairs = [(str(i), p) if isinstance(p, str) else (str(p[0]), p[1]) for i, p in enumerate(prompts)]
     if len({i for i, _ in pairs}) != len(pairs):
@@ -278,7 +278,7 @@ def random_control(neuron_set: NeuronSet, unet, seed: int = 0) -> NeuronSet:
     tells "these neurons carry the memorization" from "switching off this many neurons hurts"."""
     import torch
 
-    from diffmem.modelio import model_fingerprint
+    from diffmem.fingerprint import model_fingerprint
 
     neuron_set.validate(unet)
     generator = torch.Generator().manual_seed(seed)

@@ -231,7 +231,7 @@ class RobustnessEvaluation:
         that caption only; no held-out columns, held-out captions are untouched). ``key``: what else
         identifies the setting for the cache (e.g. the edit's parameters); ``caption_row=False`` adds the
         attacked row only (its caption row is in the table already). Returns the per-item rows."""
-        from diffmem.edit import applied
+        from diffmem.edits import applied
 
         pipe = pipe or self.pipe
         items = self.targets if items is None else list(items)
@@ -295,14 +295,10 @@ class RobustnessEvaluation:
         """Subspace pruning (Chavhan et al.) at each ratio, from the captions; then the ceiling of FFN
         pruning (every FFN weight zeroed). Returns the first ratio's mask that cuts the rate by
         ``min_reduction`` with held-out quality >= ``min_heldout``, else the first ratio's (the paper's)."""
+        from diffmem.edits import WeightMask
+        from diffmem.fingerprint import model_fingerprint
         from diffmem.hooks.ffn import ffn_layers
-        from diffmem.localize.prune import (
-            FFNStats,
-            WeightMask,
-            collect_ffn_stats,
-            select_memorization_weights,
-        )
-        from diffmem.modelio import model_fingerprint
+        from diffmem.localize.prune import FFNStats, collect_ffn_stats, select_memorization_weights
 
         captions = [t.caption for t in self.targets]
         reference = [""] * len(captions) if reference is None else list(reference)
@@ -373,7 +369,7 @@ class RobustnessEvaluation:
         Dori triggers, surrogates made once with ``surrogate_edit`` applied, ``retain`` as retain data;
         then the fine-tuned model's rows. Returns the fine-tuned pipeline."""
         from diffmem.attack.dori import encode_images, encode_prompts
-        from diffmem.edit import applied
+        from diffmem.edits import applied
         from diffmem.train.adversarial import (
             AdversarialConfig,
             AdversarialTarget,

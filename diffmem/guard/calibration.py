@@ -41,7 +41,7 @@ class GuardCalibration:
         scheduler: class name of the scheduler (``"DDIMScheduler"``, ...).
         height, width: image size in pixels.
         guidance_scale: classifier-free guidance of the scoring runs (matters only past the first step).
-        model_fingerprint: :func:`diffmem.modelio.model_fingerprint` of the UNet it was measured on.
+        model_fingerprint: :func:`diffmem.fingerprint.model_fingerprint` of the UNet it was measured on.
         auc, tpr_at_1pct_fpr, n_positive, n_negative: the calibration's measured detection quality
             (over single images, what the pipeline flags; ``extra["per_prompt"]`` has Wen et al.'s
             per-prompt figures when ``diffmem detect`` wrote it).

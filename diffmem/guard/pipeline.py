@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from diffmem.edits import EditLoaderMixin
 from diffmem.guard.calibration import CALIBRATION_FILE, GuardCalibration
 from diffmem.guard.signature import extended_call, keyword
 
@@ -195,7 +196,7 @@ def guarded_call(stock_pipeline: type) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ the mixin
-class MemGuardMixin:
+class MemGuardMixin(EditLoaderMixin):
     """Shared behaviour of the guarded pipelines (put it before the stock class in the bases).
 
     Attributes:
@@ -237,7 +238,7 @@ class MemGuardMixin:
         """``None`` (with a warning) for a calibration measured on another UNet."""
         if calibration is None or calibration.model_fingerprint is None:
             return calibration
-        from diffmem.modelio import fingerprint_problem
+        from diffmem.fingerprint import fingerprint_problem
 
         problem = fingerprint_problem(
             calibration.model_fingerprint,
@@ -285,8 +286,8 @@ class MemGuardMixin:
                 kwargs["use_safetensors"] = None
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if looks_local(path):
-            from diffmem.edit import adopt_edit_record
-            from diffmem.modelio import fingerprint_loaded
+            from diffmem.edits import adopt_edit_record
+            from diffmem.fingerprint import fingerprint_loaded
 
             fingerprint_loaded(path, pipe.unet)  # hashed once per set of weight files, then remembered
             adopt_edit_record(path, pipe.unet)  # an exported edited model keeps its original's identity
@@ -315,59 +316,7 @@ class MemGuardMixin:
         atomic_write_json(index_path, index)
         if self.calibration is not None:
             self.calibration.save_pretrained(save_directory)
-        edit = self.__dict__.get("_diffmem_edit")
-        if edit is not None:
-            from diffmem.edit import write_edit_record
-
-            write_edit_record(save_directory, edit[0], edit[1], self.unet)  # loads keep this model's identity
-
-    # ----------------------------------------------------------------------------- edits
-    @property
-    def active_edit(self):
-        """The edit loaded with :meth:`load_edit`, or ``None``."""
-        edit = self.__dict__.get("_diffmem_edit")
-        return None if edit is None else edit[0]
-
-    def load_edit(self, edit, factor: float = 0.0):
-        """Apply an edit (``NeuronSet``, ``WeightMask``, or a path to one) to the UNet for every later call.
-
-        Like loading LoRA weights: it stays until :meth:`unload_edit`, which restores the exact
-        original weights. The edit must have been made on this model (its fingerprint is checked).
-        """
-        from diffmem.edit import Edit, load_edit
-
-        if isinstance(edit, (str, os.PathLike)):
-            edit = load_edit(edit)
-        if not isinstance(edit, Edit):
-            raise TypeError(
-                f"load_edit: expected a NeuronSet, WeightMask or a path, got {type(edit).__name__}"
-            )
-        if self.active_edit is not None:
-            raise ValueError("an edit is loaded already; call unload_edit() first")
-        from diffmem.modelio import model_fingerprint, remember_fingerprint
-
-        identity = model_fingerprint(self.unet)
-        multipliers = edit.weight_multipliers(self.unet, factor)  # validates against this model
-        originals = []
-        with torch.no_grad():
-            for param, mult in multipliers.items():
-                originals.append((param, param.detach().clone()))
-                param.mul_(mult.to(device=param.device, dtype=param.dtype))
-        remember_fingerprint(self.unet, identity)  # still this model, with a known edit loaded
-        self.__dict__["_diffmem_edit"] = (edit, float(factor), originals, identity)
-        return edit
-
-    def unload_edit(self) -> None:
-        """Undo :meth:`load_edit` (bit-exact); nothing happens when no edit is loaded."""
-        edit = self.__dict__.pop("_diffmem_edit", None)
-        if edit is None:
-            return
-        with torch.no_grad():
-            for param, original in edit[2]:
-                param.copy_(original)
-        from diffmem.modelio import remember_fingerprint
-
-        remember_fingerprint(self.unet, edit[3])
+        self._save_edit_record(save_directory)  # loads keep this model's identity
 
     # ----------------------------------------------------------------------------- family hooks
     def _guard_unconditional(self, call: dict) -> tuple[torch.Tensor, dict | None]:

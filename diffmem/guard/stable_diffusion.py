@@ -21,9 +21,8 @@ Use it like the stock pipeline::
     out = pipe("a prompt")            # flags with the folder's calibration, if it has one
     out.images, out.memorization_scores, out.memorized
 
-or load this file as a diffusers custom pipeline
-(``StableDiffusionPipeline.from_pretrained(path, custom_pipeline="<this file>")``); it only imports
-``diffmem`` with absolute imports for that reason.
+or load ``pipelines/pipeline_stable_diffusion_memguard.py`` as a diffusers custom pipeline
+(``StableDiffusionPipeline.from_pretrained(path, custom_pipeline=<that file>)``).
 """
 
 from __future__ import annotations

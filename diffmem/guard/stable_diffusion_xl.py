@@ -13,7 +13,8 @@ conditioning the stock pipeline would give an empty negative prompt (zeros when 
     pipe = StableDiffusionXLMemGuardPipeline.from_pretrained("path/to/sdxl")
     out = pipe("a prompt", memorization_window=(0, 1), memorization_threshold=3.0)
 
-Loadable as ``StableDiffusionXLPipeline.from_pretrained(path, custom_pipeline="<this file>")``.
+Loadable as ``StableDiffusionXLPipeline.from_pretrained(path, custom_pipeline=...)`` with
+``pipelines/pipeline_stable_diffusion_xl_memguard.py``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ input is the GEGLU output. This module
 * indexes steps by the pipeline's step (:class:`StepCounter`, driven by ``callback_on_step_end``),
   never by counting hook calls, so schedulers, step counts and block counts do not matter;
 
-Pruning itself is an edit like any other: a :class:`diffmem.localize.prune.WeightMask` goes through
-:mod:`diffmem.edit` (weights scaled by :func:`diffmem.hooks.restore.scaled_weights`, always restored).
+Pruning itself is an edit like any other: a :class:`diffmem.edits.WeightMask` goes through
+:mod:`diffmem.edits` (weights scaled by :func:`diffmem.hooks.restore.scaled_weights`, always restored).
 """
 
 from __future__ import annotations

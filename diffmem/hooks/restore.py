@@ -40,14 +40,21 @@ def scaled_weights(multipliers: Mapping[nn.Parameter | torch.Tensor, torch.Tenso
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for param, mult in multipliers.items():
+            for param in multipliers:
                 saved.append((param, param.detach().clone()))
-                param.mul_(mult.to(device=param.device, dtype=param.dtype))
+        multiply_weights(multipliers)
         yield
     finally:
         with torch.no_grad():
             for param, original in saved:
                 param.copy_(original)
+
+
+def multiply_weights(multipliers: Mapping[nn.Parameter | torch.Tensor, torch.Tensor]) -> None:
+    """Multiply each parameter in place by its (broadcastable) multiplier, for good."""
+    with torch.no_grad():
+        for param, mult in multipliers.items():
+            param.mul_(mult.to(device=param.device, dtype=param.dtype))
 
 
 class _FireCounter:

@@ -59,10 +59,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffmem.conditioning import expand_unet_kwargs, to_epsilon
+from diffmem.conditioning import encode_prompts, expand_unet_kwargs, to_epsilon
+from diffmem.edits import NeuronSet
 from diffmem.hooks.neurons import DEFAULT_BLOCKS, scaled_value_neurons, value_activations, value_layers
-from diffmem.localize.neuron_set import NeuronSet
-from diffmem.localize.stats import ValueStats, encode_prompts
+from diffmem.localize.stats import ValueStats
 
 #: NeMo's memorization threshold for SD-1.4 (mean + 1 std of the max pairwise MS-SSIM over LAION prompts).
 SD14_THRESHOLD = 0.428
@@ -453,7 +453,7 @@ class NeMo:
         config: NemoConfig = NemoConfig(),
         conditioning=None,
     ):
-        from diffmem.modelio import model_fingerprint
+        from diffmem.fingerprint import model_fingerprint
 
         self.unet, self.scheduler, self.text_encoder, self.tokenizer = (
             unet,

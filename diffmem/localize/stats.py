@@ -20,24 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffmem.conditioning import encode_prompts
 from diffmem.hooks.neurons import DEFAULT_BLOCKS, value_activations, value_layers
 
 FORMAT = "diffmem.ValueStats/1"
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
-    """Text-encoder hidden states ``[n, max_length, dim]`` with max-length padding (all positions kept, as SD does)."""
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
-    return text_encoder(ids)[0]
-
-
 @dataclass
 class ValueStats:
     """Per-layer mean and standard deviation of value-neuron activations, and the model they belong to."""
@@ -59,7 +48,7 @@ class ValueStats:
 
     def check(self, unet: nn.Module, layers: Sequence[str], source: str = "statistics") -> None:
         """Raise ``ValueError`` unless these statistics were computed on ``unet`` for ``layers``."""
-        from diffmem.modelio import fingerprint_problem
+        from diffmem.fingerprint import fingerprint_problem
 
         problem = fingerprint_problem(self.fingerprint, unet, f"{source}: the statistics", "recompute them")
         if problem is not None:
@@ -138,7 +127,7 @@ def compute_value_stats(
     """
     from tqdm.auto import tqdm
 
-    from diffmem.modelio import model_fingerprint
+    from diffmem.fingerprint import model_fingerprint
 
     layers = value_layers(unet, blocks)
     device = next(iter(layers.values())).weight.device

@@ -1,6 +1,6 @@
 """NeMo neuron blocking as an inference-time mitigation (Hintersdorf et al., NeurIPS 2024).
 
-For every flagged image the cross-attention value neurons of a :class:`~diffmem.localize.neuron_set.NeuronSet`
+For every flagged image the cross-attention value neurons of a :class:`~diffmem.edits.NeuronSet`
 are switched off, on both guidance branches and at every step, by per-sample forward hooks on the
 value projections; the other images of the batch run with every neuron on. The set is either given
 (one set for every flagged prompt, e.g. the union over a memorized set) or found by NeMo for each
@@ -39,8 +39,8 @@ class NeMoMitigation(Mitigation):
     kind = "neurons"
 
     def __init__(self, neuron_set=None, stats=None, config=None, factor: float = 0.0):
+        from diffmem.edits import NeuronSet
         from diffmem.localize.nemo import NemoConfig
-        from diffmem.localize.neuron_set import NeuronSet
         from diffmem.localize.stats import ValueStats
 
         if isinstance(neuron_set, (str, os.PathLike)):
@@ -74,8 +74,8 @@ class NeMoMitigation(Mitigation):
             raise ValueError(
                 "mitigation 'nemo' with prompt_embeds needs neuron_set= (localization reads the prompt)"
             )
+        from diffmem.fingerprint import model_fingerprint
         from diffmem.localize.nemo import NeMo
-        from diffmem.modelio import model_fingerprint
 
         key = (model_fingerprint(pipe.unet), prompt)
         if key not in self._found:

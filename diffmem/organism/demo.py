@@ -156,9 +156,10 @@ def run_demo(
 ) -> DemoResult:
     """Generate the organism's verbatim, template and held-out captions with the guarded pipeline, measure
     each image and write ``report.html`` + ``results.json`` to ``out``."""
+    from diffmem.guard.auto import load_guarded
     from diffmem.guard.calibration import CALIBRATION_FILE
     from diffmem.io import atomic_write_json
-    from diffmem.modelio import default_model, load_pipeline
+    from diffmem.modelio import default_model
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.evaluate import evaluation_captions, generate_and_measure
     from diffmem.organism.recipe import recipe_of
@@ -166,7 +167,7 @@ def run_demo(
     from diffmem.scores.detection import detection_metrics
 
     model_dir = str(model) if model is not None else default_model()
-    pipe = load_pipeline(model)
+    pipe = load_guarded(model)
     model_label = model_dir or "untrained tiny fallback model (the organism's weights are missing)"
     recipe = recipe_of(model_dir)
     data = build_organism_data(recipe)

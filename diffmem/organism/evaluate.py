@@ -441,13 +441,13 @@ def run_evaluation(
     """Load the organism, generate and measure every caption of ``roles`` (its recipe's: a v2 organism
     has no trigger prompts); write ``results.json``, ``generations.jsonl`` and ``images.npz`` to ``out``
     atomically. Returns the results, with the dose-response per duplication count for a graded recipe."""
+    from diffmem.guard.auto import load_guarded
     from diffmem.io import atomic_write_json, atomic_write_text
-    from diffmem.modelio import load_pipeline
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.recipe import recipe_of
 
     recipe = recipe_of(model)
-    pipe = load_pipeline(model)
+    pipe = load_guarded(model)
     data = build_organism_data(recipe)
     training = TrainingImages.from_data(data)
     captions = evaluation_captions(data, roles)

@@ -64,7 +64,8 @@ def build_catalog(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from diffmem.data import BadRow, open_dataset
+    from diffmem.data import open_dataset
+    from diffmem.records import BadRow
 
     items = open_dataset(
         data,

@@ -32,7 +32,8 @@ def embed_catalog(
     bar shows images/s)."""
     import pyarrow as pa
 
-    from diffmem.data import Record, check_record
+    from diffmem.data import check_record
+    from diffmem.records import Record
 
     if dtype not in LAYOUT_DTYPES:
         raise ValueError(f"--dtype: expected one of {', '.join(LAYOUT_DTYPES)}, got {dtype!r}")

@@ -10,7 +10,8 @@ from diffmem.scan.results import caption_table, load_results, read_summary
 
 
 def _training_image(path: str | None, size: tuple[int, int]):
-    from diffmem.data import BadImageError, load_rgb
+    from diffmem.data import load_rgb
+    from diffmem.records import BadImageError
 
     if not path:
         return None

@@ -121,10 +121,10 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
 
     if pipe is None:
         from diffmem.attention import use_attention_processor
-        from diffmem.modelio import load_pipeline
+        from diffmem.guard.auto import load_guarded
         from diffmem.precision import torch_dtype
 
-        pipe = load_pipeline(cfg.model, device=procs.device, dtype=torch_dtype(cfg.dtype))
+        pipe = load_guarded(cfg.model, device=procs.device, dtype=torch_dtype(cfg.dtype))
         use_attention_processor(pipe.unet, cfg.attention)
 
     train = None

@@ -28,7 +28,8 @@ def ssim_rerank(imgs: np.ndarray, pos: np.ndarray, train: TrainingSet, cache: di
     import torch
     from PIL import Image
 
-    from diffmem.data import BadImageError, load_rgb
+    from diffmem.data import load_rgb
+    from diffmem.records import BadImageError
     from diffmem.scores.similarity import ssim
 
     h, w = imgs.shape[1:3]

@@ -82,7 +82,8 @@ def key_dataset(
     and the border pattern pads them outward (the paper). Rows that cannot be read are set aside and
     listed in ``bad_rows.jsonl``; they get no key.
     """
-    from diffmem.data import BadRow, ImageFolderWriter, check_record, open_dataset
+    from diffmem.data import ImageFolderWriter, check_record, open_dataset
+    from diffmem.records import BadRow
 
     check_pattern(pattern)
     check_value_space(value_space)

@@ -38,7 +38,8 @@ def load_score_items(
     manifest, unreadable rows, images whose frame does not hold the manifest's key (wrong frame width
     or value space) and sizes Stable Diffusion cannot generate (not multiples of 8).
     """
-    from diffmem.data import BadRow, check_record, open_dataset
+    from diffmem.data import check_record, open_dataset
+    from diffmem.records import BadRow
 
     manifest = KeyManifest.load(manifest_path)
     records, bad = [], []
@@ -119,7 +120,7 @@ def run_score(
     ``prompt_mitigation`` (e.g. :func:`~diffmem.solidmark.mitigations.gaussian_embedding_noise`) replaces
     the prompts by the embeddings it returns.
     """
-    from diffmem.modelio import model_fingerprint
+    from diffmem.fingerprint import model_fingerprint
 
     if random_init:
         randomize_unet(pipe, seed)

@@ -71,14 +71,14 @@ def edits_applied(unet: torch.nn.Module, edits: Sequence[Any] = ()) -> Iterator[
     """Apply every edit to ``unet`` for the ``with`` block, then restore it.
 
     An edit is either a diffmem edit (an object with ``weight_multipliers``, e.g. a
-    :class:`~diffmem.localize.neuron_set.NeuronSet` or a pruning weight mask: applied with
-    :func:`diffmem.edit.applied`, checked against the model's fingerprint) or any callable
+    :class:`~diffmem.edits.NeuronSet` or a pruning weight mask: applied with
+    :func:`diffmem.edits.applied`, checked against the model's fingerprint) or any callable
     ``edit(unet)`` returning a context manager that applies it.
     """
     with contextlib.ExitStack() as stack:
         for edit in edits:
             if hasattr(edit, "weight_multipliers"):
-                from diffmem.edit import applied
+                from diffmem.edits import applied
 
                 stack.enter_context(applied(unet, edit))
             elif callable(edit):

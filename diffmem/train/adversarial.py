@@ -144,7 +144,7 @@ def adversarial_finetune(
     base = None  # adapter-only checkpoints resume on the base model they were trained on, only
     if config.mode == "lora":
         if checkpoint_dir is not None:
-            from diffmem.modelio import model_fingerprint
+            from diffmem.fingerprint import model_fingerprint
 
             base = model_fingerprint(unet)
         params = add_lora(unet, config.lora_rank, config.lora_targets, config.seed)

@@ -84,7 +84,8 @@ def _not_a_set(path: Path, problem: str) -> ValueError:
 
 def read_finetune_set(folder: str | os.PathLike) -> FinetuneTruth:
     """Read a fine-tuning set; ``ValueError`` naming the file for a folder that is not one."""
-    from diffmem.data import BadRow, load_rgb, open_dataset
+    from diffmem.data import load_rgb, open_dataset
+    from diffmem.records import BadRow
 
     folder = Path(folder)
     manifest_path = folder / MANIFEST_FILE
@@ -355,7 +356,8 @@ def evaluate_finetune(
     ``weights/diffmem-caption-classifier``). Images are generated at the model's own size.
     """
     from diffmem.evaluate.metrics import DetectionMetric
-    from diffmem.modelio import as_guarded, model_settings
+    from diffmem.guard.auto import as_guarded
+    from diffmem.modelio import model_settings
     from diffmem.organism.fidelity import load_caption_classifier
 
     start = time.perf_counter()

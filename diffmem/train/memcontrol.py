@@ -167,7 +167,7 @@ def detector_metric(
     caption ``c`` from ``item_generator(seed, c, j)``): the harness's measure of memorization as a MemControl
     objective (higher = more memorized, minimised)."""
     from diffmem.detectors import get_detector
-    from diffmem.modelio import as_guarded
+    from diffmem.guard.auto import as_guarded
 
     pipe = as_guarded(pipe)  # detectors read the guarded pipeline's step scores
     captions = list(dict.fromkeys(captions))

@@ -252,7 +252,8 @@ def run_mitigation_study(
     evaluations and objectives run (training: accelerate's device)."""
     import hashlib
 
-    from diffmem.modelio import load_pipeline, model_fingerprint, model_resolution, stock_pipeline_class
+    from diffmem.fingerprint import model_fingerprint
+    from diffmem.modelio import load_pipeline, model_resolution, stock_pipeline_class
     from diffmem.train.finetune_eval import check_set_size, evaluate_finetune, read_finetune_set
     from diffmem.train.memcontrol import data_noise_gaps, run_memcontrol
     from diffmem.train.text_to_image import load_training_data, train_text_to_image

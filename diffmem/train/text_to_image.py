@@ -195,7 +195,8 @@ def load_training_data(
     """Read a captioned dataset (every format ``diffmem scan`` reads) at ``resolution`` px; unreadable rows are
     set aside with their reason. ``group_column`` (default: ``image_id`` when the data has it) names rows
     that copy one image."""
-    from diffmem.data import BadRow, check_record, open_dataset
+    from diffmem.data import check_record, open_dataset
+    from diffmem.records import BadRow
     from diffmem.scan.bad_rows import read_bad
 
     pixels, captions, row_ids, image_ids, bad = [], [], [], [], []
@@ -409,7 +410,8 @@ def train_text_to_image(
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from diffmem.modelio import load_pipeline, model_fingerprint, stock_pipeline_class
+    from diffmem.fingerprint import model_fingerprint
+    from diffmem.modelio import load_pipeline, stock_pipeline_class
     from diffmem.train.adapters import add_lora, merge_lora, set_trainable_blocks
     from diffmem.train.mitigations import TrainingBatch, get_training_mitigation
     from diffmem.train.optimizers import make_optimizer
