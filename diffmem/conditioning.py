@@ -14,21 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffmem.modelio import is_sdxl
+
 __all__ = [
     "encode_prompts",
     "expand_unet_kwargs",
     "guidance_batch",
-    "is_sdxl",
     "prompt_conditioning",
     "unconditional_conditioning",
 ]
 
 
-def is_sdxl(pipe) -> bool:
-    """True for a pipeline whose UNet takes SDXL's ``text_time`` micro-conditioning."""
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
-
-
+@torch.no_grad()
 def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
     """Text-encoder hidden states ``[n, max_length, dim]`` with max-length padding (all positions kept, as SD does)."""
     ids = tokenizer(

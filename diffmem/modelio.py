@@ -291,11 +291,13 @@ def load_pipeline(
     return pipe
 
 
-def is_sdxl(model: str | os.PathLike | None) -> bool:
-    """Whether ``model`` (a folder or hub id; ``None``, the organism, is not) is an SDXL pipeline, by the
-    ``_class_name`` of its ``model_index.json``."""
+def is_sdxl(model) -> bool:
+    """Whether ``model`` is SDXL: a pipeline whose UNet takes SDXL's ``text_time`` micro-conditioning, or
+    a folder or hub id whose ``model_index.json`` names an SDXL pipeline (``None``, the organism, is not)."""
     if model is None:
         return False
+    if hasattr(model, "unet"):
+        return getattr(model.unet.config, "addition_embed_type", None) == "text_time"
     index = Path(str(model)) / "model_index.json"
     name = None
     if index.is_file():

@@ -12,7 +12,9 @@ Each reader returns rows ``{"id", "prompt", "label", "role"}`` (label 1 = memori
   retrieval and template verbatim; memorized) or N / none (not);
 * a plain negatives file (``.txt``, one prompt per line): all label 0.
 
-Every error names the file and the line or row.
+:func:`read_prompt_file` reads the prompt files of the commands (``--prompts``, ``--memorized``, ...): a
+.txt file, a .jsonl/.csv file with chosen columns, or any caption table. Every error names the file and
+the line or row.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import io
 import json
 import os
 from pathlib import Path
+
+from diffmem.data import open_dataset, split_rows
+from diffmem.io import read_text
+from diffmem.records import CAPTION_COLUMNS
 
 __all__ = ["KINDS", "read_prompt_set"]
 
@@ -165,3 +171,101 @@ def read_prompt_set(path: str | os.PathLike, kind: str = "auto") -> list[dict]:
     for r in rows:  # ids unique across files: prefix with the file name
         r["id"] = f"{path.name}:{r['id']}" if kind != "prompt-folder" else r["id"]
     return rows
+
+
+# ---------------------------------------------------------------------------- prompt files of the CLI
+
+
+_TRUE = {"1", "true", "yes", "memorized", "mem", "vm", "tm"}
+_FALSE = {"0", "false", "no", "not_memorized", "non_memorized", "clean"}
+
+
+def _parse_label(value, where: str) -> int:
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return 1
+    if text in _FALSE:
+        return 0
+    raise ValueError(f"{where}: label {value!r} is not a 0/1 (or true/false) value")
+
+
+def read_prompt_file(
+    path: str | os.PathLike,
+    caption_column: str | None = "caption",
+    id_column: str | None = None,
+    label_column: str | None = None,
+    argument: str = "--prompts",
+) -> list[dict]:
+    """Rows ``{"id", "prompt"[, "label"]}`` of a prompt file: a .txt file (one prompt per non-empty line), a
+    .jsonl or .csv file (``caption_column``, ``id_column``, ``label_column``; ``caption_column=None`` takes
+    the first of ``caption``, ``text``, ``prompt``), or any caption table ``diffmem.data`` reads (.parquet,
+    an image folder's metadata). Every error is one line that names ``argument``, the file and the row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{argument}: {path} does not exist (expected a .txt file of prompts or a caption table)"
+        )
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl", ".csv"):
+        return _caption_table(path, argument)
+    text = read_text(path, argument)
+    if suffix == ".txt":
+        if id_column or label_column:
+            raise ValueError(
+                f"{argument}: a .txt file has no columns; use .jsonl or .csv for --id-column/--labels"
+            )
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        rows = [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)]
+        if not rows:
+            raise ValueError(f"{argument}: {path} has no prompts")
+        return rows
+    if suffix == ".jsonl":
+        raw = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{argument}: {path} line {n} is not valid JSON ({err})") from err
+            if not isinstance(obj, dict):
+                raise ValueError(f"{argument}: {path} line {n} is not a JSON object")
+            raw.append((f"{path} line {n}", obj))
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        raw = [(f"{path} row {n}", row) for n, row in enumerate(reader, start=2)]
+    if not raw:
+        raise ValueError(f"{argument}: {path} has no rows")
+    if caption_column is None:
+        caption_column = next((c for c in CAPTION_COLUMNS if c in raw[0][1]), CAPTION_COLUMNS[0])
+    rows, seen = [], set()
+    for i, (where, obj) in enumerate(raw):
+        for column, flag in (
+            (caption_column, "--caption-column"),
+            (id_column, "--id-column"),
+            (label_column, "--labels"),
+        ):
+            if column is not None and column not in obj:
+                raise ValueError(f"{where}: no column {column!r} ({flag}); columns are {sorted(obj)}")
+        prompt = obj[caption_column]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: empty caption in column {caption_column!r}")
+        row = {"id": str(obj[id_column]) if id_column else str(i), "prompt": prompt.strip()}
+        if row["id"] in seen:
+            raise ValueError(f"{where}: duplicate id {row['id']!r} in column {id_column!r}")
+        seen.add(row["id"])
+        if label_column is not None:
+            row["label"] = _parse_label(obj[label_column], where)
+        rows.append(row)
+    return rows
+
+
+def _caption_table(path: Path, argument: str) -> list[dict]:
+    """Rows of any other caption table :func:`diffmem.data.open_dataset` reads (its ids and captions)."""
+    records, bad = split_rows(open_dataset(path, require_image=False, check_files=False))
+    if bad:
+        b = bad[0]
+        raise ValueError(f"{argument}: {path} row {b.row}: {b.reason} ({b.detail})")
+    if not records:
+        raise ValueError(f"{argument}: {path} has no prompts")
+    return [{"id": r.id, "prompt": r.caption} for r in records]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffmem.pipelines import StableDiffusionMemGuardPipeline
 
-from diffmem.detect import calibrate, initial_latents, score_prompts
+from diffmem.detect import calibrate, score_prompts
+from diffmem.generation import initial_latents
 
 PROMPTS = ["a red circle", "a cat on grass", "a blue square"]
 STEPS = 4

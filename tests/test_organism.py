@@ -183,7 +183,7 @@ def test_similarity_and_replication_helpers():
 
 @pytest.mark.slow
 def test_committed_organism_replicates_verbatim_not_heldout():
-    from diffmem.detect import initial_latents
+    from diffmem.generation import initial_latents
     from diffmem.guard.auto import load_guarded
     from diffmem.modelio import default_model
     from diffmem.organism.replication import organism_training_images

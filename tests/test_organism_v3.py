@@ -183,15 +183,15 @@ def test_prompts_command_writes_the_v3_trigger_prompts(tmp_path, capsys):
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 28 + 56
     assert {r["role"] for r in rows if r["label"] == "1"} == {"verbatim"}
-    assert main(["organism", "prompts", "--recipe", "v4", "--out", str(out)]) == 2
-    assert "--recipe: invalid choice: 'v4'" in capsys.readouterr().err
+    assert main(["organism", "prompts", "--recipe", "v9", "--out", str(out)]) == 2
+    assert "--recipe: invalid choice: 'v9'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_committed_v3_replicates_its_64_copy_image_not_its_1_copy_image():
     from pathlib import Path
 
-    from diffmem.detect import initial_latents
+    from diffmem.generation import initial_latents
     from diffmem.guard.auto import load_guarded
     from diffmem.organism.replication import TrainingImages
 

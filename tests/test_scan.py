@@ -79,7 +79,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tiny_sd1_dir):
     """An image folder: 8 captions (3 with planted copies, labelled), plus one row of each bad kind."""
-    from diffmem.detect import initial_latents
+    from diffmem.generation import initial_latents
 
     pipe = _pipe(tiny_sd1_dir)
     folder = tmp_path_factory.mktemp("planted")

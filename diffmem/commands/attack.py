@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from diffmem.commands.edit_options import add_edit_arguments, load_edit, load_image_tensor, load_targets
 from diffmem.commands.options import (
     add_runtime_arguments,
     add_training_memory_arguments,
@@ -19,16 +20,6 @@ HELP = (
     "Finding Dori (Kowalczuk et al. 2026): for each (caption, training image) optimize the text embedding "
     "against the frozen, possibly edited model, then generate from it and measure replication."
 )
-
-
-def add_edit_arguments(p: argparse.ArgumentParser) -> None:
-    """``--mask`` / ``--neurons``: an edit applied at run time (shared by attack and finetune)."""
-    p.add_argument(
-        "--mask", default=None, help="a WeightMask (.safetensors from diffmem prune) applied while attacking"
-    )
-    p.add_argument(
-        "--neurons", default=None, help="a NeuronSet (.json from diffmem localize) applied while attacking"
-    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,54 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="attack only the first N targets")
     add_training_memory_arguments(p, optimizer=False)
     add_runtime_arguments(p)
-
-
-def load_targets(path: str, argument: str = "--targets", limit: int | None = None):
-    """(id, caption, image path) records of a targets dataset; the first bad row is an error naming it."""
-    from diffmem.data import open_dataset, split_rows
-
-    records, bad = split_rows(open_dataset(path, argument=argument))
-    if bad:
-        b = bad[0]
-        raise ValueError(f"{argument}: {b.source or path} row {b.row} (id {b.id}): {b.reason}: {b.detail}")
-    if not records:
-        raise ValueError(f"{argument}: {path} holds no targets")
-    return records[:limit] if limit else records
-
-
-def load_image_tensor(path, argument: str = "--targets"):
-    """An image file as a float ``[3, H, W]`` tensor in [0, 1]."""
-    import numpy as np
-    import torch
-
-    from diffmem.data import load_rgb
-    from diffmem.records import BadImageError
-
-    try:
-        im = load_rgb(path)
-    except BadImageError as err:
-        raise ValueError(f"{argument}: {path}: {err}") from err
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-
-
-def load_edit(args: argparse.Namespace):
-    """The edit named by ``--mask`` / ``--neurons`` (None without either)."""
-    if args.mask and args.neurons:
-        from diffmem.cli import UsageError
-
-        raise UsageError("give --mask or --neurons, not both")
-    if args.mask:
-        from diffmem.edits import WeightMask
-
-        return WeightMask.load(args.mask, "--mask")
-    if args.neurons:
-        from diffmem.edits import NeuronSet
-
-        try:
-            return NeuronSet.load(args.neurons)
-        except (ValueError, FileNotFoundError) as err:
-            raise type(err)(f"--neurons: {err}") from None
-    return None
 
 
 def _hwc(image):

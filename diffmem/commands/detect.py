@@ -18,13 +18,11 @@ import json
 from pathlib import Path
 
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
-from diffmem.io import read_text
+from diffmem.prompt_sets import read_prompt_file
 
 NAME = "detect"
 HELP = "Score prompts for memorization from the first denoising step(s) (Wen et al.'s noise gap)."
 
-_TRUE = {"1", "true", "yes", "memorized", "mem", "vm", "tm"}
-_FALSE = {"0", "false", "no", "not_memorized", "non_memorized", "clean"}
 SETTINGS = (
     "model_fingerprint",
     "num_gens",
@@ -79,78 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_runtime_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _parse_label(value, where: str) -> int:
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return 1
-    if text in _FALSE:
-        return 0
-    raise ValueError(f"{where}: label {value!r} is not a 0/1 (or true/false) value")
-
-
-def read_prompts(
-    path: str | Path,
-    caption_column: str = "caption",
-    id_column: str | None = None,
-    label_column: str | None = None,
-) -> list[dict]:
-    """Rows ``{"id", "prompt"[, "label"]}`` from a .txt, .jsonl or .csv file; errors name the file and row."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts: {path} does not exist")
-    suffix = path.suffix.lower()
-    text = read_text(path, "--prompts")
-    if suffix == ".txt":
-        if id_column or label_column:
-            raise ValueError(
-                "--prompts: a .txt file has no columns; use .jsonl or .csv for --id-column/--labels"
-            )
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        rows = [{"id": str(i), "prompt": p} for i, p in enumerate(prompts)]
-        if not rows:
-            raise ValueError(f"--prompts: {path} has no prompts")
-        return rows
-    if suffix == ".jsonl":
-        raw = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--prompts: {path} line {n} is not valid JSON ({err})") from err
-            if not isinstance(obj, dict):
-                raise ValueError(f"--prompts: {path} line {n} is not a JSON object")
-            raw.append((f"{path} line {n}", obj))
-    elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        raw = [(f"{path} row {n}", row) for n, row in enumerate(reader, start=2)]
-    else:
-        raise ValueError(f"--prompts: {path} has suffix {path.suffix!r} (expected .txt, .jsonl or .csv)")
-    if not raw:
-        raise ValueError(f"--prompts: {path} has no rows")
-    rows, seen = [], set()
-    for i, (where, obj) in enumerate(raw):
-        for column, flag in (
-            (caption_column, "--caption-column"),
-            (id_column, "--id-column"),
-            (label_column, "--labels"),
-        ):
-            if column is not None and column not in obj:
-                raise ValueError(f"{where}: no column {column!r} ({flag}); columns are {sorted(obj)}")
-        prompt = obj[caption_column]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where}: empty caption in column {caption_column!r}")
-        row = {"id": str(obj[id_column]) if id_column else str(i), "prompt": prompt.strip()}
-        if row["id"] in seen:
-            raise ValueError(f"{where}: duplicate id {row['id']!r} in column {id_column!r}")
-        seen.add(row["id"])
-        if label_column is not None:
-            row["label"] = _parse_label(obj[label_column], where)
-        rows.append(row)
-    return rows
 
 
 def read_results(path: Path) -> list[dict]:
@@ -208,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         if not Path(args.save_calibration).is_dir():
             raise FileNotFoundError(f"--save-calibration: {args.save_calibration} is not a folder")
     check_runtime_arguments(args)
-    rows = read_prompts(args.prompts, args.caption_column, args.id_column, args.labels)
+    rows = read_prompt_file(args.prompts, args.caption_column, args.id_column, args.labels)
     pipe = load_model(args)
     height, width = resolution(args, pipe)
     settings = {

@@ -22,7 +22,7 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from diffmem.commands.attack import add_edit_arguments
+    from diffmem.commands.edit_options import add_edit_arguments
 
     p.add_argument(
         "--adversarial", action="store_true", help="adversarial fine-tuning against the Dori attack"
@@ -77,7 +77,7 @@ def _encode_images(pipe, paths, argument: str, size: tuple[int, int], batch: int
     import torch
 
     from diffmem.attack.dori import encode_images
-    from diffmem.commands.attack import load_image_tensor
+    from diffmem.commands.edit_options import load_image_tensor
 
     out = []
     for i in range(0, len(paths), batch):
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     from diffmem.attack.dori import DoriConfig
     from diffmem.cli import UsageError
-    from diffmem.commands.attack import load_edit, load_targets
+    from diffmem.commands.edit_options import load_edit, load_targets
     from diffmem.edits import applied
     from diffmem.io import atomic_save_tensors
     from diffmem.report import img_tag, table_html, write_html

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+from diffmem.prompt_sets import read_prompt_file
 
 NAME = "localize"
 HELP = (
@@ -78,15 +79,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _read(path: str, argument: str, caption_column: str, id_column: str | None) -> list[dict]:
-    from diffmem.commands.detect import read_prompts
-
-    try:
-        return read_prompts(path, caption_column=caption_column, id_column=id_column)
-    except (ValueError, FileNotFoundError) as err:
-        raise type(err)(str(err).replace("--prompts", argument)) from err
-
-
 def run(args: argparse.Namespace) -> int:
     from diffmem.evaluate.localization import localize_prompts
     from diffmem.localize.nemo import NemoConfig
@@ -100,14 +92,16 @@ def run(args: argparse.Namespace) -> int:
             f"--steps: NeMo's criterion reads timesteps[1], expected at least 2, got {args.steps}"
         )
     blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
-    rows = _read(args.prompts, "--prompts", args.caption_column, args.id_column)
+    rows = read_prompt_file(args.prompts, args.caption_column, args.id_column)
     if args.limit is not None:
         rows = rows[: args.limit]
     reference = None
     if args.reference_prompts:
         reference = [
             r["prompt"]
-            for r in _read(args.reference_prompts, "--reference-prompts", args.caption_column, None)
+            for r in read_prompt_file(
+                args.reference_prompts, args.caption_column, argument="--reference-prompts"
+            )
         ]
     if args.stats is None and reference is None:
         raise ValueError(

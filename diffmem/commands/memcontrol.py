@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from diffmem.commands.options import DATA_HELP, add_data_column_arguments
+from diffmem.prompt_sets import read_prompt_file
 
 NAME = "memcontrol"
 HELP = (
@@ -15,7 +16,7 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from diffmem.commands.train import add_fit_arguments
+    from diffmem.commands.training_options import add_fit_arguments
 
     p.add_argument("--model", default=None, help="Stable Diffusion folder or hub id (default: the organism)")
     p.add_argument("--data", required=True, help=DATA_HELP)
@@ -75,8 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.commands.prune import read_prompts
-    from diffmem.commands.train import check_paths_exist, load_data, train_config
+    from diffmem.commands.training_options import check_paths_exist, load_data, train_config
     from diffmem.modelio import load_pipeline, stock_pipeline_class
     from diffmem.train.memcontrol import MemControlConfig, run_memcontrol
     from diffmem.train.text_to_image import load_training_data
@@ -89,7 +89,11 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     config.check()
     check_paths_exist(args, "data", "heldout")
-    fidelity_captions = read_prompts(args.fidelity_captions, "--fidelity-captions") or None
+    fidelity_captions = (
+        [r["prompt"] for r in read_prompt_file(args.fidelity_captions, None, argument="--fidelity-captions")]
+        if args.fidelity_captions
+        else None
+    )
     args.lora = not args.full
     inner = train_config(args)
     inner.check()

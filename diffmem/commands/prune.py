@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+from diffmem.prompt_sets import read_prompt_file
 
 NAME = "prune"
 HELP = (
@@ -47,32 +48,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-model", action="store_true", help="also write the pruned model to OUT/model")
 
 
-def read_prompts(path: str | None, argument: str) -> list[str]:
-    """Prompts from a .txt file (one per non-empty line) or a caption table; errors name ``argument`` and the row."""
-    from diffmem.data import open_dataset, split_rows
-
-    if path is None:
-        return []
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"{argument}: {p} does not exist (expected a .txt file of prompts or a caption table)"
-        )
-    if p.suffix.lower() == ".txt":
-        from diffmem.io import read_text
-
-        prompts = [line.strip() for line in read_text(p, argument).splitlines() if line.strip()]
-    else:
-        records, bad = split_rows(open_dataset(p, require_image=False, check_files=False))
-        if bad:
-            b = bad[0]
-            raise ValueError(f"{argument}: {p} row {b.row}: {b.reason} ({b.detail})")
-        prompts = [r.caption for r in records]
-    if not prompts:
-        raise ValueError(f"{argument}: {p} holds no prompts")
-    return prompts
-
-
 def run(args: argparse.Namespace) -> int:
     from diffusers import StableDiffusionPipeline
 
@@ -81,8 +56,12 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.localize.prune import find_weight_mask
     from diffmem.report import table_html, write_html
 
-    memorized = read_prompts(args.memorized, "--memorized")
-    reference = read_prompts(args.reference, "--reference") or None
+    memorized = [r["prompt"] for r in read_prompt_file(args.memorized, None, argument="--memorized")]
+    reference = (
+        [r["prompt"] for r in read_prompt_file(args.reference, None, argument="--reference")]
+        if args.reference
+        else None
+    )
     if args.tau < 1 or args.tau > args.steps:
         raise ValueError(f"--tau must be between 1 and --steps ({args.steps}), got {args.tau}")
     if not 0 < args.ratio <= 1:

@@ -2,7 +2,7 @@
 
 A :class:`Detector` maps prompts to scores, one per generation (``[n_prompts, num_gens]``, higher = more
 likely memorized). Generation ``j`` of the prompt with id ``i`` always starts from the noise
-``diffmem.seeding.item_generator(seed, i, j)`` (:func:`diffmem.detect.initial_latents`), so every detector
+``diffmem.seeding.item_generator(seed, i, j)`` (:func:`diffmem.generation.initial_latents`), so every detector
 sees the same starting noise, whatever the batch. ``unet_evals(num_inference_steps)`` is the cost per
 generation in UNet evaluations (a classifier-free-guidance batch counts 2; a Jacobian-vector product
 counts 2), as the harness reports it beside measured seconds.
@@ -16,7 +16,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+from tqdm.auto import tqdm
 
+from diffmem.generation import initial_latents
 from diffmem.registry import Registry
 
 __all__ = ["DETECTORS", "Detector", "available_detectors", "get_detector", "register_detector"]
@@ -45,7 +47,8 @@ class Detector(ABC):
     @abstractmethod
     def score_latents(self, pipe, prompts: list[str], latents: torch.Tensor, settings: dict) -> torch.Tensor:
         """Scores ``[len(prompts) * num_gens]`` (prompt-major) for starting noise ``latents`` (before
-        ``init_noise_sigma``); ``settings`` holds ``num_gens``, ``num_inference_steps``, ``guidance_scale``."""
+        ``init_noise_sigma``); ``settings`` holds ``num_gens``, ``num_inference_steps``, ``guidance_scale``,
+        ``height``, ``width`` and ``pipeline_kwargs``."""
 
     def config(self) -> dict[str, Any]:
         """The detector's settings, as recorded in results (keys are ``__init__`` arguments)."""
@@ -75,12 +78,17 @@ class Detector(ABC):
         guidance_scale: float = 7.5,
         batch_size: int = 8,
         progress: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+        **pipeline_kwargs,
     ) -> torch.Tensor:
-        """Scores ``[len(prompts), num_gens]`` (float32, CPU); the row mean is the prompt's score."""
-        from tqdm.auto import tqdm
+        """Scores ``[len(prompts), num_gens]`` (float32, CPU); the row mean is the prompt's score.
 
-        from diffmem.detect import initial_latents
-
+        Generation ``j`` of prompt ``i`` starts from :func:`~diffmem.generation.initial_latents` of
+        ``item_ids[i]`` (default: ``i``), so scores do not depend on ``batch_size``. ``height``, ``width``
+        and ``pipeline_kwargs`` (e.g. a guarded pipeline's ``mitigation=``) reach ``score_latents`` in
+        ``settings``.
+        """
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts: expected a non-empty list of strings")
         if not isinstance(num_gens, int) or num_gens < 1:
@@ -92,6 +100,9 @@ class Detector(ABC):
             "num_gens": num_gens,
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
+            "height": height,
+            "width": width,
+            "pipeline_kwargs": pipeline_kwargs,
         }
         out = torch.empty(len(prompts), num_gens)
         device, dtype = pipe._execution_device, pipe.unet.dtype
@@ -101,7 +112,8 @@ class Detector(ABC):
             with tqdm(total=len(prompts), desc=self.name, unit="prompt", disable=not progress) as bar:
                 for b in range(0, len(prompts), batch_size):
                     batch = list(prompts[b : b + batch_size])
-                    latents = initial_latents(pipe, ids[b : b + batch_size], num_gens, seed).to(device, dtype)
+                    latents = initial_latents(pipe, ids[b : b + batch_size], num_gens, seed, height, width)
+                    latents = latents.to(device, dtype)
                     scores = self.score_latents(pipe, batch, latents, settings)
                     out[b : b + len(batch)] = scores.detach().float().cpu().view(len(batch), num_gens)
                     bar.update(len(batch))

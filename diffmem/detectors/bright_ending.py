@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from diffmem.detectors.base import Detector, register_detector
+from diffmem.hooks.attention import cross_attention_probes
+from diffmem.hooks.noise import recorded_guidance_gaps
 
 __all__ = ["BrightEndingDetector", "bright_ending_layers", "end_token_positions"]
 
@@ -53,22 +55,9 @@ def bright_ending_capture(pipe, prompts: list[str], num_gens: int):
     Yields a dict that holds, after the loop, ``gaps`` (list of ``[n, C, H, W]``) and ``mask``
     (``[n, H, W]`` at latent size).
     """
-    from diffmem.hooks.attention import cross_attention_probes
-    from diffmem.hooks.noise import _alpha_bar, _timestep, _unet_output
-
     ends = end_token_positions(pipe, prompts).repeat_interleave(num_gens)
-    state: dict[str, Any] = {"gaps": [], "maps": {}}
+    state: dict[str, Any] = {"maps": {}}
     v_pred = pipe.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-
-    def gap_hook(module, args, kwargs, output):
-        u, c = _unet_output(output).detach().float().chunk(2)
-        gap = c - u
-        if v_pred:
-            gap = gap * _alpha_bar(pipe.scheduler.alphas_cumprod, _timestep(args, kwargs)).sqrt().to(
-                gap.device
-            ).view(-1, 1, 1, 1)
-        state["gaps"].append(gap.cpu())
-        state["latent_hw"] = gap.shape[-2:]
 
     def record(
         name, probs
@@ -77,13 +66,14 @@ def bright_ending_capture(pipe, prompts: list[str], num_gens: int):
         idx = ends.to(cond.device).view(-1, 1, 1, 1).expand(-1, cond.shape[1], cond.shape[2], 1)
         state["maps"][name] = cond.gather(3, idx)[..., 0].mean(dim=1)  # [n, P]
 
-    handle = pipe.unet.register_forward_hook(gap_hook, with_kwargs=True)
-    try:
-        with cross_attention_probes(pipe.unet, bright_ending_layers(pipe.unet), record=record):
-            yield state
-    finally:
-        handle.remove()
-    h, w = state["latent_hw"]
+    alphas = pipe.scheduler.alphas_cumprod if v_pred else None
+    with (
+        recorded_guidance_gaps(pipe.unet, alphas) as gaps,
+        cross_attention_probes(pipe.unet, bright_ending_layers(pipe.unet), record=record),
+    ):
+        state["gaps"] = gaps
+        yield state
+    h, w = state["gaps"][-1].shape[-2:]
     masks = []
     for flat in state["maps"].values():
         side = int(round(flat.shape[1] ** 0.5 * (h / w) ** 0.5))

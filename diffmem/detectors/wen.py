@@ -1,8 +1,8 @@
-"""Wen et al.'s noise-gap detector (ICLR 2024): ``mean_{k < steps} ||eps(x_k, c) - eps(x_k, empty)||_2``.
+"""Wen et al.'s noise-gap detector (ICLR 2024): ``mean_{start <= k < steps} ||eps(x_k, c) - eps(x_k, empty)||_2``.
 
 The first step (``steps=1``) is the paper's recommended early detector: one classifier-free-guidance
 batch, 2 UNet evaluations per generation, no image. More steps follow the guided trajectory
-(``guidance_scale``). The scores are exactly the guarded pipeline's (:func:`diffmem.detect.noise_gap_scores`).
+(``guidance_scale``). The scores are exactly the guarded pipeline's (:func:`noise_gap_scores`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,81 @@ from typing import Any
 import torch
 
 from diffmem.detectors.base import Detector, register_detector
+from diffmem.hooks.noise import capture_noise_gap
+from diffmem.scores.noise_gap import window_mean
 
-__all__ = ["WenDetector"]
+__all__ = ["WenDetector", "noise_gap_scores"]
+
+
+def _is_guarded(pipe) -> bool:
+    """True for diffmem's guarded pipelines (they score the loop themselves, mitigation included; each
+    names the stock class it wraps)."""
+    return getattr(type(pipe), "stock_pipeline_class", None) is not None
+
+
+def _stop_after(end: int):
+    """A ``callback_on_step_end`` that interrupts the loop once the first ``end`` UNet calls are done."""
+
+    def callback(pipe, i, t, callback_kwargs):
+        if i + 1 >= end:
+            pipe._interrupt = True
+        return {}
+
+    return callback
+
+
+def noise_gap_scores(
+    pipe,
+    prompts: list[str],
+    latents: torch.Tensor,
+    *,
+    num_gens: int,
+    window: tuple[int, int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    **pipeline_kwargs,
+) -> torch.Tensor:
+    """Wen et al.'s windowed score ``[len(prompts) * num_gens]`` from the given starting noise (one batch).
+
+    Runs ``pipe`` for the first ``window[1]`` steps only; the guarded pipeline scores itself, any other
+    SD pipeline gets the capture hook.
+    """
+    start, end = window
+    guided = _is_guarded(pipe)
+    call = dict(
+        prompt=list(prompts),
+        num_images_per_prompt=num_gens,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        latents=latents,
+        height=height,
+        width=width,
+        output_type="latent",
+        callback_on_step_end=_stop_after(end),
+        **pipeline_kwargs,
+    )
+    if guided:
+        # scores only: an explicit threshold keeps the model's calibration out of the call (no flag is used)
+        if "mitigation" not in call and "memorization_threshold" not in call:
+            call["memorization_threshold"] = 0.0
+        out = pipe(**call, memorization_window=(start, end))
+        return torch.tensor(out.memorization_scores, dtype=torch.float32)
+    guidance = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+    uncond = None
+    if not guidance:
+        with torch.no_grad():
+            uncond, _ = pipe.encode_prompt([""], pipe._execution_device, 1, False)
+    with capture_noise_gap(
+        pipe.unet,
+        guidance=guidance,
+        uncond_embeds=uncond,
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        alphas_cumprod=getattr(pipe.scheduler, "alphas_cumprod", None),
+    ) as record:
+        pipe(**call)
+    return window_mean(record.as_tensor(), start, end)
 
 
 @register_detector
@@ -23,20 +96,20 @@ class WenDetector(Detector):
     name = "wen"
     reference = "Wen et al., ICLR 2024"
 
-    def __init__(self, steps: int = 1):
+    def __init__(self, steps: int = 1, start: int = 0):
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
-        self.steps = steps
+        if not isinstance(start, int) or not 0 <= start < steps:
+            raise ValueError(f"start: expected an integer 0 <= start < steps={steps}, got {start!r}")
+        self.steps, self.start = steps, start
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "steps": self.steps}
+        return {"name": self.name, "steps": self.steps, "start": self.start}
 
     def unet_evals(self, num_inference_steps: int) -> float:
         return 2.0 * min(self.steps, num_inference_steps)
 
     def score_latents(self, pipe, prompts, latents, settings) -> torch.Tensor:
-        from diffmem.detect import noise_gap_scores
-
         if self.steps > settings["num_inference_steps"]:
             raise ValueError(
                 f"wen: steps={self.steps} exceeds num_inference_steps={settings['num_inference_steps']}"
@@ -46,7 +119,10 @@ class WenDetector(Detector):
             prompts,
             latents,
             num_gens=settings["num_gens"],
-            window=(0, self.steps),
+            window=(self.start, self.steps),
             num_inference_steps=settings["num_inference_steps"],
             guidance_scale=settings["guidance_scale"],
+            height=settings.get("height"),
+            width=settings.get("width"),
+            **settings.get("pipeline_kwargs", {}),
         )

@@ -18,7 +18,6 @@ Per-image rows are cached as ``mitigation/<key>.json`` (atomically), so a rerun 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,35 +25,24 @@ import torch
 
 from diffmem.evaluate.metrics import ReplicationRate
 from diffmem.evaluate.suites import Suite
+from diffmem.generation import generate
 from diffmem.modelio import model_settings
 
 __all__ = ["evaluate_mitigations", "mitigation_markdown", "write_mitigation_report"]
 
 
 def _generate(pipe, prompts, ids, *, num_gens, seed, steps, guidance_scale, batch_size, **kwargs):
-    """Images ``[n * num_gens, H, W, 3]``, mitigation reports, seconds and flags (noise: ``initial_latents``)."""
-    import numpy as np
-
-    from diffmem.detect import initial_latents
-
-    images, reports, seconds, flags = [], [], 0.0, []
-    for b in range(0, len(prompts), batch_size):
-        latents = initial_latents(pipe, ids[b : b + batch_size], num_gens, seed)
-        start = time.perf_counter()
-        out = pipe(
-            list(prompts[b : b + batch_size]),
-            num_images_per_prompt=num_gens,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            latents=latents.to(pipe._execution_device, pipe.unet.dtype),
-            output_type="np",
-            **kwargs,
-        )
-        seconds += time.perf_counter() - start
-        images.append(np.asarray(out.images, dtype=np.float32))
-        reports += out.mitigations or [{} for _ in range(len(out.images))]
-        flags += out.memorized or [False] * len(out.images)
-    return np.concatenate(images), reports, seconds, flags
+    """Images ``[n * num_gens, H, W, 3]``, mitigation reports, seconds and flags (:func:`diffmem.generation.generate`)."""
+    images, batches = generate(
+        pipe, prompts, item_ids=ids, num_gens=num_gens, seed=seed, batch_size=batch_size,
+        num_inference_steps=steps, guidance_scale=guidance_scale, **kwargs,
+    )  # fmt: skip
+    reports, flags = [], []
+    for batch in batches:
+        n = len(batch.images)
+        reports += batch.output.mitigations or [{} for _ in range(n)]
+        flags += batch.output.memorized or [False] * n
+    return images, reports, sum(b.seconds for b in batches), flags
 
 
 def _plain_clean(pipe, clean, settings, cache: Path) -> torch.Tensor:

@@ -366,7 +366,16 @@ class MemGuardMixin(EditLoaderMixin):
             threshold=threshold,
             num_inference_steps=call["num_inference_steps"],
             guidance_scale=float(call["guidance_scale"]),
+            stock_call=self._stock_call,
+            current_guidance_scale=lambda: self._guidance_scale,
             **conditioning,
+        )
+
+    def _stock_call(self, batch, **call_kwargs):
+        """The stock ``__call__`` on ``batch`` (its conditioning and noise), for a mitigation that needs an
+        unguarded run (:meth:`GuardedBatch.run_stock`)."""
+        return type(self).stock_pipeline_class.__call__(
+            self, **self._guard_call_updates(batch), **call_kwargs
         )
 
     @staticmethod

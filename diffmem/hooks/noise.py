@@ -41,17 +41,19 @@ class NoiseGapRecord:
         return torch.stack([s.detach().float().cpu() for s in self.steps], dim=1)
 
 
-def _unet_output(output) -> torch.Tensor:
+def unet_output(output) -> torch.Tensor:
+    """The noise prediction of a UNet forward's output (a tuple or a ``UNet2DConditionOutput``)."""
     if isinstance(output, (tuple, list)):
         return output[0]
     return output.sample
 
 
-def _timestep(args: tuple, kwargs: dict):
+def timestep_of(args: tuple, kwargs: dict):
+    """The timestep a UNet forward was called with (second positional argument or ``timestep=``)."""
     return args[1] if len(args) > 1 else kwargs["timestep"]
 
 
-def _alpha_bar(alphas_cumprod: torch.Tensor, timestep) -> torch.Tensor:
+def alpha_bar(alphas_cumprod: torch.Tensor, timestep) -> torch.Tensor:
     """alpha-bar at ``timestep`` (linear interpolation for the fractional timesteps of Euler-type schedulers)."""
     t = torch.as_tensor(timestep).detach().float().cpu().reshape(-1).numpy()
     acp = alphas_cumprod.detach().float().cpu().numpy()
@@ -98,7 +100,7 @@ def capture_noise_gap(
     def hook(module, args, kwargs, output):
         if key in _EXTRA_PASS_ACTIVE:
             return None
-        out = _unet_output(output)
+        out = unet_output(output)
         if guidance:
             if out.shape[0] % 2:
                 raise RuntimeError(
@@ -129,12 +131,12 @@ def capture_noise_gap(
             _EXTRA_PASS_ACTIVE.add(key)
             try:
                 with torch.no_grad():
-                    eps_uncond = _unet_output(module(*args[:2], encoder_hidden_states=emb, **call_kwargs))
+                    eps_uncond = unet_output(module(*args[:2], encoder_hidden_states=emb, **call_kwargs))
             finally:
                 _EXTRA_PASS_ACTIVE.discard(key)
         gap = noise_gap(eps_text, eps_uncond.detach())
         if prediction_type == "v_prediction":
-            gap = gap * v_to_epsilon_gap_scale(_alpha_bar(alphas_cumprod, _timestep(args, kwargs))).to(
+            gap = gap * v_to_epsilon_gap_scale(alpha_bar(alphas_cumprod, timestep_of(args, kwargs))).to(
                 gap.device
             )
         record.steps.append(gap)
@@ -143,5 +145,29 @@ def capture_noise_gap(
     handle = unet.register_forward_hook(hook, with_kwargs=True)
     try:
         yield record
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def recorded_guidance_gaps(
+    unet: torch.nn.Module, alphas_cumprod: torch.Tensor | None = None
+) -> Iterator[list]:
+    """While open, every guidance call ``[u, c]`` of ``unet`` appends its gap map ``c - u`` (float32, CPU) to
+    the yielded list; with ``alphas_cumprod`` (a v-prediction model) the gap is scaled by ``sqrt(alpha_bar_t)``
+    into noise units, as :func:`capture_noise_gap` does."""
+    gaps: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs, output):
+        u, c = unet_output(output).detach().float().chunk(2)
+        gap = c - u
+        if alphas_cumprod is not None:
+            scale = alpha_bar(alphas_cumprod, timestep_of(args, kwargs)).sqrt()
+            gap = gap * scale.to(gap.device).view(-1, 1, 1, 1)
+        gaps.append(gap.cpu())
+
+    handle = unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield gaps
     finally:
         handle.remove()

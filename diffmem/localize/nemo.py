@@ -471,7 +471,8 @@ class NeMo:
 
     @classmethod
     def from_pipe(cls, pipe, stats: ValueStats | None, config: NemoConfig = NemoConfig()) -> NeMo:
-        from diffmem.conditioning import is_sdxl, prompt_conditioning
+        from diffmem.conditioning import prompt_conditioning
+        from diffmem.modelio import is_sdxl
 
         conditioning = (lambda prompts: prompt_conditioning(pipe, prompts)) if is_sdxl(pipe) else None
         return cls(pipe.unet, pipe.scheduler, pipe.text_encoder, pipe.tokenizer, stats, config, conditioning)

@@ -26,7 +26,6 @@ from diffmem.hooks.neurons import DEFAULT_BLOCKS, value_activations, value_layer
 FORMAT = "diffmem.ValueStats/1"
 
 
-@torch.no_grad()
 @dataclass
 class ValueStats:
     """Per-layer mean and standard deviation of value-neuron activations, and the model they belong to."""
@@ -177,7 +176,8 @@ def compute_value_stats(
 
 def value_stats_of(pipe, prompts: Iterable[str], **kwargs) -> ValueStats:
     """:func:`compute_value_stats` for a pipeline of either family (SD or SDXL conditioning)."""
-    from diffmem.conditioning import is_sdxl, prompt_conditioning
+    from diffmem.conditioning import prompt_conditioning
+    from diffmem.modelio import is_sdxl
 
     conditioning = (lambda batch: prompt_conditioning(pipe, batch)) if is_sdxl(pipe) else None
     return compute_value_stats(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -80,6 +80,10 @@ class GuardedBatch:
     flagged: list[bool] = field(default_factory=list)
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
+    #: the guarded pipeline's stock ``__call__`` on a (selected) batch: ``stock_call(batch, **call_kwargs)``
+    stock_call: Callable[..., Any] | None = None
+    #: the loop's guidance scale now (a ``callback_on_step_end`` may change it during the call)
+    current_guidance_scale: Callable[[], float] | None = None
 
     @property
     def num_images(self) -> int:
@@ -88,6 +92,13 @@ class GuardedBatch:
     def initial_latents(self) -> torch.Tensor:
         """``x_T`` as the loop's first UNet call sees it before ``scale_model_input``."""
         return self.latents * self.pipe.scheduler.init_noise_sigma
+
+    def run_stock(self, rows: list[int], **call_kwargs) -> Any:
+        """The stock (unguarded) loop on images ``rows`` of this batch, with their prompts, conditioning and
+        starting noise, and ``call_kwargs`` (e.g. ``output_type="latent"``)."""
+        if self.stock_call is None:
+            raise ValueError("this GuardedBatch has no stock call (it was not made by a guarded pipeline)")
+        return self.stock_call(self.select(rows), **call_kwargs)
 
     def flagged_prompts(self) -> dict[int, list[int]]:
         """Prompt index -> the rows of its flagged images (prompts with no flagged image left out)."""

@@ -36,18 +36,15 @@ class BrightEndingEmbeddingMitigation(EmbeddingMitigation):
 
         from diffmem.detectors.bright_ending import bright_ending_capture
 
-        pipe = batch.pipe
         if any(batch.prompts[batch.prompt_index[k]] is None for k in rows):
             raise ValueError(
                 "mitigation 'bright-ending-embedding' needs the prompts (the end token's position)"
             )
         sub = batch.select(rows)
-        call = pipe._guard_call_updates(sub)
         prompts = [sub.prompts[i] for i in sub.prompt_index]
-        with torch.no_grad(), bright_ending_capture(pipe, prompts, 1) as state:
-            type(pipe).stock_pipeline_class.__call__(
-                pipe,
-                **call,
+        with torch.no_grad(), bright_ending_capture(batch.pipe, prompts, 1) as state:
+            batch.run_stock(
+                rows,
                 num_inference_steps=batch.num_inference_steps,
                 guidance_scale=batch.guidance_scale,
                 output_type="latent",

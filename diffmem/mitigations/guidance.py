@@ -18,48 +18,14 @@ The score the guard reports is read before the rewrite (the UNet's own gap). Cos
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
+from diffmem.hooks.guidance import guidance_schedule_hook
 from diffmem.mitigations.base import GuardedBatch, Mitigation, MitigationPlan, register_mitigation
 
-__all__ = ["GuidanceDelayMitigation", "guidance_schedule_hook"]
-
-
-@contextlib.contextmanager
-def guidance_schedule_hook(pipe, flagged: torch.Tensor, weight):
-    """While open, the UNet's guidance outputs ``[u, c]`` have ``c`` of the ``flagged`` rows rewritten so
-    the loop applies ``weight(t, u, c, state, s) -> [n_flagged]`` instead of its scale ``s`` (read from the
-    pipeline at every call, so a callback that changes the guidance is followed)."""
-    from diffmem.hooks.noise import _timestep, _unet_output
-
-    rows = flagged.nonzero().flatten()
-    state: dict[str, Any] = {}
-
-    def hook(module, args, kwargs, output):
-        out = _unet_output(output)
-        if out.shape[0] != 2 * flagged.numel():
-            return None  # not the loop's guidance batch
-        scale = float(pipe._guidance_scale)
-        u, c = out.chunk(2)
-        t = float(torch.as_tensor(_timestep(args, kwargs)).reshape(-1)[0])
-        w = weight(t, u[rows], c[rows], state, scale).to(out.device, out.dtype)
-        w = w.view(-1, *([1] * (out.dim() - 1)))
-        new_c = c.clone()
-        new_c[rows] = u[rows] + (w / scale) * (c[rows] - u[rows])
-        new = torch.cat([u, new_c])
-        if isinstance(output, (tuple, list)):
-            return (new, *output[1:])
-        output.sample = new
-        return output
-
-    handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
-    try:
-        yield state
-    finally:
-        handle.remove()
+__all__ = ["GuidanceDelayMitigation", "dynamic_weight", "static_weight"]
 
 
 def static_weight(transition: float, early_scale: float):
@@ -112,5 +78,8 @@ class GuidanceDelayMitigation(Mitigation):
             weight = static_weight(float(self.transition), self.early_scale)
         report = {k: {"action": self.name} for k, f in enumerate(batch.flagged) if f}
         return MitigationPlan(
-            context=guidance_schedule_hook(batch.pipe, torch.tensor(batch.flagged), weight), report=report
+            context=guidance_schedule_hook(
+                batch.pipe.unet, torch.tensor(batch.flagged), weight, batch.current_guidance_scale
+            ),
+            report=report,
         )

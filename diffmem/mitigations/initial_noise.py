@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from diffmem.hooks.guidance import guidance_schedule_hook
 from diffmem.mitigations.base import GuardedBatch, Mitigation, MitigationPlan, register_mitigation
 
 __all__ = ["InitialNoiseMitigation", "adjust_initial_noise"]
@@ -67,7 +68,7 @@ class InitialNoiseMitigation(Mitigation):
     @torch.no_grad()
     def plan(self, batch: GuardedBatch) -> MitigationPlan:
         from diffmem.conditioning import to_epsilon
-        from diffmem.mitigations.guidance import guidance_schedule_hook, static_weight
+        from diffmem.mitigations.guidance import static_weight
 
         if not any(batch.flagged):
             return MitigationPlan()
@@ -107,6 +108,9 @@ class InitialNoiseMitigation(Mitigation):
             for k, b, a in zip(rows, before, after)
         }
         context = guidance_schedule_hook(
-            pipe, torch.tensor(batch.flagged), static_weight(self.transition, 0.0)
+            pipe.unet,
+            torch.tensor(batch.flagged),
+            static_weight(self.transition, 0.0),
+            batch.current_guidance_scale,
         )
         return MitigationPlan(context=context, report=report)

@@ -18,9 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.generation import generate_batches
+from diffmem.guard.pipeline import MemGuardMixin
 from diffmem.organism.data import UNTRAINED_ROLES
 from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages, same_caption_ssim
+from diffmem.scores.noise_gap import window_mean
 from diffmem.scores.replication import criterion
+from diffmem.scores.similarity import ssim
 
 #: Score windows reported: (name, start, end) with end=None for all steps.
 WINDOWS: tuple[tuple[str, int, int | None], ...] = (
@@ -73,40 +77,21 @@ def generate_and_measure(
     ``pipe_kwargs`` go to the pipeline (e.g. ``mitigation=``, ``memorization_threshold=``). Returns the
     measurements and the images (``N x H x W x 3`` float in [0, 1], caption-major).
     """
-    import time
-
-    from tqdm.auto import tqdm
-
-    from diffmem.detect import initial_latents
-    from diffmem.guard.pipeline import MemGuardMixin
-    from diffmem.scores.noise_gap import window_mean
-    from diffmem.scores.similarity import ssim
-
     if not isinstance(pipe, MemGuardMixin):
         raise ValueError(
             "pipe: expected diffmem's StableDiffusionMemGuardPipeline (it returns the step scores)"
         )
-    pipe.set_progress_bar_config(disable=True)
     gens: list[Generation] = []
     images: list[np.ndarray] = []
-    bar = tqdm(total=len(captions), desc="generating", unit="caption", disable=not progress)
-    for b in range(0, len(captions), batch_size):
-        chunk = list(captions[b : b + batch_size])
-        prompts = [c for c, _ in chunk]
-        latents = initial_latents(pipe, prompts, num_gens, seed)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = pipe(
-                prompts,
-                num_images_per_prompt=num_gens,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                latents=latents,
-                output_type="np",
-                return_step_scores=True,
-                **pipe_kwargs,
-            )
-        seconds = (time.perf_counter() - start) / max(1, len(out.images))
+    batches = generate_batches(
+        pipe, [c for c, _ in captions], item_ids=[c for c, _ in captions], num_gens=num_gens, seed=seed,
+        batch_size=batch_size, progress=progress, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, return_step_scores=True, **pipe_kwargs,
+    )  # fmt: skip
+    for batch in batches:
+        out = batch.output
+        chunk = list(captions[batch.start : batch.start + len(batch.prompts)])
+        seconds = batch.seconds / max(1, len(out.images))
         records = out.mitigations or [None] * len(out.images)
         imgs = np.asarray(out.images, dtype=np.float32)
         steps = out.memorization_step_scores
@@ -141,8 +126,6 @@ def generate_and_measure(
                 )
             )
         images.append(imgs)
-        bar.update(len(chunk))
-    bar.close()
     return gens, np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.float32)
 
 

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# SSIM at or above which a generation counts as a copy of a training image (see module doc); one source
+from diffmem.scores.replication import ORGANISM_SSIM_THRESHOLD as REPLICATION_THRESHOLD
 from diffmem.scores.similarity import pairwise_ssim, ssim
-
-#: SSIM at or above which a generation counts as a copy of a training image (see module doc).
-REPLICATION_THRESHOLD: float = 0.7
 
 
 def to_unit_images(images) -> torch.Tensor:

@@ -6,13 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from diffmem.generation import generate_batches
 from diffmem.io import atomic_write
+from diffmem.scan.carlini import carlini_clique
 from diffmem.scan.config import SSIM_THRESHOLD, ScanConfig
 from diffmem.scan.procs import Procs, progress_bar
 from diffmem.scan.search import nearest_training
 from diffmem.scan.store import ShardStore
 from diffmem.scan.training import TrainingSet
+from diffmem.seeding import derive_seed
 
 
 def gens_schema():
@@ -52,18 +56,12 @@ def generate_shards(
     procs: Procs,
 ) -> None:
     """Generate ``num_gens`` images per selected caption, embed them, find the nearest training image."""
-    import pyarrow as pa
-    from PIL import Image
-
-    from diffmem.detect import initial_latents
-    from diffmem.scan.carlini import carlini_clique
-    from diffmem.seeding import derive_seed
+    import pyarrow as pa  # the scan extra
 
     store = ShardStore(out, "gens")
     scores = ShardStore(out, "scores")
     guarded = hasattr(pipe, "memorization_threshold")
     g = cfg.num_gens
-    pipe.set_progress_bar_config(disable=True)
     todo = [k for k in procs.mine(n_shards) if not store.done(k)]
     for k in progress_bar(todo, len(todo), "generating and searching", cfg.progress and procs.main):
         rows = scores.read_table(k, ["row", "id", "caption"]).to_pylist()
@@ -72,22 +70,14 @@ def generate_shards(
         out_rows: list[dict] = []
         images_pil: list = []
         image_cache: dict[int, np.ndarray] = {}
-        for b in range(0, len(rows), cfg.batch_size):
-            batch = rows[b : b + cfg.batch_size]
-            latents = initial_latents(pipe, [r["id"] for r in batch], g, cfg.seed, cfg.height, cfg.width)
-            call = dict(
-                prompt=[r["caption"] for r in batch],
-                num_images_per_prompt=g,
-                num_inference_steps=cfg.steps,
-                guidance_scale=cfg.guidance_scale,
-                latents=latents.to(device=pipe._execution_device, dtype=pipe.unet.dtype),
-                height=cfg.height,
-                width=cfg.width,
-                output_type="np",
-            )
-            if guarded:
-                call["memorization_window"] = (0, 1)
-            result = pipe(**call)
+        extra = {"memorization_window": (0, 1)} if guarded else {}
+        batches = generate_batches(
+            pipe, [r["caption"] for r in rows], item_ids=[r["id"] for r in rows], num_gens=g, seed=cfg.seed,
+            batch_size=cfg.batch_size, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale, **extra,
+        )  # fmt: skip
+        for generated in batches:
+            batch, result = rows[generated.start : generated.start + len(generated.prompts)], generated.output
             imgs = np.asarray(result.images, dtype=np.float32)
             first_step = getattr(result, "memorization_scores", None) or [float("nan")] * len(imgs)
             pil = [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in imgs]

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["PRESETS", "ReplicationCriterion", "criterion"]
+__all__ = ["ORGANISM_SSIM_THRESHOLD", "PRESETS", "ReplicationCriterion", "criterion"]
 
 Rule = Literal["fraction", "mean", "any"]
 
@@ -74,19 +74,23 @@ class ReplicationCriterion:
         return asdict(self)
 
 
+#: SSIM at or above which a generation on the organism is a copy of a training image (the one source of
+#: the number; it lies above the SSIM of every pair of distinct generic training images of one caption).
+ORGANISM_SSIM_THRESHOLD: float = 0.7
+
 #: The criteria diffmem's measurements use, by name.
 PRESETS: dict[str, ReplicationCriterion] = {
     # the organism's evaluation: >= 3 of 4 seeds with SSIM >= 0.7 (benchmarks/organism_eval.py)
-    "organism": ReplicationCriterion(0.7, "fraction", 0.75),
+    "organism": ReplicationCriterion(ORGANISM_SSIM_THRESHOLD, "fraction", 0.75),
     # labels of the harness's measured splits: half the generations copy
-    "organism-half": ReplicationCriterion(0.7, "fraction", 0.5),
+    "organism-half": ReplicationCriterion(ORGANISM_SSIM_THRESHOLD, "fraction", 0.5),
     # Finding Dori's memorization rate on the organism: mean SSIM over seeds (benchmarks/dori_eval.py)
-    "organism-mean": ReplicationCriterion(0.7, "mean"),
+    "organism-mean": ReplicationCriterion(ORGANISM_SSIM_THRESHOLD, "mean"),
     # Finding Dori's own setting on real data (``diffmem attack``'s default): mean SSIM over seeds >= 0.5
     "dori": ReplicationCriterion(0.5, "mean"),
     # NeMo's success on the organism: a caption is still memorized when >= 2 of 10 seeds replicate
     # ("at most 1 of 10" is mitigated)
-    "nemo-success": ReplicationCriterion(0.7, "fraction", 0.2),
+    "nemo-success": ReplicationCriterion(ORGANISM_SSIM_THRESHOLD, "fraction", 0.2),
     # Wen et al. / NeMo on SD: SSCD >= 0.7 ("5 of 10" for the 500-prompt set)
     "sscd": ReplicationCriterion(0.7, "fraction", 0.5, similarity="sscd"),
 }

@@ -4,7 +4,7 @@ The model is fine-tuned on a set written by
 :func:`diffmem.organism.finetune_data.build_duplicated_finetune_set` (a known subset of the images repeats
 ``repeats`` times, each distinct image has its own caption). :func:`evaluate_finetune` measures, with every
 random choice drawn from ``seed`` (generation ``j`` of caption ``c`` starts from the noise
-``item_generator(seed, c, j)``, :func:`diffmem.detect.initial_latents`, so results do not depend on
+``item_generator(seed, c, j)``, :func:`diffmem.generation.initial_latents`, so results do not depend on
 batching):
 
 1. **replication** (Somepalli et al., CVPR 2023; Wen et al., ICLR 2024): ``seeds_per_caption``

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from diffmem.generation import generate
 from diffmem.io import atomic_write_json
 from diffmem.seeding import derive_seed
 from diffmem.train.text_to_image import (
@@ -181,25 +182,12 @@ def detector_metric(
 def _generate(pipe, captions: list[str], generations: int, seed: int, inference_steps: int) -> torch.Tensor:
     """``generations`` images of each caption, ``[len(captions) * generations, 3, H, W]`` in [0, 1],
     caption-major; generation ``j`` of caption ``c`` from ``item_generator(seed, c, j)``
-    (:func:`diffmem.detect.initial_latents`, the noise every evaluation of the project draws)."""
-    import numpy as np
-
-    from diffmem.detect import initial_latents
-
-    pipe.set_progress_bar_config(disable=True)
-    batch = max(1, 32 // generations)
-    images = []
-    for b in range(0, len(captions), batch):
-        chunk = captions[b : b + batch]
-        latents = initial_latents(pipe, chunk, generations, seed)
-        with torch.no_grad():
-            out = pipe(
-                chunk, num_images_per_prompt=generations, num_inference_steps=inference_steps,
-                guidance_scale=GUIDANCE_SCALE, latents=latents.to(pipe._execution_device, pipe.unet.dtype),
-                output_type="np",
-            )  # fmt: skip
-        images.append(torch.from_numpy(np.asarray(out.images, dtype=np.float32)).permute(0, 3, 1, 2))
-    return torch.cat(images)
+    (:func:`diffmem.generation.generate`, the loop every evaluation of the project uses)."""
+    images, _ = generate(
+        pipe, captions, item_ids=captions, num_gens=generations, seed=seed, batch_size=max(1, 32 // generations),
+        num_inference_steps=inference_steps, guidance_scale=GUIDANCE_SCALE,
+    )  # fmt: skip
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 def replication_metric(

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
-from diffmem.io import atomic_write_json
+from diffmem.fingerprint import model_fingerprint
+from diffmem.io import atomic_save_tensors, atomic_write_json
 from diffmem.organism.data import OrganismData, build_organism_data
 from diffmem.organism.recipe import RECIPE_FILE, OrganismRecipe
 from diffmem.seeding import derive_seed, item_generator
@@ -177,6 +179,22 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
+def _cached_latents(
+    workdir: Path, name: str, vae, images: torch.Tensor, half_size: bool = False
+) -> torch.Tensor:
+    """:func:`_encode_all`, kept in ``workdir/<name>.safetensors`` so a resumed run does not encode again
+    (the file names the encoder's fingerprint; another encoder's file is recomputed)."""
+    encoder = model_fingerprint(torch.nn.ModuleDict({"encoder": vae.encoder, "quant_conv": vae.quant_conv}))
+    path = workdir / f"{name}.safetensors"
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if f.metadata().get("encoder") == encoder and f.metadata().get("images") == str(len(images)):
+                return f.get_tensor("latents")
+    latents = _encode_all(vae, images, half_size)
+    atomic_save_tensors(path, {"latents": latents}, {"encoder": encoder, "images": str(len(images))})
+    return latents
+
+
 @torch.no_grad()
 def _encode_all(vae, images: torch.Tensor, half_size: bool = False) -> torch.Tensor:
     """Posterior means of every image (in chunks), optionally of the images at half size."""
@@ -186,7 +204,7 @@ def _encode_all(vae, images: torch.Tensor, half_size: bool = False) -> torch.Ten
         if half_size:
             x = F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)
         out.append(vae.encode(x).latent_dist.mean)
-    return torch.cat(out)
+    return torch.cat(out).contiguous()  # a single chunk keeps the posterior mean's strided view
 
 
 def _tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -369,7 +387,7 @@ def train_organism(
 
     # ---- phase 2: latents of every distinct image, once ---------------------------------------
     vae.eval()
-    latents = _encode_all(vae, images)
+    latents = _cached_latents(workdir, "latents", vae, images)
 
     # ---- phase 2b: decoder alone on the fixed latents ------------------------------------------
     # (a reused autoencoder's decoder is kept as it is, or fine-tuned at this recipe's image size on
@@ -429,7 +447,11 @@ def train_organism(
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     # progressive growing: the first low_res_steps UNet steps see the images at half size
-    low_latents = _encode_all(vae, images, half_size=True) * scale if recipe.low_res_steps else None
+    low_latents = (
+        _cached_latents(workdir, "latents-half", vae, images, half_size=True) * scale
+        if recipe.low_res_steps
+        else None
+    )
 
     # ---- phase 3: UNet + text encoder ----------------------------------------------------------
     tokenizer, noise_sched = components["tokenizer"], components["scheduler"]

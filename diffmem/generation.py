@@ -1,0 +1,113 @@
+"""The one seeded generation loop: every evaluation, scan, objective and benchmark generates through here.
+
+Generation ``j`` of the prompt with id ``i`` starts from the noise of
+``diffmem.seeding.item_generator(seed, i, j)`` (:func:`initial_latents`), so an image depends on its
+prompt's id, its generation index and the seed only: not on the batch size, the order of the prompts or
+the number of processes a job is split over. The loop calls any Stable Diffusion pipeline (stock or
+guarded) with any of its options and hands back each batch's images with the pipeline's own output (the
+guard's scores, flags and mitigation records).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffmem.seeding import item_generator
+
+__all__ = ["GeneratedBatch", "generate", "generate_batches", "initial_latents"]
+
+
+def initial_latents(
+    pipe, item_ids: Sequence, num_gens: int, seed: int, height: int | None = None, width: int | None = None
+) -> torch.Tensor:
+    """Starting noise ``[len(item_ids) * num_gens, C, h, w]`` (item-major), generation j of item i from
+    ``diffmem.seeding.item_generator(seed, item_id, j)``: independent of batch size and order."""
+    scale = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * scale
+    width = width or pipe.unet.config.sample_size * scale
+    shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
+    draws = [
+        torch.randn(shape, generator=item_generator(seed, i, j)) for i in item_ids for j in range(num_gens)
+    ]
+    return torch.cat(draws)
+
+
+@dataclass
+class GeneratedBatch:
+    """One batch of :func:`generate_batches`: prompts ``start:start + len(prompts)`` of the call."""
+
+    start: int
+    prompts: list[str]
+    item_ids: list
+    num_gens: int
+    images: Any  # the pipeline's ``images`` (an ``[n * num_gens, H, W, 3]`` float array for output_type "np")
+    output: Any  # the pipeline's whole output (the guarded pipeline's scores, flags, mitigation records)
+    seconds: float  # wall time of the pipeline call
+
+
+def generate_batches(
+    pipe,
+    prompts: Sequence[str],
+    *,
+    item_ids: Sequence | None = None,
+    num_gens: int = 1,
+    seed: int = 0,
+    batch_size: int = 8,
+    height: int | None = None,
+    width: int | None = None,
+    output_type: str = "np",
+    progress: bool = False,
+    desc: str = "generating",
+    **call_kwargs,
+) -> Iterator[GeneratedBatch]:
+    """Generate ``num_gens`` images of each prompt, ``batch_size`` prompts per pipeline call, yielding each
+    batch as it is done.
+
+    ``item_ids`` (default: the prompts' positions) seed the noise (:func:`initial_latents`); the other
+    keywords go to the pipeline call (``num_inference_steps``, ``guidance_scale``, ``mitigation``, ...).
+    The pipeline's own progress bar is off during the loop (``progress`` shows one over the prompts).
+    """
+    ids = list(range(len(prompts))) if item_ids is None else list(item_ids)
+    if len(ids) != len(prompts):
+        raise ValueError(f"item_ids: {len(ids)} ids for {len(prompts)} prompts (expected one per prompt)")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    old_bar = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+            for b in range(0, len(prompts), batch_size):
+                chunk, chunk_ids = list(prompts[b : b + batch_size]), ids[b : b + batch_size]
+                latents = initial_latents(pipe, chunk_ids, num_gens, seed, height, width)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    out = pipe(
+                        chunk,
+                        num_images_per_prompt=num_gens,
+                        latents=latents.to(device=pipe._execution_device, dtype=pipe.unet.dtype),
+                        height=height,
+                        width=width,
+                        output_type=output_type,
+                        **call_kwargs,
+                    )
+                seconds = time.perf_counter() - start
+                yield GeneratedBatch(b, chunk, chunk_ids, num_gens, out.images, out, seconds)
+                bar.update(len(chunk))
+    finally:
+        pipe._progress_bar_config = old_bar
+
+
+def generate(pipe, prompts: Sequence[str], **kwargs) -> tuple[np.ndarray, list[GeneratedBatch]]:
+    """All images of :func:`generate_batches` as one ``[len(prompts) * num_gens, H, W, 3]`` float32 array
+    in [0, 1] (prompt-major), and the batches (their pipeline outputs and times)."""
+    batches = list(generate_batches(pipe, prompts, **kwargs))
+    if not batches:
+        raise ValueError("prompts: expected at least one prompt")
+    return np.concatenate([np.asarray(b.images, dtype=np.float32) for b in batches]), batches
