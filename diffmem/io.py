@@ -35,6 +35,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     return path
 
 
+def remove_stale_temporaries(folders) -> int:
+    """Delete the temporary files that killed ``atomic_write`` calls left in ``folders`` (``.NAME.*.tmp``,
+    not recursive; missing folders are skipped); returns how many. Call it only where no other writer is
+    running (a rerun's main process, before its workers start)."""
+    removed = 0
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first key (in sorted order) whose value differs between two records, or ``None``: what a
     refused resume names."""

@@ -28,6 +28,8 @@ from diffmem.io import atomic_write, atomic_write_bytes, atomic_write_json, firs
 
 FORMAT = "clip-retrieval"
 RECORD = "embeddings.json"
+#: the layout's shard folders
+LAYOUT_FOLDERS = ("img_emb", "metadata", "bad_images")
 _NPY = re.compile(r"img_emb_(\d+)\.npy$")
 
 
