@@ -497,3 +497,88 @@ def test_embed_rerun_removes_the_temporary_files_of_killed_writes(tmp_path, caps
     assert main(argv) == 0
     assert not any(p.exists() for p in left) and keep.exists()
     assert sorted(p.name for p in out.rglob(".*.tmp")) == []
+
+
+# ------------------------------------------------------------------ foreign files and --out collisions
+def _one_image(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a", "memorized": true}\n')
+    return folder
+
+
+def test_out_paths_of_the_wrong_kind_are_named(tmp_path, capsys):
+    data = _one_image(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    layout = _layout(tmp_path)
+    embed = ["embed", "--data", str(data), "--pixel-size", "4", "--no-progress", "--out"]
+    memcontrol = ["memcontrol", "--data", str(data), "--heldout", str(data), "--out"]
+    cases = [
+        ([*embed, str(a_file)], f"embed: error: --out: {a_file} is a file; expected a folder (new, or one to resume)"),
+        ([*embed, str(a_file / "sub")], f"--out: {a_file / 'sub'} cannot be made: {a_file} is a file, not a folder"),
+        (["index", "--embeddings", str(layout), "--out", str(tmp_path)],
+         f"index: error: --out: {tmp_path} is a folder; expected the path of a file to write"),
+        (["index", "--embeddings", str(layout), "--out", str(a_file / "i.index")], f"{a_file} is a file, not a folder"),
+        ([*memcontrol, str(a_file)], f"memcontrol: error: --out: {a_file} is a file; expected a folder"),
+    ]  # fmt: skip
+    for argv, words in cases:
+        code, err = _run(argv, capsys)
+        assert code == 2 and words in err and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_a_study_db_that_is_not_sqlite_is_named_before_the_model_loads(tmp_path, capsys):
+    data = _one_image(tmp_path)
+    out = tmp_path / "search"
+    out.mkdir()
+    (out / "study.db").write_bytes(b"\x00garbage" * 64)
+    argv = ["memcontrol", "--model", str(tmp_path / "no-model"), "--data", str(data), "--heldout", str(data),
+            "--out", str(out)]  # fmt: skip
+    code, err = _run(argv, capsys)
+    assert code == 2 and f"--out: {out / 'study.db'} is not a SQLite database (the optuna study" in err, err
+
+
+def test_an_onnx_file_of_random_bytes_is_named(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    data = _one_image(tmp_path)
+    onnx = tmp_path / "sscd.onnx"
+    onnx.write_bytes(np.random.default_rng(0).bytes(4096))
+    argv = ["embed", "--data", str(data), "--out", str(tmp_path / "e"), "--embedder", "sscd", "--embedder-file",
+            str(onnx), "--no-progress"]  # fmt: skip
+    code, err = _run(argv, capsys)
+    assert code == 2 and f"--embedder-file: {onnx} is not an ONNX model onnxruntime can load (" in err, err
+    assert "InvalidProtobuf" not in err and "ONNXRuntimeError" not in err
+
+
+def test_unknown_method_options_name_the_accepted_ones(tiny_sd1_dir, tmp_path, capsys):
+    from diffmem.detectors import get_detector
+    from diffmem.train.mitigations import get_training_mitigation
+
+    with pytest.raises(ValueError) as info:
+        get_detector("wen", {"bogus": 1})
+    assert str(info.value) == "detector_options for 'wen': no option 'bogus'; its options: steps"
+    with pytest.raises(ValueError, match="for 'none': no option 'tau'; its options: none"):
+        get_training_mitigation("none", {"tau": 1})
+    code, err = _run(["bench", "detection", "--model", str(tiny_sd1_dir), "--methods", "wen:bogus=1",
+                      "--out", str(tmp_path / "b")], capsys)  # fmt: skip
+    assert code == 2 and "no option 'bogus'; its options: steps" in err and "__init__" not in err, err
+
+
+def test_os_errors_over_a_path_of_the_wrong_kind_are_bad_input(monkeypatch, capsys):
+    import errno
+
+    import diffmem.commands.demo as demo
+
+    def in_the_way(args):
+        raise FileExistsError(errno.EEXIST, "File exists", "/tmp/somewhere")
+
+    monkeypatch.setattr(demo, "run", in_the_way)
+    code, err = _run(["demo"], capsys)
+    assert code == 2 and err == (
+        "diffmem demo: error: /tmp/somewhere: a file is in the way (a folder was expected there)"
+    )

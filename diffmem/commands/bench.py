@@ -141,14 +141,16 @@ def run(args: argparse.Namespace) -> int:
     if args.bench_command is None:
         raise UsageError("choose what to compare: detection or mitigation")
     if args.bench_command == "detection":
-        from diffmem.detectors import available_detectors as available
+        from diffmem.detectors import DETECTORS as registry
     else:
-        from diffmem.mitigations import available_mitigations as available
-    names = available()
+        from diffmem.mitigations.base import MITIGATIONS as registry
+    names = registry.names()
     if args.list:
         print("\n".join(names))
         return 0
     methods = parse_methods(args.methods, names)
+    for name, options in methods:  # option names checked before any model loads
+        registry.check_options(name, options)
     from diffmem.io import atomic_write_json, atomic_write_text
 
     prompt_suite = _prompt_suite(args)
