@@ -582,3 +582,29 @@ def test_os_errors_over_a_path_of_the_wrong_kind_are_bad_input(monkeypatch, caps
     assert code == 2 and err == (
         "diffmem demo: error: /tmp/somewhere: a file is in the way (a folder was expected there)"
     )
+
+
+def test_scan_with_a_random_bytes_index_prints_one_line_and_no_loading_bars(tiny_sd1_dir, tmp_path, capsys):
+    """Through the CLI, after the model loads: one line, exit 2, and --no-progress hides the loading bars."""
+    pytest.importorskip("faiss")
+    from diffusers.utils import logging as diffusers_logging
+
+    from diffmem.embed import load_embedder
+    from diffmem.scan.layout import write_vectors
+
+    describe = load_embedder("pixel", pixel_size=4).describe()
+    vectors = torch.nn.functional.normalize(torch.randn(5, describe["dim"]), dim=1).numpy()
+    layout = tmp_path / "emb"
+    write_vectors(layout, [vectors], describe)
+    index = tmp_path / "i.index"
+    assert main(["index", "--embeddings", str(layout), "--out", str(index), "--no-progress"]) == 0
+    index.write_bytes(index.read_bytes()[:40])  # truncated
+    argv = [*_scan_prebuilt(tmp_path, layout)[:-3], "--model", str(tiny_sd1_dir), "--pixel-size", "4",
+            "--train-index", str(index), "--no-progress"]  # fmt: skip
+    capsys.readouterr()
+    code, err = _run(argv, capsys)
+    assert code == 2 and err == (
+        f"diffmem scan: error: --train-index: {index} is not a faiss index (or is truncated or damaged; "
+        "40 bytes); rebuild it with `diffmem index`"
+    )
+    assert diffusers_logging.is_progress_bar_enabled()  # hidden for the load only

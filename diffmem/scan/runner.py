@@ -128,7 +128,9 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
         from diffmem.modelio import load_pipeline
         from diffmem.precision import torch_dtype
 
-        pipe = load_pipeline(cfg.model, device=procs.device, dtype=torch_dtype(cfg.dtype))
+        pipe = load_pipeline(
+            cfg.model, device=procs.device, dtype=torch_dtype(cfg.dtype), progress=cfg.progress
+        )
         use_attention_processor(pipe.unet, cfg.attention)
 
     train = None
