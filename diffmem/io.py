@@ -39,7 +39,7 @@ def check_out_path(path: str | os.PathLike, argument: str = "--out", *, folder: 
     """``path`` if an output can go there: a folder (``folder=True``) or a file to write, not a path
     through a file; else a ``ValueError`` naming ``argument``, the path and what was expected."""
     path = Path(path)
-    for parent in [*reversed(path.parents), path][:-1]:
+    for parent in reversed(path.parents):
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"{argument}: {path} cannot be made: {parent} is a file, not a folder")
     if folder and path.exists() and not path.is_dir():

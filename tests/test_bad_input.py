@@ -437,9 +437,9 @@ def test_bench_suites_with_bad_labels_or_one_class_are_refused_before_the_model(
         code == 2 and f"{webster} row 1: overfit_type 'maybe' is not a Webster label; expected one of" in err
     )
     code, err = _run([*bench, str(mem)], capsys)
-    assert code == 2 and f"--suite: {mem} hold 2 memorized prompts and no not-memorized one; AUC" in err
+    assert code == 2 and f"--suite: {mem}: 2 memorized prompt(s) and no not-memorized one; AUC" in err
     code, err = _run([*bench, str(neg)], capsys)
-    assert code == 2 and "hold 1 not-memorized prompts and no memorized one" in err
+    assert code == 2 and ": 1 not-memorized prompt(s) and no memorized one" in err
     code, err = _run(["bench", "mitigation", "--model", missing_model, "--out", str(tmp_path / "m"), "--suite",
                       str(mem), str(neg)], capsys)  # fmt: skip
     assert code == 2 and "--suite: the mitigation bench measures replication on the organism's" in err

@@ -101,7 +101,7 @@ def _prompt_suite(args):
     if memorized in (0, len(rows)):
         have, need = ("memorized", "not-memorized") if memorized else ("not-memorized", "memorized")
         raise UsageError(
-            f"--suite: {', '.join(args.suite)} hold {len(rows)} {have} prompts and no {need} one; "
+            f"--suite: {', '.join(args.suite)}: {len(rows)} {have} prompt(s) and no {need} one; "
             f"AUC and TPR need both classes: add a file of {need} prompts "
             "(negatives: a .txt file, *_nmem*.txt lists or overfit_type N; memorized: Wen's JSONL, MemBench's "
             "CSV, *_mem*.txt lists or overfit_type MV/RV/TV)"

@@ -30,6 +30,9 @@ FORMAT = "clip-retrieval"
 RECORD = "embeddings.json"
 #: the layout's shard folders
 LAYOUT_FOLDERS = ("img_emb", "metadata", "bad_images")
+#: the columns every ``metadata_NNNN.parquet`` must have
+METADATA_COLUMNS = ("image_path", "caption", "id", "row")
+_REDO = "delete the shard's files and rerun `diffmem embed` to redo it"
 _NPY = re.compile(r"img_emb_(\d+)\.npy$")
 
 
@@ -140,11 +143,6 @@ def _npy_header(path: Path, argument: str) -> tuple[tuple[int, ...], np.dtype, i
             f"the file holds {size} bytes; {_REDO}"
         )
     return shape, dtype, offset
-
-
-#: the columns every ``metadata_NNNN.parquet`` must have
-METADATA_COLUMNS = ("image_path", "caption", "id", "row")
-_REDO = "delete the shard's files and rerun `diffmem embed` to redo it"
 
 
 def _metadata_rows(path: Path, npy: Path, argument: str) -> int:
