@@ -303,6 +303,12 @@ def _newer_cases(work: Path, good: Path, prompts: Path):
     memcontrol = ["memcontrol", "--model", str(good), "--data", str(data), "--heldout", str(data), "--out"]
     yield "memcontrol", [*memcontrol, str(search)], "is not a SQLite database"
     yield "memcontrol", [*memcontrol, str(a_file)], "is a file; expected a folder"
+    yield "train", ["train", "--model", str(good), "--data", str(data), "--out", str(a_file)], "is a file"
+    yield (
+        "train",
+        ["train", "--model", str(good), "--data", str(data), "--out", str(a_file / "x")],
+        "is a file",
+    )
 
 
 def _dataset_rows(work: Path) -> list[tuple[str, int, int, int]]:

@@ -524,6 +524,7 @@ def test_out_paths_of_the_wrong_kind_are_named(tmp_path, capsys):
          f"index: error: --out: {tmp_path} is a folder; expected the path of a file to write"),
         (["index", "--embeddings", str(layout), "--out", str(a_file / "i.index")], f"{a_file} is a file, not a folder"),
         ([*memcontrol, str(a_file)], f"memcontrol: error: --out: {a_file} is a file; expected a folder"),
+        (["train", "--data", str(data), "--out", str(a_file)], f"train: error: --out: {a_file} is a file; expected"),
     ]  # fmt: skip
     for argv, words in cases:
         code, err = _run(argv, capsys)
