@@ -237,6 +237,7 @@ def _no_safety_checker(pipeline_class) -> dict:
 @contextlib.contextmanager
 def _no_loading_bars():
     """diffusers' and transformers' progress bars off while loading, restored after."""
+    # heavy libraries: imported where a load runs, as the rest of this module does
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

@@ -104,6 +104,11 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, tiny_sd1_d
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if not p.name.startswith(".")] == [
         "step-00000002"
     ]
+    # what a kill inside the writes leaves (the names save_checkpoint's mkdtemp and atomic_write give)
+    stale = [tmp_path / "b" / "checkpoints" / ".step-00000004.k2j4a", tmp_path / "b" / ".log.json.x1.tmp"]
+    stale[0].mkdir()
+    (stale[0] / "model-unet.safetensors").write_bytes(b"partial")
+    stale[1].write_text("partial")
     resumed = subprocess.run([*base, "--out", str(tmp_path / "b"), *cfg], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     a, b = _unet(tmp_path / "a" / "model"), _unet(tmp_path / "b" / "model")
@@ -117,6 +122,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, tiny_sd1_d
     assert record_a == record_b
     log_a, log_b = (_timeless(json.loads((tmp_path / x / "log.json").read_text())) for x in "ab")
     assert log_a == log_b == record_a["run"]["log"] and [r["step"] for r in log_a] == [6]
+    # the killed writes' temporary files are gone after the rerun
+    assert not any(p.exists() for p in stale) and list((tmp_path / "b").rglob(".*")) == []
     # another setting is refused on resume, with the option named
     changed = subprocess.run(
         [*base, "--out", str(tmp_path / "b"), *cfg, "--weight-decay", "0.5"], capture_output=True, text=True

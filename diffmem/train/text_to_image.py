@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.io import atomic_write_json
+from diffmem.io import atomic_write_json, remove_stale_temporaries
 from diffmem.seeding import derive_seed, item_generator
 from diffmem.train.adapters import DEFAULT_LORA_TARGETS
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -463,6 +463,7 @@ def train_text_to_image(
         **({"provenance": dict(provenance)} if provenance else {}),
     }
     if accelerator.is_main_process:
+        remove_stale_temporaries([workdir])  # of a killed run's atomic writes (config.json, log.json)
         _check_workdir(workdir, record)
     accelerator.wait_for_everyone()
 
