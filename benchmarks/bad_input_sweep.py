@@ -1,10 +1,11 @@
 """Bad input, measured: many bad invocations of every command, each classified by what came back.
 
 Each case runs ``diffmem.cli.main`` in this process on inputs this script makes (broken copies of a tiny
-model folder, Latin-1 files, pickles, bad numbers) and counts, per class of bad input:
+model folder, Latin-1 files, pickles, bad numbers, broken embedding layouts and indexes, mislabelled
+prompt sets, foreign files, output paths of the wrong kind) and counts, per class of bad input:
 
-* clear error: non-zero exit and exactly one stderr line ``diffmem <command>: error: ...`` that names
-  what the case expects it to name (the argument, file or component);
+* clear error: exit code 2 and exactly one stderr line ``diffmem <command>: error: ...`` that names
+  what the case expects it to name (the argument, file or component), with no exception class name in it;
 * traceback: an exception escaped ``main`` (or a "Traceback" was printed);
 * accepted: exit code 0 (a bad value ran);
 * rows lost: for the dataset cases, rows that are neither read nor reported bad.
@@ -19,6 +20,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -167,6 +169,146 @@ def _cases(work: Path):
         ([*scan, "clip", "--embedder-arch", "ViT-B-32", "--embedder-file", str(evil)], "--embedder-file"),
     ):
         yield "pickle offered", argv, words
+    yield from _newer_cases(work, good, prompts)
+
+
+def _newer_cases(work: Path, good: Path, prompts: Path):
+    """The newer commands (issue #36): embed, index, scan against a prebuilt layout or index, bench suites,
+    memcontrol; broken layouts, foreign files and ``--out`` paths of the wrong kind."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from diffmem.embed import load_embedder
+    from diffmem.scan.layout import write_vectors
+
+    data = work / "imgs"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (90 * i, 0, 0)).save(data / f"{i}.png")
+    rows = "".join(f'{{"file_name": "{i}.png", "text": "c{i}", "memorized": true}}\n' for i in range(2))
+    (data / "metadata.jsonl").write_text(rows)
+    a_file = work / "a_file"
+    a_file.write_text("x")
+    describe = load_embedder("pixel", pixel_size=4).describe()
+    rng = np.random.default_rng(0)
+
+    def layout(name, change=None):
+        x = rng.standard_normal((7, describe["dim"])).astype("float32")
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        root = work / name
+        write_vectors(root, [x[:4], x[4:]], describe)
+        if change is not None:
+            change(root)
+        return str(root)
+
+    def npy(root, k):
+        return root / "img_emb" / f"img_emb_{k:04d}.npy"
+
+    breakages = {
+        "short-npy": (lambda r: np.save(npy(r, 0), np.load(npy(r, 0))[:3]), "holds 3 vectors but"),
+        "truncated-npy": (lambda r: npy(r, 1).write_bytes(npy(r, 1).read_bytes()[:-10]), "is truncated"),
+        "empty-npy": (lambda r: npy(r, 0).write_bytes(b""), "is not a NumPy .npy array"),
+        "missing-parquet": (lambda r: (r / "metadata" / "metadata_0001.parquet").unlink(), "is missing"),
+        "not-parquet": (
+            lambda r: (r / "metadata" / "metadata_0000.parquet").write_bytes(b"junk"),
+            "is not a parquet file",
+        ),
+        "no-columns": (
+            lambda r: pq.write_table(pa.table({"x": [1, 2, 3]}), r / "metadata" / "metadata_0001.parquet"),
+            "lacks the column(s)",
+        ),
+        "dtype": (lambda r: np.save(npy(r, 1), np.load(npy(r, 1)).astype("float64")), "float64 vectors"),
+        "dim": (lambda r: np.save(npy(r, 1), np.zeros((3, 5), "float16")), "5-d vectors"),
+        "record-not-json": (lambda r: (r / "embeddings.json").write_text("{"), "is not JSON"),
+    }
+    scan = ["scan", "--data", str(data), "--model", str(good), "--pixel-size", "4", "--no-progress"]
+    for name, (change, words) in breakages.items():
+        root = layout(name, change)
+        yield "embedding layout", ["index", "--embeddings", root, "--out", str(work / "i.index")], words
+        yield "embedding layout", [*scan, "--out", str(work / f"s-{name}"), "--train-embeddings", root], words
+
+    def unfinished(root):
+        with pq.ParquetWriter(root / "catalog.parquet", pa.schema([("id", pa.string())])) as w:
+            for k in range(3):
+                w.write_table(pa.table({"id": [str(k)]}))
+
+    root = layout("unfinished", unfinished)
+    yield "embedding layout", ["index", "--embeddings", root, "--out", str(work / "i.index")], "is incomplete"
+
+    from diffmem.cli import main as cli
+
+    ok = layout("ok")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli(["index", "--embeddings", ok, "--out", str(work / "ok.index"), "--no-progress"]) == 0
+    good_index = (work / "ok.index").read_bytes()
+    for name, content in (("random", rng.bytes(len(good_index))), ("empty", b"")):
+        index = work / f"{name}.index"
+        index.write_bytes(content)
+        Path(f"{index}.json").write_bytes(Path(f"{work / 'ok.index'}.json").read_bytes())
+        argv = [*scan, "--out", str(work / f"s-{name}"), "--train-index", str(index)]
+        yield "index file", argv, "is not a faiss index"
+    yield "index file", ["index", "--embeddings", ok, "--out", str(work)], "is a folder"
+    yield (
+        "index file",
+        ["index", "--embeddings", ok, "--out", str(a_file / "i.index")],
+        "is a file, not a folder",
+    )
+
+    bench = ["bench", "detection", "--model", str(good), "--out", str(work / "b"), "--suite"]
+    mem, neg = work / "mem.jsonl", work / "neg.txt"
+    mem.write_text('{"caption": "a red circle"}\n')
+    neg.write_text("a cat\n")
+    for value in ("maybe", "yes", "1", "memorized"):
+        parquet = work / f"webster-{value}.parquet"
+        pq.write_table(pa.table({"caption": ["a", "b"], "overfit_type": ["MV", value]}), parquet)
+        yield "bench suite", [*bench, str(parquet)], "is not a Webster label"
+    yield "bench suite", [*bench, str(mem)], "no not-memorized one"
+    yield "bench suite", [*bench, str(neg)], "no memorized one"
+    yield (
+        "bench suite",
+        ["bench", "mitigation", "--out", str(work / "m"), "--suite", str(mem), str(neg)],
+        "--suite",
+    )
+    yield "bench suite", [*bench, str(mem), str(neg), "--methods", "wen:bogus=1"], "no option 'bogus'"
+
+    bad_data = work / "bad-imgs"
+    bad_data.mkdir()
+    (bad_data / "a.png").write_bytes(b"not a png")
+    (bad_data / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n')
+    onnx, empty_onnx = work / "random.onnx", work / "empty.onnx"
+    onnx.write_bytes(rng.bytes(4096))
+    empty_onnx.write_bytes(b"")
+    embed = ["embed", "--pixel-size", "4", "--no-progress", "--data"]
+    yield "embed", [*embed, str(bad_data), "--out", str(work / "e-bad")], "has no usable row"
+    yield "embed", [*embed, str(data), "--out", str(a_file)], "is a file; expected a folder"
+    yield "embed", [*embed, str(data), "--out", str(a_file / "sub")], "is a file, not a folder"
+    for path in (onnx, empty_onnx):
+        argv = [
+            *embed,
+            str(data),
+            "--out",
+            str(work / "e-onnx"),
+            "--embedder",
+            "sscd",
+            "--embedder-file",
+            str(path),
+        ]
+        yield "embed", argv, "is not an ONNX model"
+
+    search = work / "search"
+    search.mkdir()
+    (search / "study.db").write_bytes(b"not sqlite" * 20)
+    memcontrol = ["memcontrol", "--model", str(good), "--data", str(data), "--heldout", str(data), "--out"]
+    yield "memcontrol", [*memcontrol, str(search)], "is not a SQLite database"
+    yield "memcontrol", [*memcontrol, str(a_file)], "is a file; expected a folder"
+    yield "train", ["train", "--model", str(good), "--data", str(data), "--out", str(a_file)], "is a file"
+    yield (
+        "train",
+        ["train", "--model", str(good), "--data", str(data), "--out", str(a_file / "x")],
+        "is a file",
+    )
 
 
 def _dataset_rows(work: Path) -> list[tuple[str, int, int, int]]:
@@ -189,6 +331,10 @@ def _dataset_rows(work: Path) -> list[tuple[str, int, int, int]]:
         records, bad = split_rows(open_dataset(path, require_image=False, check_files=False))
         out.append((f"non-UTF-8 captions ({suffix})", 20, len(records) + len(bad), len(bad)))
     return out
+
+
+#: an exception class's name in a message (``FileExistsError:``, ``InvalidProtobuf:``): not for a person
+_CLASS_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception|Protobuf)\b|__init__\(\)")
 
 
 def main() -> int:
@@ -218,11 +364,17 @@ def main() -> int:
             elif "Traceback" in err.getvalue():
                 row["traceback"] += 1
                 misses.append((argv, lines[-1] if lines else ""))
-            elif len(lines) == 1 and ": error: " in lines[0] and words in lines[0]:
+            elif (
+                code == 2
+                and len(lines) == 1
+                and ": error: " in lines[0]
+                and words in lines[0]
+                and not _CLASS_NAME.search(lines[0])
+            ):
                 row["clear"] += 1
             else:
                 row["unclear"] += 1
-                misses.append((argv, " | ".join(lines)))
+                misses.append((argv, f"exit {code}: " + " | ".join(lines)))
         rows = _dataset_rows(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)

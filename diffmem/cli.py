@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -33,6 +34,14 @@ COMMANDS = [
     "scan",
     "bench",
 ]
+
+
+#: An OSError over a path of the wrong kind (the user's input): what it says instead of errno's text.
+_PATH_KINDS = {
+    errno.EEXIST: "a file is in the way (a folder was expected there)",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EISDIR: "is a folder; a file was expected",
+}
 
 
 class UsageError(Exception):
@@ -101,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         user_error = isinstance(err, (UsageError, ValueError, FileNotFoundError, NotADirectoryError))
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, OSError) and err.errno in _PATH_KINDS and err.filename is not None:
+            user_error, text = True, f"{err.filename}: {_PATH_KINDS[err.errno]}"  # a path of the wrong kind
         if not user_error:
             text = f"{type(err).__name__}: {text} (rerun with --debug for the traceback)"
         print(f"{name}: error: {text}", file=sys.stderr)

@@ -35,6 +35,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     return path
 
 
+def check_out_path(path: str | os.PathLike, argument: str = "--out", *, folder: bool = True) -> Path:
+    """``path`` if an output can go there: a folder (``folder=True``) or a file to write, not a path
+    through a file; else a ``ValueError`` naming ``argument``, the path and what was expected."""
+    path = Path(path)
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{argument}: {path} cannot be made: {parent} is a file, not a folder")
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{argument}: {path} is a file; expected a folder (new, or one to resume)")
+    if not folder and path.is_dir():
+        raise ValueError(f"{argument}: {path} is a folder; expected the path of a file to write")
+    return path
+
+
+def remove_stale_temporaries(folders) -> int:
+    """Delete the temporary files that killed ``atomic_write`` calls left in ``folders`` (``.NAME.*.tmp``,
+    not recursive; missing folders are skipped); returns how many. Call it only where no other writer is
+    running (a rerun's main process, before its workers start)."""
+    removed = 0
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first key (in sorted order) whose value differs between two records, or ``None``: what a
     refused resume names."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -230,6 +231,24 @@ def _no_safety_checker(pipeline_class) -> dict:
     return {}
 
 
+@contextlib.contextmanager
+def _no_loading_bars():
+    """diffusers' and transformers' progress bars off while loading, restored after."""
+    # heavy libraries: imported where a load runs, as the rest of this module does
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for m, _ in was:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, enabled in was:
+            if enabled:
+                m.enable_progress_bar()
+
+
 def load_pipeline(
     model: str | os.PathLike | None = None,
     pipeline_class=None,
@@ -237,8 +256,10 @@ def load_pipeline(
     device: str | torch.device | None = None,
     argument: str = "--model",
     allow_pickle: bool | None = None,
+    progress: bool = True,
 ):
     """Load a Stable Diffusion pipeline from a local folder or a hub id (default: the organism).
+    ``progress=False`` hides diffusers' and transformers' loading bars (a command's ``--no-progress``).
 
     Local folders are checked first (:func:`check_sd_folder`) so that a wrong path gives an error that
     names ``argument``; weights load from safetensors only unless ``allow_pickle`` (or ``diffmem
@@ -268,12 +289,15 @@ def load_pipeline(
     if looks_local(model):
         check_sd_folder(model, argument, pipeline_class=pipeline_class, allow_pickle=allow)
     try:
-        pipe = pipeline_class.from_pretrained(
-            model,
-            **_dtype_kwarg(dtype),
-            use_safetensors=True if not allow else None,  # allowed: safetensors first, pickle where missing
-            **_no_safety_checker(pipeline_class),
-        )
+        with contextlib.nullcontext() if progress else _no_loading_bars():
+            pipe = pipeline_class.from_pretrained(
+                model,
+                **_dtype_kwarg(dtype),
+                use_safetensors=True
+                if not allow
+                else None,  # allowed: safetensors first, pickle where missing
+                **_no_safety_checker(pipeline_class),
+            )
     except OSError as err:
         if looks_local(model):
             raise ValueError(f"{argument}: {model} could not be loaded: {str(err).splitlines()[0]}") from err

@@ -33,6 +33,8 @@ __all__ = ["KINDS", "read_prompt_set"]
 
 KINDS = ("auto", "wen-jsonl", "membench-csv", "prompt-folder", "webster-parquet", "negatives")
 MEMORIZED_TYPES = {"MV", "RV", "TV"}
+#: Webster's label of a prompt that is not memorized (compared upper-cased; a null cell is one too)
+CLEAN_TYPES = {"N", "NONE"}
 
 
 def _text(path: Path) -> str:
@@ -128,7 +130,13 @@ def _webster_parquet(path: Path) -> list[dict]:
     ):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path} row {n}: empty caption")
-        kind = str(kind or "N").strip().upper()
+        kind = "N" if kind is None or not str(kind).strip() else str(kind).strip().upper()
+        if kind not in MEMORIZED_TYPES | CLEAN_TYPES:
+            raise ValueError(
+                f"{path} row {n}: overfit_type {table.column('overfit_type')[n].as_py()!r} is not a Webster "
+                f"label; expected one of {', '.join(sorted(MEMORIZED_TYPES))} (memorized) or "
+                f"{', '.join(sorted(CLEAN_TYPES))} or empty (not)"
+            )
         rows.append(
             {"id": str(n), "prompt": text.strip(), "label": int(kind in MEMORIZED_TYPES), "role": kind}
         )

@@ -8,6 +8,7 @@ register themselves when their modules are imported, which happens on the first 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -52,6 +53,16 @@ class Registry(Generic[T]):
             )
         return self._classes[name]
 
+    def check_options(self, name: str, options: Mapping[str, Any]) -> None:
+        """Refuse option names the registered class ``name`` does not take (before anything is built)."""
+        accepted = _options_of(self.get_class(name))
+        unknown = [k for k in options if accepted is not None and k not in accepted]
+        if unknown:
+            raise ValueError(
+                f"{self.kind}_options for {name!r}: no option {', '.join(map(repr, unknown))}; "
+                f"its options: {', '.join(accepted) or 'none'}"
+            )
+
     def create(self, spec: str | T, options: Mapping[str, Any] | None = None) -> T:
         """An instance from a registered name (built with ``options``) or an instance of ``base`` as it is."""
         if isinstance(spec, self.base):
@@ -65,7 +76,20 @@ class Registry(Generic[T]):
                 f"{self.kind}: expected a registered name or a {self.base.__name__}, got {type(spec).__name__}"
             )
         cls = self.get_class(spec)
+        options = dict(options or {})
+        self.check_options(spec, options)
         try:
-            return cls(**dict(options or {}))
-        except TypeError as err:
-            raise ValueError(f"{self.kind}_options for {spec!r}: {err}") from None
+            return cls(**options)
+        except TypeError as err:  # e.g. a required option left out: the message without the class's name
+            raise ValueError(f"{self.kind}_options for {spec!r}: {str(err).split('() ', 1)[-1]}") from None
+
+
+def _options_of(cls: type) -> list[str] | None:
+    """The keyword options a class's constructor takes (``None``: any, it takes ``**kwargs``)."""
+    if cls.__init__ is object.__init__:
+        return []
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds]

@@ -100,11 +100,12 @@ def test_bench_bad_methods(tiny_sd1_dir, tmp_path, capsys):
         ["bench", "detection", "--methods", "wen:steps", "--model", str(tiny_sd1_dir), "--out", str(tmp_path)]
     )
     assert code == 2 and "expected key=value" in capsys.readouterr().err
-    mem = tmp_path / "mem.txt"
-    mem.write_text("a red circle\n")
+    mem, neg = tmp_path / "mem.jsonl", tmp_path / "neg.txt"
+    mem.write_text('{"caption": "a red circle"}\n')
+    neg.write_text("a cat\n")
     code = main(
-        ["bench", "detection", "--model", str(tiny_sd1_dir), "--suite", str(mem), "--splits", "all,copies-2-vs-1",
-         "--out", str(tmp_path / "b")]
+        ["bench", "detection", "--model", str(tiny_sd1_dir), "--suite", str(mem), str(neg), "--splits",
+         "all,copies-2-vs-1", "--out", str(tmp_path / "b")]
     )  # fmt: skip
     assert (
         code == 2 and "--splits: copies-2-vs-1 not in the suite; its splits: all" in capsys.readouterr().err

@@ -132,6 +132,10 @@ def test_checkpoint_roundtrip_resumes_the_same_trajectory(tmp_path):
         load_checkpoint(tmp_path / "nothing", {"m": resumed[0]})
 
 
+def _timeless(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
 @pytest.mark.slow
 def test_training_resumes_to_identical_weights(tmp_path):
     from safetensors.torch import load_file
@@ -155,6 +159,10 @@ def test_training_resumes_to_identical_weights(tmp_path):
         train_organism(TINY_RECIPE.with_(text_hidden=8), part)
     log = json.loads((part / "train-log.json").read_text())
     assert log["unet"][-1]["step"] == TINY_RECIPE.unet_steps
+    # the log too: the interrupted phase's rows cover its steps before the stop as well (all but seconds)
+    whole = json.loads((tmp_path / "full" / "train-log.json").read_text())
+    for phase in ("vae", "decoder", "unet"):
+        assert _timeless(log[phase]) == _timeless(whole[phase]), phase
 
 
 def test_similarity_and_replication_helpers():

@@ -56,6 +56,23 @@ def test_webster_parquet(tmp_path):
     pq.write_table(pa.table({"caption": ["a", "b", "c", "d"], "overfit_type": ["MV", "RV", "TV", "N"]}), path)
     rows = read_prompt_set(path)
     assert [(r["label"], r["role"]) for r in rows] == [(1, "MV"), (1, "RV"), (1, "TV"), (0, "N")]
+    pq.write_table(pa.table({"caption": ["a", "b", "c"], "overfit_type": ["none", None, ""]}), path)
+    assert [r["label"] for r in read_prompt_set(path)] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("value", ["maybe", "yes", "1", "memorized"])
+def test_webster_parquet_refuses_unknown_labels_naming_the_row(tmp_path, value):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "sd1.parquet"
+    pq.write_table(pa.table({"caption": ["a", "b", "c"], "overfit_type": ["MV", "N", value]}), path)
+    with pytest.raises(ValueError) as info:
+        read_prompt_set(path)
+    assert str(info.value) == (
+        f"{path} row 2: overfit_type {value!r} is not a Webster label; expected one of MV, RV, TV (memorized) "
+        "or N, NONE or empty (not)"
+    )
 
 
 def test_negatives_and_bad_input(tmp_path):

@@ -293,6 +293,7 @@ def test_sigkilled_embed_resumes_to_the_same_layout(planted, sscd_onnx, tmp_path
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     _same_layout(ref, out)
+    assert list(out.rglob("*.tmp")) == []  # the killed write's temporary file (if any) is gone
 
 
 def _same_layout(a: Path, b: Path) -> None:

@@ -53,6 +53,15 @@ def _same(a, b, atol=0.0):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol)
 
 
+def _timeless(record):
+    """A run's record or log without what a rerun cannot repeat: wall-clock seconds and the machine."""
+    if isinstance(record, dict):
+        return {k: _timeless(v) for k, v in record.items() if k not in ("seconds", "machine")}
+    if isinstance(record, list):
+        return [_timeless(v) for v in record]
+    return record
+
+
 def test_reads_the_data_at_the_resolution_with_copies_grouped(data):
     assert data.pixels.shape == (8, 32, 32, 3) and data.pixels.dtype == np.uint8
     assert data.image_ids[:2] == ["im0", "im0"] and len(set(data.image_ids)) == 6
@@ -95,11 +104,26 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, tiny_sd1_d
     assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if not p.name.startswith(".")] == [
         "step-00000002"
     ]
+    # what a kill inside the writes leaves (the names save_checkpoint's mkdtemp and atomic_write give)
+    stale = [tmp_path / "b" / "checkpoints" / ".step-00000004.k2j4a", tmp_path / "b" / ".log.json.x1.tmp"]
+    stale[0].mkdir()
+    (stale[0] / "model-unet.safetensors").write_bytes(b"partial")
+    stale[1].write_text("partial")
     resumed = subprocess.run([*base, "--out", str(tmp_path / "b"), *cfg], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     a, b = _unet(tmp_path / "a" / "model"), _unet(tmp_path / "b" / "model")
     _same(a, b)
     assert any(not torch.equal(a[k], v) for k, v in _unet(tiny_sd1_dir).items())  # it did train
+    # the statistics too: the log and the record's totals cover the whole run, not the part since the resume
+    record_a, record_b = (
+        _timeless(json.loads((tmp_path / x / "model" / TRAIN_RECORD).read_text())) for x in "ab"
+    )
+    assert record_a["run"]["totals"]["kept"] == 24  # 6 steps of 4 samples, none dropped at tau = 1e9
+    assert record_a == record_b
+    log_a, log_b = (_timeless(json.loads((tmp_path / x / "log.json").read_text())) for x in "ab")
+    assert log_a == log_b == record_a["run"]["log"] and [r["step"] for r in log_a] == [6]
+    # the killed writes' temporary files are gone after the rerun
+    assert not any(p.exists() for p in stale) and list((tmp_path / "b").rglob(".*")) == []
     # another setting is refused on resume, with the option named
     changed = subprocess.run(
         [*base, "--out", str(tmp_path / "b"), *cfg, "--weight-decay", "0.5"], capture_output=True, text=True

@@ -82,21 +82,46 @@ def parse_methods(text: str | None, available: list[str]) -> list[tuple[str, dic
     return out
 
 
-def _suite(args, pipe, progress: bool):
-    from diffmem.evaluate.suites import MEASURED_SPLITS, organism_suite, suite_from_rows
-    from diffmem.io import atomic_write_json
+def _prompt_suite(args):
+    """The suite of ``--suite`` prompt files (read before any model loads), or ``None`` for the organism.
+    Detection needs both classes: a pool without memorized or without clean prompts is refused."""
+    from diffmem.cli import UsageError
+    from diffmem.evaluate.suites import suite_from_rows
     from diffmem.prompt_sets import read_prompt_set
+
+    if args.suite == ["organism"]:
+        return None
+    if args.bench_command == "mitigation":
+        raise UsageError(
+            "--suite: the mitigation bench measures replication on the organism's training images; "
+            "use --suite organism"
+        )
+    rows = [r for path in args.suite for r in read_prompt_set(path)]
+    memorized = sum(r["label"] == 1 for r in rows)
+    if memorized in (0, len(rows)):
+        have, need = ("memorized", "not-memorized") if memorized else ("not-memorized", "memorized")
+        raise UsageError(
+            f"--suite: {', '.join(args.suite)}: {len(rows)} {have} prompt(s) and no {need} one; "
+            f"AUC and TPR need both classes: add a file of {need} prompts "
+            "(negatives: a .txt file, *_nmem*.txt lists or overfit_type N; memorized: Wen's JSONL, MemBench's "
+            "CSV, *_mem*.txt lists or overfit_type MV/RV/TV)"
+        )
+    return suite_from_rows("prompt files", rows)
+
+
+def _suite(args, pipe, prompt_suite, progress: bool):
+    from diffmem.evaluate.suites import MEASURED_SPLITS, organism_suite
+    from diffmem.io import atomic_write_json
 
     splits = getattr(args, "splits", None)  # detection only: the mitigation bench uses memorized-vs-clean
     wanted = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
-    if args.suite == ["organism"]:  # the mitigation bench needs only the splits of known roles
+    if prompt_suite is None:  # the mitigation bench needs only the splits of known roles
         measured = args.bench_command == "detection" and (
             wanted is None or any(s in MEASURED_SPLITS for s in wanted)
         )
         suite = organism_suite(pipe, args.out, seed=args.seed, measured=measured, progress=progress)
     else:
-        rows = [r for path in args.suite for r in read_prompt_set(path)]
-        suite = suite_from_rows("prompt files", rows)
+        suite = prompt_suite
         atomic_write_json(f"{args.out}/suite.json", suite.to_dict())
     if wanted is not None:
         unknown = [s for s in wanted if s not in suite.splits]
@@ -116,19 +141,22 @@ def run(args: argparse.Namespace) -> int:
     if args.bench_command is None:
         raise UsageError("choose what to compare: detection or mitigation")
     if args.bench_command == "detection":
-        from diffmem.detectors import available_detectors as available
+        from diffmem.detectors import DETECTORS as registry
     else:
-        from diffmem.mitigations import available_mitigations as available
-    names = available()
+        from diffmem.mitigations.base import MITIGATIONS as registry
+    names = registry.names()
     if args.list:
         print("\n".join(names))
         return 0
     methods = parse_methods(args.methods, names)
+    for name, options in methods:  # option names checked before any model loads
+        registry.check_options(name, options)
     from diffmem.io import atomic_write_json, atomic_write_text
 
+    prompt_suite = _prompt_suite(args)
     pipe = load_model(args)
     progress = not args.no_progress
-    suite = _suite(args, pipe, progress)
+    suite = _suite(args, pipe, prompt_suite, progress)
     steps = args.num_inference_steps or (25 if args.suite == ["organism"] else 50)
     common = dict(
         num_gens=args.num_gens,

@@ -29,9 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffmem.io import check_out_path
     from diffmem.scan.index_file import build_index_file
     from diffmem.scan.layout import EmbeddingLayout
 
+    check_out_path(args.out, folder=False)
     layout = EmbeddingLayout(args.embeddings, argument="--embeddings")
     record = build_index_file(layout, args.out, kind=args.kind, seed=args.seed, progress=not args.no_progress)
     print(

@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from diffmem.commands.training_options import check_paths_exist, load_data, train_config
     from diffmem.modelio import load_pipeline, stock_pipeline_class
-    from diffmem.train.memcontrol import MemControlConfig, run_memcontrol
+    from diffmem.train.memcontrol import MemControlConfig, check_search_folder, run_memcontrol
     from diffmem.train.text_to_image import load_training_data
 
     config = MemControlConfig(
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     config.check()
     check_paths_exist(args, "data", "heldout")
+    check_search_folder(args.out)  # before any model loads
     fidelity_captions = (
         [r["prompt"] for r in read_prompt_file(args.fidelity_captions, None, argument="--fidelity-captions")]
         if args.fidelity_captions

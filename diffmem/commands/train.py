@@ -13,6 +13,7 @@ from diffmem.commands.training_options import (
     mitigation_options,
     train_config,
 )
+from diffmem.io import check_out_path
 
 NAME = "train"
 HELP = (
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.train.text_to_image import train_text_to_image
 
     check_paths_exist(args, "data")
+    check_out_path(args.out)
     options = mitigation_options(args.mitigation_arg)
     get_training_mitigation(args.mitigation, options)  # bad parameters are refused before any weight is read
     pipe = load_pipeline(args.model, stock_pipeline_class(args.model))

@@ -126,7 +126,20 @@ def load_sscd_onnx(
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # one thread budget with torch (OMP_NUM_THREADS)
-    session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as err:  # onnxruntime's own exception classes (InvalidProtobuf, Fail, ...)
+        if type(err).__module__.split(".")[0] != "onnxruntime":
+            raise
+        detail = str(err).split(":")[-1].strip().rstrip(".") or "unreadable"
+        raise ValueError(
+            f"--embedder-file: {path} is not an ONNX model onnxruntime can load ({detail}); "
+            "expected SSCD's .onnx export or its .torchscript.pt"
+        ) from None
+    if len(session.get_inputs()) != 1:
+        raise ValueError(
+            f"--embedder-file: {path} takes {len(session.get_inputs())} inputs; expected one image input"
+        )
     input_name = session.get_inputs()[0].name
 
     def forward(x: torch.Tensor) -> np.ndarray:

@@ -26,9 +26,12 @@ def load_guarded(
     device: str | torch.device | None = None,
     argument: str = "--model",
     allow_pickle: bool | None = None,
+    progress: bool = True,
 ):
     """:func:`diffmem.modelio.load_pipeline` with the guarded class for ``model`` (default: the organism)."""
-    return load_pipeline(model, guarded_pipeline_class(model), dtype, device, argument, allow_pickle)
+    return load_pipeline(
+        model, guarded_pipeline_class(model), dtype, device, argument, allow_pickle, progress
+    )
 
 
 def as_guarded(pipe):

@@ -9,9 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.io import atomic_write_json, remove_stale_temporaries
 from diffmem.scan.bad_rows import bad_table, read_bad
 from diffmem.scan.catalog import Catalog
-from diffmem.scan.layout import LayoutWriter, metadata_schema
+from diffmem.scan.layout import (
+    FORMAT,
+    LAYOUT_FOLDERS,
+    EmbeddingLayout,
+    LayoutWriter,
+    metadata_schema,
+    write_record,
+)
 from diffmem.scan.procs import Procs, progress_bar
 
 #: the float types a layout may store (clip-retrieval's released embeddings are float16)
@@ -85,9 +93,7 @@ def embed_dataset(
 
     import pyarrow.parquet as pq
 
-    from diffmem.io import atomic_write_json
     from diffmem.scan.catalog import build_catalog
-    from diffmem.scan.layout import FORMAT, EmbeddingLayout, write_record
 
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size: expected an integer >= 1, got {shard_size!r}")
@@ -98,6 +104,7 @@ def embed_dataset(
     t0 = time.perf_counter()
     if procs.main:
         root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries([root, *(root / d for d in LAYOUT_FOLDERS)])  # of a killed run
         record = {
             "format": FORMAT,
             "embedder": embedder.describe(),
@@ -149,4 +156,10 @@ def embed_dataset(
         "seconds": round(seconds, 3),
     }
     atomic_write_json(root / "embed_summary.json", summary)
+    if layout.ntotal == 0:
+        reasons = ", ".join(f"{k}={v}" for k, v in summary["bad_rows_by_reason"].items()) or "none"
+        raise ValueError(
+            f"--data: {data} has no usable row: {summary['rows_read']} read, {len(bad)} bad (by reason: {reasons}); "
+            f"the bad rows are listed in {root / 'bad_rows.parquet'} and {root / 'bad_images'}"
+        )
     return summary

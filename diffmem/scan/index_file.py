@@ -176,14 +176,25 @@ class IndexFile:
     ):
         faiss = _faiss()
         self.record = read_index_record(path, argument)
-        if self.record["layout"] != layout.fingerprint():
+        if self.record.get("layout") != layout.fingerprint():
             raise ValueError(
                 f"{argument}: {path} indexes another set of embeddings than {layout.root} "
                 f"({self.record['ntotal']} vectors there, {layout.ntotal} here, or other shards or embedder); "
                 "rebuild it with `diffmem index`"
             )
         mmap = self.record["kind"] != "hnsw"
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+        try:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+        except RuntimeError:  # faiss's C++ exception: a multi-line message with its source location
+            raise ValueError(
+                f"{argument}: {path} is not a faiss index (or is truncated or damaged; "
+                f"{Path(path).stat().st_size} bytes); rebuild it with `diffmem index`"
+            ) from None
+        if (int(index.ntotal), int(index.d)) != (layout.ntotal, layout.dim):
+            raise ValueError(
+                f"{argument}: {path} holds {index.ntotal} vectors of {index.d}; its layout {layout.root} "
+                f"holds {layout.ntotal} of {layout.dim}; rebuild it with `diffmem index`"
+            )
         if self.record["kind"] in IVF_KINDS:
             faiss.extract_index_ivf(index).nprobe = nprobe or self.record["nprobe"]
         self.on_gpu = False

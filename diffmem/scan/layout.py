@@ -28,6 +28,11 @@ from diffmem.io import atomic_write, atomic_write_bytes, atomic_write_json, firs
 
 FORMAT = "clip-retrieval"
 RECORD = "embeddings.json"
+#: the layout's shard folders
+LAYOUT_FOLDERS = ("img_emb", "metadata", "bad_images")
+#: the columns every ``metadata_NNNN.parquet`` must have
+METADATA_COLUMNS = ("image_path", "caption", "id", "row")
+_REDO = "delete the shard's files and rerun `diffmem embed` to redo it"
 _NPY = re.compile(r"img_emb_(\d+)\.npy$")
 
 
@@ -112,17 +117,52 @@ def write_record(root: Path, record: dict[str, Any], argument: str = "--out") ->
         atomic_write_json(path, record)
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """Shape, dtype and data offset of a ``.npy`` file (header only)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+def _npy_header(path: Path, argument: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a ``.npy`` file (header only); a file that is not one, or whose
+    data is shorter than its header says, is a ``ValueError`` naming ``argument``, the file and the sizes."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except (ValueError, EOFError, OSError) as err:
+        why = "empty" if path.stat().st_size == 0 else f"no NumPy .npy header: {str(err).splitlines()[0]}"
+        raise ValueError(f"{argument}: {path} is not a NumPy .npy array ({why}); {_REDO}") from None
+    if fortran:
+        raise ValueError(f"{argument}: {path} is a Fortran-ordered array; expected C order; {_REDO}")
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < expected:
+        raise ValueError(
+            f"{argument}: {path} is truncated: its header says {shape} {dtype} ({expected} bytes), "
+            f"the file holds {size} bytes; {_REDO}"
         )
-        shape, fortran, dtype = read(f)
-        if fortran:
-            raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
-        return shape, dtype, f.tell()
+    return shape, dtype, offset
+
+
+def _metadata_rows(path: Path, npy: Path, argument: str) -> int:
+    """The row count of a shard's metadata file, checked to exist, be parquet and hold the columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument}: {path} is missing (the rows of {npy.name}'s vectors); {_REDO}")
+    try:
+        meta = pq.read_schema(path), pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError):
+        raise ValueError(f"{argument}: {path} is not a parquet file (or is damaged); {_REDO}") from None
+    missing = [c for c in METADATA_COLUMNS if c not in meta[0].names]
+    if missing:
+        raise ValueError(
+            f"{argument}: {path} lacks the column(s) {', '.join(missing)} "
+            f"(expected {', '.join(METADATA_COLUMNS)}; it has {', '.join(meta[0].names) or 'none'})"
+        )
+    return meta[1]
 
 
 class EmbeddingLayout:
@@ -140,25 +180,76 @@ class EmbeddingLayout:
                 f"{argument}: {self.root} has no {RECORD}, so which embedder made it is unknown "
                 "(`diffmem embed` writes it; for embeddings made elsewhere write the embedder's description there)"
             )
-        self.record: dict[str, Any] = json.loads(record.read_text())
+        try:
+            self.record: dict[str, Any] = json.loads(record.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{argument}: {record} is not JSON (`diffmem embed` writes it)") from None
+        if not isinstance(self.record, dict) or not isinstance(self.record.get("embedder", {}), dict):
+            raise ValueError(f'{argument}: {record} must hold a JSON object with an "embedder" object')
         shards = sorted(
             int(m.group(1)) for p in (self.root / "img_emb").iterdir() if (m := _NPY.match(p.name))
         )
         self.shards = shards
         self.files = [self.root / "img_emb" / f"{shard_name('img_emb', k)}.npy" for k in shards]
-        headers = [_npy_header(p) for p in self.files]
-        dims = {h[0][1] for h in headers if len(h[0]) == 2}
-        if any(len(h[0]) != 2 for h in headers) or len(dims) > 1:
-            raise ValueError(
-                f"{argument}: {self.root}: the img_emb shards are not all (n, d) arrays of one d"
-            )
-        self.dim = dims.pop() if dims else int(self.record.get("dim", 0))
+        headers = [_npy_header(p, argument) for p in self.files]
+        self._check(headers, argument)
+        self.dim = headers[0][0][1] if headers else int(self.embedder.get("dim", 0))
         self.counts = np.asarray([h[0][0] for h in headers], dtype=np.int64)
         self._dtypes = [h[1] for h in headers]
         self._offsets = [h[2] for h in headers]
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.ntotal = int(self.starts[-1])
-        self.embedder = self.record.get("embedder", {})
+
+    @property
+    def embedder(self) -> dict[str, Any]:
+        return self.record.get("embedder", {})
+
+    def _check(self, headers, argument: str) -> None:
+        """Every shard against the record and its metadata: (n, d) arrays of the record's dtype and the
+        embedder's dimension, as many metadata rows as vectors, every catalog shard present."""
+        dtype = self.record.get("dtype")
+        dim = self.embedder.get("dim")
+        first = None
+        for k, path, (shape, dt, _) in zip(self.shards, self.files, headers, strict=True):
+            if len(shape) != 2:
+                raise ValueError(f"{argument}: {path} holds a {shape} array; expected (n, d) vectors")
+            if dtype is not None and dt != np.dtype(dtype):
+                raise ValueError(f"{argument}: {path} holds {dt} vectors; {RECORD} says {dtype}")
+            want = dim if isinstance(dim, int) else first
+            if want is not None and shape[1] != want:
+                where = f"the embedder in {RECORD}" if isinstance(dim, int) else f"{self.files[0].name}"
+                raise ValueError(
+                    f"{argument}: {path} holds {shape[1]}-d vectors; expected {want}-d (as {where})"
+                )
+            first = shape[1]
+            meta = self.root / "metadata" / f"{shard_name('metadata', k)}.parquet"
+            rows = _metadata_rows(meta, path, argument)
+            if rows != shape[0]:
+                raise ValueError(
+                    f"{argument}: {path} holds {shape[0]} vectors but {meta} has {rows} rows; "
+                    f"a shard's vectors and rows must match one to one: {_REDO}"
+                )
+        self._check_complete(argument)
+
+    def _check_complete(self, argument: str) -> None:
+        """A layout with its catalog (``diffmem embed``'s) must have a shard for every catalog shard."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        catalog = self.root / "catalog.parquet"
+        if not catalog.is_file():
+            return
+        try:
+            n = pq.ParquetFile(catalog).metadata.num_row_groups
+        except (pa.ArrowException, OSError):
+            raise ValueError(f"{argument}: {catalog} is not a parquet file (or is damaged)") from None
+        absent = sorted(set(range(n)) - set(self.shards))
+        if absent:
+            shown = ", ".join(str(k) for k in absent[:5]) + (", ..." if len(absent) > 5 else "")
+            raise ValueError(
+                f"{argument}: {self.root} is incomplete: {len(absent)} of its {n} shards are not embedded "
+                f"(img_emb_NNNN.npy for shard {shown}); rerun `diffmem embed` with the same settings to finish it"
+            )
 
     def fingerprint(self) -> dict[str, Any]:
         """What an index over this layout depends on: the embedder, the shards and their sizes."""

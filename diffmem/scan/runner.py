@@ -14,10 +14,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from diffmem.io import atomic_write, atomic_write_json
+from diffmem.io import atomic_write, atomic_write_json, remove_stale_temporaries
 from diffmem.scan.bad_rows import bad_table
 from diffmem.scan.catalog import Catalog, build_catalog
 from diffmem.scan.config import ScanConfig, check_or_write_config
+from diffmem.scan.layout import LAYOUT_FOLDERS
 from diffmem.scan.procs import Procs
 from diffmem.scan.results import IMAGE_BAD_ROWS
 
@@ -90,6 +91,9 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
     procs = Procs()
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
+        own = out / OWN_EMBEDDINGS
+        stages = [out, out / "scores", out / "gens", own, *(own / d for d in LAYOUT_FOLDERS)]
+        remove_stale_temporaries([*stages, *sorted((out / "images").glob("*"))])  # of a killed run
     procs.barrier()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -124,7 +128,9 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
         from diffmem.guard.auto import load_guarded
         from diffmem.precision import torch_dtype
 
-        pipe = load_guarded(cfg.model, device=procs.device, dtype=torch_dtype(cfg.dtype))
+        pipe = load_guarded(
+            cfg.model, device=procs.device, dtype=torch_dtype(cfg.dtype), progress=cfg.progress
+        )
         use_attention_processor(pipe.unet, cfg.attention)
 
     train = None

@@ -141,6 +141,9 @@ def save_checkpoint(
         raise
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(f".{_STEP_PREFIX}*"):  # temporary folders of writes killed before their rename
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

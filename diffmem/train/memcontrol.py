@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from diffmem.generation import generate
-from diffmem.io import atomic_write_json
+from diffmem.io import atomic_write_json, check_out_path
 from diffmem.seeding import derive_seed
 from diffmem.train.text_to_image import (
     TRAIN_RECORD,
@@ -290,6 +290,25 @@ def _trial_dir(out: Path, params: dict) -> Path:
     return out / "trials" / key
 
 
+#: the first bytes of every SQLite 3 database file
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_search_folder(out: str | os.PathLike) -> Path:
+    """``out`` as a search folder: a folder (new or to resume) whose ``study.db``, if there, is SQLite."""
+    out = check_out_path(out)
+    study = out / "study.db"
+    if study.exists():
+        with open(study, "rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+        if head != _SQLITE_MAGIC and (head or study.stat().st_size):
+            raise ValueError(
+                f"--out: {study} is not a SQLite database (the optuna study memcontrol resumes from); "
+                "use another --out, or delete it to start the search again"
+            )
+    return out
+
+
 def run_memcontrol(
     model: str | os.PathLike | None,
     train_data: TrainingData,
@@ -323,7 +342,7 @@ def run_memcontrol(
         raise ValueError(
             "memcontrol runs in one process (its trials share one study); launch it without torchrun"
         )
-    out = Path(out)
+    out = check_search_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     search = {k: v for k, v in config.to_dict().items() if k != "trials"}  # --trials may grow on resume
     used = {

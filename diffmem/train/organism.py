@@ -130,19 +130,19 @@ def _run_phase(
         optimizer, _lr_lambda(total, min(recipe.warmup_steps, total))
     )
     ckpt_root = workdir / "checkpoints" / phase
-    start = 0
+    start, window = 0, []  # window: the losses since the last log row
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         state = load_checkpoint(latest, modules, {"adamw": optimizer}, {"lr": scheduler})
         start = state["step"]
         log[:] = [r for r in state["extra"].get("log", []) if r["step"] <= start]
+        window = [float(x) for x in state["extra"].get("window", [])]
         print(f"[organism] {phase}: resumed from {latest} at step {start}", flush=True)
     prepared = accelerator.prepare(*modules.values(), optimizer)
     optimizer = prepared[-1]
     for m in modules.values():
         m.train()
     progress = _Progress(total, start, phase, log)
-    window: list[float] = []
     t0 = time.time()
     end = total if until_step is None else min(total, until_step)
     for step in range(start, end):
@@ -162,7 +162,12 @@ def _run_phase(
             window = []
         if done % recipe.checkpoint_every == 0 or done == end:
             save_checkpoint(
-                ckpt_root, done, modules, {"adamw": optimizer}, {"lr": scheduler}, extra={"log": log}
+                ckpt_root,
+                done,
+                modules,
+                {"adamw": optimizer},
+                {"lr": scheduler},
+                extra={"log": log, "window": window},  # a resumed phase logs what an uninterrupted one does
             )
     progress.close()
     for m in modules.values():

@@ -12,8 +12,9 @@ micro-batches; the normalisation is over the whole step, so the weights do not d
 
 Every random draw of a sample (its timestep, noise, caption dropout, the mitigation's draws) comes from
 ``(seed, epoch, row)``, the batch order from ``(seed, epoch)``; checkpoints (every ``checkpoint_every``
-steps) hold the trained weights, the optimizer and the LR schedule, so a run killed at any moment and
-rerun resumes to exactly the weights an uninterrupted run reaches. The output is a standard diffusers
+steps) hold the trained weights, the optimizer, the LR schedule and the run's statistics (the log and the
+steps not yet in a log row), so a run killed at any moment and rerun resumes to exactly the weights, the
+log and the totals an uninterrupted run reaches (all but the seconds). The output is a standard diffusers
 folder (LoRA adapters merged) with a model card (``README.md``) and ``diffmem_train.json``.
 """
 
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.io import atomic_write_json
+from diffmem.io import atomic_write_json, remove_stale_temporaries
 from diffmem.seeding import derive_seed, item_generator
 from diffmem.train.adapters import DEFAULT_LORA_TARGETS
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -50,6 +51,9 @@ __all__ = [
 
 #: Written into the trained pipeline folder: the recipe, the data and the run (the model card's source).
 TRAIN_RECORD = "diffmem_train.json"
+
+#: Steps per row of the run's log (``log.json``; the last row ends at the last step).
+LOG_EVERY = 25
 
 #: Settings that may differ when a run is resumed (when it stops, how much memory it takes).
 RESUMABLE_CHANGES = ("steps", "gradient_checkpointing", "checkpoint_every")
@@ -461,6 +465,7 @@ def train_text_to_image(
         **({"provenance": dict(provenance)} if provenance else {}),
     }
     if accelerator.is_main_process:
+        remove_stale_temporaries([workdir])  # of a killed run's atomic writes (config.json, log.json)
         _check_workdir(workdir, record)
     accelerator.wait_for_everyone()
 
@@ -489,12 +494,13 @@ def train_text_to_image(
     modules = {"unet": unet} | ({"text_encoder": text_encoder} if config.train_text_encoder else {})
     trainable_only = ("unet",) if config.mode == "lora" else ()
     ckpt_root = workdir / "checkpoints"
-    start, log, seconds = 0, [], 0.0
+    start, log, window, seconds = 0, [], [], 0.0
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         state = load_checkpoint(latest, modules, {"adamw": optimizer}, {"lr": schedule})
         start = state["step"]
         log = [r for r in state["extra"].get("log", []) if r["step"] <= start]
+        window = list(state["extra"].get("window", []))  # the steps since the last log row
         seconds = float(state["extra"].get("seconds", 0.0))
         if start > config.steps:
             raise ValueError(
@@ -516,7 +522,6 @@ def train_text_to_image(
         total=config.steps, initial=start, desc=f"train ({mitigation.name})", disable=not progress or rank
     )
     end = config.steps if until_step is None else min(config.steps, until_step)
-    window: list[dict] = []
     t0 = time.time()
     for step in range(start, end):
         rows, epochs = batch_indices(len(data), config.batch_size, step, config.seed)
@@ -581,7 +586,9 @@ def train_text_to_image(
         if window[-1]["loss"] is not None:
             bar.set_postfix(loss=f"{window[-1]['loss']:.4f}", refresh=False)
         done = step + 1
-        if done % 25 == 0 or done in (config.steps, end):
+        if (
+            done % LOG_EVERY == 0 or done == config.steps
+        ):  # not at an interruption: a resume logs the same rows
             losses = [w["loss"] for w in window if w["loss"] is not None]
             row = {
                 "step": done,
@@ -595,7 +602,7 @@ def train_text_to_image(
                 on_log(row)
         if done % config.checkpoint_every == 0 or done in (config.steps, end):
             if accelerator.is_main_process:
-                extra = {"log": log, "seconds": seconds + time.time() - t0}
+                extra = {"log": log, "window": window, "seconds": seconds + time.time() - t0}
                 save_checkpoint(
                     ckpt_root,
                     done,
