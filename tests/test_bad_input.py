@@ -562,12 +562,12 @@ def test_unknown_method_options_name_the_accepted_ones(tiny_sd1_dir, tmp_path, c
 
     with pytest.raises(ValueError) as info:
         get_detector("wen", {"bogus": 1})
-    assert str(info.value) == "detector_options for 'wen': no option 'bogus'; its options: steps"
+    assert str(info.value) == "detector_options for 'wen': no option 'bogus'; its options: steps, start"
     with pytest.raises(ValueError, match="for 'none': no option 'tau'; its options: none"):
         get_training_mitigation("none", {"tau": 1})
     code, err = _run(["bench", "detection", "--model", str(tiny_sd1_dir), "--methods", "wen:bogus=1",
                       "--out", str(tmp_path / "b")], capsys)  # fmt: skip
-    assert code == 2 and "no option 'bogus'; its options: steps" in err and "__init__" not in err, err
+    assert code == 2 and "no option 'bogus'; its options: steps, start" in err and "__init__" not in err, err
 
 
 def test_os_errors_over_a_path_of_the_wrong_kind_are_bad_input(monkeypatch, capsys):

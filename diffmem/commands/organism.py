@@ -49,6 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)"
     )
     p.add_argument("--tiny", action="store_true", help="a seconds-long run of a tiny recipe (smoke test)")
+    p.add_argument(
+        "--resume-from",
+        default=None,
+        metavar="BUNDLE",
+        help="a run exported with `diffmem organism export-run`: rebuilt in an empty --workdir, then resumed",
+    )
+
+    p = sub.add_parser(
+        "export-run", help="write a training run's latest checkpoint compactly, to commit and resume"
+    )
+    p.add_argument("--workdir", required=True, help="the run's --workdir")
+    p.add_argument("--out", required=True, help="folder to write (replaced)")
 
     p = sub.add_parser("eval", help="measure replication and detection on a trained organism")
     p.add_argument("--model", default=None, help="organism folder (default: the embedded organism)")
@@ -129,10 +141,19 @@ def run(args: argparse.Namespace) -> int:
             recipe = recipe.with_(unet_steps=args.unet_steps)
         if args.vae_steps is not None:
             recipe = recipe.with_(vae_steps=args.vae_steps)
+        if args.resume_from is not None:
+            from diffmem.train.organism_bundle import import_run
+
+            print(f"[organism] rebuilt {import_run(args.resume_from, args.workdir)} from {args.resume_from}")
         out = train_organism(
             recipe, args.workdir, args.out, snapshot_every=args.snapshot_every, only=args.only
         )
         print(f"organism saved to {out}")
+        return 0
+    if args.organism_command == "export-run":
+        from diffmem.train.organism_bundle import export_run
+
+        print(f"run exported to {export_run(args.workdir, args.out)}")
         return 0
     if args.organism_command == "eval":
         from diffmem.organism.evaluate import run_evaluation
