@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.localize.stats import ValueStats
 
     check_runtime_arguments(args)
+    data_range = _data_range(args.ssim_range)
     if args.seeds < 2:
         raise ValueError("--seeds: the criterion compares seeds pairwise, expected at least 2")
     if args.steps < 2:
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         blocks=blocks,
         latent_size=(height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
         early_exit=args.early_exit,
-        data_range=_data_range(args.ssim_range),
+        data_range=data_range,
         ssim_border=args.ssim_border,
         max_unet_calls=args.max_unet_calls,
         max_seconds=args.max_seconds,
