@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     above = sum(f > args.threshold for f in floors)
     print(
         f"\nempty-prompt floor: {min(floors):.3f}-{max(floors):.3f}, mean {sum(floors) / len(floors):.3f}; "
-        f"above tau {args.threshold} for {above}/{len(floors)}\n"
+        f"above tau {args.threshold:.3f} for {above}/{len(floors)}\n"
     )
     print("| generic caption | cross-seed score | same seed vs empty prompt: max / median |")
     print("|---|---|---|")
