@@ -170,3 +170,15 @@ def test_border_is_diffmems_choice_whatever_torchmetrics_does():
     np.testing.assert_allclose(
         ms_ssim(a, b, border="crop", **kw).numpy(), PINNED[("inferred", "crop")], atol=3e-5
     )
+
+
+def test_replication_ssim_keeps_torchmetrics_border():
+    """The replication SSIM (``diffmem.scores.similarity``, torchmetrics, data range 1) averages over the
+    padded border, as torchmetrics >= 1.4.2 (pyproject's floor) does; this fails if that changes."""
+    from diffmem.scores.similarity import ssim as replication_ssim
+
+    a, b = (torch.from_numpy(m).float() for m in _maps())
+    # an 11-tap window fits 16x16 maps at one scale: torchmetrics' default window
+    padded = ssim(a, b, data_range=1.0, border="pad")
+    torch.testing.assert_close(replication_ssim(a, b), padded, atol=1e-5, rtol=0)
+    assert (padded - ssim(a, b, data_range=1.0, border="crop")).abs().max() > 0.01
