@@ -26,7 +26,8 @@ Choices where the paper and its code differ (documented in ``docs`` and here):
   as in its torchmetrics 1.3.2; :mod:`diffmem.scores.msssim`); the paper says SSIM. On small latents
   that MS-SSIM cannot handle the kernel is shrunk (odd, >= 3), then single-scale SSIM is used:
   :class:`NoiseSimilarity` records which. ``data_range=1.0, ssim_border="pad"`` is diffmem's earlier
-  similarity (scores 0.05-0.10 higher).
+  similarity (scores 0.05-0.10 higher on SD-1.x maps by issue 33's side-by-side run; 0-0.15 higher
+  on the organism's, benchmarks/RESULTS.md).
 * The ``n`` latents are one batched draw of one generator (the code), not ``n`` seeds (paper).
 * Two-sided ``|z|`` (code and paper text; the paper's Alg. 2 is one-sided); top-k by raw activation.
 * Candidates of a layer are de-duplicated (the code concatenates OOD and top-k lists and may test a
@@ -94,7 +95,7 @@ class NemoConfig:
     kernel_size: int = 11
     betas: tuple[float, ...] = (0.33, 0.33, 0.33)
     #: MS-SSIM's data range: ``None`` = inferred at every scale over the pairs of one comparison (NeMo's
-    #: code); ``1.0`` = fixed (diffmem before 2026-12-06; scores 0.05-0.10 higher on SD-1.x maps)
+    #: code); ``1.0`` = fixed (diffmem before 2026-12-06: higher scores, see the module docstring)
     data_range: float | None = None
     #: positions the SSIM mean covers: ``"crop"`` (windows inside the map; NeMo's torchmetrics 1.3.2) or
     #: ``"pad"`` (every position, reflect padding; torchmetrics >= 1.4.2)
