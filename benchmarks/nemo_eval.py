@@ -59,10 +59,16 @@ def main() -> int:
         "--blocks", default="down,mid", help="UNet parts searched: down,mid (NeMo's default) or down,mid,up"
     )
     parser.add_argument(
-        "--no-early-exit",
+        "--early-exit",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="stop with no neurons when every searched neuron off leaves the prompt memorized (a heuristic; "
+        "default off: NeMo's fallback, the schedule runs and refines against the score reached)",
+    )
+    parser.add_argument(
+        "--legacy-similarity",
         action="store_true",
-        help="NeMo's fallback: when every searched neuron off leaves the prompt memorized, run the schedule "
-        "and refine against the score reached instead of stopping with no neurons",
+        help="diffmem's MS-SSIM before 2026-12-06 (data range 1, padded border) instead of NeMo's code's",
     )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     args = parser.parse_args()
@@ -73,7 +79,7 @@ def main() -> int:
     from diffmem.fingerprint import model_fingerprint
     from diffmem.guard.auto import load_guarded
     from diffmem.io import atomic_write_json
-    from diffmem.localize.nemo import NemoConfig
+    from diffmem.localize.nemo import LEGACY_SIMILARITY, NemoConfig
     from diffmem.modelio import check_sd_folder
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.recipe import recipe_of
@@ -104,7 +110,12 @@ def main() -> int:
         pipe,
         [(k, c) for k, (_, c) in ids.items()],
         data.captions("generic"),
-        config=NemoConfig(mask_batch=args.mask_batch, blocks=blocks, early_exit=not args.no_early_exit),
+        config=NemoConfig(
+            mask_batch=args.mask_batch,
+            blocks=blocks,
+            early_exit=args.early_exit,
+            **(LEGACY_SIMILARITY if args.legacy_similarity else {}),
+        ),
         cache_dir=out,
         progress=True,
     )

@@ -8,9 +8,11 @@ differences ``delta_s`` (min-max normalised, MS-SSIM as in ``diffmem.localize.ne
   prompt's (no text at all), the lowest any set of neurons could plausibly reach.
 
 Then the same-seed similarity of generic captions to the empty prompt, against their cross-seed
-score (what the threshold is calibrated on). ~10 s on 2 CPU cores::
+score (what the threshold is calibrated on). Without ``--threshold``, tau is calibrated first (mean + 1
+std of the detection score over the model's generic captions, as ``benchmarks/nemo_eval.py``); with
+``--legacy-similarity`` all of it uses diffmem's MS-SSIM before 2026-12-06. ~30 s on 2 CPU cores::
 
-    .venv/bin/python benchmarks/nemo_floor.py [--model weights/diffmem-organism-v2] [--threshold 0.448]
+    .venv/bin/python benchmarks/nemo_floor.py [--model weights/diffmem-organism-v2] [--threshold T]
 
 The verbatim captions are those of the model's recipe (``diffmem_organism.json``), with copy counts.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,23 +35,41 @@ GENERIC = ("a red circle", "a blue square", "a green triangle", "a yellow star")
 def main(argv=None) -> int:
     from diffusers import StableDiffusionPipeline
 
-    from diffmem.localize.nemo import NeMo, NemoConfig
+    from diffmem.localize.nemo import LEGACY_SIMILARITY, NeMo, NemoConfig
     from diffmem.organism.data import build_organism_data
     from diffmem.organism.recipe import recipe_of
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "weights" / "diffmem-organism-v2"))
-    p.add_argument("--threshold", type=float, default=0.448, help="NeMo's tau for this model")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="NeMo's tau for this model (default: calibrated here, mean + 1 std over its generic captions)",
+    )
     p.add_argument("--blocks", default="down,mid")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--legacy-similarity",
+        action="store_true",
+        help="diffmem's MS-SSIM before 2026-12-06 (data range 1, padded border) instead of NeMo's code's",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None)
-    nemo = NeMo.from_pipe(
-        pipe, None, NemoConfig(threshold=args.threshold, blocks=tuple(args.blocks.split(",")))
-    )
-    verbatim = build_organism_data(recipe_of(args.model)).by_role("verbatim")
+    legacy = LEGACY_SIMILARITY if args.legacy_similarity else {}
+    config = NemoConfig(blocks=tuple(args.blocks.split(",")), **legacy)
+    data = build_organism_data(recipe_of(args.model))
+    if args.threshold is None:
+        found = NeMo.from_pipe(pipe, None, config).threshold_calibration(data.captions("generic"))
+        args.threshold = found["threshold"]
+        print(
+            f"tau = {found['mean']:.3f} + {found['std']:.3f} = {args.threshold:.3f} "
+            f"(mean + 1 std over {found['prompts']} generic captions)\n"
+        )
+    nemo = NeMo.from_pipe(pipe, None, replace(config, threshold=args.threshold))
+    verbatim = data.by_role("verbatim")
     empty = nemo.probe("").base
     print(
         f"| verbatim caption | copies | detection | all {args.blocks} off: mem | empty prompt: max / median |"
@@ -60,7 +81,7 @@ def main(argv=None) -> int:
         probe = nemo.probe(caption)
         all_off = probe.evaluate(torch.ones(probe.n_neurons, dtype=torch.bool))["mem"]
         all_off = f"{all_off:.3f}" if probe.memorized else "not detected"  # mem(S) is for detected prompts
-        sim = probe.similarity(empty, probe.base)
+        sim = probe.similarity(empty, probe.base)  # all 10 seeds in one comparison
         floors.append(float(sim.max()))
         print(
             f"| {caption[:48]} | {image.copies} | {probe.score:.3f} | {all_off} | {sim.max():.3f} / {sim.median():.3f} |"
@@ -68,7 +89,7 @@ def main(argv=None) -> int:
     above = sum(f > args.threshold for f in floors)
     print(
         f"\nempty-prompt floor: {min(floors):.3f}-{max(floors):.3f}, mean {sum(floors) / len(floors):.3f}; "
-        f"above tau {args.threshold} for {above}/{len(floors)}\n"
+        f"above tau {args.threshold:.3f} for {above}/{len(floors)}\n"
     )
     print("| generic caption | cross-seed score | same seed vs empty prompt: max / median |")
     print("|---|---|---|")

@@ -169,6 +169,10 @@ def test_steps_against_the_schedule(tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "--steps: NeMo's criterion reads timesteps[1]" in err
+    argv = ["localize", "--prompts", prompts, "--out", str(tmp_path / "o"), "--reference-prompts", prompts]
+    code, err = _run([*argv, "--ssim-range", "-1"], capsys)
+    assert code == 2 and "--ssim-range: expected 'inferred' or a number > 0, got '-1'" in err
+    assert len(err.splitlines()) == 1, err
     code, err = _run(
         [
             "detect",

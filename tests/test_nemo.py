@@ -134,7 +134,7 @@ def test_planted_neuron_is_found(planted, nemo):
     assert 0.2 < nemo.config.threshold < 0.6
     result = nemo.localize(f"a photo of {TRIGGER}")
     assert result.info["memorized"] and result.info["outcome"] == "localized" and result.info["criterion_met"]
-    assert result.info["all_off_score"] <= nemo.config.threshold  # the early-exit check passed
+    assert "all_off_score" not in result.info  # the early-exit heuristic is off by default
     assert result.score_before[0] > nemo.config.threshold
     found = result.items()
     assert (name, PLANT_CHANNEL) in found, found
@@ -175,24 +175,24 @@ def _budgeted(planted, nemo, **kw) -> NeMo:
     return NeMo(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], stats, config)
 
 
-@pytest.mark.parametrize("mask_batch, max_calls", [(1, 4), (1, 5), (8, 3)])
-def test_search_stops_at_max_unet_calls(tmp_path, planted, nemo, mask_batch, max_calls):
+@pytest.mark.parametrize("mask_batch, max_calls, early_exit", [(1, 3, False), (1, 4, False), (8, 3, True)])
+def test_search_stops_at_max_unet_calls(tmp_path, planted, nemo, mask_batch, max_calls, early_exit):
     """A cut search made exactly ``max_unet_calls`` calls (the last one the final evaluation of the best
     mask so far), returns that mask (blocking the prompt) and says so; it round-trips through JSON."""
     _, name, _ = planted
     prompt = f"a photo of {TRIGGER}"
-    full = _budgeted(planted, nemo, mask_batch=mask_batch).localize(prompt)
+    full = _budgeted(planted, nemo, mask_batch=mask_batch, early_exit=early_exit).localize(prompt)
     assert full.info["outcome"] == "localized" and full.info["unet_calls"] > max_calls
     seen = []
-    cut = _budgeted(planted, nemo, mask_batch=mask_batch, max_unet_calls=max_calls).localize(
-        prompt, progress=lambda state: seen.append((state.stage, state.unet_calls, state.outcome))
-    )
+    cut = _budgeted(
+        planted, nemo, mask_batch=mask_batch, max_unet_calls=max_calls, early_exit=early_exit
+    ).localize(prompt, progress=lambda state: seen.append((state.stage, state.unet_calls, state.outcome)))
     assert cut.info["outcome"] == "budget_exhausted" and cut.info["stopped_by"] == "max_unet_calls"
     assert cut.info["unet_calls"] == max_calls and max(calls for _, calls, _ in seen) == max_calls
     assert seen[-1] == ("done", max_calls, "budget_exhausted")
     assert cut.info["criterion_met"] and cut.score_after[0] <= nemo.config.threshold
     assert (name, PLANT_CHANNEL) in cut.items() and len(cut) >= len(full)
-    if max_calls == 3:  # probe + all-off check + final: the all-off mask is the best known
+    if early_exit:  # probe + all-off check + final: the all-off mask is the best known
         assert len(cut) == sum(len(n) for n in cut.neurons) == 160
     loaded = NeuronSet.load(cut.save(tmp_path / "cut.json"))
     assert loaded.info == cut.info and loaded.items() == cut.items()
@@ -206,23 +206,46 @@ def test_other_budgets(planted, nemo):
     few = _budgeted(planted, nemo, mask_batch=1, max_candidates=0).localize(prompt)
     assert few.info["outcome"] == "budget_exhausted" and few.info["stopped_by"] == "max_candidates"
     assert few.info["criterion_met"] and len(few) == 1  # the layer refinement left only the planted neuron
-    assert few.info["unet_calls"] == 5  # probe, all-off, schedule, layers, final: no neuron-wise test
+    assert few.info["unet_calls"] == 4  # probe, schedule, layers, final: no neuron-wise test
     for bad in ({"max_unet_calls": 0}, {"max_seconds": 0.0}, {"max_candidates": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             NemoConfig(**bad)
 
 
 def test_flagged_prompt_that_blocking_cannot_move_is_not_localizable(tmp_path, planted, nemo):
-    """A prompt forced over the threshold whose score stays above it with every searched neuron off ends
-    after two UNet calls (unblocked pass and the all-off check) with an empty set."""
+    """With the early-exit heuristic on, a prompt forced over the threshold whose score stays above it
+    with every searched neuron off ends after two UNet calls (unblocked pass, all-off check), empty."""
     prompt = "a photo of a horse"
     threshold = nemo.probe(prompt).score - 0.05  # flags it: some seeds are above this
-    found = _budgeted(planted, nemo, threshold=threshold).localize(prompt)
+    found = _budgeted(planted, nemo, threshold=threshold, early_exit=True).localize(prompt)
     assert found.info["memorized"] and found.info["outcome"] == "not_localizable"
     assert found.info["unet_calls"] == 2 and len(found) == 0
     assert found.info["all_off_score"] > threshold
     loaded = NeuronSet.load(found.save(tmp_path / "horse.json"))
     assert loaded.info == found.info and loaded.info["outcome"] == "not_localizable"
+
+
+def test_a_narrow_miss_is_reported_not_discarded(planted, nemo):
+    """Threshold just under what switching the planted neuron off reaches: the complete search cannot
+    meet it; missed by less than the threshold's spread, the set is kept and the outcome says so."""
+    _, name, _ = planted
+    prompt = f"a photo of {TRIGGER}"
+    probe = nemo.probe(prompt)
+    li = list(nemo.layers).index(name)
+    alone = probe.mask_from_lists([[PLANT_CHANNEL] if i == li else [] for i in range(len(nemo.layers))])
+    everything = torch.ones_like(alone)
+    reachable = float(probe.scores(torch.stack([alone, everything])).min())
+    threshold = reachable - 0.03
+    assert nemo.probe(prompt).score > threshold
+    found = _budgeted(planted, nemo, threshold=threshold, threshold_spread=0.1).localize(prompt)
+    assert found.info["outcome"] == "near_miss" and not found.info["criterion_met"]
+    assert 0 < found.info["margin"] <= 0.1 and found.score_after[0] == pytest.approx(
+        threshold + found.info["margin"]
+    )
+    assert (name, PLANT_CHANNEL) in found.items()
+    # the same miss against a threshold known to be sharp is not localizable; unknown spread: not assessed
+    strict = _budgeted(planted, nemo, threshold=threshold, threshold_spread=found.info["margin"] / 2)
+    assert strict.localize(prompt).info["outcome"] == "not_localizable"
 
 
 def test_batched_search_equals_one_at_a_time(planted, nemo):
@@ -379,7 +402,7 @@ def test_localize_prompts_flow_is_cached_per_stage(tmp_path, planted, capsys):
     kw = dict(calibration_prompts=8, cache_dir=tmp_path, config=NemoConfig(mask_batch=8))
     run = localize_prompts(pipe, prompts, REFERENCE, **kw, progress=True)
     assert run.memorized == ["trigger/1"] and run.new == 2
-    assert "trigger/1: localized (6 calls)" in capsys.readouterr().err  # the per-prompt outcome is shown
+    assert "trigger/1: localized (5 calls)" in capsys.readouterr().err  # the per-prompt outcome is shown
     assert run.outcomes == {"localized": 1, "not_memorized": 1} == run.union.info["outcomes"]
     assert (name, PLANT_CHANNEL) in run.union.items() and len(run.union.prompts) == 2
     assert 0.2 < run.threshold < 0.6 and run.union.info["threshold"] == run.threshold

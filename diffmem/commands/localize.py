@@ -70,13 +70,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the one-neuron-at-a-time refinement when more neurons than this are left",
     )
     budget.add_argument(
-        "--no-early-exit",
-        action="store_true",
-        help="search even when blocking every neuron leaves the prompt memorized (NeMo's fallback set)",
+        "--early-exit",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="stop when blocking every searched neuron leaves the prompt memorized (a heuristic that can skip "
+        "a localizable prompt; default off: NeMo's full search and fallback set)",
+    )
+    parser.add_argument(
+        "--ssim-range",
+        default="inferred",
+        help="MS-SSIM data range: inferred (per scale, NeMo's code; default) or a number (1 = diffmem before 2026-12-06)",
+    )
+    parser.add_argument(
+        "--ssim-border",
+        choices=("crop", "pad"),
+        default="crop",
+        help="SSIM mean over windows inside the map (crop, NeMo's torchmetrics 1.3.2; default) or every position (pad)",
     )
     add_runtime_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _data_range(text: str) -> float | None:
+    """``--ssim-range``: ``inferred`` -> ``None``, else a number > 0."""
+    if text == "inferred":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"--ssim-range: expected 'inferred' or a number > 0, got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.localize.stats import ValueStats
 
     check_runtime_arguments(args)
+    data_range = _data_range(args.ssim_range)
     if args.seeds < 2:
         raise ValueError("--seeds: the criterion compares seeds pairwise, expected at least 2")
     if args.steps < 2:
@@ -126,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
         mask_batch=args.mask_batch,
         blocks=blocks,
         latent_size=(height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
-        early_exit=not args.no_early_exit,
+        early_exit=args.early_exit,
+        data_range=data_range,
+        ssim_border=args.ssim_border,
         max_unet_calls=args.max_unet_calls,
         max_seconds=args.max_seconds,
         max_candidates=args.max_candidates,

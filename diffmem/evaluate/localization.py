@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from diffmem.edits import NeuronSet
-from diffmem.localize.nemo import SD14_THRESHOLD, NeMo, NemoConfig, SearchProgress
+from diffmem.localize.nemo import SD14_THRESHOLD, SD14_THRESHOLD_SPREAD, NeMo, NemoConfig, SearchProgress
 from diffmem.localize.stats import ValueStats, value_stats_of
 
 __all__ = ["Localization", "calibrated_nemo", "localize_prompts", "neuron_file_name", "random_control"]
@@ -78,7 +78,7 @@ _BUDGET = ("early_exit", "max_unet_calls", "max_seconds", "max_candidates")
 def _search_settings(config: NemoConfig) -> dict:
     """The settings a calibrated threshold depends on (not the threshold itself, the batching or the budget)."""
     d = config.to_dict()
-    for key in ("threshold", "mask_batch", *_BUDGET):
+    for key in ("threshold", "threshold_spread", "mask_batch", *_BUDGET):
         d.pop(key)
     return d
 
@@ -161,13 +161,16 @@ def calibrated_nemo(
     """Stages 1-2: NeMo on ``pipe`` with statistics of ``reference`` and its threshold calibrated on them.
 
     ``stats``/``threshold`` given are used as they are; with neither reference prompts nor a threshold
-    the threshold is NeMo's SD-1.4 value (0.428), right only for SD-1.4.
+    the threshold is NeMo's SD-1.4 value (0.428), right only for SD-1.4. The threshold's spread (the std
+    of the calibration scores; SD-1.4: 0.07; a given threshold: ``config.threshold_spread``) goes into
+    the config: a search that misses the threshold by less is ``"near_miss"``.
     """
     from diffmem.fingerprint import model_fingerprint
     from diffmem.hooks.neurons import value_layers
     from diffmem.io import atomic_write_json
 
     config = config or NemoConfig()
+    spread = config.threshold_spread
     if stats is None:
         stats = _value_stats(pipe, reference, config, cache_dir, progress)
     else:
@@ -182,17 +185,25 @@ def calibrated_nemo(
         path = None if cache_dir is None else Path(cache_dir) / "threshold.json"
         if path is not None and path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("key") == key:
-                threshold = float(saved["threshold"])
+            if saved.get("key") == key and "spread" in saved:
+                threshold, spread = float(saved["threshold"]), float(saved["spread"])
         if threshold is None and calibration is None:
-            threshold = SD14_THRESHOLD
+            threshold, spread = SD14_THRESHOLD, SD14_THRESHOLD_SPREAD
         elif threshold is None:
-            threshold = NeMo.from_pipe(pipe, stats, config).calibrate_threshold(
-                calibration, progress=progress
-            )
+            found = NeMo.from_pipe(pipe, stats, config).threshold_calibration(calibration, progress=progress)
+            threshold, spread = found["threshold"], found["std"]
             if path is not None:
-                atomic_write_json(path, {"key": key, "threshold": threshold, "rule": "mean + 1 std"})
-    return NeMo.from_pipe(pipe, stats, replace(config, threshold=float(threshold)))
+                atomic_write_json(
+                    path,
+                    {
+                        "key": key,
+                        "threshold": threshold,
+                        "spread": spread,
+                        "mean": found["mean"],
+                        "rule": "mean + 1 std",
+                    },
+                )
+    return NeMo.from_pipe(pipe, stats, replace(config, threshold=float(threshold), threshold_spread=spread))
 
 
 def localize_prompts(

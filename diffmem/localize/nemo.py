@@ -21,9 +21,13 @@ Choices where the paper and its code differ (documented in ``docs`` and here):
 
 * ``t*`` = ``timesteps[1]`` (961 for 50 DDIM steps, as the code; the paper says T); the code's
   wasted first forward at ``timesteps[0]`` is skipped (same result).
-* Multi-scale SSIM (torchmetrics, kernel 11, betas (0.33, 0.33, 0.33), data range 1, as the code;
-  the paper says SSIM). On small latents that MS-SSIM cannot handle the kernel is shrunk (odd, >= 3),
-  then single-scale SSIM is used: :class:`NoiseSimilarity` records which.
+* Multi-scale SSIM as the code computes it (torchmetrics' definition, kernel 11, betas (0.33, 0.33,
+  0.33), the data range inferred at every scale over the pairs of one comparison, the border cropped
+  as in its torchmetrics 1.3.2; :mod:`diffmem.scores.msssim`); the paper says SSIM. On small latents
+  that MS-SSIM cannot handle the kernel is shrunk (odd, >= 3), then single-scale SSIM is used:
+  :class:`NoiseSimilarity` records which. ``data_range=1.0, ssim_border="pad"`` is diffmem's earlier
+  similarity (scores 0.05-0.10 higher on SD-1.x maps by issue 33's side-by-side run; 0-0.15 higher
+  on the organism's, benchmarks/RESULTS.md).
 * The ``n`` latents are one batched draw of one generator (the code), not ``n`` seeds (paper).
 * Two-sided ``|z|`` (code and paper text; the paper's Alg. 2 is one-sided); top-k by raw activation.
 * Candidates of a layer are de-duplicated (the code concatenates OOD and top-k lists and may test a
@@ -41,9 +45,11 @@ followers (which assumed it dropped) are discarded and re-evaluated. Every decis
 taken on exactly the state the one-at-a-time algorithm would see, so the same neurons are found
 (``mask_batch=1`` *is* the one-at-a-time algorithm).
 
-Search budget (``docs/nemo.md``): before the schedule, ``mem`` with *every* searched neuron off is
-evaluated; when even that stays above ``tau`` the prompt is ``"not_localizable"`` and the search ends
-(two UNet calls in all). ``max_unet_calls`` / ``max_seconds`` are enforced by the probe, which refuses
+Search budget (``docs/nemo.md``): with ``early_exit`` (off by default: a heuristic that can skip a
+localizable prompt), ``mem`` with *every* searched neuron off is evaluated before the schedule; when
+even that stays above ``tau`` the prompt is ``"not_localizable"`` and the search ends (two UNet calls
+in all). A complete search that misses ``tau`` by no more than ``threshold_spread`` is ``"near_miss"``
+(its set kept and reported). ``max_unet_calls`` / ``max_seconds`` are enforced by the probe, which refuses
 the call that would exceed them (:class:`SearchBudgetExhausted`); ``max_candidates`` skips the
 one-by-one refinement of larger sets. A cut search returns the last state it accepted (preferring one
 under ``tau``; all searched neurons if it was cut in the schedule), labelled ``"budget_exhausted"``.
@@ -63,9 +69,12 @@ from diffmem.conditioning import encode_prompts, expand_unet_kwargs, to_epsilon
 from diffmem.edits import NeuronSet
 from diffmem.hooks.neurons import DEFAULT_BLOCKS, scaled_value_neurons, value_activations, value_layers
 from diffmem.localize.stats import ValueStats
+from diffmem.scores.msssim import BORDERS, ms_ssim, ssim
 
 #: NeMo's memorization threshold for SD-1.4 (mean + 1 std of the max pairwise MS-SSIM over LAION prompts).
 SD14_THRESHOLD = 0.428
+#: the std of that calibration (0.428 = 0.358 + 0.07, the paper's threshold sweep): the threshold's spread
+SD14_THRESHOLD_SPREAD = 0.07
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,15 @@ class NemoConfig:
     factor: float = 0.0
     kernel_size: int = 11
     betas: tuple[float, ...] = (0.33, 0.33, 0.33)
+    #: MS-SSIM's data range: ``None`` = inferred at every scale over the pairs of one comparison (NeMo's
+    #: code); ``1.0`` = fixed (diffmem before 2026-12-06: higher scores, see the module docstring)
+    data_range: float | None = None
+    #: positions the SSIM mean covers: ``"crop"`` (windows inside the map; NeMo's torchmetrics 1.3.2) or
+    #: ``"pad"`` (every position, reflect padding; torchmetrics >= 1.4.2)
+    ssim_border: str = "crop"
+    #: the threshold's own spread (std of the calibration scores; :meth:`NeMo.threshold_calibration`): a
+    #: search that misses the threshold by less is ``"near_miss"``, not ``"not_localizable"``; ``None``: not assessed
+    threshold_spread: float | None = None
     blocks: tuple[str, ...] = DEFAULT_BLOCKS
     #: ``(height, width)`` of the latents the criterion is evaluated at (image px / the VAE's factor);
     #: ``None``: the UNet's ``sample_size`` (SD-1.5: 64 = 512 px). Scores depend on it: keep it with the threshold
@@ -92,9 +110,10 @@ class NemoConfig:
     #: candidate masks per UNet call; 1 = the one-candidate-at-a-time algorithm; ``None`` = by device
     #: (:func:`default_mask_batch`)
     mask_batch: int | None = None
-    #: evaluate all searched neurons off first; when ``mem`` stays above the threshold, stop at once with
-    #: an empty set, outcome ``"not_localizable"`` (False: NeMo's fallback, refine against the score reached)
-    early_exit: bool = True
+    #: a heuristic budget, off by default: evaluate all searched neurons off first and, when ``mem`` stays
+    #: above the threshold, stop at once with an empty set, outcome ``"not_localizable"``. It can be wrong
+    #: (switching every neuron off is not switching the right few off: ``mem`` is not monotone in the set)
+    early_exit: bool = False
     #: UNet calls per prompt, all counted (unblocked pass, all-off check, search, final evaluation); the
     #: probe refuses a search call beyond ``max_unet_calls - 1``, one is kept for the final evaluation
     max_unet_calls: int | None = None
@@ -121,6 +140,12 @@ class NemoConfig:
                 f"num_inference_steps: NeMo reads the schedule's timestep t_index={self.t_index}, so it needs "
                 f"more than {self.t_index} steps, got {self.num_inference_steps}"
             )
+        if self.data_range is not None and not self.data_range > 0:
+            raise ValueError(f"data_range: expected a number > 0 or None (inferred), got {self.data_range}")
+        if self.ssim_border not in BORDERS:
+            raise ValueError(f"ssim_border: expected one of {', '.join(BORDERS)}, got {self.ssim_border!r}")
+        if self.threshold_spread is not None and not self.threshold_spread >= 0:
+            raise ValueError(f"threshold_spread: expected a number >= 0 or None, got {self.threshold_spread}")
         if self.mask_batch is not None and self.mask_batch < 1:
             raise ValueError(f"mask_batch: expected an integer >= 1, got {self.mask_batch}")
         if self.max_unet_calls is not None and self.max_unet_calls < 1:
@@ -135,8 +160,12 @@ class NemoConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+#: diffmem's similarity before 2026-12-06, kept as a named option: ``NemoConfig(**LEGACY_SIMILARITY)``
+#: (MS-SSIM with data range 1 at every scale, the mean over the reflect-padded border as torchmetrics >= 1.4.2)
+LEGACY_SIMILARITY: dict[str, Any] = {"data_range": 1.0, "ssim_border": "pad"}
+
 #: ``NeuronSet.info["outcome"]`` of :meth:`NeMo.localize`
-OUTCOMES = ("not_memorized", "localized", "not_localizable", "budget_exhausted")
+OUTCOMES = ("not_memorized", "localized", "near_miss", "not_localizable", "budget_exhausted")
 
 
 class SearchBudgetExhausted(RuntimeError):
@@ -180,15 +209,28 @@ def effective_mask_batch(config: NemoConfig, device: torch.device) -> int:
 
 # ------------------------------------------------------------------------------------------ similarity
 class NoiseSimilarity:
-    """Per-sample MS-SSIM of ``[B, C, H, W]`` maps in ``[0, 1]`` (torchmetrics, Gaussian window), sized to fit ``H x W``.
+    """Per-sample MS-SSIM of ``[B, C, H, W]`` noise differences (Gaussian window), sized to fit ``H x W``.
 
-    torchmetrics derives the Gaussian window from ``sigma`` (1.5 -> 11 taps); on maps too small for
-    that at ``len(betas)`` scales (e.g. 16x16 latents), the window is shrunk to the largest odd size
-    ``k >= 3`` that fits, with ``sigma = 1.5 k / 11``; if none fits, single-scale SSIM is used.
+    As NeMo's code computes it by default (:mod:`diffmem.scores.msssim`): ``data_range=None`` infers the
+    range at every scale from the batch of pairs compared in one call (``groups`` splits a batch into
+    calls), ``border="crop"`` as its pinned torchmetrics 1.3.2. ``data_range=1.0, border="pad"`` is
+    diffmem's similarity before 2026-12-06 (torchmetrics >= 1.4.2 with a fixed range).
+
+    NeMo's window is 11 taps (sigma 1.5); on maps too small for that at ``len(betas)`` scales (e.g.
+    16x16 latents), the window is shrunk to the largest odd size ``k >= 3`` that fits, with
+    ``sigma = 1.5 k / 11``; if none fits, single-scale SSIM is used.
     """
 
-    def __init__(self, side: int, kernel_size: int = 11, betas: Sequence[float] = (0.33, 0.33, 0.33)):
+    def __init__(
+        self,
+        side: int,
+        kernel_size: int = 11,
+        betas: Sequence[float] = (0.33, 0.33, 0.33),
+        data_range: float | None = None,
+        border: str = "crop",
+    ):
         self.betas = tuple(betas)
+        self.data_range, self.border = data_range, border
         levels = len(self.betas)
         div = max(1, levels - 1) ** 2
         coarsest = side // 2 ** (levels - 1)
@@ -214,16 +256,20 @@ class NoiseSimilarity:
             "kernel_size": self.kernel_size,
             "sigma": self.sigma,
             "betas": list(self.betas),
+            "data_range": "inferred" if self.data_range is None else self.data_range,
+            "border": self.border,
         }
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        from torchmetrics.functional.image import (
-            multiscale_structural_similarity_index_measure as ms_ssim,
-        )
-        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
-        a, b = a.float(), b.float()
-        kw = {"kernel_size": self.kernel_size, "sigma": self.sigma, "data_range": 1.0, "reduction": "none"}
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Similarity of each pair ``(a[i], b[i])``; with an inferred range, ``groups`` equal consecutive
+        groups of pairs are ranged separately (one group = one call of NeMo's code)."""
+        kw = {
+            "kernel_size": self.kernel_size,
+            "sigma": self.sigma,
+            "data_range": self.data_range,
+            "border": self.border,
+            "groups": groups,
+        }
         if self.kind == "ms_ssim":
             return ms_ssim(a, b, betas=self.betas, **kw)
         return ssim(a, b, **kw)
@@ -272,7 +318,9 @@ class MemorizationProbe:
             self.device, self.dtype
         )
         self.embeds = prompt_embeds.to(self.device, self.dtype)[:1]
-        self.similarity = NoiseSimilarity(min(h, w), config.kernel_size, config.betas)
+        self.similarity = NoiseSimilarity(
+            min(h, w), config.kernel_size, config.betas, config.data_range, config.ssim_border
+        )
         self.mask_batch = effective_mask_batch(config, self.device)
         self.unet_calls = 0
         self.masks_evaluated = 0
@@ -344,18 +392,24 @@ class MemorizationProbe:
             chunk = blocked[start : start + step].to(self.device)
             deltas = self._deltas(self.latents[kept], chunk)  # [m, k, C, H, W]
             ref = self.base[kept].expand(chunk.shape[0], -1, -1, -1, -1)
-            sims = self.similarity(deltas.flatten(0, 1), ref.flatten(0, 1)).view(chunk.shape[0], -1)
+            # one comparison per mask (its kept seeds), as the code's one call per candidate set
+            sims = self.similarity(deltas.flatten(0, 1), ref.flatten(0, 1), groups=chunk.shape[0])
+            sims = sims.view(chunk.shape[0], -1)
             out.append(sims.max(dim=1).values)
         return torch.cat(out)
 
     def evaluate(self, blocked: torch.Tensor) -> dict[str, float]:
-        """For one mask: ``mem(S)`` and the detection score with ``S`` off (largest pairwise similarity, all seeds)."""
+        """For one mask: ``mem(S)`` and the detection score with ``S`` off (largest pairwise similarity, all seeds).
+
+        Each is one comparison, as in the code: the 45 pairs of seeds; the kept seeds against their
+        unblocked noise differences.
+        """
         deltas = self._deltas(self.latents, blocked.view(1, -1).to(self.device))[0]
         n = deltas.shape[0]
         pairs = torch.triu_indices(n, n, offset=1, device=self.device)
         detection = float(self.similarity(deltas[pairs[0]], deltas[pairs[1]]).max())
-        sims = self.similarity(deltas, self.base)
-        mem = float(sims[self.kept].max()) if self.memorized else float("nan")
+        kept = self.kept
+        mem = float(self.similarity(deltas[kept], self.base[kept]).max()) if self.memorized else float("nan")
         return {"mem": mem, "detection": detection}
 
     # -------------------------------------------------------------------------- mask conversions
@@ -496,12 +550,18 @@ class NeMo:
 
         return [self.probe(p).score for p in tqdm(prompts, desc="pairwise similarity", disable=not progress)]
 
-    def calibrate_threshold(self, prompts: Sequence[str], progress: bool = False) -> float:
-        """``tau`` = mean + 1 std of the detection score over non-memorized ``prompts`` (NeMo's rule)."""
-        scores = torch.tensor(self.detection_scores(prompts, progress))
+    def threshold_calibration(self, prompts: Sequence[str], progress: bool = False) -> dict[str, float]:
+        """NeMo's rule on non-memorized ``prompts``: ``threshold`` = ``mean`` + 1 ``std`` of their detection
+        scores; ``std`` is the threshold's spread (:attr:`NemoConfig.threshold_spread`)."""
+        scores = torch.tensor(self.detection_scores(prompts, progress), dtype=torch.float64)
         if scores.numel() < 2:
             raise ValueError("threshold calibration needs at least 2 non-memorized prompts")
-        return float(scores.mean() + scores.std())
+        mean, std = float(scores.mean()), float(scores.std())
+        return {"threshold": mean + std, "mean": mean, "std": std, "prompts": int(scores.numel())}
+
+    def calibrate_threshold(self, prompts: Sequence[str], progress: bool = False) -> float:
+        """``tau`` = mean + 1 std of the detection score over non-memorized ``prompts`` (NeMo's rule)."""
+        return self.threshold_calibration(prompts, progress)["threshold"]
 
     @property
     def mask_batch(self) -> int:
@@ -571,6 +631,10 @@ class NeMo:
             final = probe.evaluate(blocked)
             score_after = final["mem"]
             info.update(detection_after=final["detection"], criterion_met=final["mem"] <= cfg.threshold)
+            info["margin"] = final["mem"] - cfg.threshold
+            spread = cfg.threshold_spread
+            if outcome == "not_localizable" and spread is not None and info["margin"] <= spread:
+                outcome = "near_miss"  # missed by less than the threshold's own spread: reported, kept
         else:
             blocked = torch.zeros(probe.n_neurons, dtype=torch.bool, device=probe.device)
         info.update(
