@@ -18,6 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffmem.attack.dori import denoising_loss, gradient_checkpointing
+from diffmem.data import ImageFolderWriter
+from diffmem.detect import score_prompts
+from diffmem.hooks.neurons import scaled_value_neurons, value_layers
+from diffmem.solidmark.keying import key_dataset
+from diffmem.train.adversarial import add_lora
+from diffmem.train.optimizers import make_optimizer
+
 __all__ = [
     "compare_pipelines",
     "first_step_throughput",
@@ -98,7 +106,6 @@ def first_step_throughput(
     ``n_generate`` prompts for ``num_inference_steps`` steps. ``speedup`` = scoring prompts/s over
     generation prompts/s.
     """
-    from diffmem.detect import score_prompts
 
     prompts = [f"a photo of object number {i} on a table" for i in range(max(max(batch_sizes), n_generate))]
     common = dict(
@@ -161,9 +168,6 @@ def real_size_inputs(folder, px: int) -> Path:
     """Two prompts, four reference prompts, a captioned image folder of two ``px``-px images and its
     SolidMark-keyed copy (``px`` px, a 16-px frame included), written to ``folder`` (once; reused after)."""
     from PIL import Image
-
-    from diffmem.data import ImageFolderWriter
-    from diffmem.solidmark.keying import key_dataset
 
     folder = Path(folder)
     if (folder / "keyed" / "metadata.jsonl").is_file():
@@ -251,9 +255,6 @@ def unet_workloads(pipe, px: int) -> dict[str, Callable[[], Any]]:
     checkpointing on) with AdamW or bitsandbytes' 8-bit AdamW (where installed). The training steps
     change the UNet's weights: use a model loaded for the benchmark.
     """
-    from diffmem.attack.dori import denoising_loss, gradient_checkpointing
-    from diffmem.detect import score_prompts
-    from diffmem.hooks.neurons import scaled_value_neurons, value_layers
 
     unet, device = pipe.unet, pipe._execution_device
     dtype = unet.dtype
@@ -293,7 +294,6 @@ def unet_workloads(pipe, px: int) -> dict[str, Callable[[], Any]]:
             denoising_loss(unet, pipe.scheduler, latents, y, noise, t.expand(8)).backward()
 
     def lora_step():
-        from diffmem.train.adversarial import add_lora
 
         params = add_lora(unet, 4, ("to_q", "to_k", "to_v", "to_out.0"), 0)
         try:
@@ -307,7 +307,6 @@ def unet_workloads(pipe, px: int) -> dict[str, Callable[[], Any]]:
             unet.requires_grad_(False)
 
     def full_step(optimizer: str):
-        from diffmem.train.optimizers import make_optimizer
 
         unet.requires_grad_(True)
         try:

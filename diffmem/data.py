@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from diffmem.io import atomic_write
 from diffmem.records import CAPTION_COLUMNS, ID_COLUMNS, BadImageError, BadRow, Record, pick_column
 
 IMAGE_COLUMNS = ("file_name", "image", "image_path", "path", "file", "filepath")
@@ -372,8 +373,6 @@ class ImageFolderWriter:
     def add(self, item_id: str, caption: str, image, **extra: Any) -> Path:
         """Add one image (PIL image or HxWxC uint8 array); returns its path."""
         from PIL import Image
-
-        from diffmem.io import atomic_write
 
         name = _safe_name(str(item_id))
         stem, n = name, 1

@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 
 from diffmem.fingerprint import PICKLE_SUFFIXES, adopt_edit_record, fingerprint_loaded, model_fingerprint
+from diffmem.io import ALLOW_PICKLE_ENV
+from diffmem.precision import dtype_name
+from diffmem.tiny import build_tiny_pipeline
 
 #: Components every Stable Diffusion folder must have (``model_index.json`` names them).
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -51,7 +54,6 @@ def pickle_allowed(explicit: bool | None = None) -> bool:
     (set by ``diffmem --allow-pickle``). The default is no: safetensors only."""
     if explicit is not None:
         return bool(explicit)
-    from diffmem.io import ALLOW_PICKLE_ENV
 
     return os.environ.get(ALLOW_PICKLE_ENV, "") not in ("", "0")
 
@@ -201,7 +203,6 @@ def check_device(device: str | torch.device | None, argument: str = "--device") 
 
 def model_settings(pipe) -> dict[str, str]:
     """What identifies the model a cached result was made with: its fingerprint and its dtype."""
-    from diffmem.precision import dtype_name
 
     return {"model_fingerprint": model_fingerprint(pipe.unet), "dtype": dtype_name(pipe.unet.dtype)}
 
@@ -271,8 +272,6 @@ def load_pipeline(
         model = default_model()
         if model is None:
             import warnings
-
-            from diffmem.tiny import build_tiny_pipeline
 
             warnings.warn(
                 f"no --model given and {weights_dir() / ORGANISM_NAME} is missing: "

@@ -38,7 +38,6 @@ CLEAN_TYPES = {"N", "NONE"}
 
 
 def _text(path: Path) -> str:
-    from diffmem.io import read_text
 
     return read_text(path, "prompt set")
 

@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from diffmem.modelio import model_resolution
+from diffmem.scores.replication import ReplicationCriterion
+from diffmem.scores.similarity import ssim
 from diffmem.seeding import item_generator
 
 
@@ -294,8 +297,6 @@ def ssim_similarity(generated: torch.Tensor, reference: torch.Tensor) -> torch.T
     """SSIM (:func:`diffmem.scores.similarity.ssim`) of each generated image ``[N, 3, H, W]`` to one reference ``[3, H', W']``."""
     import torch.nn.functional as F
 
-    from diffmem.scores.similarity import ssim
-
     ref = reference.float().unsqueeze(0)
     gen = generated.float()
     if gen.shape[-2:] != ref.shape[-2:]:
@@ -321,7 +322,6 @@ class AttackOutcome:
     @property
     def criterion(self):
         """Finding Dori's replication rule: the mean SSIM over seeds ``>= threshold``."""
-        from diffmem.scores.replication import ReplicationCriterion
 
         return ReplicationCriterion(self.threshold, "mean")
 
@@ -373,7 +373,6 @@ def attack_target(
     ``seeds`` above ``threshold``. Whatever edit is active on ``pipe`` (a context from
     ``diffmem.edits``, or a saved edited model) is what is attacked.
     """
-    from diffmem.modelio import model_resolution
 
     device = pipe._execution_device
     size = model_resolution(pipe, pipe_kwargs.get("height"), pipe_kwargs.get("width"))

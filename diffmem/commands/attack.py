@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from diffmem.attack.dori import DoriConfig, attack_target
 from diffmem.commands.edit_options import add_edit_arguments, load_edit, load_image_tensor, load_targets
 from diffmem.commands.options import (
     add_runtime_arguments,
@@ -14,6 +15,12 @@ from diffmem.commands.options import (
     load_model,
     resolution,
 )
+from diffmem.edits import applied
+from diffmem.fingerprint import model_fingerprint
+from diffmem.io import atomic_save_tensors, atomic_write_json, atomic_write_text
+from diffmem.report import img_tag, table_html, write_html
+from diffmem.scores.replication import ReplicationCriterion
+from diffmem.scores.solidmark import binomial_ci
 
 NAME = "attack"
 HELP = (
@@ -68,13 +75,6 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from diffmem.attack.dori import DoriConfig, attack_target
-    from diffmem.edits import applied
-    from diffmem.io import atomic_save_tensors, atomic_write_json, atomic_write_text
-    from diffmem.report import img_tag, table_html, write_html
-    from diffmem.scores.replication import ReplicationCriterion
-    from diffmem.scores.solidmark import binomial_ci
-
     check_runtime_arguments(args)
     edit = load_edit(args)
     targets = load_targets(args.targets, limit=args.limit)
@@ -93,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path, triggers_path = out / "results.jsonl", out / "triggers.safetensors"
     done: dict[str, dict] = {}
-    from diffmem.fingerprint import model_fingerprint
 
     settings = {
         "model_fingerprint": model_fingerprint(pipe.unet),

@@ -12,7 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 
+from diffmem.cli import UsageError
 from diffmem.commands.options import add_runtime_arguments, load_model
+from diffmem.detectors import get_detector
+from diffmem.evaluate.detection import evaluate_detectors
+from diffmem.evaluate.mitigation import (
+    evaluate_mitigations,
+    mitigation_markdown,
+    organism_nemo,
+    write_mitigation_report,
+)
+from diffmem.evaluate.report import detection_markdown, write_detection_report
+from diffmem.evaluate.suites import MEASURED_SPLITS, organism_suite, suite_from_rows
+from diffmem.io import atomic_write_json, atomic_write_text
+from diffmem.mitigations import get_mitigation
+from diffmem.prompt_sets import read_prompt_set
 
 NAME = "bench"
 HELP = "Compare the registered detectors or mitigations on one labelled ground truth (the organism's splits or prompt files)."
@@ -56,7 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_methods(text: str | None, available: list[str]) -> list[tuple[str, dict]]:
     """``"a,b:k=1;j=x"`` -> ``[("a", {}), ("b", {"k": 1, "j": "x"})]`` (values are JSON where they parse)."""
-    from diffmem.cli import UsageError
 
     if text is None:
         return [(name, {}) for name in available]
@@ -85,9 +98,6 @@ def parse_methods(text: str | None, available: list[str]) -> list[tuple[str, dic
 def _prompt_suite(args):
     """The suite of ``--suite`` prompt files (read before any model loads), or ``None`` for the organism.
     Detection needs both classes: a pool without memorized or without clean prompts is refused."""
-    from diffmem.cli import UsageError
-    from diffmem.evaluate.suites import suite_from_rows
-    from diffmem.prompt_sets import read_prompt_set
 
     if args.suite == ["organism"]:
         return None
@@ -110,8 +120,6 @@ def _prompt_suite(args):
 
 
 def _suite(args, pipe, prompt_suite, progress: bool):
-    from diffmem.evaluate.suites import MEASURED_SPLITS, organism_suite
-    from diffmem.io import atomic_write_json
 
     splits = getattr(args, "splits", None)  # detection only: the mitigation bench uses memorized-vs-clean
     wanted = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
@@ -126,8 +134,6 @@ def _suite(args, pipe, prompt_suite, progress: bool):
     if wanted is not None:
         unknown = [s for s in wanted if s not in suite.splits]
         if unknown:
-            from diffmem.cli import UsageError
-
             raise UsageError(
                 f"--splits: {', '.join(unknown)} not in the suite; its splits: {', '.join(suite.splits)}"
             )
@@ -136,7 +142,6 @@ def _suite(args, pipe, prompt_suite, progress: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.cli import UsageError
 
     if args.bench_command is None:
         raise UsageError("choose what to compare: detection or mitigation")
@@ -151,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods, names)
     for name, options in methods:  # option names checked before any model loads
         registry.check_options(name, options)
-    from diffmem.io import atomic_write_json, atomic_write_text
 
     prompt_suite = _prompt_suite(args)
     pipe = load_model(args)
@@ -167,10 +171,6 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
     )
     if args.bench_command == "detection":
-        from diffmem.detectors import get_detector
-        from diffmem.evaluate.detection import evaluate_detectors
-        from diffmem.evaluate.report import detection_markdown, write_detection_report
-
         results = evaluate_detectors(
             pipe,
             suite,
@@ -182,20 +182,11 @@ def run(args: argparse.Namespace) -> int:
         table = detection_markdown(results)
         report = write_detection_report(results, args.out)
     else:
-        from diffmem.evaluate.mitigation import (
-            evaluate_mitigations,
-            mitigation_markdown,
-            write_mitigation_report,
-        )
-        from diffmem.mitigations import get_mitigation
-
         built = []
         for name, options in methods:
             if (
                 name == "nemo" and not options
             ):  # NeMo as deployed: statistics and threshold from clean captions
-                from diffmem.evaluate.mitigation import organism_nemo
-
                 reference = [p.prompt for p in suite.splits["memorized-vs-clean"] if p.label == 0]
                 built.append((name, options, organism_nemo(pipe, reference, progress)))
             else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.organism.demo import run_demo
+
 NAME = "demo"
 HELP = "run the memorization-guarded pipeline on the model organism and write an HTML report"
 
@@ -38,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     import torch
-
-    from diffmem.organism.demo import run_demo
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with warnings.catch_warnings(record=True) as caught:

@@ -18,6 +18,10 @@ import json
 from pathlib import Path
 
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+from diffmem.detect import calibrate, score_prompts
+from diffmem.fingerprint import model_fingerprint
+from diffmem.guard.calibration import GuardCalibration
+from diffmem.io import atomic_write_text
 from diffmem.prompt_sets import read_prompt_file
 
 NAME = "detect"
@@ -100,7 +104,6 @@ def read_results(path: Path) -> list[dict]:
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
-    from diffmem.io import atomic_write_text
 
     if path.suffix.lower() == ".csv":
         buf = io.StringIO()
@@ -115,8 +118,6 @@ def write_results(path: Path, rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.detect import calibrate, score_prompts
-    from diffmem.fingerprint import model_fingerprint
 
     out = Path(args.out)
     if out.suffix.lower() not in (".jsonl", ".csv"):
@@ -193,8 +194,6 @@ def run(args: argparse.Namespace) -> int:
             f"threshold {metrics.threshold:.6g}  ({metrics.n_positive} memorized, {metrics.n_negative} not)"
         )
         if args.save_calibration is not None:
-            from diffmem.guard.calibration import GuardCalibration
-
             # the pipeline flags single images, so the threshold is chosen over single generations
             per_image = calibrate(
                 [s for r in rows for s in done[r["id"]]["scores"]],

@@ -9,6 +9,11 @@ from diffmem.commands.options import (
     add_data_column_arguments,
     add_embedder_arguments,
 )
+from diffmem.embed import embedder_from_settings
+from diffmem.io import check_out_path
+from diffmem.modelio import check_device
+from diffmem.scan.embedding import embed_dataset
+from diffmem.scan.procs import Procs
 
 NAME = "embed"
 HELP = (
@@ -40,11 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.embed import embedder_from_settings
-    from diffmem.io import check_out_path
-    from diffmem.modelio import check_device
-    from diffmem.scan.embedding import embed_dataset
-    from diffmem.scan.procs import Procs
 
     check_out_path(args.out)
     device = check_device(args.device) or Procs().device

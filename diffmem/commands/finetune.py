@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffmem.attack.dori import DoriConfig, encode_images, encode_prompts
+from diffmem.cli import UsageError
+from diffmem.commands.edit_options import add_edit_arguments, load_edit, load_image_tensor, load_targets
 from diffmem.commands.options import (
     add_runtime_arguments,
     add_training_memory_arguments,
@@ -12,7 +15,19 @@ from diffmem.commands.options import (
     load_model,
     resolution,
 )
+from diffmem.edits import applied
+from diffmem.io import atomic_save_tensors
 from diffmem.precision import torch_dtype
+from diffmem.report import img_tag, table_html, write_html
+from diffmem.train.adversarial import (
+    AdversarialConfig,
+    AdversarialTarget,
+    RetainSet,
+    adversarial_finetune,
+    make_surrogates,
+    merge_lora,
+    write_log,
+)
 
 NAME = "finetune"
 HELP = (
@@ -22,7 +37,6 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from diffmem.commands.edit_options import add_edit_arguments
 
     p.add_argument(
         "--adversarial", action="store_true", help="adversarial fine-tuning against the Dori attack"
@@ -76,9 +90,6 @@ def _encode_images(pipe, paths, argument: str, size: tuple[int, int], batch: int
     """VAE latents of the images at ``paths``, each resized to ``size`` = (height, width) px."""
     import torch
 
-    from diffmem.attack.dori import encode_images
-    from diffmem.commands.edit_options import load_image_tensor
-
     out = []
     for i in range(0, len(paths), batch):
         imgs = []
@@ -94,8 +105,6 @@ def _encode_images(pipe, paths, argument: str, size: tuple[int, int], batch: int
 def _encode_captions(pipe, captions, batch: int = 32):
     import torch
 
-    from diffmem.attack.dori import encode_prompts
-
     return torch.cat(
         [encode_prompts(pipe, captions[i : i + batch]).cpu() for i in range(0, len(captions), batch)]
     )
@@ -110,22 +119,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
-
-    from diffmem.attack.dori import DoriConfig
-    from diffmem.cli import UsageError
-    from diffmem.commands.edit_options import load_edit, load_targets
-    from diffmem.edits import applied
-    from diffmem.io import atomic_save_tensors
-    from diffmem.report import img_tag, table_html, write_html
-    from diffmem.train.adversarial import (
-        AdversarialConfig,
-        AdversarialTarget,
-        RetainSet,
-        adversarial_finetune,
-        make_surrogates,
-        merge_lora,
-        write_log,
-    )
 
     check_runtime_arguments(args)
     if not args.adversarial:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.io import check_out_path
+from diffmem.scan.index_file import INDEX_KINDS, build_index_file
+from diffmem.scan.layout import EmbeddingLayout
+
 NAME = "index"
 HELP = (
     "Build a faiss index over an embedding folder (`diffmem embed`) without loading it all at once: exact "
@@ -13,7 +17,6 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from diffmem.scan.index_file import INDEX_KINDS
 
     p.add_argument("--embeddings", required=True, help="embedding folder made by `diffmem embed`")
     p.add_argument("--out", required=True, help="index file to write (its record goes to FILE.json)")
@@ -29,9 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.io import check_out_path
-    from diffmem.scan.index_file import build_index_file
-    from diffmem.scan.layout import EmbeddingLayout
 
     check_out_path(args.out, folder=False)
     layout = EmbeddingLayout(args.embeddings, argument="--embeddings")

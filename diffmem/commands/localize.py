@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+from diffmem.evaluate.localization import localize_prompts
+from diffmem.localize.nemo import NemoConfig
+from diffmem.localize.stats import ValueStats
 from diffmem.prompt_sets import read_prompt_file
 
 NAME = "localize"
@@ -106,9 +109,6 @@ def _data_range(text: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.evaluate.localization import localize_prompts
-    from diffmem.localize.nemo import NemoConfig
-    from diffmem.localize.stats import ValueStats
 
     check_runtime_arguments(args)
     data_range = _data_range(args.ssim_range)

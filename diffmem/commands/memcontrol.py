@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from diffmem.commands.options import DATA_HELP, add_data_column_arguments
+from diffmem.commands.training_options import add_fit_arguments, check_paths_exist, load_data, train_config
+from diffmem.data import open_dataset
+from diffmem.modelio import load_pipeline, stock_pipeline_class
 from diffmem.prompt_sets import read_prompt_file
+from diffmem.records import BadRow
+from diffmem.train.memcontrol import MemControlConfig, check_search_folder, run_memcontrol
+from diffmem.train.text_to_image import load_training_data
 
 NAME = "memcontrol"
 HELP = (
@@ -16,7 +22,6 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from diffmem.commands.training_options import add_fit_arguments
 
     p.add_argument("--model", default=None, help="Stable Diffusion folder or hub id (default: the organism)")
     p.add_argument("--data", required=True, help=DATA_HELP)
@@ -76,11 +81,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.commands.training_options import check_paths_exist, load_data, train_config
-    from diffmem.modelio import load_pipeline, stock_pipeline_class
-    from diffmem.train.memcontrol import MemControlConfig, check_search_folder, run_memcontrol
-    from diffmem.train.text_to_image import load_training_data
-
     config = MemControlConfig(
         trials=args.trials, sampler=args.sampler, lr_low=args.lr_low, lr_high=args.lr_high, seed=args.seed,
         memorization=args.memorization, quality=args.quality, generations=args.generations,
@@ -125,8 +125,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _memorized_flags(args: argparse.Namespace, data) -> list[bool]:
     """The memorized column of each kept row, read again from the dataset (values 1/true/yes)."""
-    from diffmem.data import open_dataset
-    from diffmem.records import BadRow
 
     flags = {}
     for item in open_dataset(args.data, id_column=args.id_column, caption_column=args.caption_column,

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from diffmem.attention import ATTENTION_CHOICES
+from diffmem.attention import ATTENTION_CHOICES, fast_attention_processor, use_attention_processor
+from diffmem.embed import EMBEDDER_SETTINGS, EMBEDDERS
+from diffmem.guard.auto import guarded_pipeline_class
+from diffmem.modelio import check_device, load_pipeline, model_resolution
 from diffmem.precision import DTYPES, torch_dtype
+from diffmem.train.optimizers import OPTIMIZERS
 
 __all__ = [
     "add_data_column_arguments",
@@ -60,7 +64,6 @@ def add_runtime_arguments(
 
 def add_training_memory_arguments(p: argparse.ArgumentParser, *, optimizer: bool = True) -> None:
     """``--gradient-checkpointing`` and (optionally) ``--optimizer``: what keeps a backward pass in memory."""
-    from diffmem.train.optimizers import OPTIMIZERS
 
     p.add_argument(
         "--gradient-checkpointing",
@@ -84,8 +87,6 @@ def check_runtime_arguments(args: argparse.Namespace):
     """
     import torch
 
-    from diffmem.modelio import check_device
-
     for name in ("height", "width"):
         value = getattr(args, name, None)
         if value is not None and (value < 8 or value % 8):
@@ -93,8 +94,6 @@ def check_runtime_arguments(args: argparse.Namespace):
     device = check_device(getattr(args, "device", None))
     device = device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if getattr(args, "attention", None) == "xformers":
-        from diffmem.attention import fast_attention_processor
-
         fast_attention_processor("xformers", device)  # one clear error when CUDA or xformers is missing
     return device
 
@@ -104,9 +103,6 @@ def load_model(args: argparse.Namespace, pipeline_class=None, *, dtype: str | No
 
     Every check (device, resolution, model folder) runs before a weight is read.
     """
-    from diffmem.attention import use_attention_processor
-    from diffmem.guard.auto import guarded_pipeline_class
-    from diffmem.modelio import load_pipeline
 
     device = check_runtime_arguments(args)
     pipe = load_pipeline(
@@ -124,7 +120,6 @@ def load_model(args: argparse.Namespace, pipeline_class=None, *, dtype: str | No
 
 def resolution(args: argparse.Namespace, pipe) -> tuple[int, int]:
     """``(height, width)`` in px from ``--height``/``--width``, each defaulting to the model's own size."""
-    from diffmem.modelio import model_resolution
 
     return model_resolution(pipe, getattr(args, "height", None), getattr(args, "width", None))
 
@@ -138,7 +133,6 @@ DATA_HELP = (
 
 def add_embedder_arguments(p: argparse.ArgumentParser) -> None:
     """The image embedder of a scan or an embedding run: ``--embedder`` and its files and settings."""
-    from diffmem.embed import EMBEDDERS
 
     e = p.add_argument_group("embedder")
     e.add_argument("--embedder", choices=EMBEDDERS, default="pixel")
@@ -158,7 +152,6 @@ def add_embedder_arguments(p: argparse.ArgumentParser) -> None:
 
 def embedder_settings(args: argparse.Namespace) -> dict:
     """The ``add_embedder_arguments`` values, under the names of ``ScanConfig`` (``EMBEDDER_SETTINGS``)."""
-    from diffmem.embed import EMBEDDER_SETTINGS
 
     return {name: getattr(args, name) for name in EMBEDDER_SETTINGS}
 

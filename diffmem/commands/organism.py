@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli import UsageError
+from diffmem.io import atomic_write_text
+from diffmem.modelio import check_sd_folder, default_model
+from diffmem.organism.data import ROLES, build_organism_data, export_imagefolder
+from diffmem.organism.evaluate import evaluation_captions, run_evaluation
+from diffmem.organism.fidelity import build_caption_classifier
+from diffmem.organism.recipe import RECIPES, TINY_RECIPE
+from diffmem.train.organism import train_organism
+from diffmem.train.organism_bundle import export_run, import_run
+
 NAME = "organism"
 HELP = "the model organism: export its training data, train it, measure its memorization"
 
@@ -81,7 +91,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _recipe_argument(parser: argparse.ArgumentParser) -> None:
-    from diffmem.organism.recipe import RECIPES
 
     parser.add_argument(
         "--recipe",
@@ -92,12 +101,8 @@ def _recipe_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.cli import UsageError
 
     if args.organism_command == "data":
-        from diffmem.organism.data import build_organism_data, export_imagefolder
-        from diffmem.organism.recipe import RECIPES
-
         data = build_organism_data(RECIPES[args.recipe].with_(seed=args.seed))
         out = export_imagefolder(data, args.out)
         counts = data.manifest()["counts"]
@@ -106,11 +111,6 @@ def run(args: argparse.Namespace) -> int:
     if args.organism_command == "prompts":
         import csv
         import io
-
-        from diffmem.io import atomic_write_text
-        from diffmem.organism.data import ROLES, build_organism_data
-        from diffmem.organism.evaluate import evaluation_captions
-        from diffmem.organism.recipe import RECIPES
 
         roles = [r.strip() for r in args.roles.split(",") if r.strip()]
         memorized = {r.strip() for r in args.memorized_roles.split(",") if r.strip()}
@@ -130,9 +130,6 @@ def run(args: argparse.Namespace) -> int:
     if args.organism_command == "train":
         import torch
 
-        from diffmem.organism.recipe import RECIPES, TINY_RECIPE
-        from diffmem.train.organism import train_organism
-
         torch.set_num_threads(max(1, args.threads))
         if args.tiny and args.recipe != "v2":
             raise UsageError("--tiny: a smoke test of the tiny recipe; it takes no --recipe")
@@ -142,8 +139,6 @@ def run(args: argparse.Namespace) -> int:
         if args.vae_steps is not None:
             recipe = recipe.with_(vae_steps=args.vae_steps)
         if args.resume_from is not None:
-            from diffmem.train.organism_bundle import import_run
-
             print(f"[organism] rebuilt {import_run(args.resume_from, args.workdir)} from {args.resume_from}")
         out = train_organism(
             recipe, args.workdir, args.out, snapshot_every=args.snapshot_every, only=args.only
@@ -151,22 +146,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"organism saved to {out}")
         return 0
     if args.organism_command == "export-run":
-        from diffmem.train.organism_bundle import export_run
-
         print(f"run exported to {export_run(args.workdir, args.out)}")
         return 0
     if args.organism_command == "eval":
-        from diffmem.organism.evaluate import run_evaluation
-
         results = run_evaluation(args.model, args.out, seeds=args.seeds, steps=args.steps)
         print(results["summary_text"])
         return 0
     if args.organism_command == "classifier":
         import torch
         from diffusers import AutoencoderKL
-
-        from diffmem.modelio import check_sd_folder, default_model
-        from diffmem.organism.fidelity import build_caption_classifier
 
         torch.set_num_threads(max(1, args.threads))
         model = args.model or default_model()

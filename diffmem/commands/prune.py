@@ -6,7 +6,11 @@ import argparse
 from pathlib import Path
 
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
+from diffmem.edits import save_edited
+from diffmem.io import atomic_write_json
+from diffmem.localize.prune import find_weight_mask
 from diffmem.prompt_sets import read_prompt_file
+from diffmem.report import table_html, write_html
 
 NAME = "prune"
 HELP = (
@@ -50,11 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diffusers import StableDiffusionPipeline
-
-    from diffmem.edits import save_edited
-    from diffmem.io import atomic_write_json
-    from diffmem.localize.prune import find_weight_mask
-    from diffmem.report import table_html, write_html
 
     memorized = [r["prompt"] for r in read_prompt_file(args.memorized, None, argument="--memorized")]
     reference = (

@@ -12,6 +12,7 @@ from diffmem.commands.options import (
     check_runtime_arguments,
     embedder_settings,
 )
+from diffmem.scan.runner import ScanConfig, run_scan
 
 NAME = "scan"
 HELP = (
@@ -133,7 +134,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.scan.runner import ScanConfig, run_scan
 
     check_runtime_arguments(args)
     cfg = ScanConfig(

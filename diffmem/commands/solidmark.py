@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from diffmem.commands.options import add_runtime_arguments, add_training_memory_arguments
+from diffmem.cli import UsageError
+from diffmem.commands.options import add_runtime_arguments, add_training_memory_arguments, load_model
+from diffmem.edits import NeuronSet, WeightMask
+from diffmem.io import atomic_write_json
+from diffmem.pipelines import SolidMarkOutpaintPipeline
+from diffmem.solidmark.keying import key_dataset
+from diffmem.solidmark.mitigations import gaussian_embedding_noise
+from diffmem.solidmark.run import load_score_items, run_score
+from diffmem.solidmark.scoring import read_rows
+from diffmem.solidmark.summary import compare_runs
+from diffmem.train.keyed_finetune import FinetuneConfig, finetune_keyed
 
 NAME = "solidmark"
 HELP = "SolidMark: key a dataset, fine-tune on it, score memorization per image by outpainting the key"
@@ -147,7 +157,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.cli import UsageError
 
     step = getattr(args, "solidmark_command", None)
     if step == "key":
@@ -162,7 +171,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _key(args) -> int:
-    from diffmem.solidmark.keying import key_dataset
 
     result = key_dataset(
         args.data,
@@ -189,14 +197,10 @@ def _key(args) -> int:
 def _load_edits(args, unet) -> list:
     edits = []
     for path in args.neurons:
-        from diffmem.edits import NeuronSet
-
         edit = NeuronSet.load(path)
         edit.validate(unet)
         edits.append(edit)
     for path in args.weight_mask:
-        from diffmem.edits import WeightMask
-
         edit = WeightMask.load(path, argument="--weight-mask")
         edit.validate(unet)
         edits.append(edit)
@@ -206,15 +210,12 @@ def _load_edits(args, unet) -> list:
 def _prompt_mitigation(args):
     if args.gni is None:
         return None
-    from diffmem.solidmark.mitigations import gaussian_embedding_noise
 
     return gaussian_embedding_noise(args.gni)
 
 
 def _score(args) -> int:
     from pathlib import Path
-
-    from diffmem.solidmark.run import load_score_items, run_score
 
     manifest_path = args.manifest or str(Path(args.data) / "solidmark_manifest.json")
     where = {}
@@ -231,8 +232,6 @@ def _score(args) -> int:
         sample=args.sample,
         seed=args.seed,
     )
-    from diffmem.commands.options import load_model
-    from diffmem.pipelines import SolidMarkOutpaintPipeline
 
     pipe = load_model(args, SolidMarkOutpaintPipeline)
     summary = run_score(
@@ -299,10 +298,6 @@ def _print_rates(summary: dict) -> None:
 def _compare(args) -> int:
     from pathlib import Path
 
-    from diffmem.io import atomic_write_json
-    from diffmem.solidmark.scoring import read_rows
-    from diffmem.solidmark.summary import compare_runs
-
     runs = {}
     for name in ("run", "baseline"):
         rows = read_rows(getattr(args, name))
@@ -321,7 +316,6 @@ def _compare(args) -> int:
 
 
 def _finetune(args) -> int:
-    from diffmem.train.keyed_finetune import FinetuneConfig, finetune_keyed
 
     config = FinetuneConfig(
         steps=args.steps,

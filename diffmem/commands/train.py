@@ -14,6 +14,10 @@ from diffmem.commands.training_options import (
     train_config,
 )
 from diffmem.io import check_out_path
+from diffmem.modelio import load_pipeline, stock_pipeline_class
+from diffmem.train.adapters import load_trainable_blocks
+from diffmem.train.mitigations import available_training_mitigations, get_training_mitigation
+from diffmem.train.text_to_image import train_text_to_image
 
 NAME = "train"
 HELP = (
@@ -24,7 +28,6 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from diffmem.train.mitigations import available_training_mitigations
 
     p.add_argument("--model", default=None, help="Stable Diffusion folder or hub id (default: the organism)")
     p.add_argument("--data", required=True, help=DATA_HELP)
@@ -54,10 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffmem.modelio import load_pipeline, stock_pipeline_class
-    from diffmem.train.adapters import load_trainable_blocks
-    from diffmem.train.mitigations import get_training_mitigation
-    from diffmem.train.text_to_image import train_text_to_image
 
     check_paths_exist(args, "data")
     check_out_path(args.out)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from diffmem.conditioning import to_epsilon
+from diffmem.conditioning import guidance_batch, to_epsilon
 from diffmem.detectors.base import Detector, register_detector, timestep_schedule
 
 __all__ = ["AnisotropyDetector"]
@@ -55,7 +55,6 @@ class AnisotropyDetector(Detector):
 
     @torch.no_grad()
     def score_latents(self, pipe, prompts, latents, settings) -> torch.Tensor:
-        from diffmem.conditioning import guidance_batch
 
         embeds, extra = guidance_batch(pipe, prompts, settings["num_gens"])
         embeds = embeds.to(latents.dtype)

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from diffmem.conditioning import prompt_conditioning
 from diffmem.detectors.base import Detector, register_detector, timestep_schedule
+from diffmem.hooks.attention import cross_attention_layers, cross_attention_probes
 
 __all__ = ["AttentionEntropyDetector", "attention_entropy"]
 
@@ -51,7 +53,6 @@ class AttentionEntropyDetector(Detector):
         return 1.0
 
     def resolve_layers(self, unet) -> list[str]:
-        from diffmem.hooks.attention import cross_attention_layers
 
         names = cross_attention_layers(unet)
         if self.layers != "auto":
@@ -60,8 +61,6 @@ class AttentionEntropyDetector(Detector):
 
     @torch.no_grad()
     def score_latents(self, pipe, prompts, latents, settings) -> torch.Tensor:
-        from diffmem.conditioning import prompt_conditioning
-        from diffmem.hooks.attention import cross_attention_probes
 
         embeds, kwargs = prompt_conditioning(pipe, prompts, settings["num_gens"])
         t = timestep_schedule(pipe, settings["num_inference_steps"])[0]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from diffmem.detectors.base import Detector, register_detector
-from diffmem.hooks.attention import cross_attention_probes
+from diffmem.hooks.attention import cross_attention_layers, cross_attention_probes
 from diffmem.hooks.noise import recorded_guidance_gaps
 
 __all__ = ["BrightEndingDetector", "bright_ending_layers", "end_token_positions"]
@@ -31,7 +31,6 @@ __all__ = ["BrightEndingDetector", "bright_ending_layers", "end_token_positions"
 
 def bright_ending_layers(unet) -> list[str]:
     """The cross-attention layers of the first down block that has any (the highest resolution with attention)."""
-    from diffmem.hooks.attention import cross_attention_layers
 
     names = [n for n in cross_attention_layers(unet) if n.startswith("down_blocks.")]
     if not names:

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from diffmem.conditioning import to_epsilon
+from diffmem.attention import attention_processors
+from diffmem.conditioning import guidance_batch, to_epsilon
 from diffmem.detectors.base import Detector, register_detector, timestep_schedule
 
 __all__ = ["SharpnessDetector"]
@@ -46,8 +47,6 @@ class SharpnessDetector(Detector):
         return 4.0 if self.method == "jvp" else 6.0
 
     def score_latents(self, pipe, prompts, latents, settings) -> torch.Tensor:
-        from diffmem.attention import attention_processors
-        from diffmem.conditioning import guidance_batch
 
         embeds, extra = guidance_batch(pipe, prompts, settings["num_gens"])
         embeds = embeds.to(latents.dtype)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from diffmem.edits.base import Edit
-from diffmem.fingerprint import FingerprintMismatchError
+from diffmem.fingerprint import FingerprintMismatchError, check_fingerprint
+from diffmem.io import atomic_write_json
 
 __all__ = ["FORMAT", "FingerprintMismatchError", "NeuronSet"]
 
@@ -113,7 +114,6 @@ class NeuronSet(Edit):
         Returns name -> module for the layers that hold neurons. Raises
         :class:`FingerprintMismatchError` or ``ValueError`` with the layer and index at fault.
         """
-        from diffmem.fingerprint import check_fingerprint
 
         check_fingerprint(self.fingerprint, unet, "this NeuronSet", "localize the neurons on this model")
         modules = dict(unet.named_modules())
@@ -210,7 +210,6 @@ class NeuronSet(Edit):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the set as one JSON file (the format ``diffmem localize`` writes)."""
-        from diffmem.io import atomic_write_json
 
         return atomic_write_json(path, self.to_dict())
 

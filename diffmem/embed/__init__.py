@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 
 from diffmem.embed.base import Embedder, file_sha256, l2_normalize
+from diffmem.embed.clip import OpenCLIPEmbedder
+from diffmem.embed.pixel import PixelEmbedder
+from diffmem.embed.sscd import load_sscd_onnx, load_sscd_torchscript
 
 EMBEDDERS = ("pixel", "sscd", "clip")
 #: the settings that name an embedder: ``ScanConfig`` fields and the command-line options' names
@@ -67,13 +70,10 @@ def _load(
     kind, file, arch, sscd_preprocessing, allow_torchscript, allow_pickle, pixel_size, device
 ) -> Embedder:
     if kind == "pixel":
-        from diffmem.embed.pixel import PixelEmbedder
-
         return PixelEmbedder(size=pixel_size)
     if kind == "sscd":
         if file is None:
             raise ValueError("--embedder sscd needs --embedder-file (an SSCD .onnx or TorchScript .pt file)")
-        from diffmem.embed.sscd import load_sscd_onnx, load_sscd_torchscript
 
         if str(file).endswith(".onnx"):
             return load_sscd_onnx(file, preprocessing=sscd_preprocessing)
@@ -85,7 +85,6 @@ def _load(
             raise ValueError(
                 "--embedder clip needs --embedder-arch (open_clip model name) and --embedder-file"
             )
-        from diffmem.embed.clip import OpenCLIPEmbedder
 
         return OpenCLIPEmbedder.from_checkpoint(arch, file, allow_pickle=allow_pickle, device=device)
     raise ValueError(f"--embedder: unknown embedder {kind!r} (choose from {', '.join(EMBEDDERS)})")

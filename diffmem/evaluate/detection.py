@@ -21,6 +21,7 @@ import torch
 from diffmem.detectors.base import Detector, get_detector
 from diffmem.evaluate.metrics import DetectionMetric
 from diffmem.evaluate.suites import Suite
+from diffmem.io import atomic_write_json
 from diffmem.modelio import model_settings
 
 __all__ = ["evaluate_detectors", "load_scores"]
@@ -29,7 +30,6 @@ __all__ = ["evaluate_detectors", "load_scores"]
 def _scores_for(
     detector: Detector, pipe, split: str, prompts, cache_dir: Path, settings: dict, progress: bool
 ):
-    from diffmem.io import atomic_write_json
 
     path = cache_dir / f"{detector.key()}__{split}.json"
     if path.is_file():

@@ -24,6 +24,10 @@ from typing import Any
 
 import torch
 
+from diffmem.edits import applied
+from diffmem.organism.evaluate import generate_and_measure
+from diffmem.scores.similarity import ssim
+
 __all__ = ["EditReplication"]
 
 
@@ -52,7 +56,6 @@ class EditReplication:
 
     def measure(self, captions: Sequence[str], role: str, **pipe_kwargs):
         """``(generations, images)`` of ``captions`` (each ``num_gens`` times) as they are now."""
-        from diffmem.organism.evaluate import generate_and_measure
 
         return generate_and_measure(
             self.pipe,
@@ -78,7 +81,6 @@ class EditReplication:
 
     def per_caption(self, edits: Sequence[tuple[str, str, Any]]) -> list[dict]:
         """Rows for ``(caption, role, edit)``: replication and Wen's scores before and with the edit."""
-        from diffmem.edits import applied
 
         rows = []
         for caption, role, edit in edits:
@@ -107,8 +109,6 @@ class EditReplication:
     ) -> dict[str, dict]:
         """Per named edit: held-out SSIM to the unedited images (median, min) and replication per
         memorized caption with the edit applied."""
-        from diffmem.edits import applied
-        from diffmem.scores.similarity import ssim
 
         _, plain = self.measure(heldout, "heldout")
         out = {}

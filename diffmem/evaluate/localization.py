@@ -26,6 +26,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from diffmem.edits import NeuronSet
+from diffmem.fingerprint import model_fingerprint
+from diffmem.hooks.neurons import value_layers
+from diffmem.io import atomic_write_json
 from diffmem.localize.nemo import SD14_THRESHOLD, SD14_THRESHOLD_SPREAD, NeMo, NemoConfig, SearchProgress
 from diffmem.localize.stats import ValueStats, value_stats_of
 
@@ -120,7 +123,6 @@ def _call_bar(bar) -> Callable[[SearchProgress], None]:
 
 
 def _value_stats(pipe, reference, config, cache_dir, progress) -> ValueStats:
-    from diffmem.hooks.neurons import value_layers
 
     layers = list(value_layers(pipe.unet, config.blocks))
     path = None if cache_dir is None else Path(cache_dir) / "stats.safetensors"
@@ -165,9 +167,6 @@ def calibrated_nemo(
     of the calibration scores; SD-1.4: 0.07; a given threshold: ``config.threshold_spread``) goes into
     the config: a search that misses the threshold by less is ``"near_miss"``.
     """
-    from diffmem.fingerprint import model_fingerprint
-    from diffmem.hooks.neurons import value_layers
-    from diffmem.io import atomic_write_json
 
     config = config or NemoConfig()
     spread = config.threshold_spread
@@ -224,8 +223,6 @@ def localize_prompts(
     >>> with diffmem.edits.applied(pipe.unet, run.union): ...
     """
     from tqdm.auto import tqdm
-
-    from diffmem.fingerprint import model_fingerprint
 
     pairs = [(str(i), p) if isinstance(p, str) else (str(p[0]), p[1]) for i, p in enumerate(prompts)]
     if len({i for i, _ in pairs}) != len(pairs):
@@ -288,8 +285,6 @@ def random_control(neuron_set: NeuronSet, unet, seed: int = 0) -> NeuronSet:
     """As many neurons as ``neuron_set`` has in each layer, drawn at random (seeded): the control that
     tells "these neurons carry the memorization" from "switching off this many neurons hurts"."""
     import torch
-
-    from diffmem.fingerprint import model_fingerprint
 
     neuron_set.validate(unet)
     generator = torch.Generator().manual_seed(seed)

@@ -12,6 +12,7 @@ import torch
 from torchmetrics import Metric
 
 from diffmem.scores.detection import detection_metrics
+from diffmem.scores.solidmark import binomial_ci
 
 __all__ = ["DetectionMetric", "ReplicationRate", "bootstrap_ci"]
 
@@ -84,7 +85,6 @@ class ReplicationRate(Metric):
         self.total += r.numel()
 
     def compute(self) -> dict:
-        from diffmem.scores.solidmark import binomial_ci
 
         hits, total = int(self.hits), int(self.total)
         low, high = binomial_ci(hits, total)

@@ -23,10 +23,20 @@ from typing import Any
 
 import torch
 
+from diffmem.evaluate.localization import calibrated_nemo
 from diffmem.evaluate.metrics import ReplicationRate
-from diffmem.evaluate.suites import Suite
+from diffmem.evaluate.report import markdown_table
+from diffmem.evaluate.suites import MEMORIZED_ROLES, Suite
 from diffmem.generation import generate
+from diffmem.io import atomic_write, atomic_write_json
+from diffmem.mitigations.nemo import NeMoMitigation
 from diffmem.modelio import model_settings
+from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
+from diffmem.organism.recipe import recipe_of
+from diffmem.organism.replication import organism_training_images
+from diffmem.report import escape, table_html, write_html
+from diffmem.scores.replication import criterion
+from diffmem.scores.similarity import ssim
 
 __all__ = ["evaluate_mitigations", "mitigation_markdown", "write_mitigation_report"]
 
@@ -48,8 +58,6 @@ def _generate(pipe, prompts, ids, *, num_gens, seed, steps, guidance_scale, batc
 def _plain_clean(pipe, clean, settings, cache: Path) -> torch.Tensor:
     """The unmitigated images of the clean captions ``[n, 3, H, W]`` (cached as ``plain_clean.npy``)."""
     import numpy as np
-
-    from diffmem.io import atomic_write, atomic_write_json
 
     path = cache / "plain_clean.npy"
     meta = cache / "plain_clean.json"
@@ -78,8 +86,6 @@ def _plain_clean(pipe, clean, settings, cache: Path) -> torch.Tensor:
 def organism_nemo(pipe, reference_prompts: list[str], progress: bool = True):
     """NeMo as deployed on a model of its own: value statistics of ``reference_prompts`` and its threshold
     calibrated on them (mean + 1 std of the criterion's score, NeMo's rule), each flagged prompt localized."""
-    from diffmem.evaluate.localization import calibrated_nemo
-    from diffmem.mitigations.nemo import NeMoMitigation
 
     nemo = calibrated_nemo(pipe, reference_prompts, progress=progress)
     return NeMoMitigation(stats=nemo.stats, config=nemo.config)
@@ -87,11 +93,6 @@ def organism_nemo(pipe, reference_prompts: list[str], progress: bool = True):
 
 def _rows_for(key, mitigation, pipe, memorized, clean, settings, plain, cache: Path):
     """Per-image rows of one mitigation (cached); ``plain`` holds the unmitigated clean images."""
-    from diffmem.evaluate.suites import MEMORIZED_ROLES
-    from diffmem.io import atomic_write_json
-    from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
-    from diffmem.organism.replication import organism_training_images
-    from diffmem.scores.similarity import ssim
 
     path = cache / f"{key}.json"
     if path.is_file():
@@ -111,7 +112,6 @@ def _rows_for(key, mitigation, pipe, memorized, clean, settings, plain, cache: P
     images, reports, seconds, flags = _generate(
         pipe, [p.prompt for p in memorized], [p.id for p in memorized], **common, **kwargs
     )
-    from diffmem.organism.recipe import recipe_of
 
     nearest = organism_training_images(recipe=recipe_of(pipe)).of_roles(MEMORIZED_ROLES).nearest(images)
     forced = (
@@ -171,7 +171,6 @@ def evaluate_mitigations(
     progress: bool = True,
 ) -> dict[str, Any]:
     """``{"settings", "methods": {key: {...}}}``; ``methods`` are ``(name, options, Mitigation)``, ``none`` is added first."""
-    from diffmem.scores.replication import criterion
 
     if suite.name != "organism":
         raise ValueError(
@@ -248,7 +247,6 @@ def mitigation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def mitigation_markdown(results: dict[str, Any]) -> str:
-    from diffmem.evaluate.report import markdown_table
 
     s = results["settings"]
     head = (
@@ -261,7 +259,6 @@ def mitigation_markdown(results: dict[str, Any]) -> str:
 
 
 def write_mitigation_report(results: dict[str, Any], out_dir: str | Path) -> Path:
-    from diffmem.report import escape, table_html, write_html
 
     sections = [
         ("Settings", f"<p>{escape(mitigation_markdown(results).splitlines()[0])}</p>"),

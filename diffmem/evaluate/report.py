@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from diffmem.evaluate.detection import load_scores
+from diffmem.report import escape, figure_tag, roc_curves_figure, table_html, write_html
+
 __all__ = ["detection_markdown", "write_detection_report"]
 
 
@@ -60,8 +63,6 @@ def detection_markdown(results: dict[str, Any]) -> str:
 
 def write_detection_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     """``report.html``: the table and one ROC plot per split with every method (escaped captions)."""
-    from diffmem.evaluate.detection import load_scores
-    from diffmem.report import escape, figure_tag, roc_curves_figure, table_html, write_html
 
     out_dir = Path(out_dir)
     sections = [("Settings", f"<pre>{escape(detection_markdown(results).splitlines()[0])}</pre>")]

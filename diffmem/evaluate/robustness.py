@@ -28,9 +28,24 @@ from typing import Any
 
 import torch
 
-from diffmem.attack.dori import DoriConfig
+from diffmem.attack.dori import (
+    DoriConfig,
+    attack_target,
+    encode_images,
+    encode_prompts,
+    generate_from_embeds,
+    ssim_similarity,
+)
+from diffmem.edits import WeightMask, applied
+from diffmem.evaluate.metrics import ReplicationRate
 from diffmem.evaluate.stages import StageCache
+from diffmem.fingerprint import model_fingerprint
+from diffmem.hooks.ffn import ffn_layers
+from diffmem.localize.prune import FFNStats, collect_ffn_stats, select_memorization_weights
+from diffmem.organism.fidelity import caption_fidelity
 from diffmem.scores.replication import PRESETS, ReplicationCriterion
+from diffmem.scores.similarity import ssim
+from diffmem.seeding import item_generator
 
 __all__ = ["RobustnessEvaluation", "RobustnessSettings", "Target"]
 
@@ -104,7 +119,6 @@ class RobustnessEvaluation:
     def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], stream: str) -> torch.Tensor:
         """``[len(captions) * len(seeds), 3, H, W]`` in ``[0, 1]``; caption ``i``, seed ``s`` has its own
         generator (:func:`~diffmem.seeding.item_generator`), so the images do not depend on the order."""
-        from diffmem.seeding import item_generator
 
         images = []
         for i, caption in enumerate(captions):
@@ -121,7 +135,6 @@ class RobustnessEvaluation:
 
     def attack(self, pipe, items: Sequence[Target], attack: bool = True) -> list[dict]:
         """Per item: similarities per seed from the caption (``before``) and, attacked, from the trigger."""
-        from diffmem.attack.dori import attack_target, encode_prompts, generate_from_embeds, ssim_similarity
 
         seeds = list(range(self.settings.seeds))
         rows = []
@@ -172,7 +185,6 @@ class RobustnessEvaluation:
     def heldout_quality(self, pipe) -> float:
         """Median SSIM of ``pipe``'s held-out generations to the unedited model's (same seeds); call
         :meth:`heldout_reference` before applying an edit to the evaluation's own pipeline."""
-        from diffmem.scores.similarity import ssim
 
         reference = self.heldout_reference()
         images = self.generate(pipe, self.heldout_captions, range(self.settings.seeds), "heldout")
@@ -182,7 +194,6 @@ class RobustnessEvaluation:
         """Caption fidelity of ``pipe`` on each caption set of ``fidelity`` (None without one)."""
         if self.fidelity_spec is None:
             return None
-        from diffmem.organism.fidelity import caption_fidelity
 
         classifier, caption_sets, n_seeds = self.fidelity_spec
         seeds = list(range(n_seeds))
@@ -200,7 +211,6 @@ class RobustnessEvaluation:
 
     def summarize(self, rows: Sequence[dict], which: str) -> dict:
         """SSIM mean ± std over targets and the memorization rate (``which``: ``before`` or ``after``)."""
-        from diffmem.evaluate.metrics import ReplicationRate
 
         sims = [r[f"similarity_{which}"] for r in rows]
         mean, std = _mean_std(statistics.fmean(s) for s in sims)
@@ -231,7 +241,6 @@ class RobustnessEvaluation:
         that caption only; no held-out columns, held-out captions are untouched). ``key``: what else
         identifies the setting for the cache (e.g. the edit's parameters); ``caption_row=False`` adds the
         attacked row only (its caption row is in the table already). Returns the per-item rows."""
-        from diffmem.edits import applied
 
         pipe = pipe or self.pipe
         items = self.targets if items is None else list(items)
@@ -295,10 +304,6 @@ class RobustnessEvaluation:
         """Subspace pruning (Chavhan et al.) at each ratio, from the captions; then the ceiling of FFN
         pruning (every FFN weight zeroed). Returns the first ratio's mask that cuts the rate by
         ``min_reduction`` with held-out quality >= ``min_heldout``, else the first ratio's (the paper's)."""
-        from diffmem.edits import WeightMask
-        from diffmem.fingerprint import model_fingerprint
-        from diffmem.hooks.ffn import ffn_layers
-        from diffmem.localize.prune import FFNStats, collect_ffn_stats, select_memorization_weights
 
         captions = [t.caption for t in self.targets]
         reference = [""] * len(captions) if reference is None else list(reference)
@@ -368,8 +373,6 @@ class RobustnessEvaluation:
         """Adversarial fine-tuning (:mod:`diffmem.train.adversarial`) of a copy of the UNet against fresh
         Dori triggers, surrogates made once with ``surrogate_edit`` applied, ``retain`` as retain data;
         then the fine-tuned model's rows. Returns the fine-tuned pipeline."""
-        from diffmem.attack.dori import encode_images, encode_prompts
-        from diffmem.edits import applied
         from diffmem.train.adversarial import (
             AdversarialConfig,
             AdversarialTarget,

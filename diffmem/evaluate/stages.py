@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from diffmem.io import atomic_save_tensors, atomic_write_json
+
 __all__ = ["StageCache"]
 
 T = TypeVar("T")
@@ -29,7 +31,6 @@ class StageCache:
 
     def value(self, name: str, compute: Callable[[], T], key: Any = None) -> T:
         """A JSON-able result of ``compute()``, read from ``name.json`` when it holds the same ``key``."""
-        from diffmem.io import atomic_write_json
 
         path = self.folder / f"{name}.json"
         key = json.loads(json.dumps(key))  # as it reads back (tuples become lists), so a rerun matches
@@ -44,8 +45,6 @@ class StageCache:
     def tensor(self, name: str, compute: Callable[[], torch.Tensor], key: Any = None) -> torch.Tensor:
         """A tensor result of ``compute()``, read from ``name.safetensors`` when it holds the same ``key``."""
         from safetensors import safe_open
-
-        from diffmem.io import atomic_save_tensors
 
         path = self.folder / f"{name}.safetensors"
         wanted = json.dumps(key, sort_keys=True)

@@ -33,6 +33,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffmem.io import atomic_write_json
+from diffmem.organism.data import COLOURS, SHAPES, build_organism_data
+from diffmem.organism.evaluate import generate_and_measure
+from diffmem.organism.recipe import recipe_of
+from diffmem.organism.replication import organism_training_images
+from diffmem.scores.replication import criterion as preset
+
 __all__ = ["LabelledPrompt", "Suite", "organism_suite", "perturb_caption", "suite_from_rows"]
 
 #: The organism's roles whose training images are duplicated, i.e. what a copy is a copy of.
@@ -124,7 +131,6 @@ def perturb_caption(
 
 
 def _candidate_prompts(data, seed: int, num_perturbations: int, num_triggers: int):
-    from diffmem.organism.data import COLOURS, SHAPES
 
     rng = random.Random(seed)
     memorized = data.captions("verbatim") + data.captions("template")
@@ -169,9 +175,6 @@ def measure_replication(
     of the organism ``recipe`` (default v2's)."""
     import torch
 
-    from diffmem.organism.evaluate import generate_and_measure
-    from diffmem.organism.replication import organism_training_images
-
     memorized = organism_training_images(recipe=recipe).of_roles(MEMORIZED_ROLES)
     gens, _ = generate_and_measure(
         pipe,
@@ -205,10 +208,6 @@ def organism_suite(
     ``measured=False``: only the splits of known roles (no generation needed). ``recipe``: the
     organism's data (default: the recipe ``pipe``'s folder records, v2's when it records none).
     """
-    from diffmem.io import atomic_write_json
-    from diffmem.organism.data import build_organism_data
-    from diffmem.organism.recipe import recipe_of
-    from diffmem.scores.replication import criterion as preset
 
     rule = preset(criterion)
     recipe = recipe or recipe_of(pipe)

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from diffmem.io import atomic_write_json
+
 #: Name of the calibration file inside a model folder.
 CALIBRATION_FILE = "diffmem_calibration.json"
 FORMAT = "diffmem.GuardCalibration/1"
@@ -189,7 +191,6 @@ class GuardCalibration:
 
     def save_pretrained(self, model_dir: str | os.PathLike) -> Path:
         """Write ``diffmem_calibration.json`` into ``model_dir`` (atomically)."""
-        from diffmem.io import atomic_write_json
 
         return atomic_write_json(Path(model_dir) / CALIBRATION_FILE, self.to_dict())
 

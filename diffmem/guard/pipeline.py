@@ -33,9 +33,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffmem.edits import EditLoaderMixin
+from diffmem.attention import ATTENTION_CHOICES, attention_processors
+from diffmem.edits import EditLoaderMixin, adopt_edit_record
+from diffmem.fingerprint import fingerprint_loaded, fingerprint_problem
 from diffmem.guard.calibration import CALIBRATION_FILE, GuardCalibration
 from diffmem.guard.signature import extended_call, keyword
+from diffmem.hooks.noise import capture_noise_gap
+from diffmem.io import atomic_write_json
+from diffmem.mitigations import get_mitigation
+from diffmem.mitigations.base import GuardedBatch
+from diffmem.modelio import check_sd_folder, looks_local, model_resolution
+from diffmem.scores.noise_gap import window_mean
 
 __all__ = [
     "GUARD_PARAMETERS",
@@ -238,7 +246,6 @@ class MemGuardMixin(EditLoaderMixin):
         """``None`` (with a warning) for a calibration measured on another UNet."""
         if calibration is None or calibration.model_fingerprint is None:
             return calibration
-        from diffmem.fingerprint import fingerprint_problem
 
         problem = fingerprint_problem(
             calibration.model_fingerprint,
@@ -273,7 +280,6 @@ class MemGuardMixin(EditLoaderMixin):
         """The stock ``from_pretrained`` (any SD folder or hub id), plus: a local folder is checked
         first (``diffmem.modelio.check_sd_folder``: an error names the folder, the component and what
         it lacks; pickle weights only with ``use_safetensors=False``) and its calibration is read."""
-        from diffmem.modelio import check_sd_folder, looks_local
 
         path = str(pretrained_model_name_or_path)
         if looks_local(path):
@@ -286,9 +292,6 @@ class MemGuardMixin(EditLoaderMixin):
                 kwargs["use_safetensors"] = None
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if looks_local(path):
-            from diffmem.edits import adopt_edit_record
-            from diffmem.fingerprint import fingerprint_loaded
-
             fingerprint_loaded(path, pipe.unet)  # hashed once per set of weight files, then remembered
             adopt_edit_record(path, pipe.unet)  # an exported edited model keeps its original's identity
         pipe.__dict__["_diffmem_calibration"] = pipe._read_calibration(path)
@@ -307,7 +310,6 @@ class MemGuardMixin(EditLoaderMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """The stock ``save_pretrained``, with ``model_index.json`` naming the stock pipeline class (so
         stock diffusers loads the folder) and the calibration written beside it."""
-        from diffmem.io import atomic_write_json
 
         super().save_pretrained(save_directory, *args, **kwargs)
         index_path = Path(save_directory) / "model_index.json"
@@ -334,8 +336,6 @@ class MemGuardMixin(EditLoaderMixin):
     def _new_batch(self, call: dict, cond, neg, guidance: bool, threshold: float, **conditioning):
         """The :class:`~diffmem.mitigations.GuardedBatch` of encoded prompts ``cond``/``neg`` (one row per image)."""
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-
-        from diffmem.mitigations.base import GuardedBatch
 
         n_per = call["num_images_per_prompt"] or 1
         n = cond.shape[0]
@@ -385,7 +385,6 @@ class MemGuardMixin(EditLoaderMixin):
 
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """``(height, width)`` in pixels of a call with these arguments (the stock default: the UNet's size)."""
-        from diffmem.modelio import model_resolution
 
         return model_resolution(self, height, width)
 
@@ -449,10 +448,6 @@ class MemGuardMixin(EditLoaderMixin):
         return calibration.memorization_threshold, None
 
     def _guarded_call(self, call: dict, own: dict, extra: dict):
-        from diffmem.attention import ATTENTION_CHOICES, attention_processors
-        from diffmem.hooks.noise import capture_noise_gap
-        from diffmem.mitigations import get_mitigation
-        from diffmem.scores.noise_gap import window_mean
 
         # 1. check the inputs the guard relies on (the stock pipeline checks the rest)
         mitigation = get_mitigation(own["mitigation"], own["mitigation_options"])
@@ -559,7 +554,6 @@ class MemGuardMixin(EditLoaderMixin):
 @torch.no_grad()
 def first_step_gaps(batch) -> torch.Tensor:
     """Per-image noise gap at the first timestep, read by the pipeline's own capture hook (``[n]``, CPU)."""
-    from diffmem.hooks.noise import capture_noise_gap
 
     pipe = batch.pipe
     t0 = batch.timesteps[0]

@@ -65,10 +65,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffmem.conditioning import encode_prompts, expand_unet_kwargs, to_epsilon
+from diffmem.conditioning import encode_prompts, expand_unet_kwargs, prompt_conditioning, to_epsilon
 from diffmem.edits import NeuronSet
+from diffmem.fingerprint import model_fingerprint
 from diffmem.hooks.neurons import DEFAULT_BLOCKS, scaled_value_neurons, value_activations, value_layers
 from diffmem.localize.stats import ValueStats
+from diffmem.modelio import is_sdxl
 from diffmem.scores.msssim import BORDERS, ms_ssim, ssim
 
 #: NeMo's memorization threshold for SD-1.4 (mean + 1 std of the max pairwise MS-SSIM over LAION prompts).
@@ -507,7 +509,6 @@ class NeMo:
         config: NemoConfig = NemoConfig(),
         conditioning=None,
     ):
-        from diffmem.fingerprint import model_fingerprint
 
         self.unet, self.scheduler, self.text_encoder, self.tokenizer = (
             unet,
@@ -525,8 +526,6 @@ class NeMo:
 
     @classmethod
     def from_pipe(cls, pipe, stats: ValueStats | None, config: NemoConfig = NemoConfig()) -> NeMo:
-        from diffmem.conditioning import prompt_conditioning
-        from diffmem.modelio import is_sdxl
 
         conditioning = (lambda prompts: prompt_conditioning(pipe, prompts)) if is_sdxl(pipe) else None
         return cls(pipe.unet, pipe.scheduler, pipe.text_encoder, pipe.tokenizer, stats, config, conditioning)

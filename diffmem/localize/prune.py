@@ -26,7 +26,12 @@ from typing import Any
 import torch
 
 from diffmem.edits import WeightMask
+from diffmem.fingerprint import model_fingerprint
 from diffmem.hooks.ffn import StepCounter, ffn_layers, record_ffn_input_norms
+from diffmem.io import atomic_save_tensors
+from diffmem.modelio import model_resolution
+from diffmem.precision import dtype_name
+from diffmem.seeding import item_generator
 
 STATS_FORMAT = "diffmem.ffn_stats/1"
 
@@ -53,7 +58,6 @@ class FFNStats:
         return next(iter(self.sumsq.values())).shape[0]
 
     def save(self, path: str | os.PathLike) -> Path:
-        from diffmem.io import atomic_save_tensors
 
         meta = {
             "format": STATS_FORMAT,
@@ -97,10 +101,6 @@ def collect_ffn_stats(
     that is used), and the statistics stay on the device in float32.
     """
     from tqdm.auto import tqdm
-
-    from diffmem.modelio import model_resolution
-    from diffmem.precision import dtype_name
-    from diffmem.seeding import item_generator
 
     if not prompts:
         raise ValueError("collect_ffn_stats: no prompts")
@@ -237,7 +237,6 @@ def find_weight_mask(
     ``reference_prompts`` defaults to the reference's base set: the empty prompt, as many times as
     there are memorized prompts. Returns the mask and both statistics.
     """
-    from diffmem.fingerprint import model_fingerprint
 
     if reference_prompts is None:
         reference_prompts = [""] * len(memorized_prompts)

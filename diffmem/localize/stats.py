@@ -20,8 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffmem.conditioning import encode_prompts
+from diffmem.conditioning import encode_prompts, prompt_conditioning
+from diffmem.fingerprint import fingerprint_problem, model_fingerprint
 from diffmem.hooks.neurons import DEFAULT_BLOCKS, value_activations, value_layers
+from diffmem.io import atomic_save_tensors
+from diffmem.modelio import is_sdxl
 
 FORMAT = "diffmem.ValueStats/1"
 
@@ -47,7 +50,6 @@ class ValueStats:
 
     def check(self, unet: nn.Module, layers: Sequence[str], source: str = "statistics") -> None:
         """Raise ``ValueError`` unless these statistics were computed on ``unet`` for ``layers``."""
-        from diffmem.fingerprint import fingerprint_problem
 
         problem = fingerprint_problem(self.fingerprint, unet, f"{source}: the statistics", "recompute them")
         if problem is not None:
@@ -56,7 +58,6 @@ class ValueStats:
             raise ValueError(f"{source}: statistics cover the layers {self.layers}, expected {list(layers)}")
 
     def save(self, path: str | os.PathLike) -> Path:
-        from diffmem.io import atomic_save_tensors
 
         tensors = {}
         for i, (mu, sd) in enumerate(zip(self.mean, self.std)):
@@ -126,8 +127,6 @@ def compute_value_stats(
     """
     from tqdm.auto import tqdm
 
-    from diffmem.fingerprint import model_fingerprint
-
     layers = value_layers(unet, blocks)
     device = next(iter(layers.values())).weight.device
     acc_dtype = torch.float64 if device.type != "mps" else torch.float32
@@ -176,8 +175,6 @@ def compute_value_stats(
 
 def value_stats_of(pipe, prompts: Iterable[str], **kwargs) -> ValueStats:
     """:func:`compute_value_stats` for a pipeline of either family (SD or SDXL conditioning)."""
-    from diffmem.conditioning import prompt_conditioning
-    from diffmem.modelio import is_sdxl
 
     conditioning = (lambda batch: prompt_conditioning(pipe, batch)) if is_sdxl(pipe) else None
     return compute_value_stats(

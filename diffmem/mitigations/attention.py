@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from diffmem.detectors.bright_ending import end_token_positions
+from diffmem.hooks.attention import cross_attention_probes
 from diffmem.mitigations.base import GuardedBatch, Mitigation, MitigationPlan, register_mitigation
 
 __all__ = ["AttentionRescaleMitigation"]
@@ -40,7 +42,6 @@ class AttentionRescaleMitigation(Mitigation):
         return {"name": self.name, "bos_scale": self.bos_scale, "mask_padding": self.mask_padding}
 
     def plan(self, batch: GuardedBatch) -> MitigationPlan:
-        from diffmem.hooks.attention import cross_attention_probes
 
         if not any(batch.flagged):
             return MitigationPlan()
@@ -59,7 +60,6 @@ class AttentionRescaleMitigation(Mitigation):
 
     def logits_for(self, batch: GuardedBatch):
         """The ``logits(name, scores)`` rewrite of ``batch``'s guidance batch (rows: negative, conditional)."""
-        from diffmem.detectors.bright_ending import end_token_positions
 
         n = batch.num_images
         flagged = torch.tensor(batch.flagged)

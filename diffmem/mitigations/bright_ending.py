@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from diffmem.detectors.bright_ending import bright_ending_capture
 from diffmem.mitigations.base import GuardedBatch, MitigationPlan, register_mitigation
 from diffmem.mitigations.embedding import EmbeddingMitigation
 
@@ -33,8 +34,6 @@ class BrightEndingEmbeddingMitigation(EmbeddingMitigation):
 
     def masks(self, batch: GuardedBatch, rows: list[int]):
         """The Bright Ending masks ``[len(rows), H, W]`` of an unmitigated run of ``rows``."""
-
-        from diffmem.detectors.bright_ending import bright_ending_capture
 
         if any(batch.prompts[batch.prompt_index[k]] is None for k in rows):
             raise ValueError(

@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from diffmem.embedding_mitigation import optimize_prompt_embeds, target_loss_from_threshold
 from diffmem.mitigations.base import GuardedBatch, Mitigation, MitigationPlan, register_mitigation
+from diffmem.scores.noise_gap import v_to_epsilon_gap_scale
 
 __all__ = ["EmbeddingMitigation"]
 
@@ -47,8 +49,6 @@ class EmbeddingMitigation(Mitigation):
 
     def optimize(self, batch: GuardedBatch, loss_mask=None) -> MitigationPlan:
         """Optimise the flagged prompts' embeddings; ``loss_mask(rows) -> [len(rows), H, W]`` localizes the loss."""
-        from diffmem.embedding_mitigation import optimize_prompt_embeds, target_loss_from_threshold
-        from diffmem.scores.noise_gap import v_to_epsilon_gap_scale
 
         pipe = batch.pipe
         t0 = batch.timesteps[0]

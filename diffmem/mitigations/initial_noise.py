@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from diffmem.conditioning import to_epsilon
 from diffmem.hooks.guidance import guidance_schedule_hook
 from diffmem.mitigations.base import GuardedBatch, Mitigation, MitigationPlan, register_mitigation
+from diffmem.mitigations.guidance import static_weight
 
 __all__ = ["InitialNoiseMitigation", "adjust_initial_noise"]
 
@@ -67,8 +69,6 @@ class InitialNoiseMitigation(Mitigation):
 
     @torch.no_grad()
     def plan(self, batch: GuardedBatch) -> MitigationPlan:
-        from diffmem.conditioning import to_epsilon
-        from diffmem.mitigations.guidance import static_weight
 
         if not any(batch.flagged):
             return MitigationPlan()

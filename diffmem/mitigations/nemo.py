@@ -16,6 +16,11 @@ from typing import Any
 
 import torch
 
+from diffmem.edits import NeuronSet
+from diffmem.fingerprint import model_fingerprint
+from diffmem.hooks.neurons import scaled_value_neurons
+from diffmem.localize.nemo import NeMo, NemoConfig
+from diffmem.localize.stats import ValueStats
 from diffmem.mitigations.base import GuardedBatch, Mitigation, MitigationPlan, register_mitigation
 
 __all__ = ["NeMoMitigation"]
@@ -39,9 +44,6 @@ class NeMoMitigation(Mitigation):
     kind = "neurons"
 
     def __init__(self, neuron_set=None, stats=None, config=None, factor: float = 0.0):
-        from diffmem.edits import NeuronSet
-        from diffmem.localize.nemo import NemoConfig
-        from diffmem.localize.stats import ValueStats
 
         if isinstance(neuron_set, (str, os.PathLike)):
             neuron_set = NeuronSet.from_pretrained(neuron_set)
@@ -74,8 +76,6 @@ class NeMoMitigation(Mitigation):
             raise ValueError(
                 "mitigation 'nemo' with prompt_embeds needs neuron_set= (localization reads the prompt)"
             )
-        from diffmem.fingerprint import model_fingerprint
-        from diffmem.localize.nemo import NeMo
 
         key = (model_fingerprint(pipe.unet), prompt)
         if key not in self._found:
@@ -83,7 +83,6 @@ class NeMoMitigation(Mitigation):
         return self._found[key]
 
     def plan(self, batch: GuardedBatch) -> MitigationPlan:
-        from diffmem.hooks.neurons import scaled_value_neurons
 
         unet = batch.pipe.unet
         if self.neuron_set is not None:

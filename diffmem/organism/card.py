@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from diffmem.modelio import ORGANISM_NAME
 from diffmem.organism.data import PHOTOS, TEMPLATE_CAPTIONS, build_organism_data, generic_and_heldout_pairs
 from diffmem.organism.recipe import OrganismRecipe
 
@@ -30,7 +31,6 @@ def model_card(
     training_notes: str,
 ) -> str:
     """Markdown of the model card: data recipe, model, schedule, losses, measured memorization."""
-    from diffmem.modelio import ORGANISM_NAME
 
     model_dir = Path(model_dir)
     name = recipe.name

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.io import atomic_write_json, atomic_write_text
 from diffmem.organism.compositional import render_scene_image, sample_scene
 from diffmem.organism.recipe import OrganismRecipe
 from diffmem.organism.shapes import COLOURS, SHAPES, draw_shape
@@ -492,8 +493,6 @@ def export_imagefolder(data: OrganismData, out: str | os.PathLike) -> Path:
     included, as in a scraped dataset), ``metadata.jsonl`` with ``file_name``, ``text``, ``id``, ``role``
     and ``image_id`` (the distinct image a sample copies), and ``manifest.json``."""
     from PIL import Image
-
-    from diffmem.io import atomic_write_json, atomic_write_text
 
     out = Path(out)
     (out / "train").mkdir(parents=True, exist_ok=True)

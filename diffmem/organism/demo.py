@@ -9,6 +9,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.guard.auto import load_guarded
+from diffmem.guard.calibration import CALIBRATION_FILE
+from diffmem.io import atomic_write_json
+from diffmem.modelio import default_model
+from diffmem.organism.data import build_organism_data
+from diffmem.organism.evaluate import evaluation_captions, generate_and_measure
+from diffmem.organism.recipe import recipe_of
+from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages
+from diffmem.report import escape, figure_tag, histogram_figure, img_tag, roc_figure, table_html, write_html
+from diffmem.scores.detection import detection_metrics
+
 
 @dataclass
 class DemoResult:
@@ -56,15 +67,6 @@ def write_demo_report(
     model_label: str,
 ) -> Path:
     """The HTML report: summary, table, image pairs, score histogram per role, ROC, SSIM histogram."""
-    from diffmem.report import (
-        escape,
-        figure_tag,
-        histogram_figure,
-        img_tag,
-        roc_figure,
-        table_html,
-        write_html,
-    )
 
     roles = [r for r in ("verbatim", "template", "generic", "heldout") if any(x["role"] == r for x in rows)]
     flagged = {role: sum(r["flagged"] for r in rows if r["role"] == role) for role in roles}
@@ -156,15 +158,6 @@ def run_demo(
 ) -> DemoResult:
     """Generate the organism's verbatim, template and held-out captions with the guarded pipeline, measure
     each image and write ``report.html`` + ``results.json`` to ``out``."""
-    from diffmem.guard.auto import load_guarded
-    from diffmem.guard.calibration import CALIBRATION_FILE
-    from diffmem.io import atomic_write_json
-    from diffmem.modelio import default_model
-    from diffmem.organism.data import build_organism_data
-    from diffmem.organism.evaluate import evaluation_captions, generate_and_measure
-    from diffmem.organism.recipe import recipe_of
-    from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages
-    from diffmem.scores.detection import detection_metrics
 
     model_dir = str(model) if model is not None else default_model()
     pipe = load_guarded(model)
@@ -266,8 +259,6 @@ def run_demo(
 
 def _generate_resized(pipe, captions, training, seeds, steps, recipe):
     """``generate_and_measure`` for a model whose images are not the training size (the tiny fallback)."""
-    from diffmem.organism.evaluate import generate_and_measure
-    from diffmem.organism.replication import TrainingImages
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     small = _resize_to(training.pixels.permute(0, 2, 3, 1).numpy(), size)

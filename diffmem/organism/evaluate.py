@@ -18,10 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.evaluate.metrics import DetectionMetric, ReplicationRate
 from diffmem.generation import generate_batches
+from diffmem.guard.auto import load_guarded
 from diffmem.guard.pipeline import MemGuardMixin
-from diffmem.organism.data import UNTRAINED_ROLES
+from diffmem.io import atomic_write, atomic_write_json, atomic_write_text
+from diffmem.organism.data import UNTRAINED_ROLES, build_organism_data
+from diffmem.organism.recipe import recipe_of
 from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages, same_caption_ssim
+from diffmem.scores.detection import detection_metrics
 from diffmem.scores.noise_gap import window_mean
 from diffmem.scores.replication import criterion
 from diffmem.scores.similarity import ssim
@@ -162,7 +167,6 @@ def per_caption(gens: Sequence[Generation]) -> list[dict]:
 
 def summarize(gens: Sequence[Generation], threshold: float = REPLICATION_THRESHOLD) -> dict:
     """The organism's targets: replication per role and detection metrics per window (Wen et al.)."""
-    from diffmem.scores.detection import detection_metrics
 
     rows = per_caption(gens)
     by_role = {
@@ -232,7 +236,6 @@ def dose_response(
     The held-out captions ("a pink circle") are shorter than the verbatim ones and the noise gap grows
     with the caption, so the AUC against them is not all memorization; the captions seen fewest times
     have the verbatim captions' style and length, which makes them the matched control."""
-    from diffmem.evaluate.metrics import DetectionMetric, ReplicationRate
 
     rule = criterion("organism")
     rows = per_caption(gens)
@@ -398,7 +401,6 @@ def autoencoder_ceiling(pipe, training: TrainingImages, role: str = "verbatim") 
     what replication can measure: an image whose ceiling is under the replication threshold can never
     count as replicated, however well it is memorized.
     """
-    from diffmem.scores.similarity import ssim
 
     idx = [i for i, r in enumerate(training.roles) if r == role]
     if not idx:
@@ -424,10 +426,6 @@ def run_evaluation(
     """Load the organism, generate and measure every caption of ``roles`` (its recipe's: a v2 organism
     has no trigger prompts); write ``results.json``, ``generations.jsonl`` and ``images.npz`` to ``out``
     atomically. Returns the results, with the dose-response per duplication count for a graded recipe."""
-    from diffmem.guard.auto import load_guarded
-    from diffmem.io import atomic_write_json, atomic_write_text
-    from diffmem.organism.data import build_organism_data
-    from diffmem.organism.recipe import recipe_of
 
     recipe = recipe_of(model)
     pipe = load_guarded(model)
@@ -469,7 +467,6 @@ def run_evaluation(
     out = Path(out)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "generations.jsonl", "".join(json.dumps(g.to_dict()) + "\n" for g in gens))
-    from diffmem.io import atomic_write
 
     atomic_write(
         out / "images.npz",

@@ -26,7 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffmem.organism.data import COLOURS, SHAPES, render_generic
+from diffmem.io import atomic_save_tensors, atomic_write_text, load_checked_safetensors
+from diffmem.modelio import weights_dir
+from diffmem.organism.data import COLOURS, SHAPES, caption_of, render_generic
+from diffmem.organism.evaluate import autoencoder_round_trip
 from diffmem.seeding import derive_seed, item_generator
 
 _CAPTION = re.compile(r"^a (\w+) (\w+)$")
@@ -164,7 +167,6 @@ def save_caption_classifier(
     model: CaptionClassifier, folder: str | os.PathLike, info: dict | None = None
 ) -> Path:
     """Write ``folder/model.safetensors`` (architecture and ``info`` in its metadata), atomically."""
-    from diffmem.io import atomic_save_tensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,8 +186,6 @@ def load_caption_classifier(
 
     Loads safetensors only; a missing folder or a file of another kind raises an error naming ``argument``.
     """
-    from diffmem.io import load_checked_safetensors
-    from diffmem.modelio import weights_dir
 
     folder = Path(folder) if folder is not None else weights_dir() / CLASSIFIER_NAME
     state, meta = load_checked_safetensors(
@@ -215,9 +215,6 @@ def build_caption_classifier(
     With an ``AutoencoderKL`` given, it is also measured on the autoencoder's reconstructions of those
     renderings (what a generation of a perfect diffusion model would look like). Returns the metrics.
     """
-    from diffmem.io import atomic_write_text
-    from diffmem.organism.data import caption_of
-    from diffmem.organism.evaluate import autoencoder_round_trip
 
     model = train_caption_classifier(steps=steps, seed=seed, size=size, progress=progress)
     x, c, s = render_batch(num_test, seed=seed + 1, step=0, size=size)

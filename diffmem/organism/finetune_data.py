@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.data import ImageFolderWriter
+from diffmem.io import atomic_write_json, atomic_write_text
 from diffmem.organism.data import caption_of, generic_and_heldout_pairs, render_generic
 from diffmem.seeding import derive_seed
 
@@ -55,8 +57,6 @@ def build_duplicated_finetune_set(
 ) -> FinetuneSet:
     """Write ``n_images`` distinct images to the empty (or new) folder ``out``, ``duplicated`` of them
     (chosen from ``seed``) ``repeats`` times each: ``n_images - duplicated + duplicated * repeats`` rows."""
-    from diffmem.data import ImageFolderWriter
-    from diffmem.io import atomic_write_json, atomic_write_text
 
     for key, value, low in (
         ("n_images", n_images, 1),

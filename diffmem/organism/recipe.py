@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from diffmem.modelio import default_model
+
 
 @dataclass(frozen=True)
 class OrganismRecipe:
@@ -152,8 +154,6 @@ def recipe_of(model=None) -> OrganismRecipe:
     file). ``None``: the embedded default organism's."""
     import json
     from pathlib import Path
-
-    from diffmem.modelio import default_model
 
     if hasattr(model, "unet"):  # a pipeline: the folder it was loaded from
         model = getattr(model.config, "_name_or_path", None) or default_model()

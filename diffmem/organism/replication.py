@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffmem.organism.data import build_organism_data
+from diffmem.organism.recipe import OrganismRecipe
+
 # SSIM at or above which a generation counts as a copy of a training image (see module doc); one source
 from diffmem.scores.replication import ORGANISM_SSIM_THRESHOLD as REPLICATION_THRESHOLD
 from diffmem.scores.similarity import pairwise_ssim, ssim
@@ -142,8 +145,6 @@ class TrainingImages:
 def organism_training_images(seed: int = 0, recipe=None) -> TrainingImages:
     """The distinct training images of an organism (``recipe``, default ``diffmem-organism-v2``'s with
     ``seed``), regenerated from its recipe."""
-    from diffmem.organism.data import build_organism_data
-    from diffmem.organism.recipe import OrganismRecipe
 
     return TrainingImages.from_data(build_organism_data(recipe or OrganismRecipe(seed=seed)))
 

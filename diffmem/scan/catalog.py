@@ -8,7 +8,9 @@ import json
 import os
 from pathlib import Path
 
+from diffmem.data import open_dataset
 from diffmem.io import atomic_write
+from diffmem.records import BadRow
 from diffmem.scan.bad_rows import bad_table, read_bad
 
 LABEL_COLUMNS = ("memorized", "is_memorized", "label")
@@ -63,9 +65,6 @@ def build_catalog(
     ``check_files``: a named image file must exist; default ``require_image``); the catalog is committed last (it marks the stage done)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from diffmem.data import open_dataset
-    from diffmem.records import BadRow
 
     items = open_dataset(
         data,

@@ -9,6 +9,7 @@ from typing import Any
 
 from diffmem.io import atomic_write_json, first_difference
 from diffmem.precision import DTYPES
+from diffmem.scan.index_file import read_index_record
 
 GENERATE_MODES = ("all", "top", "none")
 #: settings that may change between a run and its resume (the attention kernel changes float rounding only)
@@ -123,7 +124,6 @@ class ScanConfig:
 
 
 def _layout_of_index(index_file: str) -> str:
-    from diffmem.scan.index_file import read_index_record
 
     return read_index_record(index_file, argument="--train-index")["embeddings"]
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.data import check_record
 from diffmem.io import atomic_write_json, remove_stale_temporaries
+from diffmem.records import Record
 from diffmem.scan.bad_rows import bad_table, read_bad
-from diffmem.scan.catalog import Catalog
+from diffmem.scan.catalog import Catalog, build_catalog
 from diffmem.scan.layout import (
     FORMAT,
     LAYOUT_FOLDERS,
@@ -39,9 +41,6 @@ def embed_catalog(
     """Embed this process's catalog shards that are not yet in the layout at ``root`` (the progress
     bar shows images/s)."""
     import pyarrow as pa
-
-    from diffmem.data import check_record
-    from diffmem.records import Record
 
     if dtype not in LAYOUT_DTYPES:
         raise ValueError(f"--dtype: expected one of {', '.join(LAYOUT_DTYPES)}, got {dtype!r}")
@@ -92,8 +91,6 @@ def embed_dataset(
     from collections import Counter
 
     import pyarrow.parquet as pq
-
-    from diffmem.scan.catalog import build_catalog
 
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size: expected an integer >= 1, got {shard_size!r}")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from diffmem.io import atomic_write, atomic_write_bytes, atomic_write_json, first_difference
+from diffmem.scan.bad_rows import bad_table
 
 FORMAT = "clip-retrieval"
 RECORD = "embeddings.json"
@@ -83,8 +84,6 @@ def write_vectors(
     """A layout of descriptors made elsewhere (one shard per block of ``blocks``; ids ``v{position}``,
     no images): for vectors that did not come from ``diffmem embed``, e.g. a benchmark's or a test's."""
     import pyarrow as pa
-
-    from diffmem.scan.bad_rows import bad_table
 
     root = Path(root)
     write_record(root, {"format": FORMAT, "embedder": embedder, "dtype": dtype})

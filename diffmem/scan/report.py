@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffmem.data import load_rgb
+from diffmem.records import BadImageError
 from diffmem.report import escape, figure_tag, histogram_figure, img_tag, roc_figure, table_html, write_html
 from diffmem.scan.results import caption_table, load_results, read_summary
 
 
 def _training_image(path: str | None, size: tuple[int, int]):
-    from diffmem.data import load_rgb
-    from diffmem.records import BadImageError
 
     if not path:
         return None

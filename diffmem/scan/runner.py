@@ -14,13 +14,22 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from diffmem.attention import use_attention_processor
+from diffmem.embed import embedder_from_settings
+from diffmem.guard.auto import load_guarded
 from diffmem.io import atomic_write, atomic_write_json, remove_stale_temporaries
+from diffmem.precision import torch_dtype
 from diffmem.scan.bad_rows import bad_table
 from diffmem.scan.catalog import Catalog, build_catalog
 from diffmem.scan.config import ScanConfig, check_or_write_config
-from diffmem.scan.layout import LAYOUT_FOLDERS
+from diffmem.scan.embedding import embed_catalog
+from diffmem.scan.generation import generate_shards
+from diffmem.scan.layout import LAYOUT_FOLDERS, EmbeddingLayout, write_record
 from diffmem.scan.procs import Procs
-from diffmem.scan.results import IMAGE_BAD_ROWS
+from diffmem.scan.report import write_scan_report
+from diffmem.scan.results import IMAGE_BAD_ROWS, write_summary
+from diffmem.scan.scoring import eligible_rows, score_shards, select_for_generation
+from diffmem.scan.training import TrainingSet, check_embedder, compute_background
 
 __all__ = ["ScanConfig", "run_scan"]
 
@@ -30,8 +39,6 @@ OWN_EMBEDDINGS = "embeddings"
 
 def _prebuilt_layout(cfg: ScanConfig, describe: dict):
     """The prebuilt layout, checked against the scan's embedder (before any model is loaded)."""
-    from diffmem.scan.layout import EmbeddingLayout
-    from diffmem.scan.training import check_embedder
 
     layout = EmbeddingLayout(cfg.train_embeddings, argument="--train-embeddings")
     check_embedder(layout, describe, "--train-embeddings")
@@ -39,9 +46,6 @@ def _prebuilt_layout(cfg: ScanConfig, describe: dict):
 
 
 def _training_side(cfg: ScanConfig, out: Path, catalog: Catalog, embedder, layout, procs: Procs):
-    from diffmem.scan.embedding import embed_catalog
-    from diffmem.scan.layout import EmbeddingLayout, write_record
-    from diffmem.scan.training import TrainingSet
 
     if layout is None:
         describe = embedder.describe()
@@ -81,11 +85,6 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
     """Run (or resume) a scan; returns the summary on the main process, ``None`` on the others."""
     import pyarrow.parquet as pq
 
-    from diffmem.scan.generation import generate_shards
-    from diffmem.scan.results import write_summary
-    from diffmem.scan.scoring import eligible_rows, score_shards, select_for_generation
-    from diffmem.scan.training import compute_background
-
     cfg.check()
     out = Path(cfg.out)
     procs = Procs()
@@ -100,8 +99,6 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
 
     needs_images = cfg.generate != "none"
     if embedder is None and needs_images:
-        from diffmem.embed import embedder_from_settings
-
         embedder = embedder_from_settings(cfg, device=str(procs.device))
     describe = embedder.describe() if embedder is not None else {}
     prebuilt = _prebuilt_layout(cfg, describe) if needs_images and cfg.prebuilt else None
@@ -124,10 +121,6 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
     timings["catalog_s"] = time.perf_counter() - t0
 
     if pipe is None:
-        from diffmem.attention import use_attention_processor
-        from diffmem.guard.auto import load_guarded
-        from diffmem.precision import torch_dtype
-
         pipe = load_guarded(
             cfg.model, device=procs.device, dtype=torch_dtype(cfg.dtype), progress=cfg.progress
         )
@@ -165,7 +158,5 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
     timings["total_s"] = time.perf_counter() - t0
     atomic_write_json(out / "timings.json", timings)
     if cfg.report:
-        from diffmem.scan.report import write_scan_report
-
         write_scan_report(out)
     return summary

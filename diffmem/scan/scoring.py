@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffmem.detect import score_prompts
 from diffmem.scan.catalog import Catalog
 from diffmem.scan.config import ScanConfig
 from diffmem.scan.procs import Procs, progress_bar
 from diffmem.scan.store import ShardStore
+from diffmem.scan.summary import top_fraction
 
 
 def eligible_rows(cfg: ScanConfig, catalog: Catalog, skip_rows: set[int]) -> set[int] | None:
@@ -53,8 +55,6 @@ def score_shards(
     """First-step memorization scores (Wen et al.) of every usable caption, one shard file each."""
     import pyarrow as pa
 
-    from diffmem.detect import score_prompts
-
     store = ShardStore(out, "scores")
     todo = [k for k in procs.mine(catalog.n_shards) if not store.done(k)]
     for k in progress_bar(todo, len(todo), "first-step scores", cfg.progress and procs.main):
@@ -89,7 +89,6 @@ def select_for_generation(cfg: ScanConfig, out: Path) -> set[int] | None:
     """Catalog rows to generate for: all scored rows, or (two-stage) the top fraction by score."""
     if cfg.generate == "all":
         return None
-    from diffmem.scan.summary import top_fraction
 
     table = ShardStore(out, "scores").concat(["row", "id", "score"])
     if table is None or table.num_rows == 0:

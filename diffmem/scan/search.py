@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffmem.data import load_rgb
+from diffmem.records import BadImageError
 from diffmem.scan.training import TrainingSet
+from diffmem.scores.similarity import ssim
 
 
 def nearest_training(
@@ -27,10 +30,6 @@ def ssim_rerank(imgs: np.ndarray, pos: np.ndarray, train: TrainingSet, cache: di
     training images by descriptor, each resized to the generation's size (Wang et al. 2004 via torchmetrics)."""
     import torch
     from PIL import Image
-
-    from diffmem.data import load_rgb
-    from diffmem.records import BadImageError
-    from diffmem.scores.similarity import ssim
 
     h, w = imgs.shape[1:3]
     out = []

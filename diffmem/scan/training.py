@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from diffmem.io import atomic_write, first_difference
+from diffmem.scan.index import build_index, nearest_other
+from diffmem.scan.index_file import IndexFile
 from diffmem.scan.layout import EmbeddingLayout
 
 
@@ -56,13 +58,9 @@ class TrainingSet:
         device = torch.device(device) if device is not None else None
         gpu = (device.index or 0) if device is not None and device.type == "cuda" else None
         if index_file is not None:
-            from diffmem.scan.index_file import IndexFile
-
             self.index = IndexFile(index_file, layout, nprobe=index_nprobe, gpu_device=gpu)
             self.exact = False
         elif layout.ntotal:
-            from diffmem.scan.index import build_index
-
             self.index = build_index(
                 layout.all_vectors(), kind=index, device=device, nprobe=nprobe, seed=seed
             )
@@ -107,7 +105,6 @@ def compute_background(path: Path, train: TrainingSet, sample: int, seed: int) -
     image, written to ``path`` (``rows``, ``sims``, ``nn_rows``)."""
     if path.is_file() or train.index is None:
         return
-    from diffmem.scan.index import nearest_other
 
     n = len(train)
     take = np.arange(n)

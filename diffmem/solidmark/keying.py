@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from diffmem.data import ImageFolderWriter, check_record, open_dataset
+from diffmem.io import atomic_write_text
+from diffmem.records import BadRow
 from diffmem.scores.solidmark import check_value_space
 from diffmem.solidmark.keys import (
     DEFAULT_FRAME_WIDTH,
@@ -82,8 +85,6 @@ def key_dataset(
     and the border pattern pads them outward (the paper). Rows that cannot be read are set aside and
     listed in ``bad_rows.jsonl``; they get no key.
     """
-    from diffmem.data import ImageFolderWriter, check_record, open_dataset
-    from diffmem.records import BadRow
 
     check_pattern(pattern)
     check_value_space(value_space)
@@ -149,8 +150,6 @@ def key_dataset(
         info={"source": str(data), "size": size},
     )
     if bad:
-        from diffmem.io import atomic_write_text
-
         atomic_write_text(out / "bad_rows.jsonl", "".join(json.dumps(b) + "\n" for b in bad))
     path = manifest.save(out / MANIFEST_NAME)
     return KeyingResult(out, path, manifest, bad)

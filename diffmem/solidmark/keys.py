@@ -18,6 +18,7 @@ from diffmem.scores.solidmark import (
     ValueSpace,
     center_mask,
     check_value_space,
+    frame_mask,
     pixel_to_space,
     space_to_pixel,
 )
@@ -69,7 +70,6 @@ def keyed_size(width: int, height: int, frame_width: int, pattern: Pattern) -> t
 
 def key_mask(height: int, width: int, frame_width: int, pattern: Pattern) -> torch.Tensor:
     """Mask of the key region of a keyed ``height x width`` image (True = key pixels, the region to generate)."""
-    from diffmem.scores.solidmark import frame_mask
 
     if check_pattern(pattern) == "border":
         return frame_mask(height, width, frame_width)

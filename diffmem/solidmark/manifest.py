@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from diffmem.io import atomic_write_json
 from diffmem.scores.solidmark import VALUE_SPACES, space_to_pixel
 from diffmem.solidmark.keys import LEVELS, PATTERNS, frame_key, key_mask
 
@@ -168,7 +169,6 @@ class KeyManifest:
         return manifest
 
     def save(self, path: str | os.PathLike) -> Path:
-        from diffmem.io import atomic_write_json
 
         return atomic_write_json(path, self.to_dict())
 

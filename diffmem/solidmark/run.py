@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from diffmem.data import check_record, open_dataset
+from diffmem.fingerprint import model_fingerprint
+from diffmem.records import BadRow
 from diffmem.scores.solidmark import DEFAULT_DELTAS
 from diffmem.solidmark.manifest import KeyManifest, check_ids, check_keyed_dataset
 from diffmem.solidmark.scoring import (
@@ -38,8 +41,6 @@ def load_score_items(
     manifest, unreadable rows, images whose frame does not hold the manifest's key (wrong frame width
     or value space) and sizes Stable Diffusion cannot generate (not multiples of 8).
     """
-    from diffmem.data import check_record, open_dataset
-    from diffmem.records import BadRow
 
     manifest = KeyManifest.load(manifest_path)
     records, bad = [], []
@@ -120,7 +121,6 @@ def run_score(
     ``prompt_mitigation`` (e.g. :func:`~diffmem.solidmark.mitigations.gaussian_embedding_noise`) replaces
     the prompts by the embeddings it returns.
     """
-    from diffmem.fingerprint import model_fingerprint
 
     if random_init:
         randomize_unet(pipe, seed)

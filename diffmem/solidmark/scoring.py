@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.io import atomic_save_tensors, atomic_write_json, atomic_write_text
+from diffmem.edits import applied
+from diffmem.io import atomic_save_tensors, atomic_write, atomic_write_json, atomic_write_text
 from diffmem.scores.solidmark import frame_distance_map, key_distance, predicted_keys
 from diffmem.seeding import derive_seed, item_generator
 from diffmem.solidmark.keys import key_mask
@@ -78,8 +79,6 @@ def edits_applied(unet: torch.nn.Module, edits: Sequence[Any] = ()) -> Iterator[
     with contextlib.ExitStack() as stack:
         for edit in edits:
             if hasattr(edit, "weight_multipliers"):
-                from diffmem.edits import applied
-
                 stack.enter_context(applied(unet, edit))
             elif callable(edit):
                 stack.enter_context(edit(unet))
@@ -294,8 +293,6 @@ def score_items(
 
 def _save_images(folder: Path, generated: dict[tuple[str, int], torch.Tensor]) -> None:
     from PIL import Image
-
-    from diffmem.io import atomic_write
 
     folder.mkdir(parents=True, exist_ok=True)
     for (i, g), x in generated.items():

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from diffmem.io import atomic_write, atomic_write_json, atomic_write_text
+from diffmem.report import escape, figure_tag, histogram_figure, img_tag, table_html, write_html
 from diffmem.scores.solidmark import (
     DEFAULT_DELTAS,
     difference_ci,
@@ -35,6 +36,7 @@ from diffmem.scores.solidmark import (
     memorization_rates,
     shuffled_keys,
 )
+from diffmem.solidmark.scoring import image_file_name
 
 
 def rate_table(
@@ -257,7 +259,6 @@ def write_report(
     examples: int = 12,
 ) -> Path:
     """Write ``report.html``: rate tables, distance histograms (run vs shuffled keys), worst/best examples."""
-    from diffmem.report import escape, figure_tag, histogram_figure, img_tag, table_html, write_html
 
     out = Path(out_dir)
     sections = []
@@ -303,8 +304,6 @@ def write_report(
     image_dir = out / "images"
     if image_dir.is_dir():
         from PIL import Image
-
-        from diffmem.solidmark.scoring import image_file_name
 
         ordered = sorted(rows, key=lambda r: r["distance"])
         cells = []

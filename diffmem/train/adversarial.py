@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from diffmem.attack.dori import DoriConfig, denoising_loss, dori_search, gradient_checkpointing
+from diffmem.fingerprint import model_fingerprint
+from diffmem.io import atomic_write_text
 from diffmem.seeding import item_generator
 from diffmem.train.adapters import DEFAULT_LORA_TARGETS, add_lora, merge_lora  # noqa: F401 (re-exported)
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -144,8 +146,6 @@ def adversarial_finetune(
     base = None  # adapter-only checkpoints resume on the base model they were trained on, only
     if config.mode == "lora":
         if checkpoint_dir is not None:
-            from diffmem.fingerprint import model_fingerprint
-
             base = model_fingerprint(unet)
         params = add_lora(unet, config.lora_rank, config.lora_targets, config.seed)
     else:
@@ -233,7 +233,6 @@ def adversarial_finetune(
 
 def write_log(path: str | os.PathLike, log: AdversarialLog, config: AdversarialConfig) -> Path:
     """The per-round log and the settings as JSON (atomically)."""
-    from diffmem.io import atomic_write_text
 
     return atomic_write_text(
         path, json.dumps({"config": config.to_dict(), "rounds": log.rounds}, indent=2) + "\n"
@@ -246,8 +245,6 @@ def make_surrogates(pipe, ids, captions, *, steps: int, guidance_scale: float, s
     ``pipe_kwargs`` go to every call (``height``, ``width``, ...).
     """
     import torch
-
-    from diffmem.seeding import item_generator
 
     out = []
     for rid, caption in zip(ids, captions):

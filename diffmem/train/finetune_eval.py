@@ -36,8 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffmem.data import load_rgb, open_dataset
+from diffmem.detectors import get_detector
+from diffmem.evaluate.metrics import DetectionMetric, ReplicationRate
+from diffmem.guard.auto import as_guarded
+from diffmem.modelio import model_resolution, model_settings
+from diffmem.organism.evaluate import generate_and_measure, per_caption
+from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
 from diffmem.organism.finetune_data import MANIFEST_FILE, FinetuneSet
 from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages
+from diffmem.records import BadRow
+from diffmem.scores.solidmark import binomial_ci, difference_ci
 from diffmem.seeding import derive_seed
 
 __all__ = [
@@ -84,8 +93,6 @@ def _not_a_set(path: Path, problem: str) -> ValueError:
 
 def read_finetune_set(folder: str | os.PathLike) -> FinetuneTruth:
     """Read a fine-tuning set; ``ValueError`` naming the file for a folder that is not one."""
-    from diffmem.data import load_rgb, open_dataset
-    from diffmem.records import BadRow
 
     folder = Path(folder)
     manifest_path = folder / MANIFEST_FILE
@@ -149,7 +156,6 @@ def read_finetune_set(folder: str | os.PathLike) -> FinetuneTruth:
 
 def check_set_size(pipe, truth: FinetuneTruth) -> None:
     """Refuse a set whose images are not the size ``pipe`` generates."""
-    from diffmem.modelio import model_resolution
 
     height, width = model_resolution(pipe)
     have = tuple(truth.training.pixels.shape[-2:])
@@ -167,7 +173,6 @@ def _check_int(name: str, value, low: int) -> None:
 
 def _generate(pipe, captions, training, *, seeds, steps, guidance_scale, seed, batch_size, progress):
     """The organism's generation path, ``batch_size`` images per pipeline call (whole captions)."""
-    from diffmem.organism.evaluate import generate_and_measure
 
     return generate_and_measure(
         pipe,
@@ -186,7 +191,6 @@ def _generate(pipe, captions, training, *, seeds, steps, guidance_scale, seed, b
 def _first_step_scores(pipe, captions, *, seeds, steps, guidance_scale, seed, batch_size, progress):
     """The registry's first-step ``wen`` detector: ``[len(captions), seeds]``, noise of caption ``c`` from
     ``item_generator(seed, c, j)`` (the generations' own starting noise)."""
-    from diffmem.detectors import get_detector
 
     name, options = _DETECTOR
     return get_detector(name, options).score(
@@ -204,8 +208,6 @@ def _first_step_scores(pipe, captions, *, seeds, steps, guidance_scale, seed, ba
 
 def _fidelity(classifier, images: np.ndarray, captions: Sequence[str]) -> dict:
     """:func:`~diffmem.organism.fidelity.caption_fidelity` with Wilson 95 % intervals of its shares."""
-    from diffmem.organism.fidelity import caption_fidelity
-    from diffmem.scores.solidmark import binomial_ci
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     out = caption_fidelity(classifier, x, list(captions)).as_dict()
@@ -245,9 +247,6 @@ def replication_rates(gens: Sequence, truth: FinetuneTruth) -> tuple[dict, list[
     interval over images (``ci_images``, :func:`image_bootstrap_ci`); ``difference`` is duplicated - single
     (``own``) with Newcombe's interval; ``per_image`` one row per distinct image with its counts.
     """
-    from diffmem.evaluate.metrics import ReplicationRate
-    from diffmem.organism.evaluate import per_caption
-    from diffmem.scores.solidmark import difference_ci
 
     by_caption = {c: i for i, c in truth.finetune.captions.items()}
     dup = set(truth.finetune.duplicated_ids)
@@ -355,10 +354,6 @@ def evaluate_finetune(
     ``seed``); ``batch_size``: images per pipeline call; ``classifier``: the caption classifier (default
     ``weights/diffmem-caption-classifier``). Images are generated at the model's own size.
     """
-    from diffmem.evaluate.metrics import DetectionMetric
-    from diffmem.guard.auto import as_guarded
-    from diffmem.modelio import model_settings
-    from diffmem.organism.fidelity import load_caption_classifier
 
     start = time.perf_counter()
     _check_int("seeds_per_caption", seeds_per_caption, 1)

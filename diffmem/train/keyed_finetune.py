@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from diffmem.io import atomic_write_json
+from diffmem.solidmark.keying import MANIFEST_NAME
+from diffmem.solidmark.run import load_score_items
 from diffmem.train.text_to_image import TRAIN_RECORD, TrainConfig, TrainingData, train_text_to_image
 
 #: Written into the fine-tuned pipeline folder: what it was trained on and how.
@@ -44,8 +46,6 @@ def finetune_keyed(
     :func:`diffmem.solidmark.run.load_score_items`); all its images must have one size.
     Returns the folder of the fine-tuned pipeline (default ``workdir/model``).
     """
-    from diffmem.solidmark.keying import MANIFEST_NAME
-    from diffmem.solidmark.run import load_score_items
 
     config = config or TrainConfig()
     config.check()

@@ -39,15 +39,23 @@ from pathlib import Path
 
 import torch
 
+from diffmem.detectors import available_detectors, get_detector
 from diffmem.generation import generate
+from diffmem.guard.auto import as_guarded
 from diffmem.io import atomic_write_json, check_out_path
+from diffmem.modelio import load_pipeline, stock_pipeline_class
+from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier, parse_caption
+from diffmem.organism.replication import replicates
 from diffmem.seeding import derive_seed
+from diffmem.train.adapters import save_trainable_blocks, transformer_blocks
+from diffmem.train.mitigations import WenFilterMitigation, diffusion_draws
 from diffmem.train.text_to_image import (
     TRAIN_RECORD,
     TrainConfig,
     TrainingData,
     caption_conditioning,
     encode_latents,
+    train_text_to_image,
 )
 
 __all__ = [
@@ -99,7 +107,6 @@ class MemControlConfig:
         return self.population if self.population is not None else max(2, self.trials // 2)
 
     def check(self) -> None:
-        from diffmem.detectors import available_detectors
 
         if self.trials < 1 or not 0 < self.lr_low <= self.lr_high:
             raise ValueError("--trials must be at least 1 and 0 < --lr-low <= --lr-high")
@@ -119,7 +126,6 @@ class MemControlConfig:
 
 
 def _draws(latents: torch.Tensor, scheduler, seed: int, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from diffmem.train.mitigations import diffusion_draws
 
     seeds = [derive_seed(seed, "memcontrol", scope, i) for i in range(len(latents))]
     t, eps = diffusion_draws(seeds, latents.shape[1:], scheduler.config.num_train_timesteps)
@@ -137,8 +143,6 @@ def data_noise_gaps(pipe, data: TrainingData, seed: int = 0, batch: int = 32, sc
     """Wen et al.'s noise gap of every row of ``data`` at a seeded training draw (``t`` and noise from
     ``(seed, scope, row)``): ``n_i = || eps(z_t,i, t_i, c_i) - eps(z_t,i, t_i, empty) ||_2``, ``[N]`` float32."""
     from diffusers import DDPMScheduler
-
-    from diffmem.train.mitigations import WenFilterMitigation
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     latents = encode_latents(pipe.vae, data.pixels, pipe.device)
@@ -167,8 +171,6 @@ def detector_metric(
     """A registry detector's mean score over ``generations`` generations of each caption (generation ``j`` of
     caption ``c`` from ``item_generator(seed, c, j)``): the harness's measure of memorization as a MemControl
     objective (higher = more memorized, minimised)."""
-    from diffmem.detectors import get_detector
-    from diffmem.guard.auto import as_guarded
 
     pipe = as_guarded(pipe)  # detectors read the guarded pipeline's step scores
     captions = list(dict.fromkeys(captions))
@@ -197,7 +199,6 @@ def replication_metric(
     distinct memorized caption whose SSIM to one of that caption's own training images is at least
     :data:`~diffmem.organism.replication.REPLICATION_THRESHOLD` (:func:`~diffmem.organism.replication.replicates`,
     Somepalli et al., CVPR 2023's copy criterion as the project defines it)."""
-    from diffmem.organism.replication import replicates
 
     own: dict[str, dict[str, int]] = {}  # caption -> its distinct images (first row of each)
     for i, (caption, image_id) in enumerate(zip(memorized.captions, memorized.image_ids)):
@@ -224,7 +225,6 @@ def fidelity_metric(
     """One minus caption fidelity (:func:`diffmem.organism.fidelity.caption_fidelity`: the share of the
     generations of ``captions``, "a <colour> <shape>", whose colour and shape the caption classifier reads as
     named; ``classifier`` default ``weights/diffmem-caption-classifier``), so lower is better."""
-    from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
 
     check_fidelity_captions(captions)
     classifier = classifier if classifier is not None else load_caption_classifier()
@@ -235,7 +235,6 @@ def fidelity_metric(
 
 def check_fidelity_captions(captions: list[str], argument: str = "--fidelity-captions") -> None:
     """Refuse, in one line naming ``argument``, an empty list or a caption the classifier cannot read."""
-    from diffmem.organism.fidelity import parse_caption
 
     if not captions:
         raise ValueError(f"{argument}: no caption for the caption-fidelity objective")
@@ -331,10 +330,6 @@ def run_memcontrol(
     """
     import optuna
 
-    from diffmem.modelio import load_pipeline, stock_pipeline_class
-    from diffmem.train.adapters import save_trainable_blocks, transformer_blocks
-    from diffmem.train.text_to_image import train_text_to_image
-
     config = config or MemControlConfig()
     inner = inner or TrainConfig(steps=200, mode="lora")
     config.check()
@@ -405,8 +400,6 @@ def run_memcontrol(
 
     classifier = None
     if config.quality == "caption-fidelity":
-        from diffmem.organism.fidelity import load_caption_classifier
-
         classifier = load_caption_classifier()
 
     def quality(pipe) -> float:

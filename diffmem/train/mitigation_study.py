@@ -37,9 +37,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from diffmem.io import atomic_write_json
-from diffmem.train.memcontrol import MemControlConfig
-from diffmem.train.text_to_image import TRAIN_RECORD, TrainConfig
+from diffmem.fingerprint import model_fingerprint
+from diffmem.io import atomic_write_json, first_difference
+from diffmem.modelio import load_pipeline, model_resolution, stock_pipeline_class
+from diffmem.organism.finetune_data import MANIFEST_FILE, build_duplicated_finetune_set
+from diffmem.scores.solidmark import difference_ci
+from diffmem.seeding import derive_seed
+from diffmem.train.finetune_eval import check_set_size, evaluate_finetune, read_finetune_set
+from diffmem.train.memcontrol import MemControlConfig, data_noise_gaps, run_memcontrol
+from diffmem.train.mitigations import get_training_mitigation
+from diffmem.train.text_to_image import TRAIN_RECORD, TrainConfig, load_training_data, train_text_to_image
 
 #: evaluate_finetune's settings a study may set
 EVALUATION_KEYS = (
@@ -96,7 +103,6 @@ class StudyConfig:
 
     def check(self) -> None:
         """Every setting, before anything is trained (a bad one is one error naming it)."""
-        from diffmem.train.mitigations import get_training_mitigation
 
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown:
@@ -137,8 +143,6 @@ def _paired_image_difference(
     images in both models: a paired bootstrap over images)."""
     import numpy as np
 
-    from diffmem.seeding import derive_seed
-
     a = {r["image_id"]: r for r in row if r["duplicated"]}
     b = {r["image_id"]: r for r in none if r["duplicated"]}
     ids = sorted(set(a) & set(b))
@@ -158,7 +162,6 @@ def goal_verdicts(rows: dict[str, dict]) -> dict[str, dict]:
     replication rate (own image) as a share of ``none``'s, their difference with its 95 % intervals (Newcombe's
     over generations; a paired bootstrap over images where the rows have ``per_image``), caption fidelity
     differences (generic, held-out), and whether each goal is met (point estimates)."""
-    from diffmem.scores.solidmark import difference_ci
 
     if "none" not in rows:
         return {}
@@ -202,7 +205,6 @@ def median_step_seconds(log: list[dict]) -> float | None:
 
 
 def _settings_check(workdir: Path, settings: dict) -> None:
-    from diffmem.io import first_difference
 
     path = workdir / "study.json"
     if path.is_file():
@@ -224,8 +226,6 @@ def build_set_once(folder: Path, **settings) -> Path:
     """:func:`~diffmem.organism.finetune_data.build_duplicated_finetune_set` into ``folder`` unless it is
     there; written beside it and renamed into place, so a kill never leaves half a set."""
     import shutil
-
-    from diffmem.organism.finetune_data import MANIFEST_FILE, build_duplicated_finetune_set
 
     if (folder / MANIFEST_FILE).is_file():
         return folder
@@ -251,12 +251,6 @@ def run_mitigation_study(
     "evaluation"}}, "goals": goal_verdicts(...), "wen_filter_tau", "memcontrol"}``. ``device``: where the
     evaluations and objectives run (training: accelerate's device)."""
     import hashlib
-
-    from diffmem.fingerprint import model_fingerprint
-    from diffmem.modelio import load_pipeline, model_resolution, stock_pipeline_class
-    from diffmem.train.finetune_eval import check_set_size, evaluate_finetune, read_finetune_set
-    from diffmem.train.memcontrol import data_noise_gaps, run_memcontrol
-    from diffmem.train.text_to_image import load_training_data, train_text_to_image
 
     config = config or StudyConfig()
     config.check()

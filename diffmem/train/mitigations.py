@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from diffmem.attack.dori import module_dtype
 from diffmem.registry import Registry
 from diffmem.seeding import derive_seed, item_generator
 
@@ -275,7 +276,6 @@ class WenFilterMitigation(TrainingMitigation):
     ) -> torch.Tensor:
         """``n_i`` ``[B]`` (float32), two UNet calls without gradients (``added`` / ``empty_added``: SDXL's
         added conditions of the captions and of the empty caption)."""
-        from diffmem.attack.dori import module_dtype
 
         dtype = module_dtype(unet)
         x = noisy.to(dtype)

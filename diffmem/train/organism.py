@@ -30,9 +30,11 @@ from safetensors import safe_open
 
 from diffmem.fingerprint import model_fingerprint
 from diffmem.io import atomic_save_tensors, atomic_write_json
+from diffmem.modelio import weights_dir
 from diffmem.organism.data import OrganismData, build_organism_data
 from diffmem.organism.recipe import RECIPE_FILE, OrganismRecipe
 from diffmem.seeding import derive_seed, item_generator
+from diffmem.tiny import clip_text_encoder, clip_tokenizer, sd_autoencoder, sd_ddim_scheduler
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffmem.train.text_to_image import batch_indices
 
@@ -40,8 +42,6 @@ from diffmem.train.text_to_image import batch_indices
 def build_organism_components(recipe: OrganismRecipe) -> dict:
     """Fresh (untrained) components of the organism, weights drawn from ``recipe.seed``."""
     from diffusers import UNet2DConditionModel
-
-    from diffmem.tiny import clip_text_encoder, clip_tokenizer, sd_autoencoder, sd_ddim_scheduler
 
     n = len(recipe.unet_channels)
     if len(recipe.unet_attention) != n:
@@ -231,8 +231,6 @@ def store_float16(folder: Path) -> None:
     """Rewrite every safetensors file of ``folder`` with its floating-point tensors in float16 (atomically)."""
     from safetensors.torch import load_file
 
-    from diffmem.io import atomic_save_tensors
-
     for path in sorted(folder.glob("*.safetensors")):
         tensors = load_file(str(path))
         atomic_save_tensors(
@@ -273,8 +271,6 @@ def _reused_autoencoder(recipe: OrganismRecipe):
     """``recipe.autoencoder_from``'s autoencoder in float32 (a folder, or an organism under ``weights/``),
     checked to have the recipe's architecture."""
     from diffusers import AutoencoderKL
-
-    from diffmem.modelio import weights_dir
 
     src = Path(recipe.autoencoder_from)
     if not (src / "vae").is_dir():
@@ -382,7 +378,6 @@ def train_organism(
             vae_step,
             log["vae"],
         )
-        from diffmem.io import atomic_save_tensors
 
         atomic_write_json(workdir / "vae-log.json", log["vae"])
         atomic_save_tensors(vae_done, vae.state_dict())
@@ -442,7 +437,6 @@ def train_organism(
             decoder_step,
             log["decoder"],
         )
-        from diffmem.io import atomic_save_tensors
 
         atomic_write_json(workdir / "decoder-log.json", log["decoder"])
         atomic_save_tensors(decoder_done, decoder.state_dict())

@@ -34,10 +34,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.data import check_record, open_dataset
+from diffmem.fingerprint import model_fingerprint
 from diffmem.io import atomic_write_json, remove_stale_temporaries
+from diffmem.modelio import load_pipeline, stock_pipeline_class
+from diffmem.records import BadRow
+from diffmem.scan.bad_rows import read_bad
 from diffmem.seeding import derive_seed, item_generator
-from diffmem.train.adapters import DEFAULT_LORA_TARGETS
+from diffmem.train.adapters import DEFAULT_LORA_TARGETS, add_lora, merge_lora, set_trainable_blocks
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffmem.train.mitigations import TrainingBatch, get_training_mitigation
+from diffmem.train.optimizers import make_optimizer
 
 __all__ = [
     "TRAIN_RECORD",
@@ -199,9 +206,6 @@ def load_training_data(
     """Read a captioned dataset (every format ``diffmem scan`` reads) at ``resolution`` px; unreadable rows are
     set aside with their reason. ``group_column`` (default: ``image_id`` when the data has it) names rows
     that copy one image."""
-    from diffmem.data import check_record, open_dataset
-    from diffmem.records import BadRow
-    from diffmem.scan.bad_rows import read_bad
 
     pixels, captions, row_ids, image_ids, bad = [], [], [], [], []
     group = group_column
@@ -413,12 +417,6 @@ def train_text_to_image(
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
-
-    from diffmem.fingerprint import model_fingerprint
-    from diffmem.modelio import load_pipeline, stock_pipeline_class
-    from diffmem.train.adapters import add_lora, merge_lora, set_trainable_blocks
-    from diffmem.train.mitigations import TrainingBatch, get_training_mitigation
-    from diffmem.train.optimizers import make_optimizer
 
     config = config or TrainConfig()
     config.check()
