@@ -4,6 +4,8 @@ autoencoder with its decoder fine-tuned, progressive growing) that resumes exact
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -116,6 +118,23 @@ def test_an_exported_run_resumes_on_another_machine_to_the_same_weights(tmp_path
     import_run(bundle, tmp_path / "there")  # a fresh workdir: no latents, no checkpoints
     with pytest.raises(ValueError, match="already holds a run"):
         import_run(bundle, tmp_path / "there")
+    resumed = train_organism(recipe, tmp_path / "there")
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_run_exported_before_its_unet_phase_carries_its_decoder_phase(tmp_path):
+    from diffmem.train.organism_bundle import export_run, import_run
+
+    base = TINY_RECIPE.with_(generic_style="compositional", generic_images=6, heldout_prompts=2)
+    autoencoder = train_organism(base, tmp_path / "base")
+    recipe = base.with_(autoencoder_from=str(autoencoder), reused_decoder_steps=3, unet_steps=3)
+    full = train_organism(recipe, tmp_path / "full")
+    train_organism(recipe, tmp_path / "here", only="decoder")
+    bundle = export_run(tmp_path / "here", tmp_path / "bundle")
+    assert json.loads((bundle / "bundle.json").read_text())["phase"] == "decoder"
+    import_run(bundle, tmp_path / "there")
     resumed = train_organism(recipe, tmp_path / "there")
     a, b = _weights(full), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -91,13 +91,21 @@ def _unpack(
     return out
 
 
+#: the phases of an organism run, last first: the latest checkpoint of the latest phase is exported
+PHASES = ("unet", "decoder", "vae")
+
+
 def export_run(workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the latest checkpoint of the UNet phase of ``workdir`` and its finished phases to ``out``."""
+    """Write the latest checkpoint of the latest phase of ``workdir`` that has one (the UNet's, else the
+    decoder's or the autoencoder's) and the finished phases' files to ``out``."""
     workdir, out = Path(workdir), Path(out)
     recipe = OrganismRecipe.from_dict(json.loads((workdir / "recipe.json").read_text()))
-    checkpoint = latest_checkpoint(workdir / "checkpoints" / "unet")
+    phase, checkpoint = next(
+        ((p, c) for p in PHASES if (c := latest_checkpoint(workdir / "checkpoints" / p)) is not None),
+        (None, None),
+    )
     if checkpoint is None:
-        raise ValueError(f"{workdir}: no checkpoint of the UNet phase yet (nothing to export)")
+        raise ValueError(f"{workdir}: no checkpoint of any phase yet (nothing to export)")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "checkpoint").mkdir(parents=True)
@@ -112,17 +120,16 @@ def export_run(workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
     for name in PHASE_FILES:
         if (workdir / name).is_file():
             shutil.copy2(workdir / name, tmp / name)
-    atomic_write_json(
-        tmp / "bundle.json", {"format": BUNDLE_FORMAT, "checkpoint": checkpoint.name, "dtypes": dtypes}
-    )
+    meta = {"format": BUNDLE_FORMAT, "phase": phase, "checkpoint": checkpoint.name, "dtypes": dtypes}
+    atomic_write_json(tmp / "bundle.json", meta)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
 
 
 def import_run(bundle: str | os.PathLike, workdir: str | os.PathLike) -> Path:
-    """Rebuild the run of ``bundle`` in ``workdir`` (which must hold no UNet checkpoint yet); returns the
-    rebuilt checkpoint folder."""
+    """Rebuild the run of ``bundle`` in ``workdir`` (which must hold no checkpoint of the bundle's phase
+    yet); returns the rebuilt checkpoint folder."""
     bundle, workdir = Path(bundle), Path(workdir)
     meta_path = bundle / "bundle.json"
     try:
@@ -131,9 +138,10 @@ def import_run(bundle: str | os.PathLike, workdir: str | os.PathLike) -> Path:
         raise ValueError(f"{bundle}: not an organism run bundle ({err})") from None
     if meta.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{meta_path}: expected format {BUNDLE_FORMAT!r}, got {meta.get('format')!r}")
-    root = workdir / "checkpoints" / "unet"
+    phase = meta.get("phase", "unet")
+    root = workdir / "checkpoints" / phase
     if latest_checkpoint(root) is not None:
-        raise ValueError(f"{workdir}: already holds a run of the UNet phase; import into an empty workdir")
+        raise ValueError(f"{workdir}: already holds a run of the {phase} phase; import into an empty workdir")
     recipe = OrganismRecipe.from_dict(json.loads((bundle / "recipe.json").read_text()))
     target = root / meta["checkpoint"]
     target.mkdir(parents=True)
