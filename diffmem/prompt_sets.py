@@ -269,7 +269,14 @@ def read_prompt_file(
 
 def _caption_table(path: Path, argument: str) -> list[dict]:
     """Rows of any other caption table :func:`diffmem.data.open_dataset` reads (its ids and captions)."""
-    records, bad = split_rows(open_dataset(path, require_image=False, check_files=False))
+    try:
+        records, bad = split_rows(open_dataset(path, require_image=False, check_files=False))
+    except (ValueError, OSError) as err:  # not a table (pyarrow's errors are ValueError / OSError)
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"{argument}: {path} is not a prompt file ({detail}); expected .txt, .jsonl or .csv, or a caption "
+            "table (.parquet, an image folder's metadata)"
+        ) from None
     if bad:
         b = bad[0]
         raise ValueError(f"{argument}: {path} row {b.row}: {b.reason} ({b.detail})")
