@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -24,10 +22,13 @@ def guarded(sd1_pipes):
 
 
 def test_registered_with_its_options():
-    mitigation = get_mitigation("pad-token", {"eot_scale": 0.5})
-    assert isinstance(mitigation, PadTokenMitigation) and mitigation.eot_scale == 0.5
-    with pytest.raises(ValueError, match=r"eot_scale: expected a number in \(0, 1\], got 0.0"):
-        PadTokenMitigation(eot_scale=0)
+    mitigation = get_mitigation("pad-token", {"strategy": "partial", "pad_fraction": 0.25})
+    assert isinstance(mitigation, PadTokenMitigation) and mitigation.pad_fraction == 0.25
+    assert mitigation.config() == {"name": "pad-token", "strategy": "partial", "pad_fraction": 0.25}
+    with pytest.raises(ValueError, match=r"pad_fraction: expected a number in \[0, 1\], got 1.5"):
+        PadTokenMitigation(pad_fraction=1.5)
+    with pytest.raises(ValueError, match="strategy: expected 'repad' or 'partial', got 'nope'"):
+        PadTokenMitigation(strategy="nope")
 
 
 def test_memorization_carried_by_the_end_token_copies_is_removed():
@@ -47,20 +48,24 @@ def test_memorization_carried_by_the_end_token_copies_is_removed():
     assert before[1] > 1 and after[1] > 1  # the ordinary prompt was never memorized
 
 
-def test_with_the_mask_the_pad_token_changes_nothing(guarded):
-    """CLIP's text encoder is causal: the tokens up to <eot> never see the pads, and masked pads are unread."""
-    masked = [call(guarded, mitigation=PadTokenMitigation(pad_token=p)) for p in ("!", "x")]
-    torch.testing.assert_close(masked[0], masked[1], rtol=1e-5, atol=1e-6)
-    unmasked = [
-        call(guarded, mitigation=PadTokenMitigation(pad_token=p, mask_pads=False)) for p in ("!", "x")
-    ]
-    assert (unmasked[0] - unmasked[1]).abs().max() > 1e-3  # unmasked pads are read: the token matters
+def test_repadding_keeps_the_embeddings_up_to_the_end_token(guarded):
+    """CLIP's text encoder is causal: re-padding changes the padding positions only."""
+    from diffmem.conditioning import encode_prompts
+    from diffmem.mitigations.pad_token import repadded_ids
+
+    stock = encode_prompts(guarded.tokenizer, guarded.text_encoder, PROMPTS)
+    with torch.no_grad():
+        repadded = guarded.text_encoder(repadded_ids(guarded, PROMPTS, "!"))[0]
+    for i, p in enumerate(PROMPTS):
+        end = len(guarded.tokenizer(p).input_ids) - 1
+        torch.testing.assert_close(repadded[i, : end + 1], stock[i, : end + 1], rtol=1e-5, atol=1e-6)
+        assert (repadded[i, end + 1 :] - stock[i, end + 1 :]).abs().max() > 1e-3
 
 
-def test_the_stock_padding_unmasked_is_no_change(guarded):
-    stock_pad = guarded.tokenizer.pad_token  # SD-1 pads with <|endoftext|> itself
-    same = call(guarded, mitigation=PadTokenMitigation(pad_token=stock_pad, mask_pads=False))
+def test_partial_masking_of_no_pad_is_no_change(guarded):
+    same = call(guarded, mitigation=PadTokenMitigation(strategy="partial", pad_fraction=0.0))
     assert torch.equal(same, call(guarded))
+    assert not torch.equal(call(guarded, mitigation=PadTokenMitigation(strategy="partial")), same)
 
 
 def make_batch(pipe, flagged, guidance=True):
@@ -81,19 +86,20 @@ def make_batch(pipe, flagged, guidance=True):
 
 
 @pytest.mark.parametrize("guidance", [True, False])
-def test_the_logits_of_flagged_conditional_rows_only(guarded, guidance):
-    """Pads -inf and <eot> + ln(eot_scale) on the flagged image's conditional row; every other row untouched."""
+@pytest.mark.parametrize("strategy", ["repad", "partial"])
+def test_the_logits_of_flagged_conditional_rows_only(guarded, guidance, strategy):
+    """repad: <eot> -inf; partial: the first half of the pads -inf; on the flagged conditional row only."""
     batch = make_batch(guarded, [False, True], guidance)
-    ends = [len(guarded.tokenizer(p).input_ids) - 1 for p in PROMPTS]
+    end = len(guarded.tokenizer(PROMPTS[1]).input_ids) - 1
     rows = 4 if guidance else 2
     scores = torch.randn(rows, 2, 5, 77, generator=torch.Generator().manual_seed(0))
-    out = PadTokenMitigation(eot_scale=0.5).logits_for(batch)("attn2", scores)
+    out = PadTokenMitigation(strategy=strategy).logits_for(batch)("attn2", scores)
     k = rows - 1  # the flagged image's conditional row
     torch.testing.assert_close(out[:k], scores[:k], rtol=0, atol=0)
-    end = ends[1]
-    assert torch.isinf(out[k, :, :, end + 1 :]).all() and (out[k, :, :, end + 1 :] < 0).all()
-    torch.testing.assert_close(out[k, :, :, end], scores[k, :, :, end] + math.log(0.5))
-    torch.testing.assert_close(out[k, :, :, :end], scores[k, :, :, :end], rtol=0, atol=0)
+    masked = [end] if strategy == "repad" else list(range(end + 1, end + 1 + round((76 - end) / 2)))
+    kept = [j for j in range(77) if j not in masked]
+    assert torch.isneginf(out[k][..., masked]).all()
+    torch.testing.assert_close(out[k][..., kept], scores[k][..., kept], rtol=0, atol=0)
 
 
 def test_repadded_ids(guarded):

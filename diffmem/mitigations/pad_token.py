@@ -1,23 +1,25 @@
-"""The pad-token fix (arXiv 2605.02908, 2026): SD-1's padding repeats ``<eot>``, and the copies drive memorization.
+"""The pad-token fix (Kim & No, arXiv 2605.02908, CVPR 2026 Findings): SD-1's padding repeats ``<eot>``.
 
 SD-1's CLIP tokenizer pads every prompt to 77 tokens with ``<|endoftext|>`` itself, so the text encoder's
-outputs at the padding positions are near copies of the end token's, and cross-attention reads the same
-summary many times over. For each flagged image the conditional prompt embedding is re-encoded with every
-position after the first end token replaced by ``pad_token`` (default ``"!"``, SD-2's padding), and with
-``mask_pads`` those positions get ``-inf`` cross-attention logits on the conditional branch (the
-unconditional branch is the stock one). ``eot_scale < 1`` partly masks ``<eot>`` itself: its attention
-weight is multiplied by ``eot_scale`` before the softmax normalises (``+ ln eot_scale`` on its logit).
+outputs at the padding positions duplicate the end token's, the one embedding CLIP's training optimises,
+and the copies amplify it: the paper finds they drive memorization while the prompt tokens matter little.
+Its two inference-time fixes, for each flagged image's conditional branch (the unconditional branch is the
+stock one):
 
-CLIP's text encoder is causal, so the tokens up to the end token do not see the padding: with
-``mask_pads`` the padding token changes nothing and the fix is the mask alone. Free: no UNet call; while
-a flagged image is in the batch every ``attn2`` runs the explicit attention of
-:class:`~diffmem.hooks.attention.CrossAttentionProbe` (unflagged images then equal the unmitigated ones to
-float rounding). SD-1/2 only (one CLIP tokenizer; SDXL's second tokenizer already pads with ``"!"``).
+* ``strategy="repad"`` (default): re-encode the prompt with every position after the first end token set
+  to ``pad_token`` (``"!"``, SD-2's padding) and mask ``<eot>`` (``-inf`` cross-attention logit);
+* ``strategy="partial"``: keep the stock padding and mask the first ``pad_fraction`` of the pad positions.
+
+"Masking" is read as removing the position from cross-attention (diffmem's reading; the abstract does not
+say whether the embedding is zeroed instead). Free: no UNet call; while a flagged image is in the batch
+every ``attn2`` runs the explicit attention of :class:`~diffmem.hooks.attention.CrossAttentionProbe`
+(unflagged images then equal the unmitigated ones to float rounding). SD-1/2 only (one CLIP tokenizer;
+SDXL's second tokenizer already pads with ``"!"``). CLIP's text encoder is causal, so re-padding leaves
+the embeddings up to ``<eot>`` unchanged and changes only the padding positions.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -51,24 +53,25 @@ def repadded_ids(pipe, prompts: list[str], pad_token: str) -> torch.Tensor:
 
 @register_mitigation
 class PadTokenMitigation(Mitigation):
-    """Re-pad the flagged prompts with ``pad_token``, mask the pads, optionally dim ``<eot>``."""
+    """``repad``: pads -> ``pad_token`` and ``<eot>`` masked; ``partial``: the first ``pad_fraction`` of the pads masked."""
 
     name = "pad-token"
     kind = "embedding"
 
-    def __init__(self, pad_token: str = "!", mask_pads: bool = True, eot_scale: float = 1.0):
-        eot_scale = float(eot_scale)
-        if not 0 < eot_scale <= 1:
-            raise ValueError(f"eot_scale: expected a number in (0, 1], got {eot_scale!r}")
-        self.pad_token, self.mask_pads, self.eot_scale = str(pad_token), bool(mask_pads), eot_scale
+    def __init__(self, strategy: str = "repad", pad_token: str = "!", pad_fraction: float = 0.5):
+        if strategy not in ("repad", "partial"):
+            raise ValueError(f"strategy: expected 'repad' or 'partial', got {strategy!r}")
+        pad_fraction = float(pad_fraction)
+        if not 0 <= pad_fraction <= 1:
+            raise ValueError(f"pad_fraction: expected a number in [0, 1], got {pad_fraction!r}")
+        self.strategy, self.pad_token, self.pad_fraction = strategy, str(pad_token), pad_fraction
 
     def config(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "pad_token": self.pad_token,
-            "mask_pads": self.mask_pads,
-            "eot_scale": self.eot_scale,
-        }
+        out = {"name": self.name, "strategy": self.strategy}
+        out.update(
+            {"pad_token": self.pad_token} if self.strategy == "repad" else {"pad_fraction": self.pad_fraction}
+        )
+        return out
 
     def plan(self, batch: GuardedBatch) -> MitigationPlan:
         if not any(batch.flagged):
@@ -79,41 +82,50 @@ class PadTokenMitigation(Mitigation):
                 "mitigation 'pad-token' supports SD-1/2 pipelines (one CLIP tokenizer), not SDXL"
             )
         if any(p is None for p in batch.prompts):
-            raise ValueError("mitigation 'pad-token' needs the prompts (it re-pads them), not prompt_embeds")
-        ids = repadded_ids(pipe, batch.prompts, self.pad_token).to(pipe.text_encoder.device)
-        with torch.no_grad():
-            embeds = pipe.text_encoder(ids)[0]
+            raise ValueError(
+                "mitigation 'pad-token' needs the prompts (it finds their padding), not prompt_embeds"
+            )
         rows = [k for k, f in enumerate(batch.flagged) if f]
-        cond = batch.prompt_embeds.clone()
-        index = torch.tensor([batch.prompt_index[k] for k in rows])
-        cond[rows] = embeds[index].to(cond)
-        batch.prompt_embeds = cond
         report = {k: {"action": self.name} for k in rows}
-        if not self.mask_pads and self.eot_scale == 1.0:
+        if self.strategy == "repad":
+            ids = repadded_ids(pipe, batch.prompts, self.pad_token).to(pipe.text_encoder.device)
+            with torch.no_grad():
+                embeds = pipe.text_encoder(ids)[0]
+            cond = batch.prompt_embeds.clone()
+            cond[rows] = embeds[torch.tensor([batch.prompt_index[k] for k in rows])].to(cond)
+            batch.prompt_embeds = cond
+        elif self.pad_fraction == 0:
             return MitigationPlan(report=report)
         return MitigationPlan(
             context=cross_attention_probes(pipe.unet, logits=self.logits_for(batch)), report=report
         )
 
-    def logits_for(self, batch: GuardedBatch):
-        """The ``logits(name, scores)`` rewrite: the flagged images' conditional rows only."""
-        n = batch.num_images
-        flagged = torch.tensor(batch.flagged)
+    def masked_positions(self, batch: GuardedBatch) -> torch.Tensor:
+        """``[n_images, tokens]``: the positions the flagged images' conditional rows do not attend to."""
         ends = end_token_positions(batch.pipe, batch.prompts)[torch.tensor(batch.prompt_index)]
-        log_eot = math.log(self.eot_scale)
+        limit = batch.pipe.tokenizer.model_max_length
+        tokens = torch.arange(limit)
+        masked = torch.zeros(batch.num_images, limit, dtype=torch.bool)
+        for k, flag in enumerate(batch.flagged):
+            if not flag:
+                continue
+            end = int(ends[k])
+            if self.strategy == "repad":
+                masked[k, end] = True
+            else:
+                count = round(self.pad_fraction * (limit - 1 - end))
+                masked[k] = (tokens > end) & (tokens <= end + count)
+        return masked
+
+    def logits_for(self, batch: GuardedBatch):
+        """The ``logits(name, scores)`` rewrite: ``-inf`` at :meth:`masked_positions` of the conditional rows."""
+        n = batch.num_images
+        masked = self.masked_positions(batch)
 
         def logits(name, scores):  # [2n, H, P, T] (rows: negative, conditional) or [n, ...] without guidance
-            if scores.shape[0] not in (n, 2 * n):
+            if scores.shape[0] not in (n, 2 * n) or scores.shape[-1] != masked.shape[1]:
                 return scores
-            offset = scores.shape[0] - n
-            scores = scores.clone()
-            tokens = torch.arange(scores.shape[-1], device=scores.device)
-            for k in torch.nonzero(flagged).flatten().tolist():
-                end = int(ends[k])
-                if log_eot:
-                    scores[offset + k, :, :, end] = scores[offset + k, :, :, end] + log_eot
-                if self.mask_pads:
-                    scores[offset + k] = scores[offset + k].masked_fill(tokens > end, float("-inf"))
-            return scores
+            rows = torch.cat([torch.zeros_like(masked), masked]) if scores.shape[0] == 2 * n else masked
+            return scores.masked_fill(rows.to(scores.device)[:, None, None, :], float("-inf"))
 
         return logits
