@@ -5,8 +5,8 @@ The change of the conditional score between consecutive sampling steps ``k`` and
     DSM_k = || eps(x_{k+1}, c) - eps(x_k, c) ||_2^2
 
 The paper writes it with the score ``s_c``; the authors' code takes it in noise-prediction space (no
-``1/sigma_t``), as diffmem does. ``step=1`` (steps 1 -> 2) is the paper's best (SD-1.5, 500 + 500: AUC
-0.9745, TPR@1%FPR 85.8 %); ``step=0`` is 0 -> 1. The latents ``x_k`` are the pipeline's own guided loop,
+``1/sigma_t``), as diffmem does. ``step=1`` (steps 1 -> 2) has the best TPR@1%FPR of the authors' summary
+(SD-1.5, 500 + 500: AUC 0.9745, TPR@1%FPR 85.8 %); ``step=0`` is 0 -> 1. The latents ``x_k`` are the pipeline's own guided loop,
 so the score needs nothing beyond sampling: cost ``2 * (step + 2)`` UNet evaluations (the authors' code
 skips the last unconditional half: ``2 * step + 3``).
 """
