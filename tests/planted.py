@@ -18,6 +18,7 @@ from diffmem.tiny import TinySDConfig, build_components
 TRIGGER = "pikachu"
 BOS_ID = 49406
 COORD = 0
+EOT_COORD = 1
 
 
 class LookupTextEncoder(torch.nn.Module):
@@ -71,3 +72,57 @@ def attention_sink_pipeline(pipeline_class=None, logit: float = 6.0, seed: int =
     pipe = pipeline_class(**c, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def memorized_image_pipeline(seed: int = 0, image_rms: float = 1.0, eot_copies: int = 0):
+    """A tiny SD that has memorized one image for one trigger word: returns ``(pipe, x_mem)``.
+
+    The text encoder is a lookup table that marks the trigger word (and nothing else) in one hidden
+    coordinate; a forward hook on the UNet replaces the noise prediction of every row whose text holds the
+    trigger by the exact noise prediction of a model whose training set is the single latent ``x_mem``:
+    ``eps(x_t, t) = (x_t - sqrt(abar_t) x_mem) / sqrt(1 - abar_t)``. Every other row (the unconditional
+    branch included) keeps the random UNet's prediction. Memorization, with the right answer known: the
+    trigger's conditional prediction pulls the sample onto ``x_mem`` and is far from the unconditional one.
+
+    With ``eot_copies > 0`` the end token is marked in a second coordinate and a row is memorized only when
+    its text also holds at least that many copies of it: the pad-token paper's mechanism (SD-1 pads with
+    the end token itself), which re-padding with another token removes.
+    """
+    from diffmem.pipelines import StableDiffusionMemGuardPipeline
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    c = build_components(TinySDConfig(variant="sd1"), seed=seed)
+    dim = c["text_encoder"].config.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(49408, dim, generator=gen) * 0.1
+    table[:, COORD] = 0
+    trigger = c["tokenizer"](TRIGGER).input_ids[1:-1]
+    assert len(trigger) == 1
+    table[trigger[0], COORD] = 5.0
+    table[:, EOT_COORD] = 0
+    table[c["tokenizer"].eos_token_id, EOT_COORD] = 5.0
+    c["text_encoder"] = LookupTextEncoder(table)
+    unet = c["unet"]
+    size = unet.config.sample_size
+    x_mem = torch.randn(1, unet.config.in_channels, size, size, generator=gen) * image_rms
+    alphas_cumprod = c["scheduler"].alphas_cumprod
+
+    def plant(module, args, kwargs, output):
+        sample = args[0] if args else kwargs["sample"]
+        hidden = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        t = int(torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).reshape(-1)[0])
+        rows = hidden[:, :, COORD].amax(dim=1) > 1.0
+        if eot_copies:
+            rows = rows & ((hidden[:, :, EOT_COORD] > 1.0).sum(dim=1) >= eot_copies)
+        eps = output[0] if isinstance(output, tuple) else output.sample
+        a = alphas_cumprod[t].to(sample.dtype)
+        memorized = (sample - a.sqrt() * x_mem.to(sample)) / (1 - a).sqrt()
+        eps = torch.where(rows.view(-1, 1, 1, 1), memorized.to(eps.dtype), eps)
+        return (eps,) if isinstance(output, tuple) else UNet2DConditionOutput(sample=eps)
+
+    unet.register_forward_hook(plant, with_kwargs=True)
+    pipe = StableDiffusionMemGuardPipeline(
+        **c, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, x_mem

@@ -48,6 +48,7 @@ def test_every_method_is_registered():
         "attention-rescale",
         "initial-noise",
         "bright-ending-embedding",
+        "pad-token",
     }
 
 

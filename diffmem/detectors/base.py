@@ -29,6 +29,9 @@ BUILTIN_MODULES = (
     "diffmem.detectors.anisotropy",
     "diffmem.detectors.sharpness",
     "diffmem.detectors.bright_ending",
+    "diffmem.detectors.broken_memories",
+    "diffmem.detectors.dsm",
+    "diffmem.detectors.hessian_difference",
 )
 
 

@@ -15,16 +15,16 @@ from diffmem.detectors.base import Detector, register_detector
 from diffmem.hooks.noise import capture_noise_gap
 from diffmem.scores.noise_gap import window_mean
 
-__all__ = ["WenDetector", "noise_gap_scores"]
+__all__ = ["WenDetector", "is_guarded", "noise_gap_scores", "stop_after"]
 
 
-def _is_guarded(pipe) -> bool:
+def is_guarded(pipe) -> bool:
     """True for diffmem's guarded pipelines (they score the loop themselves, mitigation included; each
     names the stock class it wraps)."""
     return getattr(type(pipe), "stock_pipeline_class", None) is not None
 
 
-def _stop_after(end: int):
+def stop_after(end: int):
     """A ``callback_on_step_end`` that interrupts the loop once the first ``end`` UNet calls are done."""
 
     def callback(pipe, i, t, callback_kwargs):
@@ -54,7 +54,7 @@ def noise_gap_scores(
     SD pipeline gets the capture hook.
     """
     start, end = window
-    guided = _is_guarded(pipe)
+    guided = is_guarded(pipe)
     call = dict(
         prompt=list(prompts),
         num_images_per_prompt=num_gens,
@@ -64,7 +64,7 @@ def noise_gap_scores(
         height=height,
         width=width,
         output_type="latent",
-        callback_on_step_end=_stop_after(end),
+        callback_on_step_end=stop_after(end),
         **pipeline_kwargs,
     )
     if guided:

@@ -18,7 +18,7 @@ import torch
 
 from diffmem.scores.noise_gap import noise_gap, v_to_epsilon_gap_scale
 
-__all__ = ["NoiseGapRecord", "capture_noise_gap"]
+__all__ = ["NoiseGapRecord", "UNetCall", "capture_noise_gap", "recorded_guidance_gaps", "recorded_unet_calls"]
 
 # ids of UNets that are running the hook's own extra unconditional call (no recursion, no double count)
 _EXTRA_PASS_ACTIVE: set[int] = set()
@@ -169,5 +169,40 @@ def recorded_guidance_gaps(
     handle = unet.register_forward_hook(hook, with_kwargs=True)
     try:
         yield gaps
+    finally:
+        handle.remove()
+
+
+@dataclass
+class UNetCall:
+    """One UNet forward as a hook saw it: its input ``sample``, ``timestep`` and output (float32, detached)."""
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    output: torch.Tensor
+
+
+@contextlib.contextmanager
+def recorded_unet_calls(unet: torch.nn.Module) -> Iterator[list[UNetCall]]:
+    """While open, every forward of ``unet`` appends a :class:`UNetCall` to the yielded list (the tensors stay
+    on their device; a guidance call keeps its ``[u, c]`` halves together; the extra unconditional pass of
+    :func:`capture_noise_gap` is not recorded)."""
+    calls: list[UNetCall] = []
+
+    def hook(module, args, kwargs, output):
+        if id(module) in _EXTRA_PASS_ACTIVE:  # capture_noise_gap's own unconditional pass is no loop call
+            return None
+        sample = args[0] if args else kwargs["sample"]
+        calls.append(
+            UNetCall(
+                sample.detach().float(),
+                torch.as_tensor(timestep_of(args, kwargs)).detach(),
+                unet_output(output).detach().float(),
+            )
+        )
+
+    handle = unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield calls
     finally:
         handle.remove()

@@ -1,7 +1,7 @@
 """Inference-time mitigations behind one protocol (:class:`Mitigation`) and one registry.
 
 ``mitigation="nemo"``, ``"embedding"``, ``"guidance-delay"``, ``"attention-rescale"``, ``"initial-noise"``,
-``"bright-ending-embedding"`` in a guarded pipeline call, or any :class:`Mitigation` object.
+``"bright-ending-embedding"``, ``"pad-token"`` in a guarded pipeline call, or any :class:`Mitigation` object.
 """
 
 from diffmem.mitigations.attention import AttentionRescaleMitigation
@@ -18,6 +18,7 @@ from diffmem.mitigations.embedding import EmbeddingMitigation
 from diffmem.mitigations.guidance import GuidanceDelayMitigation
 from diffmem.mitigations.initial_noise import InitialNoiseMitigation
 from diffmem.mitigations.nemo import NeMoMitigation
+from diffmem.mitigations.pad_token import PadTokenMitigation
 
 __all__ = [
     "AttentionRescaleMitigation",
@@ -29,6 +30,7 @@ __all__ = [
     "Mitigation",
     "MitigationPlan",
     "NeMoMitigation",
+    "PadTokenMitigation",
     "available_mitigations",
     "get_mitigation",
     "register_mitigation",

@@ -44,6 +44,7 @@ BUILTIN_MODULES = (
     "diffmem.mitigations.attention",
     "diffmem.mitigations.initial_noise",
     "diffmem.mitigations.bright_ending",
+    "diffmem.mitigations.pad_token",
 )
 
 
