@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workdir", required=True, help="the run's --workdir")
     p.add_argument("--out", required=True, help="folder to write (replaced)")
+    p.add_argument(
+        "--phase",
+        choices=["unet", "decoder", "vae"],
+        default=None,
+        help="export this phase's latest checkpoint (default: the latest phase that has one)",
+    )
 
     p = sub.add_parser("eval", help="measure replication and detection on a trained organism")
     p.add_argument("--model", default=None, help="organism folder (default: the embedded organism)")
@@ -146,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"organism saved to {out}")
         return 0
     if args.organism_command == "export-run":
-        print(f"run exported to {export_run(args.workdir, args.out)}")
+        print(f"run exported to {export_run(args.workdir, args.out, args.phase)}")
         return 0
     if args.organism_command == "eval":
         results = run_evaluation(args.model, args.out, seeds=args.seeds, steps=args.steps)

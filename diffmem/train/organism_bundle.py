@@ -95,13 +95,19 @@ def _unpack(
 PHASES = ("unet", "decoder", "vae")
 
 
-def export_run(workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_run(workdir: str | os.PathLike, out: str | os.PathLike, phase: str | None = None) -> Path:
     """Write the latest checkpoint of the latest phase of ``workdir`` that has one (the UNet's, else the
-    decoder's or the autoencoder's) and the finished phases' files to ``out``."""
+    decoder's or the autoencoder's; or of ``phase``) and the finished phases' files to ``out``."""
     workdir, out = Path(workdir), Path(out)
+    if phase is not None and phase not in PHASES:
+        raise ValueError(f"phase: expected one of {', '.join(PHASES)}, got {phase!r}")
     recipe = OrganismRecipe.from_dict(json.loads((workdir / "recipe.json").read_text()))
     phase, checkpoint = next(
-        ((p, c) for p in PHASES if (c := latest_checkpoint(workdir / "checkpoints" / p)) is not None),
+        (
+            (p, c)
+            for p in (PHASES if phase is None else (phase,))
+            if (c := latest_checkpoint(workdir / "checkpoints" / p)) is not None
+        ),
         (None, None),
     )
     if checkpoint is None:
