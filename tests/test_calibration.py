@@ -230,6 +230,49 @@ def test_from_pipe_passes_the_calibration_on(calibrated_dir):
     assert torch.equal(derived.unet.conv_in.weight, pipe.unet.conv_in.weight)
 
 
+def test_a_threshold_set_in_python_is_saved_with_its_conditions(tiny_sd1_dir, tmp_path, caplog):
+    """``set_guard_threshold``: saved by ``save_pretrained`` as the calibration, read back by
+    ``from_pretrained``, and refused (not silently applied) under other conditions."""
+    pipe = load(tiny_sd1_dir)
+    low, high = sorted(run(pipe, memorization_window=(0, 1)).memorization_scores)
+    calibration = pipe.set_guard_threshold((low + high) / 2, num_inference_steps=NUM_STEPS, window=(0, 1))
+    assert (calibration.height, calibration.width, calibration.scheduler) == (32, 32, "DDIMScheduler")
+    assert sorted(run(pipe).memorized) == [False, True]
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = load(tmp_path / "saved")
+    assert reloaded.calibration == calibration
+    out = run(reloaded)  # no threshold, no window passed: both from the saved settings
+    assert out.memorization_threshold == calibration.memorization_threshold
+    assert sorted(out.memorized) == [False, True]
+    with caplog.at_level(logging.WARNING, logger="diffmem"):
+        assert run(reloaded, num_inference_steps=NUM_STEPS + 1).memorized is None
+    assert "num_inference_steps" in caplog.text
+    # a window past the first step needs its guidance scale; bad values name the argument
+    with pytest.raises(ValueError, match="guidance_scale: needed"):
+        pipe.set_guard_threshold(1.0, num_inference_steps=NUM_STEPS, window=(0, 2))
+    with pytest.raises(ValueError, match="memorization_window"):
+        pipe.set_guard_threshold(1.0, num_inference_steps=NUM_STEPS, window=(0, NUM_STEPS + 1))
+    with pytest.raises(ValueError, match="threshold: expected"):
+        pipe.set_guard_threshold(-1.0, num_inference_steps=NUM_STEPS)
+
+
+def test_a_bare_threshold_warns_that_it_is_not_saved(tiny_sd1_dir, tmp_path):
+    pipe = load(tiny_sd1_dir)
+    low, _ = sorted(run(pipe, memorization_window=(0, 1)).memorization_scores)
+    pipe.memorization_threshold = low
+    assert run(pipe, memorization_window=(0, 1)).memorized == [True, True]
+    with pytest.warns(UserWarning, match="memorization_threshold = .* is not saved .*flags nothing"):
+        pipe.save_pretrained(tmp_path / "saved")
+    reloaded = load(tmp_path / "saved")
+    assert reloaded.calibration is None and run(reloaded).memorized is None
+    pipe.memorization_threshold = None  # nothing to warn about once it is unset
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.save_pretrained(tmp_path / "again")
+
+
 @pytest.mark.slow
 def test_the_shipped_organism_flags_with_no_threshold_passed():
     """``weights/diffmem-organism-v2`` carries its calibration: verbatim captions come out flagged."""
