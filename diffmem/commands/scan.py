@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         "rows_read",
         "bad_rows",
         "captions_scored",
+        "training_images_without_caption",
         "captions_generated",
         "generations",
         "sim_mean",
