@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--train-embeddings",
         default=None,
-        help="search a prebuilt embedding folder (`diffmem embed`, clip-retrieval layout) instead of embedding --data's images",
+        help="search a prebuilt embedding folder (`diffmem embed`'s, or one clip-retrieval wrote: then add "
+        "--train-embedder) instead of embedding --data's images",
     )
     s.add_argument(
         "--train-index",

@@ -54,8 +54,8 @@ def check_reembedded(layout: EmbeddingLayout, embedder, n: int = 4) -> int:
     if not layout.ntotal or "image_path" not in layout.metadata_columns():
         return 0
     images, positions = [], []
-    for pos, path in enumerate(layout.metadata_column("image_path").to_pylist()):
-        if len(images) == n or pos >= 64 * n:
+    for pos, path in _first_image_paths(layout, 64 * n):  # the first shards' paths only
+        if len(images) == n:
             break
         if not path:
             continue
@@ -75,6 +75,21 @@ def check_reembedded(layout: EmbeddingLayout, embedder, n: int = 4) -> int:
             f"(< {REEMBED_MIN_COSINE}): the vectors were made by another embedder or preprocessing"
         )
     return len(images)
+
+
+def _first_image_paths(layout: EmbeddingLayout, limit: int):
+    """``(position, image_path)`` of the layout's first ``limit`` positions, reading shard by shard."""
+    import pyarrow.parquet as pq
+
+    for i, k in enumerate(layout.shards):
+        start = int(layout.starts[i])
+        if start >= limit:
+            return
+        if not layout.counts[i] or not layout.metadata_file(k).is_file():
+            continue
+        paths = pq.read_table(layout.metadata_file(k), columns=["image_path"]).column(0).to_pylist()
+        for j, path in enumerate(paths[: limit - start]):
+            yield start + j, path
 
 
 class TrainingSet:
