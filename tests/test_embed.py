@@ -136,7 +136,7 @@ def test_sscd_onnx_with_uint8_nhwc_input_normalising_in_its_graph(tmp_path):
         # the reference: the same resize, the pixels as uint8 NHWC, through the eager model
         with torch.inference_mode():
             ref = torch.cat(
-                [model(torch.from_numpy(np.asarray(resize(im))).unsqueeze(0)) for im in ims]
+                [model(torch.from_numpy(np.array(resize(im))).unsqueeze(0)) for im in ims]
             ).numpy()
         ref /= np.linalg.norm(ref, axis=1, keepdims=True)
         np.testing.assert_allclose(emb.embed(ims), ref, atol=1e-5)
