@@ -186,12 +186,18 @@ def test_scan_over_clip_retrieval_folder_and_foreign_index_finds_the_same_neighb
     index = tmp_path / "knn.index"
     _autofaiss_like(EmbeddingLayout(folder, declared="pixel16"), index, "IVF2,Flat")
     ref_rows = {g[0] for g in _nn(ref_out)}
+    # `diffmem index` over the folder, its embedder declared: the record names the folder for the scan
+    own = tmp_path / "own.index"
+    assert main(["index", "--embeddings", str(folder), "--out", str(own), "--train-embedder", "pixel16",
+                 "--no-progress"]) == 0  # fmt: skip
     common = dict(data=str(planted), model=str(tiny_sd1_dir), progress=False, report=False, **SCAN)
-    for name, extra in (("folder", {}), ("index", {"train_index": str(index)})):
+    for name, extra in (
+        ("folder", {"train_embeddings": str(folder)}),
+        ("index", {"train_embeddings": str(folder), "train_index": str(index)}),
+        ("diffmem-index", {"train_index": str(own)}),
+    ):
         out = tmp_path / name
-        cfg = ScanConfig(
-            out=str(out), train_embeddings=str(folder), train_embedder="pixel16", **extra, **common
-        )
+        cfg = ScanConfig(out=str(out), train_embedder="pixel16", **extra, **common)
         summary = run_scan(cfg, pipe=_pipe(tiny_sd1_dir))
         # clip-retrieval keeps no record of images that did not load: the captions of the 3 rows whose
         # image is unreadable are generated too here; every row of the reference gets the same neighbour

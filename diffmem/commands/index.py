@@ -15,7 +15,9 @@ HELP = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from diffmem.scan.index_file import INDEX_KINDS
 
-    p.add_argument("--embeddings", required=True, help="embedding folder made by `diffmem embed`")
+    p.add_argument(
+        "--embeddings", required=True, help="embedding folder (`diffmem embed`'s, or clip-retrieval's)"
+    )
     p.add_argument("--out", required=True, help="index file to write (its record goes to FILE.json)")
     p.add_argument(
         "--kind",
@@ -23,6 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: flat up to 200,000 vectors, else ivfpq (4-bit fast-scan IVF-PQ; default); ivfpq8: 8-bit "
         "IVF-PQ, the kind faiss moves to a GPU; hnsw: graph index, held in memory",
+    )
+    p.add_argument(
+        "--train-embedder",
+        default=None,
+        metavar="NAME",
+        help="the embedder that made a folder without embeddings.json (one clip-retrieval wrote); scans of the "
+        "index declare the same NAME",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the training sample and k-means")
     p.add_argument("--no-progress", action="store_true")
@@ -32,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.scan.index_file import build_index_file
     from diffmem.scan.layout import EmbeddingLayout
 
-    layout = EmbeddingLayout(args.embeddings, argument="--embeddings")
+    layout = EmbeddingLayout(args.embeddings, argument="--embeddings", declared=args.train_embedder)
     record = build_index_file(layout, args.out, kind=args.kind, seed=args.seed, progress=not args.no_progress)
     print(
         f"index: {args.out} ({record['factory']}, {record['ntotal']} vectors of {record['dim']}, "

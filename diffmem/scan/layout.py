@@ -176,7 +176,7 @@ class EmbeddingLayout:
             raise FileNotFoundError(
                 f"{argument}: {self.root} has no {RECORD}, so which embedder made it is unknown "
                 "(`diffmem embed` writes it; for embeddings made elsewhere, e.g. by clip-retrieval, declare their "
-                "embedder: `diffmem scan --train-embedder NAME`)"
+                "embedder with --train-embedder NAME)"
             )
         self.record: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {}
         found = find_shard_files(self.root / "img_emb", "img_emb", ".npy", argument)
