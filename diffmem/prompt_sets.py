@@ -269,7 +269,16 @@ def read_prompt_file(
 
 def _caption_table(path: Path, argument: str) -> list[dict]:
     """Rows of any other caption table :func:`diffmem.data.open_dataset` reads (its ids and captions)."""
-    records, bad = split_rows(open_dataset(path, require_image=False, check_files=False))
+    try:
+        records, bad = split_rows(open_dataset(path, require_image=False, check_files=False))
+    except ValueError as err:  # pyarrow's own errors (ArrowInvalid: not parquet, damaged) are ValueErrors
+        if not type(err).__module__.startswith("pyarrow"):
+            raise
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"{argument}: {path} is not a caption table diffmem can read ({detail}); "
+            "expected .txt, .jsonl or .csv prompts, or a .parquet caption table"
+        ) from None
     if bad:
         b = bad[0]
         raise ValueError(f"{argument}: {path} row {b.row}: {b.reason} ({b.detail})")
