@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.io import atomic_write
-from diffmem.records import CAPTION_COLUMNS, ID_COLUMNS, BadImageError, BadRow, Record, pick_column
+from diffmem.records import (
+    CAPTION_COLUMNS,
+    ID_COLUMNS,
+    BadImageError,
+    BadRow,
+    Record,
+    caption_or_none,
+    pick_column,
+)
 
 IMAGE_COLUMNS = ("file_name", "image", "image_path", "path", "file", "filepath")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -135,6 +143,7 @@ def open_dataset(
     require_image: bool = True,
     check_files: bool = True,
     argument: str = "--data",
+    require_caption: bool = True,
 ) -> Iterator[Record | BadRow]:
     """Stream the rows of a dataset (image folder, table or img2dataset output) as ``Record`` / ``BadRow``,
     in source order.
@@ -150,6 +159,10 @@ def open_dataset(
     ``caption_column`` / ``id_column`` name json fields (or, for the caption, a text member extension) and
     ``image_column`` the image member's extension; for parquet they name columns. ``check_files`` does not
     apply there (the images are inside the shards, read by ``load_rgb``).
+
+    ``require_caption=False`` (a training side, where the image matters and its caption may be absent, as
+    in LAION): a row with no or an empty caption is a ``Record`` with ``caption=None`` instead of an
+    ``empty_caption`` bad row, and a source without any caption column is read.
     """
     from diffmem import shards
 
@@ -163,6 +176,7 @@ def open_dataset(
         caption_column=caption_column,
         image_column=image_column,
         require_image=require_image,
+        require_caption=require_caption,
     )
     if kind == "webdataset":
         return shards.iter_webdataset(path, **options)
@@ -173,7 +187,7 @@ def open_dataset(
     columns, rows = _iter_table_rows(table)
     source = str(table)
     cap_col = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", source)
-    if cap_col is None and columns:
+    if cap_col is None and columns and require_caption:
         raise ValueError(
             f"{source}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}; pass caption_column)"
         )
@@ -183,10 +197,12 @@ def open_dataset(
             f"{source}: no image column (looked for {', '.join(IMAGE_COLUMNS)}; pass image_column)"
         )
     id_col = pick_column(columns, id_column, ID_COLUMNS, "id", source)
-    return _records(rows, base, source, id_col, cap_col, img_col, require_image, check_files)
+    needs = (require_image, check_files, require_caption)
+    return _records(rows, base, source, id_col, cap_col, img_col, needs)
 
 
-def _records(rows, base, source, id_col, cap_col, img_col, require_image, check_files):
+def _records(rows, base, source, id_col, cap_col, img_col, needs):
+    require_image, check_files, require_caption = needs
     seen: set[str] = set()
     used = {id_col, cap_col, img_col}
     for i, row in enumerate(rows):
@@ -205,8 +221,8 @@ def _records(rows, base, source, id_col, cap_col, img_col, require_image, check_
             yield BadRow(i, rid, "duplicate_id", f"id {rid!r} already used by an earlier row", source)
             continue
         seen.add(rid)
-        caption = row.get(cap_col) if cap_col else None
-        if caption is None or not str(caption).strip():
+        caption = caption_or_none(row.get(cap_col) if cap_col else None)
+        if caption is None and require_caption:
             yield BadRow(i, rid, "empty_caption", "the caption is empty", source)
             continue
         image: Path | None = None
@@ -221,7 +237,7 @@ def _records(rows, base, source, id_col, cap_col, img_col, require_image, check_
                 yield BadRow(i, rid, "missing_file", f"{image} does not exist", source)
                 continue
         extra = {k: v for k, v in row.items() if k not in used}
-        yield Record(rid, str(caption), image, i, extra)
+        yield Record(rid, caption, image, i, extra)
 
 
 # ----------------------------------------------------------------------------------------------- images

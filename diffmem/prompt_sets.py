@@ -271,11 +271,13 @@ def _caption_table(path: Path, argument: str) -> list[dict]:
     """Rows of any other caption table :func:`diffmem.data.open_dataset` reads (its ids and captions)."""
     try:
         records, bad = split_rows(open_dataset(path, require_image=False, check_files=False))
-    except (ValueError, OSError) as err:  # not a table (pyarrow's errors are ValueError / OSError)
+    except (ValueError, OSError) as err:  # pyarrow's own errors (not parquet, damaged): ValueError / OSError
+        if not type(err).__module__.startswith("pyarrow"):
+            raise
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(
-            f"{argument}: {path} is not a prompt file ({detail}); expected .txt, .jsonl or .csv, or a caption "
-            "table (.parquet, an image folder's metadata)"
+            f"{argument}: {path} is not a caption table diffmem can read ({detail}); "
+            "expected .txt, .jsonl or .csv prompts, or a .parquet caption table"
         ) from None
     if bad:
         b = bad[0]

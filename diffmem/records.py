@@ -33,7 +33,7 @@ class Record:
     (``diffmem.shards``; ``load_rgb`` reads both), or ``None`` for caption-only tables."""
 
     id: str
-    caption: str
+    caption: str | None  # None only where the reader was told captions are optional (``require_caption``)
     image: Path | None
     row: int  # 0-based position of the row in the source
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -81,3 +81,10 @@ def pick_column(
         if c in columns:
             return c
     return None
+
+
+def caption_or_none(value: Any) -> str | None:
+    """A caption as text, or ``None`` when it is missing or only whitespace."""
+    if value is None or not str(value).strip():
+        return None
+    return str(value)

@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from diffmem.records import CAPTION_COLUMNS, ID_COLUMNS, BadImageError, BadRow, Record, pick_column
+from diffmem.records import (
+    CAPTION_COLUMNS,
+    ID_COLUMNS,
+    BadImageError,
+    BadRow,
+    Record,
+    caption_or_none,
+    pick_column,
+)
 
 #: member extensions taken as the image of a webdataset sample, in order of preference
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -342,6 +350,7 @@ def iter_webdataset(
     caption_column: str | None = None,
     image_column: str | None = None,
     require_image: bool = True,
+    require_caption: bool = True,
 ) -> Iterator[Record | BadRow]:
     """Stream the samples of a webdataset (one ``.tar`` or a folder of them) as ``Record`` / ``BadRow``.
 
@@ -349,15 +358,17 @@ def iter_webdataset(
     extension ``caption_column`` or the json field of that name, else the ``.txt`` member, else the json's
     ``caption``. Image: the member with extension ``image_column``, else the first of ``IMAGE_EXTENSIONS``.
     The other json fields go to ``Record.extra``. A shard that is cut short gives one ``malformed_row``
-    (naming the shard and how far it was read) and reading goes on with the next shard.
+    (naming the shard and how far it was read) and reading goes on with the next shard. Without
+    ``require_caption`` a sample with no or an empty caption is a ``Record`` whose caption is ``None``.
     """
     shards = list_shards(path, ".tar")
     image_ext = image_column.lower().lstrip(".") if image_column else None
     text_exts = frozenset({"txt", "json"} | ({caption_column.lower()} if caption_column else set()))
-    return _webdataset_items(shards, id_column, caption_column, image_ext, text_exts, require_image)
+    needs = (require_image, require_caption)
+    return _webdataset_items(shards, id_column, caption_column, image_ext, text_exts, needs)
 
 
-def _webdataset_items(shards, id_column, caption_column, image_ext, text_exts, require_image):
+def _webdataset_items(shards, id_column, caption_column, image_ext, text_exts, needs):
     seen: set[str] = set()
     i = 0
     for shard in shards:
@@ -372,13 +383,12 @@ def _webdataset_items(shards, id_column, caption_column, image_ext, text_exts, r
                 yield BadRow(i, None, "malformed_row", str(err), source)
                 i += 1
                 break
-            yield _sample_item(
-                i, key, members, shard, seen, id_column, caption_column, image_ext, require_image
-            )
+            yield _sample_item(i, key, members, shard, seen, id_column, caption_column, image_ext, needs)
             i += 1
 
 
-def _sample_item(i, key, members, shard, seen, id_column, caption_column, image_ext, require_image):
+def _sample_item(i, key, members, shard, seen, id_column, caption_column, image_ext, needs):
+    require_image, require_caption = needs
     source = str(shard)
     meta: dict[str, Any] = {}
     caption: Any = None
@@ -415,7 +425,8 @@ def _sample_item(i, key, members, shard, seen, id_column, caption_column, image_
             caption = meta.get(caption_column)
         else:
             caption = next((meta[c] for c in CAPTION_COLUMNS if meta.get(c) is not None), None)
-    if caption is None or not str(caption).strip():
+    caption = caption_or_none(caption)
+    if caption is None and require_caption:
         return BadRow(i, rid, "empty_caption", f"sample {key!r} has an empty caption", source)
 
     ext = image_ext if image_ext is not None else next((e for e in IMAGE_EXTENSIONS if e in members), None)
@@ -429,7 +440,7 @@ def _sample_item(i, key, members, shard, seen, id_column, caption_column, image_
         image = Path(member_ref(shard, offset=offset, size=size))
     skip = {"key", "caption", id_column, caption_column}
     extra = {k: v for k, v in meta.items() if k not in skip}
-    return Record(rid, str(caption), image, i, extra)
+    return Record(rid, caption, image, i, extra)
 
 
 # ------------------------------------------------------------------------------------ parquet with bytes
@@ -442,6 +453,7 @@ def iter_parquet_bytes(
     caption_column: str | None = None,
     image_column: str | None = None,
     require_image: bool = True,
+    require_caption: bool = True,
     batch_size: int = 64,
 ) -> Iterator[Record | BadRow]:
     """Stream an img2dataset parquet output (one file or a folder of shards) as ``Record`` / ``BadRow``.
@@ -465,15 +477,16 @@ def iter_parquet_bytes(
     if img_col is None:
         raise ValueError(f"{path}: no binary image column (looked for {', '.join(IMAGE_BYTES_COLUMNS)})")
     cap_col = pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", str(shard))
-    if cap_col is None:
+    if cap_col is None and require_caption:
         raise ValueError(
             f"{shard}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}; pass caption_column)"
         )
     id_col = pick_column(columns, id_column, ID_COLUMNS, "id", str(shard))
-    return _parquet_items(shards, id_col, cap_col, img_col, require_image, batch_size)
+    needs = (require_image, require_caption)
+    return _parquet_items(shards, id_col, cap_col, img_col, needs, batch_size)
 
 
-def _parquet_items(shards, id_col, cap_col, img_col, require_image, batch_size):
+def _parquet_items(shards, id_col, cap_col, img_col, needs, batch_size):
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -495,9 +508,7 @@ def _parquet_items(shards, id_col, cap_col, img_col, require_image, batch_size):
             for batch in pf.iter_batches(batch_size=batch_size, columns=[img_col, *others]):
                 lengths = pc.binary_length(batch.column(0)).to_pylist()
                 for length, row in zip(lengths, batch.select(others).to_pylist()):
-                    yield _parquet_item(
-                        i, pos, row, length, shard, seen, id_col, cap_col, img_col, require_image
-                    )
+                    yield _parquet_item(i, pos, row, length, shard, seen, id_col, cap_col, img_col, needs)
                     i += 1
                     pos += 1
         except (OSError, ValueError, pa.ArrowException) as err:
@@ -505,7 +516,8 @@ def _parquet_items(shards, id_col, cap_col, img_col, require_image, batch_size):
             i += 1
 
 
-def _parquet_item(i, pos, row, length, shard, seen, id_col, cap_col, img_col, require_image):
+def _parquet_item(i, pos, row, length, shard, seen, id_col, cap_col, img_col, needs):
+    require_image, require_caption = needs
     source = str(shard)
     if id_col is not None:
         raw_id = row.get(id_col)
@@ -517,8 +529,8 @@ def _parquet_item(i, pos, row, length, shard, seen, id_col, cap_col, img_col, re
     if rid in seen:
         return BadRow(i, rid, "duplicate_id", f"id {rid!r} already used by an earlier row", source)
     seen.add(rid)
-    caption = row.get(cap_col)
-    if caption is None or not str(caption).strip():
+    caption = caption_or_none(row.get(cap_col) if cap_col else None)
+    if caption is None and require_caption:
         return BadRow(i, rid, "empty_caption", "the caption is empty", source)
     image: Path | None = None
     if not length:
@@ -527,4 +539,4 @@ def _parquet_item(i, pos, row, length, shard, seen, id_col, cap_col, img_col, re
     else:
         image = Path(member_ref(shard, row=pos, column=img_col))
     extra = {k: v for k, v in row.items() if k not in (id_col, cap_col)}
-    return Record(rid, str(caption), image, i, extra)
+    return Record(rid, caption, image, i, extra)

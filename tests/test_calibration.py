@@ -223,11 +223,124 @@ def test_save_calibration_needs_labels(tiny_sd1_dir, tmp_path, capsys):
     assert code != 0 and "--save-calibration: needs --labels" in capsys.readouterr().err
 
 
+def test_threshold_at_fpr_on_planted_scores():
+    from diffmem.guard.calibration import fpr_summary, threshold_at_fpr
+    from diffmem.scores.solidmark import binomial_ci
+
+    ranked = np.random.default_rng(0).permutation(np.arange(1000) / 1000)
+    t = threshold_at_fpr(ranked, 0.01)  # 10 of 1000 may be flagged: 0.990 .. 0.999
+    assert t == pytest.approx(0.9895) and (ranked >= t).sum() == 10
+    prompt_of = np.rint(ranked * 1000).astype(int) // 2  # 2 images a prompt, neighbours in score
+    summary = fpr_summary(ranked, prompt_of, t)
+    assert summary["fpr"] == 0.01 and summary["fpr_ci95"] == list(binomial_ci(10, 1000))
+    assert (summary["n_prompts"], summary["prompts_flagged"], summary["prompt_fpr"]) == (500, 5, 0.01)
+    assert summary["fpr_ci95"][0] < 0.01 < summary["fpr_ci95"][1]
+    # ties are not split: no threshold flags one of two equal scores
+    t = threshold_at_fpr([3.0, 3.0, 3.0, 1.0], 0.25)
+    assert t > 3.0 and sum(v >= t for v in (3.0, 3.0, 3.0, 1.0)) == 0
+    assert threshold_at_fpr([2.0, 1.0], 0.01) > 2.0  # fewer scores than 1 / fpr: above every one
+    # ordinary scores from a known law: the threshold sits at its 99th percentile and holds on new draws
+    rng = np.random.default_rng(1)
+    t = threshold_at_fpr(rng.normal(5.0, 1.0, 20_000), 0.01)
+    assert t == pytest.approx(5.0 + 2.3263, abs=0.05)
+    fresh = (rng.normal(5.0, 1.0, 20_000) >= t).mean()
+    assert 0.0085 <= fresh <= 0.0115
+    with pytest.raises(CalibrationError, match="fpr"):
+        threshold_at_fpr([1.0], 1.0)
+
+
+def test_detect_fpr_calibration_from_ordinary_prompts(tiny_sd1_dir, tmp_path, capsys):
+    """``diffmem detect --fpr R --save-calibration DIR`` without labels: the threshold flags at most R of
+    the prompts' images, and the file records the rate with its interval and counts."""
+    import shutil
+
+    from diffmem.cli import main
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_sd1_dir, model)
+    prompts = tmp_path / "ordinary.txt"
+    prompts.write_text("a cat\na dog on a sofa\na bowl of fruit\na city street\na red car\na small boat\n")
+    out = tmp_path / "s.jsonl"
+    base = ["detect", "--model", str(model), "--prompts", str(prompts), "--out", str(out), "--num-gens", "2",
+            "--num-inference-steps", str(NUM_STEPS), "--no-progress"]  # fmt: skip
+    assert main([*base, "--fpr", "0.25", "--save-calibration", str(model)]) == 0
+    calibration = GuardCalibration.from_pretrained(model)
+    scores = [s for line in out.read_text().splitlines() for s in json.loads(line)["scores"]]
+    flagged = sum(s >= calibration.memorization_threshold for s in scores)
+    assert len(scores) == 12 and flagged == 3  # floor(0.25 * 12), no ties among these scores
+    extra = calibration.extra
+    assert (extra["method"], extra["target_fpr"], extra["n_prompts"], extra["n_images"]) == (
+        "fpr",
+        0.25,
+        6,
+        12,
+    )
+    assert extra["images_flagged"] == flagged and extra["fpr"] == 0.25
+    assert extra["fpr_ci95"][0] < 0.25 < extra["fpr_ci95"][1]
+    assert (calibration.n_positive, calibration.n_negative, calibration.auc) == (0, 12, None)
+    assert "3 of 12 images flagged" in capsys.readouterr().out
+    pipe = load(model)
+    assert pipe.calibration == calibration and run(pipe).memorized is not None
+    # usage errors: one line naming the argument, exit 2
+    for extra_args, needle in (
+        (["--fpr", "0.1"], "--fpr"),  # no --save-calibration
+        (["--fpr", "1.5", "--save-calibration", str(model)], "--fpr"),
+        (["--save-calibration", str(model)], "--labels COLUMN (labelled prompts) or --fpr"),
+    ):
+        capsys.readouterr()
+        assert main([*base, *extra_args]) == 2, extra_args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
 def test_from_pipe_passes_the_calibration_on(calibrated_dir):
     pipe = load(calibrated_dir)
     derived = StableDiffusionMemGuardPipeline.from_pipe(pipe)
     assert derived.calibration == pipe.calibration
     assert torch.equal(derived.unet.conv_in.weight, pipe.unet.conv_in.weight)
+
+
+def test_a_threshold_set_in_python_is_saved_with_its_conditions(tiny_sd1_dir, tmp_path, caplog):
+    """``set_guard_threshold``: saved by ``save_pretrained`` as the calibration, read back by
+    ``from_pretrained``, and refused (not silently applied) under other conditions."""
+    pipe = load(tiny_sd1_dir)
+    low, high = sorted(run(pipe, memorization_window=(0, 1)).memorization_scores)
+    calibration = pipe.set_guard_threshold((low + high) / 2, num_inference_steps=NUM_STEPS, window=(0, 1))
+    assert (calibration.height, calibration.width, calibration.scheduler) == (32, 32, "DDIMScheduler")
+    assert sorted(run(pipe).memorized) == [False, True]
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = load(tmp_path / "saved")
+    assert reloaded.calibration == calibration
+    out = run(reloaded)  # no threshold, no window passed: both from the saved settings
+    assert out.memorization_threshold == calibration.memorization_threshold
+    assert sorted(out.memorized) == [False, True]
+    with caplog.at_level(logging.WARNING, logger="diffmem"):
+        assert run(reloaded, num_inference_steps=NUM_STEPS + 1).memorized is None
+    assert "num_inference_steps" in caplog.text
+    # a window past the first step needs its guidance scale; bad values name the argument
+    with pytest.raises(ValueError, match="guidance_scale: needed"):
+        pipe.set_guard_threshold(1.0, num_inference_steps=NUM_STEPS, window=(0, 2))
+    with pytest.raises(ValueError, match="memorization_window"):
+        pipe.set_guard_threshold(1.0, num_inference_steps=NUM_STEPS, window=(0, NUM_STEPS + 1))
+    with pytest.raises(ValueError, match="threshold: expected"):
+        pipe.set_guard_threshold(-1.0, num_inference_steps=NUM_STEPS)
+
+
+def test_a_bare_threshold_warns_that_it_is_not_saved(tiny_sd1_dir, tmp_path):
+    pipe = load(tiny_sd1_dir)
+    low, _ = sorted(run(pipe, memorization_window=(0, 1)).memorization_scores)
+    pipe.memorization_threshold = low
+    assert run(pipe, memorization_window=(0, 1)).memorized == [True, True]
+    with pytest.warns(UserWarning, match="memorization_threshold = .* is not saved .*flags nothing"):
+        pipe.save_pretrained(tmp_path / "saved")
+    reloaded = load(tmp_path / "saved")
+    assert reloaded.calibration is None and run(reloaded).memorized is None
+    pipe.memorization_threshold = None  # nothing to warn about once it is unset
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.save_pretrained(tmp_path / "again")
 
 
 @pytest.mark.slow

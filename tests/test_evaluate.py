@@ -18,7 +18,11 @@ def test_replication_rules():
     assert ReplicationCriterion(0.5, "mean").memorized(sims).tolist() == [True, False, True]
     assert ReplicationCriterion(0.7).replicates(torch.tensor([0.7, 0.6999])).tolist() == [True, False]  # >=
     assert "3 of 4" not in criterion("organism").describe() and "75%" in criterion("organism").describe()
-    assert set(PRESETS) >= {"organism", "organism-mean", "sscd"}
+    assert set(PRESETS) >= {"organism", "organism-mean", "sscd", "sscd-replication", "sscd-copy"}
+    cos = torch.tensor([[0.49, 0.3], [0.5, 0.1], [0.74, 0.8]])  # SSCD cosines, 2 generations a prompt
+    assert criterion("sscd-replication").replicates(cos[:, 0]).tolist() == [False, True, True]
+    assert criterion("sscd-copy").memorized(cos).tolist() == [False, False, True]
+    assert "SSCD >= 0.75" in criterion("sscd-copy").describe()
     assert [criterion("organism").memorized_count(h, 4) for h in (2, 3, 4)] == [False, True, True]
     assert ReplicationCriterion(0.7, "any").memorized_count(1, 10)
     with pytest.raises(ValueError, match="needs the similarities"):

@@ -6,7 +6,10 @@ after every chunk, so an interrupted run resumes where it stopped. With ``--labe
 memorized) it prints AUC, TPR@1%FPR, accuracy and the threshold (Wen et al.'s definitions);
 ``--save-calibration MODEL_DIR`` then stores that threshold with the conditions it holds under
 (window, schedule, resolution, guidance, model fingerprint) as ``MODEL_DIR/diffmem_calibration.json``,
-which the guarded pipelines read back to fill ``memorized`` with no threshold passed.
+which the guarded pipelines read back to fill ``memorized`` with no threshold passed. Without labels,
+``--fpr RATE --save-calibration MODEL_DIR`` takes the prompts as ordinary ones (a deployer's own traffic,
+COCO captions) and stores the threshold that flags at most ``RATE`` of their images, with the rate it
+has there, its Wilson interval and the number of prompts and images it rests on.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
 from diffmem.detect import calibrate, score_prompts
 from diffmem.fingerprint import model_fingerprint
-from diffmem.guard.calibration import GuardCalibration
+from diffmem.guard.calibration import GuardCalibration, fpr_summary, threshold_at_fpr
 from diffmem.io import atomic_write_text
 from diffmem.prompt_sets import read_prompt_file
 
@@ -72,7 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-calibration",
         default=None,
         metavar="MODEL_DIR",
-        help="with --labels: write the threshold and its conditions to MODEL_DIR/diffmem_calibration.json",
+        help="with --labels, or --fpr: write the threshold and its conditions to MODEL_DIR/diffmem_calibration.json",
+    )
+    parser.add_argument(
+        "--fpr",
+        type=float,
+        default=None,
+        metavar="RATE",
+        help="with --save-calibration and no --labels: the prompts are ordinary ones (not memorized); the threshold "
+        "flags at most this fraction of their images (e.g. 0.01)",
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per UNet batch (default 8)")
@@ -127,10 +138,18 @@ def run(args: argparse.Namespace) -> int:
             f"--start/--steps: expected 0 <= start < steps <= --num-inference-steps={args.num_inference_steps}, "
             f"got start={args.start}, steps={args.steps}"
         )
-    if args.save_calibration is not None:
-        if args.labels is None:
+    if args.fpr is not None:
+        if args.labels is not None or args.save_calibration is None:
             raise ValueError(
-                "--save-calibration: needs --labels COLUMN (the threshold comes from labelled prompts)"
+                "--fpr: calibrates on ordinary prompts: give it with --save-calibration and without --labels"
+            )
+        if not 0 < args.fpr < 1:
+            raise ValueError(f"--fpr: expected a rate 0 < RATE < 1, got {args.fpr}")
+    if args.save_calibration is not None:
+        if args.labels is None and args.fpr is None:
+            raise ValueError(
+                "--save-calibration: needs --labels COLUMN (labelled prompts) or --fpr RATE (ordinary prompts: "
+                "the threshold at that false-positive rate)"
             )
         if not Path(args.save_calibration).is_dir():
             raise FileNotFoundError(f"--save-calibration: {args.save_calibration} is not a folder")
@@ -187,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
             write_results(out, [done[r["id"]] for r in rows if r["id"] in done])
             bar.update(len(part))
     print(f"wrote {len(rows)} scores to {out}")
+    if args.fpr is not None:
+        path = save_fpr_calibration(args, pipe, [done[r["id"]] for r in rows], height, width, settings)
+        print(f"wrote the calibration to {path}")
     if args.labels is not None:
         metrics = calibrate([done[r["id"]]["score"] for r in rows], [r["label"] for r in rows])
         print(
@@ -223,3 +245,41 @@ def run(args: argparse.Namespace) -> int:
             ).save_pretrained(args.save_calibration)
             print(f"wrote the calibration to {path}")
     return 0
+
+
+def save_fpr_calibration(
+    args: argparse.Namespace, pipe, results: list[dict], height: int, width: int, settings
+):
+    """The threshold at ``--fpr`` on the per-image scores of ordinary prompts, written to
+    ``--save-calibration`` with the rate it has there (images and prompts, Wilson intervals)."""
+    scores = [s for r in results for s in r["scores"]]
+    prompt_of = [r["id"] for r in results for _ in r["scores"]]
+    threshold = threshold_at_fpr(scores, args.fpr)
+    achieved = fpr_summary(scores, prompt_of, threshold)
+    lo, hi = achieved["fpr_ci95"]
+    print(
+        f"threshold {threshold:.6g} at target FPR {args.fpr:g}: {achieved['images_flagged']} of "
+        f"{achieved['n_images']} images flagged, FPR {achieved['fpr']:.4f} [{lo:.4f}, {hi:.4f}] (95 % Wilson); "
+        f"{achieved['prompts_flagged']} of {achieved['n_prompts']} prompts"
+    )
+    if args.fpr * len(scores) < 1:
+        print(
+            f"note: {len(scores)} images cannot show a rate of {args.fpr:g} (fewer than 1 / FPR); "
+            "the threshold is above every score seen"
+        )
+    return GuardCalibration(
+        memorization_threshold=threshold,
+        memorization_window=(args.start, args.steps),
+        num_inference_steps=args.num_inference_steps,
+        scheduler=type(pipe.scheduler).__name__,
+        height=height,
+        width=width,
+        guidance_scale=args.guidance_scale,
+        model_fingerprint=settings["model_fingerprint"],
+        n_positive=0,
+        n_negative=len(scores),
+        num_gens=args.num_gens,
+        seed=args.seed,
+        data=f"{Path(args.prompts).name}, ordinary prompts (diffmem detect --fpr)",
+        extra={"unit": "image", "method": "fpr", "target_fpr": args.fpr, **achieved, "dtype": args.dtype},
+    ).save_pretrained(args.save_calibration)

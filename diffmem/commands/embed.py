@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if summary is None:  # not the main process
         return 0
-    for k in ("vectors", "dim", "shards", "rows_read", "bad_rows", "images_per_s"):
+    for k in ("vectors", "vectors_without_caption", "dim", "shards", "rows_read", "bad_rows", "images_per_s"):
         print(f"{k}: {summary[k]}")
     if summary["bad_rows_by_reason"]:
         print("bad rows by reason:", ", ".join(f"{k}={v}" for k, v in summary["bad_rows_by_reason"].items()))

@@ -18,7 +18,9 @@ HELP = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
 
-    p.add_argument("--embeddings", required=True, help="embedding folder made by `diffmem embed`")
+    p.add_argument(
+        "--embeddings", required=True, help="embedding folder (`diffmem embed`'s, or clip-retrieval's)"
+    )
     p.add_argument("--out", required=True, help="index file to write (its record goes to FILE.json)")
     p.add_argument(
         "--kind",
@@ -27,6 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="auto: flat up to 200,000 vectors, else ivfpq (4-bit fast-scan IVF-PQ; default); ivfpq8: 8-bit "
         "IVF-PQ, the kind faiss moves to a GPU; hnsw: graph index, held in memory",
     )
+    p.add_argument(
+        "--train-embedder",
+        default=None,
+        metavar="NAME",
+        help="the embedder that made a folder without embeddings.json (one clip-retrieval wrote); scans of the "
+        "index declare the same NAME",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the training sample and k-means")
     p.add_argument("--no-progress", action="store_true")
 
@@ -34,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
 
     check_out_path(args.out, folder=False)
-    layout = EmbeddingLayout(args.embeddings, argument="--embeddings")
+    layout = EmbeddingLayout(args.embeddings, argument="--embeddings", declared=args.train_embedder)
     record = build_index_file(layout, args.out, kind=args.kind, seed=args.seed, progress=not args.no_progress)
     print(
         f"index: {args.out} ({record['factory']}, {record['ntotal']} vectors of {record['dim']}, "

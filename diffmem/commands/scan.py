@@ -77,12 +77,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--train-embeddings",
         default=None,
-        help="search a prebuilt embedding folder (`diffmem embed`, clip-retrieval layout) instead of embedding --data's images",
+        help="search a prebuilt embedding folder (`diffmem embed`'s, or one clip-retrieval wrote: then add "
+        "--train-embedder) instead of embedding --data's images",
     )
     s.add_argument(
         "--train-index",
         default=None,
-        help="search a prebuilt faiss index (`diffmem index`), memory-mapped; its embeddings folder comes from its record",
+        help="search a prebuilt faiss index (`diffmem index`, or one built elsewhere, e.g. autofaiss: then give "
+        "--train-embeddings and --train-embedder), memory-mapped; its embeddings folder comes from its record",
+    )
+    s.add_argument(
+        "--train-embedder",
+        default=None,
+        metavar="NAME",
+        help="the embedder that made --train-embeddings / --train-index when diffmem did not (a clip-retrieval "
+        "folder without embeddings.json, an autofaiss index): this scan's embedder's name or a ':' prefix of it, "
+        "e.g. open_clip:ViT-B-32; checked against the vectors' dimension and a few re-embedded images",
     )
     s.add_argument(
         "--index-nprobe",
@@ -157,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         nprobe=args.nprobe,
         train_embeddings=args.train_embeddings,
         train_index=args.train_index,
+        train_embedder=args.train_embedder,
         rerank=args.rerank,
         index_nprobe=args.index_nprobe,
         background_sample=args.background_sample,
@@ -181,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         "rows_read",
         "bad_rows",
         "captions_scored",
+        "training_images_without_caption",
         "captions_generated",
         "generations",
         "sim_mean",

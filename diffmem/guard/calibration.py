@@ -6,7 +6,9 @@ resolution (the norm grows with the latent area: on SD-1.5's architecture the sa
 about 9-10 at 512 px and 4-5 at 256 px) and, for windows past the first step, guidance scale. A
 ``GuardCalibration`` records all of them with the measured AUC / TPR@1%FPR and the data it came from.
 It lives beside the model as ``diffmem_calibration.json`` (stock diffusers ignores the file), is
-written by ``diffmem detect --labels ... --save-calibration MODEL_DIR`` and read back by the guarded
+written by ``diffmem detect --labels ... --save-calibration MODEL_DIR`` (labelled prompts) or ``diffmem
+detect --fpr 0.01 --save-calibration MODEL_DIR`` (ordinary prompts only: the threshold at a target
+false-positive rate, ``threshold_at_fpr``, with the rate's interval, ``fpr_summary``) and read back by the guarded
 pipelines' ``from_pretrained``. :meth:`GuardCalibration.mismatch` says why a call's settings do not
 fit; the pipeline then refuses the calibration for that call (``memorized`` stays ``None`` and a
 warning names the setting) instead of applying it silently.
@@ -21,11 +23,53 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from diffmem.io import atomic_write_json
+from diffmem.scores.solidmark import binomial_ci
 
 #: Name of the calibration file inside a model folder.
 CALIBRATION_FILE = "diffmem_calibration.json"
 FORMAT = "diffmem.GuardCalibration/1"
+
+
+def threshold_at_fpr(scores, fpr: float) -> float:
+    """The lowest flag threshold (flag: score ``>=`` it) at which at most ``floor(fpr * n)`` of ``n``
+    ordinary scores are flagged: midway between the last score flagged and the first one not, or just
+    above the first one not flagged where they tie (``fpr < 1/n``: just above the largest score)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))[::-1]
+    if s.size == 0 or not np.all(np.isfinite(s)):
+        raise CalibrationError("threshold_at_fpr: expected one or more finite scores")
+    if not 0 <= fpr < 1:
+        raise CalibrationError(f"fpr: expected 0 <= fpr < 1, got {fpr}")
+    k = int(math.floor(fpr * s.size + 1e-9))  # false positives allowed
+    first_out = s[k]
+    if k > 0 and s[k - 1] > first_out:
+        return float((s[k - 1] + first_out) / 2)
+    return float(np.nextafter(first_out, np.inf))
+
+
+def fpr_summary(image_scores, prompt_of_image, threshold: float) -> dict[str, Any]:
+    """The false-positive rate a threshold has on ordinary prompts: over images (what the pipeline flags)
+    and over prompts (any of its images flagged: the independent unit), each with its Wilson 95 % interval
+    and the counts it rests on."""
+    flagged = np.asarray(image_scores, dtype=np.float64) >= threshold
+    prompts = np.asarray(prompt_of_image)
+    by_prompt = {p: False for p in prompts.tolist()}
+    for p, f in zip(prompts.tolist(), flagged.tolist()):
+        by_prompt[p] = by_prompt[p] or f
+    n_img, k_img = int(flagged.size), int(flagged.sum())
+    n_pr, k_pr = len(by_prompt), int(sum(by_prompt.values()))
+    return {
+        "n_images": n_img,
+        "images_flagged": k_img,
+        "fpr": k_img / n_img,
+        "fpr_ci95": list(binomial_ci(k_img, n_img)),
+        "n_prompts": n_pr,
+        "prompts_flagged": k_pr,
+        "prompt_fpr": k_pr / n_pr,
+        "prompt_fpr_ci95": list(binomial_ci(k_pr, n_pr)),
+    }
 
 
 class CalibrationError(ValueError):

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, fields, make_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,7 +36,7 @@ import torch
 
 from diffmem.attention import ATTENTION_CHOICES, attention_processors
 from diffmem.edits import EditLoaderMixin, adopt_edit_record
-from diffmem.fingerprint import fingerprint_loaded, fingerprint_problem
+from diffmem.fingerprint import fingerprint_loaded, fingerprint_problem, model_fingerprint
 from diffmem.guard.calibration import CALIBRATION_FILE, GuardCalibration
 from diffmem.guard.signature import extended_call, keyword
 from diffmem.hooks.noise import capture_noise_gap
@@ -209,7 +210,9 @@ class MemGuardMixin(EditLoaderMixin):
 
     Attributes:
         memorization_threshold (`float` or `None`): a threshold for every call that passes none; it
-            takes precedence over the calibration and is applied without condition checks.
+            takes precedence over the calibration and is applied without condition checks, and is not
+            saved (``save_pretrained`` warns; :meth:`set_guard_threshold` keeps a threshold with its
+            conditions as the calibration, which is saved).
         calibration (`GuardCalibration` or `None`): read from the model folder by ``from_pretrained``.
     """
 
@@ -233,6 +236,47 @@ class MemGuardMixin(EditLoaderMixin):
         if value is not None and not isinstance(value, GuardCalibration):
             raise TypeError(f"calibration: expected a GuardCalibration or None, got {type(value).__name__}")
         self.__dict__["_diffmem_calibration"] = value
+
+    def set_guard_threshold(
+        self,
+        threshold: float,
+        *,
+        num_inference_steps: int,
+        window: tuple[int, int] = (0, 1),
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float | None = None,
+        data: str | None = None,
+    ) -> GuardCalibration:
+        """Flag later calls at ``threshold`` under the conditions it was chosen for, kept as the model's
+        calibration: ``save_pretrained`` writes it and ``from_pretrained`` reads it back, and a call under
+        other conditions is refused as with any calibration. The scheduler is the pipeline's, the size
+        by default its default one; ``guidance_scale`` is needed for a window past the first step.
+        (``pipe.memorization_threshold = t`` instead applies ``t`` to every call and is not saved.)"""
+        threshold = check_memorization_threshold(threshold, "threshold")
+        if threshold is None:
+            raise ValueError(
+                "threshold: expected a number, got None (set pipe.calibration = None to drop it)"
+            )
+        start, end = check_window(window, num_inference_steps)
+        if end > 1 and guidance_scale is None:
+            raise ValueError(
+                f"guidance_scale: needed with window {(start, end)}: past the first step the score depends on it"
+            )
+        height, width = self.image_size(height, width)
+        self.calibration = GuardCalibration(
+            memorization_threshold=threshold,
+            memorization_window=(start, end),
+            num_inference_steps=num_inference_steps,
+            scheduler=type(self.scheduler).__name__,
+            height=height,
+            width=width,
+            guidance_scale=guidance_scale,
+            model_fingerprint=model_fingerprint(self.unet),
+            data=data,
+            extra={"set_by": "set_guard_threshold"},
+        )
+        return self.calibration
 
     def load_calibration(self, path: str | os.PathLike) -> GuardCalibration:
         """Read a calibration (a model folder or the JSON file) and use it for later calls."""
@@ -311,6 +355,20 @@ class MemGuardMixin(EditLoaderMixin):
         """The stock ``save_pretrained``, with ``model_index.json`` naming the stock pipeline class (so
         stock diffusers loads the folder) and the calibration written beside it."""
 
+        threshold = self.__dict__.get("memorization_threshold")
+        if threshold is not None:
+            kept = (
+                f"the saved folder keeps the calibration at {self.calibration.memorization_threshold}"
+                if self.calibration is not None
+                else "the saved folder flags nothing"
+            )
+            warnings.warn(
+                f"pipe.memorization_threshold = {threshold} is not saved by save_pretrained ({kept}): a "
+                "threshold holds only under the window, steps, scheduler and resolution it was chosen for; "
+                f"pipe.set_guard_threshold({threshold}, num_inference_steps=...) keeps it with them",
+                UserWarning,
+                stacklevel=2,
+            )
         super().save_pretrained(save_directory, *args, **kwargs)
         index_path = Path(save_directory) / "model_index.json"
         index = json.loads(index_path.read_text(encoding="utf-8"))

@@ -59,10 +59,13 @@ def build_catalog(
     caption_column: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    require_caption: bool = True,
 ) -> None:
     """Stream ``data`` once into ``out/catalog.parquet`` (usable rows, row group = shard of
     ``shard_size``) and ``out/bad_rows.parquet`` (``require_image``: a row must name an image;
-    ``check_files``: a named image file must exist; default ``require_image``); the catalog is committed last (it marks the stage done)."""
+    ``check_files``: a named image file must exist; default ``require_image``; ``require_caption=False``:
+    a row without a caption is kept, with a null caption, for its image); the catalog is committed last
+    (it marks the stage done)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -73,6 +76,7 @@ def build_catalog(
         image_column=image_column,
         require_image=require_image,
         check_files=require_image if check_files is None else check_files,
+        require_caption=require_caption,
     )
     schema = catalog_schema()
     bad: list[dict] = []

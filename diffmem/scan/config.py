@@ -21,6 +21,7 @@ ADDED_KEYS = {
     "train_index": None,
     "rerank": 64,
     "index_nprobe": None,
+    "train_embedder": None,
 }
 
 #: SSIM at or above which a generation counts as a copy of its nearest training image (64 px RGB in
@@ -63,6 +64,9 @@ class ScanConfig:
     #: (``diffmem embed``) and, optionally, a faiss index over it (``diffmem index``)
     train_embeddings: str | None = None
     train_index: str | None = None
+    #: the embedder that made --train-embeddings / --train-index when diffmem did not (its name: a
+    #: clip-retrieval folder, an autofaiss index); checked against the vectors' dimension
+    train_embedder: str | None = None
     index_nprobe: int | None = None  # IVF lists probed in --train-index (default: its record's)
     rerank: int = 64  # candidates per query re-ranked exactly from the stored vectors (prebuilt side)
     background_sample: int = 10_000
@@ -100,6 +104,10 @@ class ScanConfig:
             not isinstance(self.index_nprobe, int) or self.index_nprobe < 1
         ):
             raise ValueError(f"--index-nprobe: expected an integer >= 1, got {self.index_nprobe!r}")
+        if self.train_embedder is not None and self.train_embeddings is None and self.train_index is None:
+            raise ValueError(
+                "--train-embedder: names the embedder of --train-embeddings / --train-index; give one"
+            )
         if self.train_index is not None and self.train_embeddings is None:
             self.train_embeddings = _layout_of_index(self.train_index)
 

@@ -120,9 +120,16 @@ def embed_dataset(
                 id_column=id_column,
                 caption_column=caption_column,
                 image_column=image_column,
+                require_caption=False,  # the training side needs the image; a missing caption is null
             )
     procs.barrier()
     catalog = Catalog(root)
+    if catalog.n_rows == 0:
+        reasons = Counter(b["reason"] for b in pq.read_table(root / "bad_rows.parquet").to_pylist())
+        raise ValueError(
+            f"--data: {data} has no row with an image to embed "
+            f"({', '.join(f'{n} {r}' for r, n in sorted(reasons.items())) or 'no rows'})"
+        )
     writer = LayoutWriter(root)
     rows_todo = sum(
         catalog.file.metadata.row_group(k).num_rows for k in range(catalog.n_shards) if not writer.done(k)
@@ -146,6 +153,7 @@ def embed_dataset(
         "rows_read": catalog.n_rows + sum(b["stage"] == "read" for b in bad),
         "bad_rows": len(bad),
         "bad_rows_by_reason": dict(sorted(Counter(b["reason"] for b in bad).items())),
+        "vectors_without_caption": layout.metadata_column("caption").null_count if layout.ntotal else 0,
         "processes": procs.world,
         "images_this_run": rows_todo,
         "embed_seconds": round(embed_s, 3),

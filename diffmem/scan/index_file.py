@@ -104,8 +104,12 @@ def build_index_file(
     index = faiss.index_factory(d, params["factory"], faiss.METRIC_INNER_PRODUCT)
     if params["kind"] in IVF_KINDS:
         sample = layout.vectors_at(_sample_positions(n, params["train_size"], seed))
-        ivf = faiss.extract_index_ivf(index)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         ivf.cp.seed = seed
+        if hasattr(ivf, "do_polysemous_training"):
+            # an 8-bit IndexIVFPQ trains a code permutation for polysemous filtering by default, which a
+            # search with polysemous_ht = 0 (ours) never uses: 69 s of 70 on 3,000 vectors (RESULTS)
+            ivf.do_polysemous_training = False
         index.train(sample)
         del sample
     train_s = time.perf_counter() - t0
@@ -147,7 +151,8 @@ def read_index_record(path: str | os.PathLike, argument: str = "--train-index") 
     if not rec_path.is_file():
         raise FileNotFoundError(
             f"{argument}: {path} has no record {rec_path.name} (which embedder and layout it indexes); "
-            "build the index with `diffmem index`"
+            "build the index with `diffmem index`, or for an index built elsewhere (autofaiss) give "
+            "--train-embeddings (the folder it indexes) and --train-embedder"
         )
     try:
         record = json.loads(rec_path.read_text())
@@ -157,6 +162,58 @@ def read_index_record(path: str | os.PathLike, argument: str = "--train-index") 
         raise ValueError(
             f"{argument}: {rec_path} is not a diffmem index record (format {record.get('format')!r})"
         )
+    return record
+
+
+#: ``kind`` of an index diffmem did not build (its record is made up from the index itself)
+FOREIGN = "foreign"
+
+
+def _read_index(faiss, path: Path, mmap: bool, argument: str, remedy: str):
+    """``faiss.read_index``, memory-mapped where faiss can map this kind of index; a file faiss cannot read
+    (other bytes, truncated, damaged) is one clear line naming it and ``remedy``."""
+    try:
+        if mmap:
+            try:
+                return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+            except RuntimeError:  # an index type faiss cannot map: read it into memory
+                pass
+        return faiss.read_index(str(path))
+    except RuntimeError:  # faiss's C++ exception: a multi-line message with its source location
+        raise ValueError(
+            f"{argument}: {path} is not a faiss index (or is truncated or damaged; "
+            f"{path.stat().st_size} bytes); {remedy}"
+        ) from None
+
+
+def foreign_record(index, layout: EmbeddingLayout, path: Path, argument: str) -> dict[str, Any]:
+    """A record for an index built outside diffmem (autofaiss's, LAION's released ones), checked against the
+    layout it is said to index: the same number of vectors and dimension (its ids are the layout's
+    positions, which autofaiss's are: it adds the shards in file order)."""
+    faiss = _faiss()
+    if index.d != layout.dim or index.ntotal != layout.ntotal:
+        raise ValueError(
+            f"{argument}: {path} holds {index.ntotal} vectors of dimension {index.d}, but {layout.root} holds "
+            f"{layout.ntotal} of dimension {layout.dim}: it does not index these embeddings"
+        )
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    record: dict[str, Any] = {
+        "format": FOREIGN,
+        "kind": FOREIGN,
+        "index_type": type(faiss.downcast_index(index)).__name__,
+        "embeddings": str(layout.root.resolve()),
+        "embedder": layout.embedder,
+        "ntotal": int(index.ntotal),
+        "dim": int(index.d),
+        "metric": "inner_product" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2",
+    }
+    if ivf is not None:
+        # at least diffmem's own rule for its number of lists (an index saved with nprobe 1 misses a lot)
+        rule = min(ivf.nlist, max(16, ivf.nlist // 64))
+        record.update(nlist=int(ivf.nlist), nprobe=max(int(ivf.nprobe), rule))
     return record
 
 
@@ -173,29 +230,33 @@ class IndexFile:
         nprobe: int | None = None,
         gpu_device: int | None = None,
         argument: str = "--train-index",
+        foreign: bool = False,
     ):
+        """``foreign``: an index without a diffmem record is read (its embedder declared on the layout,
+        ``--train-embedder``) and checked against the layout's size and dimension; it stays on the CPU."""
         faiss = _faiss()
-        self.record = read_index_record(path, argument)
-        if self.record.get("layout") != layout.fingerprint():
-            raise ValueError(
-                f"{argument}: {path} indexes another set of embeddings than {layout.root} "
-                f"({self.record['ntotal']} vectors there, {layout.ntotal} here, or other shards or embedder); "
-                "rebuild it with `diffmem index`"
-            )
-        mmap = self.record["kind"] != "hnsw"
-        try:
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
-        except RuntimeError:  # faiss's C++ exception: a multi-line message with its source location
-            raise ValueError(
-                f"{argument}: {path} is not a faiss index (or is truncated or damaged; "
-                f"{Path(path).stat().st_size} bytes); rebuild it with `diffmem index`"
-            ) from None
-        if (int(index.ntotal), int(index.d)) != (layout.ntotal, layout.dim):
-            raise ValueError(
-                f"{argument}: {path} holds {index.ntotal} vectors of {index.d}; its layout {layout.root} "
-                f"holds {layout.ntotal} of {layout.dim}; rebuild it with `diffmem index`"
-            )
-        if self.record["kind"] in IVF_KINDS:
+        path = Path(path)
+        if foreign and path.is_file() and not Path(f"{path}.json").is_file():
+            remedy = f"expected a faiss index of the embeddings in {layout.root}"
+            index = _read_index(faiss, path, True, argument, remedy)
+            self.record = foreign_record(index, layout, path, argument)
+            gpu_device = None  # (no GPU run of a foreign index on record)
+        else:
+            self.record = read_index_record(path, argument)
+            if self.record.get("layout") != layout.fingerprint():
+                raise ValueError(
+                    f"{argument}: {path} indexes another set of embeddings than {layout.root} "
+                    f"({self.record['ntotal']} vectors there, {layout.ntotal} here, or other shards or embedder); "
+                    "rebuild it with `diffmem index`"
+                )
+            mmap = self.record["kind"] != "hnsw"
+            index = _read_index(faiss, path, mmap, argument, "rebuild it with `diffmem index`")
+            if (int(index.ntotal), int(index.d)) != (layout.ntotal, layout.dim):
+                raise ValueError(
+                    f"{argument}: {path} holds {index.ntotal} vectors of {index.d}; its layout {layout.root} "
+                    f"holds {layout.ntotal} of {layout.dim}; rebuild it with `diffmem index`"
+                )
+        if self.record["kind"] in IVF_KINDS or "nlist" in self.record:
             faiss.extract_index_ivf(index).nprobe = nprobe or self.record["nprobe"]
         self.on_gpu = False
         if self.record["kind"] == "ivfpq" and gpu_device is not None:  # faiss has no GPU fast-scan index

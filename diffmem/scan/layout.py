@@ -31,10 +31,10 @@ FORMAT = "clip-retrieval"
 RECORD = "embeddings.json"
 #: the layout's shard folders
 LAYOUT_FOLDERS = ("img_emb", "metadata", "bad_images")
-#: the columns every ``metadata_NNNN.parquet`` must have
+#: the columns every ``metadata_NNNN.parquet`` of a layout with its ``embeddings.json`` must have
+#: (``diffmem embed`` writes them; a clip-retrieval folder read with a declared embedder has its own)
 METADATA_COLUMNS = ("image_path", "caption", "id", "row")
 _REDO = "delete the shard's files and rerun `diffmem embed` to redo it"
-_NPY = re.compile(r"img_emb_(\d+)\.npy$")
 
 
 def shard_name(kind: str, k: int) -> str:
@@ -144,8 +144,8 @@ def _npy_header(path: Path, argument: str) -> tuple[tuple[int, ...], np.dtype, i
     return shape, dtype, offset
 
 
-def _metadata_rows(path: Path, npy: Path, argument: str) -> int:
-    """The row count of a shard's metadata file, checked to exist, be parquet and hold the columns."""
+def _metadata_rows(path: Path, npy: Path, argument: str, columns: tuple[str, ...]) -> int:
+    """The row count of a shard's metadata file, checked to exist, be parquet and hold ``columns``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -155,44 +155,93 @@ def _metadata_rows(path: Path, npy: Path, argument: str) -> int:
         meta = pq.read_schema(path), pq.read_metadata(path).num_rows
     except (pa.ArrowException, OSError):
         raise ValueError(f"{argument}: {path} is not a parquet file (or is damaged); {_REDO}") from None
-    missing = [c for c in METADATA_COLUMNS if c not in meta[0].names]
+    missing = [c for c in columns if c not in meta[0].names]
     if missing:
         raise ValueError(
             f"{argument}: {path} lacks the column(s) {', '.join(missing)} "
-            f"(expected {', '.join(METADATA_COLUMNS)}; it has {', '.join(meta[0].names) or 'none'})"
+            f"(expected {', '.join(columns)}; it has {', '.join(meta[0].names) or 'none'})"
         )
     return meta[1]
 
 
-class EmbeddingLayout:
-    """Read a layout folder: vectors by shard or by position, metadata columns, bad images, the record."""
+def find_shard_files(folder: Path, kind: str, suffix: str, argument: str) -> dict[int, Path]:
+    """Shard number -> file, for the ``{kind}_{number}{suffix}`` files of ``folder`` with any zero padding
+    (clip-retrieval pads the number to its partition count, ``img_emb_0.npy`` or ``img_emb_00.npy``;
+    ``diffmem embed`` to 4 digits). Two files of one number are refused."""
+    pattern = re.compile(rf"{re.escape(kind)}_(\d+){re.escape(suffix)}$")
+    found: dict[int, Path] = {}
+    if not folder.is_dir():
+        return found
+    for p in sorted(folder.iterdir()):
+        m = pattern.match(p.name)
+        if m is None:
+            continue
+        k = int(m.group(1))
+        if k in found:
+            raise ValueError(f"{argument}: {folder} holds two files of shard {k} ({found[k].name}, {p.name})")
+        found[k] = p
+    return found
 
-    def __init__(self, root: str | os.PathLike, argument: str = "--train-embeddings"):
+
+def declared_embedder(name: str, dim: int) -> dict[str, Any]:
+    """The description of an embedder declared by name (``--train-embedder``) for vectors that came
+    without an ``embeddings.json``: only its name and the vectors' dimension are known."""
+    return {"embedder": name, "dim": dim, "declared": True}
+
+
+def names_embedder(declared: str, name: str) -> bool:
+    """Whether a declared name names the embedder ``name``: equal, or a ``:``-prefix of it
+    (``open_clip:ViT-B-32`` names ``open_clip:ViT-B-32:weights.pt``)."""
+    return name == declared or name.startswith(f"{declared}:")
+
+
+class EmbeddingLayout:
+    """Read a layout folder: vectors by shard or by position, metadata columns, bad images, the record.
+
+    Besides ``diffmem embed``'s own folders it reads a folder as clip-retrieval writes it: shard numbers
+    with any padding, metadata with ``image_path`` / ``caption`` (and ``url``, ``key``, ...) but no ``id`` or
+    ``row`` (``ids`` / ``rows`` then come from ``key`` or the position), and no ``embeddings.json`` when the
+    embedder is declared (``declared``: its name, ``--train-embedder``)."""
+
+    def __init__(
+        self, root: str | os.PathLike, argument: str = "--train-embeddings", declared: str | None = None
+    ):
         self.root = Path(root)
         if not (self.root / "img_emb").is_dir():
             raise FileNotFoundError(
                 f"{argument}: {self.root} is not an embedding folder (no img_emb/; make one with `diffmem embed`)"
             )
         record = self.root / RECORD
-        if not record.is_file():
+        if not record.is_file() and declared is None:
             raise FileNotFoundError(
                 f"{argument}: {self.root} has no {RECORD}, so which embedder made it is unknown "
-                "(`diffmem embed` writes it; for embeddings made elsewhere write the embedder's description there)"
+                "(`diffmem embed` writes it; for embeddings made elsewhere, e.g. by clip-retrieval, declare their "
+                "embedder with --train-embedder NAME)"
             )
-        try:
-            self.record: dict[str, Any] = json.loads(record.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{argument}: {record} is not JSON (`diffmem embed` writes it)") from None
-        if not isinstance(self.record, dict) or not isinstance(self.record.get("embedder", {}), dict):
-            raise ValueError(f'{argument}: {record} must hold a JSON object with an "embedder" object')
-        shards = sorted(
-            int(m.group(1)) for p in (self.root / "img_emb").iterdir() if (m := _NPY.match(p.name))
-        )
+        self.record: dict[str, Any] = {}
+        if record.is_file():
+            try:
+                self.record = json.loads(record.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ValueError(f"{argument}: {record} is not JSON (`diffmem embed` writes it)") from None
+            if not isinstance(self.record, dict) or not isinstance(self.record.get("embedder", {}), dict):
+                raise ValueError(f'{argument}: {record} must hold a JSON object with an "embedder" object')
+        if declared is not None and self.record:
+            if not names_embedder(declared, str(self.embedder.get("embedder"))):
+                raise ValueError(
+                    f"--train-embedder: {self.root}'s {RECORD} names the embedder "
+                    f"{self.embedder.get('embedder')!r}, not {declared!r}"
+                )
+        found = find_shard_files(self.root / "img_emb", "img_emb", ".npy", argument)
+        shards = sorted(found)
         self.shards = shards
-        self.files = [self.root / "img_emb" / f"{shard_name('img_emb', k)}.npy" for k in shards]
+        self.files = [found[k] for k in shards]
+        self._metadata = find_shard_files(self.root / "metadata", "metadata", ".parquet", argument)
         headers = [_npy_header(p, argument) for p in self.files]
-        self._check(headers, argument)
+        self._check(headers, argument, METADATA_COLUMNS if self.record else ())
         self.dim = headers[0][0][1] if headers else int(self.embedder.get("dim", 0))
+        if declared is not None and not self.record:
+            self.record = {"format": FORMAT, "embedder": declared_embedder(declared, self.dim)}
         self.counts = np.asarray([h[0][0] for h in headers], dtype=np.int64)
         self._dtypes = [h[1] for h in headers]
         self._offsets = [h[2] for h in headers]
@@ -203,9 +252,10 @@ class EmbeddingLayout:
     def embedder(self) -> dict[str, Any]:
         return self.record.get("embedder", {})
 
-    def _check(self, headers, argument: str) -> None:
+    def _check(self, headers, argument: str, columns: tuple[str, ...]) -> None:
         """Every shard against the record and its metadata: (n, d) arrays of the record's dtype and the
-        embedder's dimension, as many metadata rows as vectors, every catalog shard present."""
+        embedder's dimension (else the first shard's), as many metadata rows as vectors, holding
+        ``columns``, every catalog shard present."""
         dtype = self.record.get("dtype")
         dim = self.embedder.get("dim")
         first = None
@@ -221,8 +271,8 @@ class EmbeddingLayout:
                     f"{argument}: {path} holds {shape[1]}-d vectors; expected {want}-d (as {where})"
                 )
             first = shape[1]
-            meta = self.root / "metadata" / f"{shard_name('metadata', k)}.parquet"
-            rows = _metadata_rows(meta, path, argument)
+            meta = self.metadata_file(k)
+            rows = _metadata_rows(meta, path, argument, columns)
             if rows != shape[0]:
                 raise ValueError(
                     f"{argument}: {path} holds {shape[0]} vectors but {meta} has {rows} rows; "
@@ -293,6 +343,19 @@ class EmbeddingLayout:
                     del mapped  # unmapped: its pages leave this process's resident set
         return out.reshape(*pos.shape, self.dim)
 
+    def metadata_file(self, k: int) -> Path:
+        """The metadata parquet of shard number ``k`` (as found, any padding; else diffmem's name)."""
+        return self._metadata.get(k, self.root / "metadata" / f"{shard_name('metadata', k)}.parquet")
+
+    def metadata_columns(self) -> list[str]:
+        """The column names of the metadata (those of the first shard's file; none without metadata)."""
+        import pyarrow.parquet as pq
+
+        for k in self.shards:
+            if self.metadata_file(k).is_file():
+                return list(pq.read_schema(self.metadata_file(k)).names)
+        return []
+
     def metadata_column(self, name: str):
         """One metadata column over all shards, in position order (a pyarrow ChunkedArray)."""
         import pyarrow as pa
@@ -300,17 +363,31 @@ class EmbeddingLayout:
 
         chunks = []
         for k in self.shards:
-            t = pq.read_table(self.root / "metadata" / f"{shard_name('metadata', k)}.parquet", columns=[name])
+            t = pq.read_table(self.metadata_file(k), columns=[name])
             chunks.extend(t.column(name).chunks)
         return pa.chunked_array(chunks, type=chunks[0].type if chunks else pa.string())
+
+    def id_column(self) -> str | None:
+        """The metadata column that names each vector: diffmem's ``id``, else img2dataset's ``key``
+        (which clip-retrieval carries over); ``None``: the position is the id."""
+        columns = self.metadata_columns()
+        return next((c for c in ("id", "key") if c in columns), None)
+
+    def rows(self) -> np.ndarray:
+        """Each position's source row: the ``row`` column where there is one (``diffmem embed``), else
+        the position itself."""
+        if self.ntotal and "row" in self.metadata_columns():
+            return self.metadata_column("row").to_numpy()
+        return np.arange(self.ntotal, dtype=np.int64)
 
     def bad_images(self) -> list[dict]:
         """Rows whose image did not load, over all shards (``diffmem.scan.bad_rows`` records)."""
         import pyarrow.parquet as pq
 
         out: list[dict] = []
+        found = find_shard_files(self.root / "bad_images", "bad_images", ".parquet", "--train-embeddings")
         for k in self.shards:
-            path = self.root / "bad_images" / f"{shard_name('bad_images', k)}.parquet"
-            if path.is_file():
+            path = found.get(k)
+            if path is not None:
                 out.extend(pq.read_table(path).to_pylist())
         return out

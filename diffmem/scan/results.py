@@ -102,7 +102,13 @@ def write_summary(cfg, out: Path, describe: dict) -> dict[str, Any]:
     n_scored = scores.num_rows if scores is not None else 0
     summary["captions_scored"] = n_scored
     summary["unique_captions"] = cfg.unique_captions
-    summary["usable_rows_not_scored"] = catalog_rows - len(image_bad) - n_scored  # rows repeating a caption
+    # training images without a caption: embedded and searched, never prompted (their bad images aside)
+    captions = pq.read_table(out / "catalog.parquet", columns=["row", "caption"]).to_pylist()
+    bad_image_rows = {b["row"] for b in image_bad}
+    no_caption = sum(c["caption"] is None and c["row"] not in bad_image_rows for c in captions)
+    summary["training_images_without_caption"] = no_caption
+    # rows repeating a caption
+    summary["usable_rows_not_scored"] = catalog_rows - len(image_bad) - n_scored - no_caption
     score_vals = scores.column("score").to_numpy() if n_scored else np.zeros(0)
     summary.update(similarity_stats(score_vals, "score"))
 

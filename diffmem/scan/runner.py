@@ -29,7 +29,7 @@ from diffmem.scan.procs import Procs
 from diffmem.scan.report import write_scan_report
 from diffmem.scan.results import IMAGE_BAD_ROWS, write_summary
 from diffmem.scan.scoring import eligible_rows, score_shards, select_for_generation
-from diffmem.scan.training import TrainingSet, check_embedder, compute_background
+from diffmem.scan.training import TrainingSet, check_embedder, check_reembedded, compute_background
 
 __all__ = ["ScanConfig", "run_scan"]
 
@@ -37,11 +37,14 @@ __all__ = ["ScanConfig", "run_scan"]
 OWN_EMBEDDINGS = "embeddings"
 
 
-def _prebuilt_layout(cfg: ScanConfig, describe: dict):
-    """The prebuilt layout, checked against the scan's embedder (before any model is loaded)."""
+def _prebuilt_layout(cfg: ScanConfig, embedder):
+    """The prebuilt layout, checked against the scan's embedder (before the diffusion model is loaded);
+    a declared one (``--train-embedder``) also on a few of its images re-embedded, where they are here."""
 
-    layout = EmbeddingLayout(cfg.train_embeddings, argument="--train-embeddings")
-    check_embedder(layout, describe, "--train-embeddings")
+    layout = EmbeddingLayout(cfg.train_embeddings, argument="--train-embeddings", declared=cfg.train_embedder)
+    check_embedder(layout, embedder.describe(), "--train-embeddings")
+    if layout.embedder.get("declared"):
+        check_reembedded(layout, embedder)
     return layout
 
 
@@ -78,6 +81,7 @@ def _training_side(cfg: ScanConfig, out: Path, catalog: Catalog, embedder, layou
         index_nprobe=cfg.index_nprobe,
         seed=cfg.seed,
         device=procs.device,
+        foreign_index=cfg.train_embedder is not None,  # an index without a diffmem record is accepted
     )
 
 
@@ -101,7 +105,7 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
     if embedder is None and needs_images:
         embedder = embedder_from_settings(cfg, device=str(procs.device))
     describe = embedder.describe() if embedder is not None else {}
-    prebuilt = _prebuilt_layout(cfg, describe) if needs_images and cfg.prebuilt else None
+    prebuilt = _prebuilt_layout(cfg, embedder) if needs_images and cfg.prebuilt else None
     if procs.main:
         check_or_write_config(cfg, out, describe)
         if not (out / "catalog.parquet").is_file():
@@ -115,6 +119,8 @@ def run_scan(cfg: ScanConfig, pipe=None, embedder=None) -> dict | None:
                 caption_column=cfg.caption_column,
                 image_column=cfg.image_column,
                 label_column=cfg.label_column,
+                # training images embedded from --data: an image without a caption is still searched
+                require_caption=not (needs_images and not cfg.prebuilt),
             )
     procs.barrier()
     catalog = Catalog(out)

@@ -15,13 +15,14 @@ from diffmem.scan.summary import top_fraction
 
 def eligible_rows(cfg: ScanConfig, catalog: Catalog, skip_rows: set[int]) -> set[int] | None:
     """Rows to score: with ``unique_captions``, the first usable row of each distinct caption (a caption
-    shared by many training images is generated once); ``None`` = every usable row."""
+    shared by many training images is generated once); ``None`` = every usable row with a caption (a
+    training image without one is searched, never prompted)."""
     if not cfg.unique_captions:
         return None
     seen: set[str] = set()
     keep: set[int] = set()
     for row, caption in zip(catalog.column("row"), catalog.column("caption")):
-        if row in skip_rows or caption in seen:
+        if row in skip_rows or caption is None or caption in seen:
             continue
         seen.add(caption)
         keep.add(row)
@@ -61,7 +62,9 @@ def score_shards(
         rows = [
             r
             for r in catalog.shard(k, ["row", "id", "caption", "label"])
-            if r["row"] not in skip_rows and (eligible is None or r["row"] in eligible)
+            if r["row"] not in skip_rows
+            and r["caption"] is not None
+            and (eligible is None or r["row"] in eligible)
         ]
         table_rows = []
         if rows:

@@ -93,6 +93,12 @@ PRESETS: dict[str, ReplicationCriterion] = {
     "nemo-success": ReplicationCriterion(ORGANISM_SSIM_THRESHOLD, "fraction", 0.2),
     # Wen et al. / NeMo on SD: SSCD >= 0.7 ("5 of 10" for the 500-prompt set)
     "sscd": ReplicationCriterion(0.7, "fraction", 0.5, similarity="sscd"),
+    # the field's SSCD rules for one generation, beside the organism's SSIM one: replication at cosine 0.5
+    # (Somepalli et al.'s "> 0.5"; here >= like every rule) and a copy at 0.75 (SSCD's own 90 %-precision
+    # point on DISC with sscd_disc_mixup). Measured against the organism's SSIM rule on its generations, and
+    # thresholds differ between SSCD files (RESULTS, "Files users already have").
+    "sscd-replication": ReplicationCriterion(0.5, "any", similarity="sscd"),
+    "sscd-copy": ReplicationCriterion(0.75, "any", similarity="sscd"),
 }
 
 
