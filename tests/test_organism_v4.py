@@ -133,7 +133,9 @@ def test_a_run_exported_before_its_unet_phase_carries_its_decoder_phase(tmp_path
     full = train_organism(recipe, tmp_path / "full")
     train_organism(recipe, tmp_path / "here", only="decoder")
     bundle = export_run(tmp_path / "here", tmp_path / "bundle")
-    assert json.loads((bundle / "bundle.json").read_text())["phase"] == "decoder"
+    # the finished decoder travels as its final weights, with no checkpoint
+    assert json.loads((bundle / "bundle.json").read_text())["phase"] is None
+    assert (bundle / "decoder-final.safetensors").is_file() and not (bundle / "checkpoint").exists()
     import_run(bundle, tmp_path / "there")
     resumed = train_organism(recipe, tmp_path / "there")
     a, b = _weights(full), _weights(resumed)

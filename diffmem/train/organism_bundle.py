@@ -95,38 +95,49 @@ def _unpack(
 PHASES = ("unet", "decoder", "vae")
 
 
+#: a phase's file once it is finished (its checkpoints are then not needed to resume)
+FINISHED = {"vae": "vae-final.safetensors", "decoder": "decoder-final.safetensors"}
+
+
 def export_run(workdir: str | os.PathLike, out: str | os.PathLike, phase: str | None = None) -> Path:
-    """Write the latest checkpoint of the latest phase of ``workdir`` that has one (the UNet's, else the
-    decoder's or the autoencoder's; or of ``phase``) and the finished phases' files to ``out``."""
+    """Write ``workdir``'s finished phases' files and the latest checkpoint of the latest phase that has one
+    (the UNet's, else the decoder's or the autoencoder's; or of ``phase``) to ``out``. A finished phase
+    needs no checkpoint: ``phase="decoder"`` after the decoder phase carries its final weights only."""
     workdir, out = Path(workdir), Path(out)
     if phase is not None and phase not in PHASES:
         raise ValueError(f"phase: expected one of {', '.join(PHASES)}, got {phase!r}")
     recipe = OrganismRecipe.from_dict(json.loads((workdir / "recipe.json").read_text()))
+    phases = PHASES if phase is None else PHASES[PHASES.index(phase) :]
     phase, checkpoint = next(
-        (
-            (p, c)
-            for p in (PHASES if phase is None else (phase,))
-            if (c := latest_checkpoint(workdir / "checkpoints" / p)) is not None
-        ),
+        ((p, c) for p in phases if (c := latest_checkpoint(workdir / "checkpoints" / p)) is not None),
         (None, None),
     )
-    if checkpoint is None:
-        raise ValueError(f"{workdir}: no checkpoint of any phase yet (nothing to export)")
+    if phase in FINISHED and (workdir / FINISHED[phase]).is_file():
+        checkpoint = None
+    if checkpoint is None and not any((workdir / name).is_file() for name in FINISHED.values()):
+        raise ValueError(f"{workdir}: no checkpoint and no finished phase yet (nothing to export)")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "checkpoint").mkdir(parents=True)
+    tmp.mkdir(parents=True)
     dtypes = {}
-    for path in sorted(checkpoint.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        reference = _references(recipe, path.name) if path.name.startswith("model-") else {}
-        dtypes[path.name] = {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
-        save_file(_pack(tensors, reference), str(tmp / "checkpoint" / path.name))
-    shutil.copy2(checkpoint / "state.json", tmp / "checkpoint" / "state.json")
+    if checkpoint is not None:
+        (tmp / "checkpoint").mkdir()
+        for path in sorted(checkpoint.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            reference = _references(recipe, path.name) if path.name.startswith("model-") else {}
+            dtypes[path.name] = {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
+            save_file(_pack(tensors, reference), str(tmp / "checkpoint" / path.name))
+        shutil.copy2(checkpoint / "state.json", tmp / "checkpoint" / "state.json")
     for name in PHASE_FILES:
         if (workdir / name).is_file():
             shutil.copy2(workdir / name, tmp / name)
-    meta = {"format": BUNDLE_FORMAT, "phase": phase, "checkpoint": checkpoint.name, "dtypes": dtypes}
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "phase": phase if checkpoint is not None else None,
+        "checkpoint": checkpoint.name if checkpoint is not None else None,
+        "dtypes": dtypes,
+    }
     atomic_write_json(tmp / "bundle.json", meta)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -134,8 +145,8 @@ def export_run(workdir: str | os.PathLike, out: str | os.PathLike, phase: str | 
 
 
 def import_run(bundle: str | os.PathLike, workdir: str | os.PathLike) -> Path:
-    """Rebuild the run of ``bundle`` in ``workdir`` (which must hold no checkpoint of the bundle's phase
-    yet); returns the rebuilt checkpoint folder."""
+    """Rebuild the run of ``bundle`` in ``workdir`` (which must hold no run yet); returns the rebuilt
+    checkpoint folder (``workdir`` when the bundle carries finished phases only)."""
     bundle, workdir = Path(bundle), Path(workdir)
     meta_path = bundle / "bundle.json"
     try:
@@ -144,20 +155,26 @@ def import_run(bundle: str | os.PathLike, workdir: str | os.PathLike) -> Path:
         raise ValueError(f"{bundle}: not an organism run bundle ({err})") from None
     if meta.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{meta_path}: expected format {BUNDLE_FORMAT!r}, got {meta.get('format')!r}")
-    phase = meta.get("phase", "unet")
-    root = workdir / "checkpoints" / phase
-    if latest_checkpoint(root) is not None:
-        raise ValueError(f"{workdir}: already holds a run of the {phase} phase; import into an empty workdir")
+    phase = meta.get("phase")
+    if any((workdir / "checkpoints").glob("*/step-*")) or any(
+        (workdir / n).is_file() for n in FINISHED.values()
+    ):
+        raise ValueError(f"{workdir}: already holds a run; import into an empty workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in PHASE_FILES:
+        if (bundle / name).is_file():
+            shutil.copy2(bundle / name, workdir / name)
+    if phase is None:
+        return workdir
     recipe = OrganismRecipe.from_dict(json.loads((bundle / "recipe.json").read_text()))
-    target = root / meta["checkpoint"]
+    target = workdir / "checkpoints" / phase / meta["checkpoint"]
     target.mkdir(parents=True)
     for path in sorted((bundle / "checkpoint").glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
             packed = {k: f.get_tensor(k) for k in f.keys()}
         reference = _references(recipe, path.name) if path.name.startswith("model-") else {}
         save_file(_unpack(packed, reference, meta["dtypes"][path.name]), str(target / path.name))
-    shutil.copy2(bundle / "checkpoint" / "state.json", target / "state.json")
-    for name in PHASE_FILES:
-        if (bundle / name).is_file():
-            shutil.copy2(bundle / name, workdir / name)
+    shutil.copy2(
+        bundle / "checkpoint" / "state.json", target / "state.json"
+    )  # last: the checkpoint is complete
     return target
