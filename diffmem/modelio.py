@@ -304,9 +304,8 @@ def load_pipeline(
             f"{argument}: {model} is not a folder here, and neither the hub nor its local cache has it "
             "(offline, or not downloaded); download it first, or give a local folder"
         ) from err
-    if looks_local(model) and not hasattr(
-        pipeline_class, "stock_pipeline_class"
-    ):  # guarded ones do it themselves
+    guarded = getattr(pipeline_class, "scores_memorization", False)  # guarded classes do it themselves
+    if looks_local(model) and not guarded:
         fingerprint_loaded(model, pipe.unet)
         adopt_edit_record(model, pipe.unet)  # an exported edited model keeps its original's identity
     if device is not None:

@@ -85,6 +85,9 @@ def test_bench_detection_on_prompt_files_resumes(tiny_sd1_dir, tmp_path, capsys)
     assert capsys.readouterr().out.split() == [
         "anisotropy",
         "bright-ending",
+        "broken-memories",
+        "dsm",
+        "hessian-difference",
         "ren-entropy",
         "sharpness",
         "wen",

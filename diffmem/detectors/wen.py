@@ -19,9 +19,9 @@ __all__ = ["WenDetector", "is_guarded", "noise_gap_scores", "stop_after"]
 
 
 def is_guarded(pipe) -> bool:
-    """True for diffmem's guarded pipelines (they score the loop themselves, mitigation included; each
-    names the stock class it wraps)."""
-    return getattr(type(pipe), "stock_pipeline_class", None) is not None
+    """True for diffmem's guarded pipelines (they score the loop themselves, mitigation included), marked
+    by ``MemGuardMixin.scores_memorization``."""
+    return bool(getattr(type(pipe), "scores_memorization", False))
 
 
 def stop_after(end: int):

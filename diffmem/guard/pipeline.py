@@ -216,6 +216,9 @@ class MemGuardMixin(EditLoaderMixin):
         calibration (`GuardCalibration` or `None`): read from the model folder by ``from_pretrained``.
     """
 
+    #: marks diffmem's guarded pipelines for the layers below the guard, which cannot import this class:
+    #: they score their own loop (``diffmem.detectors.wen.is_guarded``, ``diffmem.modelio.load_pipeline``)
+    scores_memorization: ClassVar[bool] = True
     #: the diffusers pipeline class this one wraps (saved folders name it in ``model_index.json``)
     stock_pipeline_class: ClassVar[type]
     #: the output dataclass
