@@ -125,6 +125,15 @@ class Detector(ABC):
         return out
 
 
+def step_window(steps: int, start: int = 0) -> tuple[int, int]:
+    """``(steps, start)`` of a detector that reads the sampling steps ``start <= k < steps``, checked."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    if not isinstance(start, int) or not 0 <= start < steps:
+        raise ValueError(f"start: expected an integer 0 <= start < steps={steps}, got {start!r}")
+    return steps, start
+
+
 #: The registry of detectors.
 DETECTORS = Registry("detector", Detector, BUILTIN_MODULES)
 

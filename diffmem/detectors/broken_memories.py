@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from diffmem.detectors.base import Detector, register_detector
+from diffmem.detectors.base import Detector, register_detector, step_window
 from diffmem.detectors.trajectory import first_steps
 
 __all__ = ["BrokenMemoriesDetector", "update_norms"]
@@ -39,11 +39,7 @@ class BrokenMemoriesDetector(Detector):
     reference = "Huang et al., KDD 2026"
 
     def __init__(self, steps: int = 3, start: int = 0):
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
-        if not isinstance(start, int) or not 0 <= start < steps:
-            raise ValueError(f"start: expected an integer 0 <= start < steps={steps}, got {start!r}")
-        self.steps, self.start = steps, start
+        self.steps, self.start = step_window(steps, start)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "steps": self.steps, "start": self.start}
