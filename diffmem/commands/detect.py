@@ -225,26 +225,41 @@ def run(args: argparse.Namespace) -> int:
                 f"per image ({per_image.n_positive} memorized, {per_image.n_negative} not): AUC {per_image.auc:.4f}  "
                 f"TPR@1%FPR {per_image.tpr_at_1pct_fpr:.4f}  threshold {per_image.threshold:.6g}"
             )
-            path = GuardCalibration(
+            path = _calibration(
+                args,
+                pipe,
+                height,
+                width,
+                settings,
                 memorization_threshold=per_image.threshold,
-                memorization_window=(args.start, args.steps),
-                num_inference_steps=args.num_inference_steps,
-                scheduler=type(pipe.scheduler).__name__,
-                height=height,
-                width=width,
-                guidance_scale=args.guidance_scale,
-                model_fingerprint=settings["model_fingerprint"],
                 auc=per_image.auc,
                 tpr_at_1pct_fpr=per_image.tpr_at_1pct_fpr,
                 n_positive=per_image.n_positive,
                 n_negative=per_image.n_negative,
-                num_gens=args.num_gens,
-                seed=args.seed,
                 data=f"{Path(args.prompts).name}, labels in column {args.labels!r} (diffmem detect)",
                 extra={"unit": "image", "per_prompt": metrics.to_dict(), "dtype": args.dtype},
             ).save_pretrained(args.save_calibration)
             print(f"wrote the calibration to {path}")
     return 0
+
+
+def _calibration(
+    args: argparse.Namespace, pipe, height: int, width: int, settings, **fields
+) -> GuardCalibration:
+    """A calibration with the conditions of this ``diffmem detect`` run (window, schedule, size, guidance,
+    model, generations, seed) and ``fields`` (threshold, metrics, data)."""
+    return GuardCalibration(
+        memorization_window=(args.start, args.steps),
+        num_inference_steps=args.num_inference_steps,
+        scheduler=type(pipe.scheduler).__name__,
+        height=height,
+        width=width,
+        guidance_scale=args.guidance_scale,
+        model_fingerprint=settings["model_fingerprint"],
+        num_gens=args.num_gens,
+        seed=args.seed,
+        **fields,
+    )
 
 
 def save_fpr_calibration(
@@ -267,19 +282,15 @@ def save_fpr_calibration(
             f"note: {len(scores)} images cannot show a rate of {args.fpr:g} (fewer than 1 / FPR); "
             "the threshold is above every score seen"
         )
-    return GuardCalibration(
+    return _calibration(
+        args,
+        pipe,
+        height,
+        width,
+        settings,
         memorization_threshold=threshold,
-        memorization_window=(args.start, args.steps),
-        num_inference_steps=args.num_inference_steps,
-        scheduler=type(pipe.scheduler).__name__,
-        height=height,
-        width=width,
-        guidance_scale=args.guidance_scale,
-        model_fingerprint=settings["model_fingerprint"],
         n_positive=0,
         n_negative=len(scores),
-        num_gens=args.num_gens,
-        seed=args.seed,
         data=f"{Path(args.prompts).name}, ordinary prompts (diffmem detect --fpr)",
         extra={"unit": "image", "method": "fpr", "target_fpr": args.fpr, **achieved, "dtype": args.dtype},
     ).save_pretrained(args.save_calibration)
