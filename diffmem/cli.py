@@ -9,10 +9,15 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 
 from diffmem import __version__
 from diffmem.cli_args import OneLineParser, check_numeric_options
 from diffmem.io import ALLOW_PICKLE_ENV
+
+# peft imports bitsandbytes, whose CPU backend (on CPUs with AVX512-BF16) warns at import about a 4-bit kernel
+# diffmem never uses: silenced before the commands (and so peft) are imported, or every error is two lines
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 #: Environment variable: a traceback on errors (as --debug); ALLOW_PICKLE_ENV is --allow-pickle's.
 DEBUG_ENV = "DIFFMEM_DEBUG"
@@ -91,17 +96,33 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
-    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    # peft imports bitsandbytes, whose CPU backend warns on every start about a 4-bit kernel diffmem never uses
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     previous = os.environ.get(ALLOW_PICKLE_ENV)
     if args.allow_pickle_weights:
         os.environ[ALLOW_PICKLE_ENV] = "1"
-    name = f"diffmem {args.command}"
+    try:
+        return run_with_error_boundary(f"diffmem {args.command}", args._run, args, debug=args.debug)
+    finally:
+        if previous is None:
+            os.environ.pop(ALLOW_PICKLE_ENV, None)
+        else:
+            os.environ[ALLOW_PICKLE_ENV] = previous
+
+
+def run_with_error_boundary(
+    name: str,
+    run: Callable[[argparse.Namespace], int | None],
+    args: argparse.Namespace,
+    *,
+    debug: bool = False,
+) -> int:
+    """``run(args)`` behind the error boundary every entry point shares: bad input is one line
+    ``<name>: error: ...`` and exit code 2; any other failure one line naming the error and exit code 1;
+    an interrupt says how to resume (130); a traceback only with ``debug`` or ``DIFFMEM_DEBUG=1``."""
+    debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     # a deprecation inside diffusers' own hub call, not the user's doing: it would be a second error line
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
     try:
-        return int(args._run(args) or 0)
+        return int(run(args) or 0)
     except KeyboardInterrupt:
         print(f"{name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -116,11 +137,6 @@ def main(argv: list[str] | None = None) -> int:
             text = f"{type(err).__name__}: {text} (rerun with --debug for the traceback)"
         print(f"{name}: error: {text}", file=sys.stderr)
         return 2 if user_error else 1
-    finally:
-        if previous is None:
-            os.environ.pop(ALLOW_PICKLE_ENV, None)
-        else:
-            os.environ[ALLOW_PICKLE_ENV] = previous
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ class Registry(Generic[T]):
         existing = self._classes.get(cls.name)
         if existing is not None and existing is not cls:
             raise ValueError(
-                f"a {self.kind} named {cls.name!r} is registered already ({existing.__qualname__})"
+                f"{'an' if self.kind[0] in 'aeiou' else 'a'} {self.kind} named {cls.name!r} is registered "
+                f"already ({existing.__qualname__})"
             )
         self._classes[cls.name] = cls
         return cls

@@ -119,6 +119,38 @@ def test_bench_bad_methods(tiny_sd1_dir, tmp_path, capsys):
     )
 
 
+def test_bench_reaches_every_registered_evaluation(tmp_path, capsys):
+    """``diffmem bench --list`` names every registered evaluation; ``diffmem bench <name>`` and a
+    ``benchmarks/`` script (``script_main``) reach the same class, with the same one-line errors."""
+    from diffmem.cli import main
+    from diffmem.commands.bench import script_main
+    from diffmem.evaluate.base import EVALUATIONS, Evaluation, parse_method_specs
+
+    assert main(["bench", "--list"]) == 0
+    listed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == EVALUATIONS.names() and {"detection", "mitigation"} <= set(listed)
+    assert all(
+        issubclass(EVALUATIONS.get_class(n), Evaluation) and EVALUATIONS.get_class(n).help for n in listed
+    )
+    assert main(["bench"]) == 2 and "choose an evaluation: detection" in capsys.readouterr().err
+    missing = str(tmp_path / "no-model")
+    for run in (
+        lambda: main(["bench", "detection", "--methods", "nope", "--model", missing]),
+        lambda: script_main("detection", ["--methods", "nope", "--model", missing]),
+    ):
+        assert run() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--methods: 'nope' is not registered" in err[0]
+    assert script_main("detection", ["--num-gens", "0"]) == 2  # checked numbers, as on the command line
+    assert "--num-gens" in capsys.readouterr().err
+    assert parse_method_specs("a, b:k=1;j=x", ["a", "b"]) == [("a", {}), ("b", {"k": 1, "j": "x"})]
+    with pytest.raises(ValueError, match="an evaluation named 'detection' is registered already"):
+
+        @EVALUATIONS.register
+        class Twin(Evaluation):
+            name = "detection"
+
+
 @pytest.mark.slow
 def test_organism_suite_and_mitigation_bench(tmp_path):
     """The organism's measured splits and the mitigation evaluator, at reduced sizes."""
