@@ -8,12 +8,13 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from diffmem.io import atomic_write_text
+from diffmem.io import atomic_write_bytes, atomic_write_text
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -56,6 +57,17 @@ def figure_tag(fig, alt: str = "") -> str:
     plt.close(fig)
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     return f'<img class="plot" src="{uri}" alt="{escape(alt)}">'
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 80) -> Path:
+    """Write a matplotlib figure as a PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def histogram_figure(

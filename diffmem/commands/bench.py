@@ -13,6 +13,8 @@ import argparse
 import functools
 import sys
 
+import torch
+
 from diffmem.cli import UsageError, run_with_error_boundary
 from diffmem.cli_args import OneLineParser, check_numeric_options
 from diffmem.commands.options import add_runtime_arguments, load_model
@@ -29,6 +31,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser, evaluation: type[E
     out = evaluation.out_folder()
     parser.add_argument("--out", default=out, help=f"results folder, resumed if it exists (default {out})")
     add_runtime_arguments(parser, size=False)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -47,6 +50,8 @@ def run_evaluation(evaluation: type[Evaluation], args: argparse.Namespace) -> in
     if evaluation.registry is not None and args.list:
         print("\n".join(evaluation.registry.names()))
         return 0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     job = evaluation(args)
     job.check()
     result = job.run(functools.partial(load_model, args))
