@@ -124,17 +124,10 @@ class SavedObject:
             config_path = path / cls.config_name
             if not config_path.is_file():
                 raise FileNotFoundError(f"{source}: no {cls.config_name} there (expected {expected})")
-            config = _read_json(
-                config_path, f"{argument}: {config_path}" if argument else str(config_path), cls
-            )
-            weights = path / cls.weights_name
-            tensors, meta = read_safetensors(weights, argument or "", "") if weights.is_file() else ({}, {})
-            if meta.get("_class_name", config.get("_class_name")) != config.get("_class_name"):
-                raise ValueError(
-                    f"{source}: {cls.weights_name} holds a {meta['_class_name']}, "
-                    f"{cls.config_name} a {config.get('_class_name')}"
-                )
             source = f"{argument}: {config_path}" if argument else str(config_path)
+            config = _read_json(config_path, source, cls)
+            weights = path / cls.weights_name
+            tensors = read_safetensors(weights, argument or "", "")[0] if weights.is_file() else {}
         elif path.is_file():
             if path.suffix == ".safetensors":
                 tensors, meta = read_safetensors(path, argument or "", "")
@@ -168,22 +161,20 @@ class SavedObject:
                 raise ValueError(f"{source}: holds a {name}, expected a {cls.__name__}")
             target = found
         version = config.get("format_version")
-        if version is None:
-            return target._from_legacy(config, tensors, source)
-        if isinstance(version, bool) or not isinstance(version, int):
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
             raise ValueError(f"{source}: format_version must be an integer, got {version!r}")
-        if version > target.format_version:
+        if version is not None and version > target.format_version:
             raise ValueError(
                 f"{source}: {target.__name__} format_version {version} (written by diffmem "
                 f"{config.get('_diffmem_version', '?')}) is newer than this diffmem {diffmem.__version__} reads "
                 f"({target.format_version}); upgrade diffmem"
             )
-        if version < target.format_version:
-            return target._from_legacy(config, tensors, source)
-        body = {k: v for k, v in config.items() if k not in HEADER}
         try:
-            return target._from_parts(body, tensors, source)
-        except (KeyError, TypeError) as err:
+            if version == target.format_version:
+                body = {k: v for k, v in config.items() if k not in HEADER}
+                return target._from_parts(body, tensors, source)
+            return target._from_legacy(config, tensors, source)
+        except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{source}: malformed {target.__name__} ({type(err).__name__}: {err})") from None
 
 
