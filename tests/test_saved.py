@@ -275,3 +275,14 @@ class TestGuardCalibration(SavedObjectTesterMixin):
         assert calibration.memorization_threshold == data["memorization_threshold"]
         assert calibration.model_fingerprint == data["model_fingerprint"]
         assert calibration.to_dict() == {k: v for k, v in data.items() if k != "format"}
+
+
+def test_the_nemo_mitigation_takes_the_files_localize_writes(tmp_path):
+    """``NeMoMitigation(neuron_set="runs/localize/union.json")`` (the README's call) reads the one-file
+    form, old or new, as ``stats=`` does."""
+    from diffmem.mitigations.nemo import NeMoMitigation
+
+    legacy = TestNeuronSet().write_legacy(_neuron_set(), tmp_path)
+    assert_same(NeMoMitigation(neuron_set=legacy).neuron_set, _neuron_set())
+    stats = TestValueStats().make_object()
+    assert_same(NeMoMitigation(stats=stats.save(tmp_path / "stats.safetensors")).stats, stats)
