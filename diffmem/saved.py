@@ -9,7 +9,8 @@ A :class:`SavedObject` subclass names its files (``config_name``, ``weights_name
   ``_diffmem_version``, ``format_version`` and the config) and, when the object has tensors,
   ``weights_name`` (safetensors);
 * one file (``save`` / ``load``, what the CLI's file arguments take): the same JSON, or, for an object
-  with tensors, a ``.safetensors`` file whose metadata ``diffmem_config`` holds that JSON.
+  with tensors, a ``.safetensors`` file whose metadata ``diffmem_config`` holds that JSON (read by its
+  content, whatever its name).
 
 Every file is written atomically and no pickle is read. ``from_pretrained`` takes either form, checks
 the class (a subclass named in the file is returned: ``Edit.from_pretrained`` gives a ``NeuronSet``) and
@@ -129,7 +130,7 @@ class SavedObject:
             weights = path / cls.weights_name
             tensors = read_safetensors(weights, argument or "", "")[0] if weights.is_file() else {}
         elif path.is_file():
-            if path.suffix == ".safetensors":
+            if _is_safetensors(path):
                 tensors, meta = read_safetensors(path, argument or "", "")
                 try:
                     config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else dict(meta)
@@ -176,6 +177,16 @@ class SavedObject:
             return target._from_legacy(config, tensors, source)
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{source}: malformed {target.__name__} ({type(err).__name__}: {err})") from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does (an 8-byte header length that fits, then ``{``);
+    a JSON file never does (its first 8 bytes read as a length far beyond any file's size)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return path.suffix == ".safetensors"  # too short or broken: the suffix says what was meant
+    return 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def _read_json(path: Path, source: str, cls: type) -> dict[str, Any]:

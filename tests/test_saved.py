@@ -286,3 +286,11 @@ def test_the_nemo_mitigation_takes_the_files_localize_writes(tmp_path):
     assert_same(NeMoMitigation(neuron_set=legacy).neuron_set, _neuron_set())
     stats = TestValueStats().make_object()
     assert_same(NeMoMitigation(stats=stats.save(tmp_path / "stats.safetensors")).stats, stats)
+
+
+def test_a_file_is_read_by_its_content_not_its_name(tmp_path):
+    stats = TestValueStats().make_object()
+    stats.save(tmp_path / "stats.safetensors").rename(tmp_path / "stats.bin")
+    assert_same(ValueStats.load(tmp_path / "stats.bin"), stats)
+    _neuron_set().save(tmp_path / "neurons.txt")
+    assert_same(NeuronSet.load(tmp_path / "neurons.txt"), _neuron_set())
