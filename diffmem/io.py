@@ -114,6 +114,29 @@ def atomic_save_tensors(
     )
 
 
+def read_safetensors(
+    path: str | os.PathLike, argument: str, missing_hint: str
+) -> tuple[dict, dict[str, str]]:
+    """Tensors and metadata of a safetensors file (on the CPU; no pickle).
+
+    Errors name ``argument`` (when given) and the path: ``FileNotFoundError`` (with ``missing_hint``) for a missing
+    file, ``ValueError`` for a file that is not safetensors.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    named = f"{argument}: {path}" if argument else str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{named} does not exist ({missing_hint})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{named} is not a safetensors file ({err})") from err
+    return tensors, meta
+
+
 def load_checked_safetensors(
     path: str | os.PathLike, *, format: str, what: str, argument: str, missing_hint: str
 ) -> tuple[dict, dict[str, str]]:
@@ -122,17 +145,7 @@ def load_checked_safetensors(
     Errors name ``argument`` and the path: ``FileNotFoundError`` (with ``missing_hint``) for a missing
     file, ``ValueError`` for a file that is not safetensors or not ``what`` (another ``format``).
     """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{argument}: {path} does not exist ({missing_hint})")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{argument}: {path} is not a safetensors file ({err})") from err
+    tensors, meta = read_safetensors(path, argument, missing_hint)
     if meta.get("format") != format:
         raise ValueError(f"{argument}: {path} is not {what} (format {meta.get('format')!r})")
     return tensors, meta

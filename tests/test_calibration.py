@@ -63,7 +63,8 @@ def test_round_trip_through_the_folder(calibrated_dir):
     from diffusers import DiffusionPipeline
 
     saved = json.loads((calibrated_dir / CALIBRATION_FILE).read_text())
-    assert saved["format"] == "diffmem.GuardCalibration/1" and saved["memorization_window"] == [0, 1]
+    assert saved["_class_name"] == "GuardCalibration" and saved["format_version"] == 2
+    assert saved["memorization_window"] == [0, 1]
     stock = DiffusionPipeline.from_pretrained(
         calibrated_dir
     )  # the side file does not disturb stock diffusers
@@ -164,7 +165,7 @@ def test_bad_calibration_file_names_the_file(tiny_sd1_dir, tmp_path):
 
     shutil.copytree(tiny_sd1_dir, tmp_path / "m")
     (tmp_path / "m" / CALIBRATION_FILE).write_text("{not json")
-    with pytest.raises(CalibrationError, match=f"m/{CALIBRATION_FILE}: not a JSON calibration file"):
+    with pytest.raises(CalibrationError, match=f"m/{CALIBRATION_FILE}: not valid JSON"):
         StableDiffusionMemGuardPipeline.from_pretrained(tmp_path / "m")
     (tmp_path / "m" / CALIBRATION_FILE).write_text(json.dumps({"memorization_threshold": float("nan")}))
     with pytest.raises(CalibrationError, match="memorization_threshold: expected a finite number"):

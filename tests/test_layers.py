@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "diffmem.scores": 1,
     "diffmem.hooks": 1,
     "diffmem.io": 1,
+    "diffmem.saved": 1,
     "diffmem.seeding": 1,
     "diffmem.registry": 1,
     "diffmem.precision": 1,

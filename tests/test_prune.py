@@ -174,9 +174,9 @@ def test_weight_mask_is_an_edit_saved_without_pickle(pipe, tmp_path):
 
     (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(ValueError, match="--mask"):
-        WeightMask.load(tmp_path / "bad.safetensors")
+        WeightMask.load(tmp_path / "bad.safetensors", "--mask")
     with pytest.raises(FileNotFoundError, match="--mask"):
-        WeightMask.load(tmp_path / "missing.safetensors")
+        WeightMask.load(tmp_path / "missing.safetensors", "--mask")
 
 
 def test_find_weight_mask_end_to_end_and_cli(tiny_sd1_dir, tmp_path, pipe, capsys):

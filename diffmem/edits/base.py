@@ -6,9 +6,10 @@ An *edit* is an :class:`Edit`: it carries the fingerprint of the model it was fo
   layers or indices that do not fit),
 * ``weight_multipliers(unet, factor) -> {parameter: multiplier}`` (broadcastable to the parameter:
   rows for a :class:`~diffmem.edits.NeuronSet`, single weights for a :class:`~diffmem.edits.WeightMask`),
-* ``save_pretrained(folder)`` / ``Edit.from_pretrained(folder)``: a folder with ``edit_config.json``
-  (the class, fingerprint and settings, diffusers' ``ConfigMixin`` style) and ``edit.safetensors``
-  (the indices or masks; no pickle).
+* ``save_pretrained(folder)`` / ``Edit.from_pretrained(folder)`` (:class:`diffmem.saved.SavedObject`): a
+  folder with ``edit_config.json`` (the class, fingerprint and settings, diffusers' ``ConfigMixin``
+  style) and, for an edit with tensors, ``edit.safetensors`` (a ``WeightMask``'s masks; no pickle);
+  ``save(file)`` / ``load(file)`` the one-file form the CLI takes.
 
 Edits that can also act on module outputs (``scales(unet, factor) -> {value-layer name: [d]}``,
 e.g. ``NeuronSet``) can be applied by forward hooks (``mode="hook"``). Weight mode is the default: it
@@ -21,7 +22,6 @@ fired. Either way the model is restored when the ``with`` block ends, even on er
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,27 +30,30 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-import diffmem
 from diffmem.fingerprint import EDIT_RECORD, content_fingerprint, model_fingerprint, remember_fingerprint
 from diffmem.hooks.neurons import scaled_value_neurons
 from diffmem.hooks.restore import multiply_weights, scaled_weights
-from diffmem.io import atomic_save_tensors, atomic_write_json, load_checked_safetensors
+from diffmem.io import atomic_write_json
+from diffmem.saved import SavedObject
 
-EDIT_FORMAT = "diffmem.Edit/1"
+#: The ``format`` of format-1 edit folders (before :class:`~diffmem.saved.SavedObject`), read as legacy.
+LEGACY_EDIT_FORMAT = "diffmem.Edit/1"
 
 
-class Edit:
-    """Base class of UNet edits; subclasses are dataclasses that fill in the methods below."""
+class Edit(SavedObject):
+    """Base class of UNet edits; subclasses are dataclasses that fill in the methods below.
+
+    Saved as a folder (``edit_config.json``, and ``edit.safetensors`` for an edit with tensors) by
+    :class:`~diffmem.saved.SavedObject`; ``Edit.from_pretrained`` returns the class the folder names.
+    Format 1 (diffmem 0.1's folders, ``"format": "diffmem.Edit/1"``, every edit's indices in
+    ``edit.safetensors``) still loads through each subclass's ``_from_legacy``.
+    """
 
     config_name: ClassVar[str] = "edit_config.json"
     weights_name: ClassVar[str] = "edit.safetensors"
-    _classes: ClassVar[dict[str, type[Edit]]] = {}
+    format_version: ClassVar[int] = 2
 
     fingerprint: str | None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        Edit._classes[cls.__name__] = cls
 
     # ----------------------------------------------------------------------------------- the protocol
     def validate(self, unet: nn.Module) -> Any:
@@ -61,51 +64,6 @@ class Edit:
 
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
-
-    def _parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """(JSON config, tensors) that :meth:`_from_parts` turns back into the edit."""
-        raise NotImplementedError
-
-    @classmethod
-    def _from_parts(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> Edit:
-        raise NotImplementedError
-
-    # ----------------------------------------------------------------------------------- folders
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write the edit as a folder (``edit_config.json`` + ``edit.safetensors``), each file atomically."""
-        folder = Path(save_directory)
-        config, tensors = self._parts()
-        atomic_save_tensors(folder / self.weights_name, tensors, {"format": EDIT_FORMAT})
-        header = {"_class_name": type(self).__name__, "_diffmem_version": diffmem.__version__}
-        atomic_write_json(folder / self.config_name, {**header, "format": EDIT_FORMAT, **config})
-        return folder
-
-    @classmethod
-    def from_pretrained(cls, pretrained_path: str | os.PathLike) -> Edit:
-        """Read an edit folder written by :meth:`save_pretrained` (the class comes from its config)."""
-        folder = Path(pretrained_path)
-        config_path = folder / cls.config_name
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{folder}: not an edit folder (no {cls.config_name})")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{config_path}: not valid JSON ({err})") from None
-        if not isinstance(config, dict) or config.get("format") != EDIT_FORMAT:
-            raise ValueError(f'{config_path}: not a diffmem edit (expected "format": "{EDIT_FORMAT}")')
-        target = Edit._classes.get(str(config.get("_class_name")))
-        if target is None or not issubclass(target, cls):
-            raise ValueError(
-                f"{config_path}: _class_name {config.get('_class_name')!r} is not a {cls.__name__}"
-            )
-        tensors, _ = load_checked_safetensors(
-            folder / cls.weights_name,
-            format=EDIT_FORMAT,
-            what="a diffmem edit",
-            argument=str(folder),
-            missing_hint=f"an edit folder holds {cls.weights_name}",
-        )
-        return target._from_parts(config, tensors, str(folder))
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ def load_edit(path: str | os.PathLike) -> Edit:
     if path.suffix == ".json":
         return NeuronSet.load(path)
     if path.suffix == ".safetensors":
-        return WeightMask.load(path, argument=str(path))
+        return WeightMask.load(path)
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist (expected an edit folder, a NeuronSet .json or a WeightMask .safetensors)"

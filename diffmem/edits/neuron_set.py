@@ -1,24 +1,22 @@
-"""``NeuronSet``: value-projection neurons found for one prompt or a set of prompts, serialisable to JSON.
+"""``NeuronSet``: value-projection neurons found for one prompt or a set of prompts, saved as JSON.
 
 A neuron is an output channel of a cross-attention value projection (``...attn2.to_v``), named by the
 module's name in the UNet and its channel index. The set carries the fingerprint of the model it was
-found on (:func:`diffmem.fingerprint.model_fingerprint`) and is refused on any other model.
+found on (:func:`diffmem.fingerprint.model_fingerprint`) and is refused on any other model. ``save(x.json)``
+(what ``diffmem localize`` writes) and ``save_pretrained(folder)`` both write one JSON config
+(:class:`diffmem.saved.SavedObject`); the format-1 JSON files and edit folders still load.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffmem.edits.base import Edit
+from diffmem.edits.base import LEGACY_EDIT_FORMAT, Edit
 from diffmem.fingerprint import FingerprintMismatchError, check_fingerprint
-from diffmem.io import atomic_write_json
 
 __all__ = ["FORMAT", "FingerprintMismatchError", "NeuronSet"]
 
@@ -159,7 +157,7 @@ class NeuronSet(Edit):
                 out[layer.bias] = scale
         return out
 
-    # ----------------------------------------------------------------------------------- JSON
+    # ----------------------------------------------------------------------------------- dictionaries
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -175,8 +173,13 @@ class NeuronSet(Edit):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "NeuronSet") -> NeuronSet:
+        """The set from :meth:`to_dict`'s dictionary (a format-1 JSON file holds exactly that)."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f'{source}: not a diffmem NeuronSet (expected "format": "{FORMAT}")')
+        return cls._from_fields(data, source)
+
+    @classmethod
+    def _from_fields(cls, data: dict[str, Any], source: str) -> NeuronSet:
         missing = [k for k in ("fingerprint", "layers", "neurons") if k not in data]
         if missing:
             raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
@@ -193,40 +196,26 @@ class NeuronSet(Edit):
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: {err}") from err
 
+    # ----------------------------------------------------------------------------------- files
     def _parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        config = {k: v for k, v in self.to_dict().items() if k not in ("format", "neurons")}
-        tensors = {name: torch.tensor(idx, dtype=torch.int64) for name, idx in zip(self.layers, self.neurons)}
-        return config, tensors
+        """Everything in the JSON config (the neurons are short index lists): no tensors."""
+        return {k: v for k, v in self.to_dict().items() if k != "format"}, {}
 
     @classmethod
     def _from_parts(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> NeuronSet:
-        layers = config.get("layers")
-        if not isinstance(layers, list) or any(name not in tensors for name in layers):
-            raise ValueError(
-                f"{source}: the config's layers and the tensors of {cls.weights_name} do not match"
-            )
-        data = {**config, "format": FORMAT, "neurons": [tensors[name].tolist() for name in layers]}
-        return cls.from_dict(data, source=source)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the set as one JSON file (the format ``diffmem localize`` writes)."""
-
-        return atomic_write_json(path, self.to_dict())
+        return cls._from_fields(config, source)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> NeuronSet:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"NeuronSet file {path} does not exist")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ValueError(
-                f"{path}: not a NeuronSet (expected diffmem's JSON file or a save_pretrained folder; this file is "
-                "not text, e.g. a pickle, which diffmem does not load)"
-            ) from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not a NeuronSet: not valid JSON ({err})") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: not a NeuronSet: expected a JSON object")
-        return cls.from_dict(data, source=str(path))
+    def _from_legacy(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> NeuronSet:
+        """Format 1: ``diffmem localize``'s JSON file (:meth:`to_dict`), or an edit folder with the
+        indices in ``edit.safetensors``."""
+        if config.get("format") == LEGACY_EDIT_FORMAT:
+            layers = config.get("layers")
+            if not isinstance(layers, list) or any(name not in tensors for name in layers):
+                raise ValueError(
+                    f"{source}: the config's layers and the tensors of {cls.weights_name} do not match"
+                )
+            return cls._from_fields(
+                {**config, "neurons": [tensors[name].tolist() for name in layers]}, source
+            )
+        return cls.from_dict(config, source)

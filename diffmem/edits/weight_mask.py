@@ -1,23 +1,21 @@
 """``WeightMask``: single weights of feed-forward layers switched off (subspace pruning's edit).
 
-Saved as one safetensors file (bool masks, settings in the metadata; ``diffmem prune`` writes it) or as an
-edit folder (:meth:`Edit.save_pretrained`): no pickle.
+Saved as one safetensors file (``save``: bool masks, the config JSON in the metadata; ``diffmem prune``
+writes it) or as an edit folder (``save_pretrained``), by :class:`diffmem.saved.SavedObject`: no pickle.
+The format-1 files (settings as separate metadata strings) and edit folders still load.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffmem.edits.base import Edit
+from diffmem.edits.base import LEGACY_EDIT_FORMAT, Edit
 from diffmem.fingerprint import FingerprintMismatchError, check_fingerprint
-from diffmem.io import atomic_save_tensors, load_checked_safetensors
 
 FORMAT = "diffmem.weight_mask/1"
 
@@ -31,7 +29,7 @@ class WeightMask(Edit):
     model it was found on (:func:`diffmem.fingerprint.model_fingerprint`, unchanged by the edit itself).
     It is an edit in the sense of :mod:`diffmem.edits` (``validate``, ``weight_multipliers``,
     ``to_dict``), so ``diffmem.edits.applied`` / ``apply_permanently`` / ``save_edited`` take it like a
-    ``NeuronSet``. Saved as safetensors (bool tensors, settings in the metadata): no pickle.
+    ``NeuronSet``.
     """
 
     masks: dict[str, torch.Tensor]
@@ -93,7 +91,7 @@ class WeightMask(Edit):
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON summary (the masks themselves go to the safetensors file, :meth:`save`)."""
+        """A JSON summary (the masks themselves are saved as tensors, :meth:`save`)."""
         return {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
@@ -113,23 +111,21 @@ class WeightMask(Edit):
         layers = config.get("layers", list(tensors))
         missing = [name for name in layers if name not in tensors]
         if missing:
-            raise ValueError(f"{source}: no mask for layer(s) {', '.join(missing)} in {cls.weights_name}")
+            raise ValueError(f"{source}: no mask for layer(s) {', '.join(missing)} among its tensors")
         masks = {name: tensors[name].bool() for name in layers}
         return cls(masks, config.get("fingerprint") or None, dict(config.get("params") or {}))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the mask as one .safetensors file (the format ``diffmem prune`` writes)."""
-        meta = {"format": FORMAT, "fingerprint": self.fingerprint or "", "params": json.dumps(self.params)}
-        return atomic_save_tensors(path, {n: m.detach().cpu().bool() for n, m in self.masks.items()}, meta)
-
     @classmethod
-    def load(cls, path: str | os.PathLike, argument: str = "--mask") -> WeightMask:
-        tensors, meta = load_checked_safetensors(
-            path,
-            format=FORMAT,
-            what="a diffmem WeightMask",
-            argument=argument,
-            missing_hint="expected a WeightMask .safetensors file",
-        )
-        masks = {k: t.bool() for k, t in tensors.items()}
-        return cls(masks, meta.get("fingerprint") or None, json.loads(meta.get("params", "{}")))
+    def _from_legacy(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str
+    ) -> WeightMask:
+        """Format 1: ``diffmem prune``'s .safetensors (settings as metadata strings) or an edit folder."""
+        if config.get("format") == LEGACY_EDIT_FORMAT:
+            return cls._from_parts(config, tensors, source)
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{source}: not a diffmem WeightMask (format {config.get('format')!r})")
+        try:
+            params = json.loads(config.get("params", "{}"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: its params metadata is not valid JSON ({err})") from None
+        return cls({k: t.bool() for k, t in tensors.items()}, config.get("fingerprint") or None, params)

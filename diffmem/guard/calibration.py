@@ -16,20 +16,20 @@ warning names the setting) instead of applying it silently.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from diffmem.io import atomic_write_json
+from diffmem.saved import SavedObject
 from diffmem.scores.solidmark import binomial_ci
 
 #: Name of the calibration file inside a model folder.
 CALIBRATION_FILE = "diffmem_calibration.json"
+#: The ``format`` of format-1 calibration files (before :class:`~diffmem.saved.SavedObject`), read as legacy.
 FORMAT = "diffmem.GuardCalibration/1"
 
 
@@ -77,8 +77,11 @@ class CalibrationError(ValueError):
 
 
 @dataclass(frozen=True)
-class GuardCalibration:
+class GuardCalibration(SavedObject):
     """A memorization flag threshold with the conditions it holds under.
+
+    Saved by :class:`~diffmem.saved.SavedObject` as ``diffmem_calibration.json`` in a model folder
+    (``save_pretrained(model_dir)``); format-1 files and the organism's first files still load.
 
     Args:
         memorization_threshold: flag an image when its score is ``>=`` this.
@@ -95,6 +98,9 @@ class GuardCalibration:
         data: where the labelled prompts came from.
         extra: anything else worth keeping (free-form, JSON).
     """
+
+    config_name: ClassVar[str] = CALIBRATION_FILE
+    format_version: ClassVar[int] = 2
 
     memorization_threshold: float
     memorization_window: tuple[int, int]
@@ -204,7 +210,8 @@ class GuardCalibration:
 
     # ----------------------------------------------------------------------------------- files
     def to_dict(self) -> dict[str, Any]:
-        out = {"format": FORMAT, **asdict(self)}
+        """The fields as JSON values (what the saved config holds after its header)."""
+        out = asdict(self)
         out["memorization_window"] = list(self.memorization_window)
         if self.rescaled_from is not None:
             out["rescaled_from"] = list(self.rescaled_from)
@@ -212,46 +219,62 @@ class GuardCalibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "calibration") -> GuardCalibration:
-        """Read the current format and the organism's first files (threshold and window only)."""
+        """The calibration from a saved config of any version (with or without the header) or :meth:`to_dict`."""
         if not isinstance(data, dict):
             raise CalibrationError(f"{source}: expected a JSON object")
+        try:
+            return cls._from_config(data, {}, source)
+        except CalibrationError:
+            raise
+        except ValueError as err:
+            raise CalibrationError(str(err)) from None
+
+    def _parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.to_dict(), {}
+
+    @classmethod
+    def _from_parts(cls, config: dict[str, Any], tensors: dict[str, Any], source: str) -> GuardCalibration:
+        return cls._from_fields(config, source, first_files=False)
+
+    @classmethod
+    def _from_legacy(cls, config: dict[str, Any], tensors: dict[str, Any], source: str) -> GuardCalibration:
+        """Format 1 (``"format": "diffmem.GuardCalibration/1"``) and the organism's first files (no
+        ``format``: threshold and window, the AUC under another name)."""
+        fields_ = {k: v for k, v in config.items() if k != "format"}
+        return cls._from_fields(fields_, source, first_files=config.get("format") != FORMAT)
+
+    @classmethod
+    def _from_fields(cls, data: dict[str, Any], source: str, first_files: bool) -> GuardCalibration:
         if "memorization_threshold" not in data:
             raise CalibrationError(f"{source}: no memorization_threshold")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("memorization_window", [0, 1])
-        legacy = {k: v for k, v in data.items() if k not in known and k != "format"}
-        if data.get("format") != FORMAT:  # the first files: AUC under another name, the rest as extra
+        legacy = {k: v for k, v in data.items() if k not in known}
+        if first_files:  # AUC under another name, the rest as extra
             values.setdefault("auc", legacy.pop("first_step_auc", None))
             values.setdefault("tpr_at_1pct_fpr", legacy.pop("first_step_tpr_at_1pct_fpr", None))
             values.setdefault("data", legacy.pop("calibrated_on", None))
         values["extra"] = {**legacy, **dict(values.get("extra") or {})}
         try:
             return cls(**values)
-        except CalibrationError as err:
+        except (CalibrationError, TypeError) as err:
             raise CalibrationError(f"{source}: {err}") from None
-        except TypeError as err:
-            raise CalibrationError(f"{source}: {err}") from None
-
-    def save_pretrained(self, model_dir: str | os.PathLike) -> Path:
-        """Write ``diffmem_calibration.json`` into ``model_dir`` (atomically)."""
-
-        return atomic_write_json(Path(model_dir) / CALIBRATION_FILE, self.to_dict())
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> GuardCalibration | None:
-        """The calibration of a local model folder, or ``None`` when it has none.
+    def from_pretrained(
+        cls, pretrained_path: str | os.PathLike, argument: str | None = None
+    ) -> GuardCalibration | None:
+        """The calibration of a local model folder (or the JSON file itself), or ``None`` when it has none.
 
-        ``model_dir`` may also be the JSON file itself. A file that is not a calibration raises
-        :class:`CalibrationError` naming it.
+        A file that is not a calibration raises :class:`CalibrationError` naming it.
         """
-        path = Path(model_dir)
-        if path.is_dir():
-            path = path / CALIBRATION_FILE
-        if not path.is_file():
+        path = Path(pretrained_path)
+        if not (path / CALIBRATION_FILE if path.is_dir() else path).is_file():
             return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CalibrationError(f"{path}: not a JSON calibration file ({err})") from None
-        return cls.from_dict(data, source=str(path))
+            return super().from_pretrained(path, argument)
+        except CalibrationError:
+            raise
+        except ValueError as err:
+            raise CalibrationError(str(err)) from None

@@ -17,22 +17,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from diffmem.edits import WeightMask
 from diffmem.fingerprint import model_fingerprint
 from diffmem.hooks.ffn import StepCounter, ffn_layers, record_ffn_input_norms
-from diffmem.io import atomic_save_tensors
 from diffmem.modelio import model_resolution
 from diffmem.precision import dtype_name
+from diffmem.saved import SavedObject
 from diffmem.seeding import item_generator
 
+#: The ``format`` of format-1 statistics files (before :class:`~diffmem.saved.SavedObject`), read as legacy.
 STATS_FORMAT = "diffmem.ffn_stats/1"
 
 
@@ -40,11 +39,17 @@ STATS_FORMAT = "diffmem.ffn_stats/1"
 
 
 @dataclass
-class FFNStats:
+class FFNStats(SavedObject):
     """Per-step column statistics of FFN inputs over a prompt set: ``sumsq[layer]`` is ``[T, d_in]`` float32.
 
-    ``norms()`` gives ``a = sqrt(sumsq)`` (root-sum-of-squares over prompts and rows).
+    ``norms()`` gives ``a = sqrt(sumsq)`` (root-sum-of-squares over prompts and rows). Saved by
+    :class:`~diffmem.saved.SavedObject` (``save(x.safetensors)`` or ``save_pretrained(folder)``);
+    format-1 files still load.
     """
+
+    config_name: ClassVar[str] = "ffn_stats_config.json"
+    weights_name: ClassVar[str] = "ffn_stats.safetensors"
+    format_version: ClassVar[int] = 2
 
     sumsq: dict[str, torch.Tensor]
     num_prompts: int
@@ -57,25 +62,29 @@ class FFNStats:
     def num_steps(self) -> int:
         return next(iter(self.sumsq.values())).shape[0]
 
-    def save(self, path: str | os.PathLike) -> Path:
-
-        meta = {
-            "format": STATS_FORMAT,
-            "num_prompts": str(self.num_prompts),
-            "settings": json.dumps(self.settings),
-        }
-        return atomic_save_tensors(path, {k: v.detach().cpu() for k, v in self.sumsq.items()}, meta)
+    # ----------------------------------------------------------------------------------- files
+    def _parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = {"num_prompts": self.num_prompts, "settings": self.settings, "layers": list(self.sumsq)}
+        return config, {k: v.detach().cpu() for k, v in self.sumsq.items()}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> FFNStats:
-        from safetensors import safe_open
+    def _from_parts(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> FFNStats:
+        missing = [name for name in config["layers"] if name not in tensors]
+        if missing:
+            raise ValueError(f"{source}: no statistics for layer(s) {', '.join(missing)} among its tensors")
+        sumsq = {name: tensors[name] for name in config["layers"]}
+        return cls(sumsq, int(config["num_prompts"]), dict(config.get("settings") or {}))
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != STATS_FORMAT:
-                raise ValueError(f"{path}: not a diffmem FFN statistics file (format {meta.get('format')!r})")
-            sumsq = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(sumsq, int(meta["num_prompts"]), json.loads(meta.get("settings", "{}")))
+    @classmethod
+    def _from_legacy(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> FFNStats:
+        """Format 1: a .safetensors with ``format``, ``num_prompts`` and ``settings`` (JSON) as metadata."""
+        if config.get("format") != STATS_FORMAT:
+            raise ValueError(f"{source}: not a diffmem FFN statistics file (format {config.get('format')!r})")
+        try:
+            settings = json.loads(config.get("settings", "{}"))
+            return cls(dict(tensors), int(config["num_prompts"]), settings)
+        except (json.JSONDecodeError, KeyError, ValueError) as err:
+            raise ValueError(f"{source}: unreadable FFN statistics metadata ({err!r})") from None
 
 
 def collect_ffn_stats(

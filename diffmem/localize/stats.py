@@ -4,18 +4,16 @@ For each value layer ``l`` and neuron ``i``: ``mu_i^l`` = mean and ``sigma_i^l``
 deviation over prompts ``y`` of ``a_i^l(y) = mean_tok |(W_V^l y_tok)_i|`` (Hintersdorf et al.,
 "Finding NeMo", NeurIPS 2024, Sec. 3.3). Accumulated in one streaming pass with Chan et al.'s
 parallel update of (count, mean, M2) in float64 on the model's device; only the final mean/std are
-moved to the CPU. Saved as safetensors whose metadata holds a JSON header (format, model fingerprint,
-layer names, prompt count), and refused for another model.
+moved to the CPU. Saved as safetensors with the model fingerprint, layer names and prompt count in the
+config (:class:`diffmem.saved.SavedObject`), and refused for another model.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,15 +21,24 @@ from torch import nn
 from diffmem.conditioning import encode_prompts, prompt_conditioning
 from diffmem.fingerprint import fingerprint_problem, model_fingerprint
 from diffmem.hooks.neurons import DEFAULT_BLOCKS, value_activations, value_layers
-from diffmem.io import atomic_save_tensors
 from diffmem.modelio import is_sdxl
+from diffmem.saved import SavedObject
 
+#: The header ``format`` of format-1 files (before :class:`~diffmem.saved.SavedObject`), read as legacy.
 FORMAT = "diffmem.ValueStats/1"
 
 
 @dataclass
-class ValueStats:
-    """Per-layer mean and standard deviation of value-neuron activations, and the model they belong to."""
+class ValueStats(SavedObject):
+    """Per-layer mean and standard deviation of value-neuron activations, and the model they belong to.
+
+    Saved by :class:`~diffmem.saved.SavedObject`: ``save(x.safetensors)`` (what ``diffmem localize
+    --stats`` reads) or ``save_pretrained(folder)``; format-1 files still load.
+    """
+
+    config_name: ClassVar[str] = "value_stats_config.json"
+    weights_name: ClassVar[str] = "value_stats.safetensors"
+    format_version: ClassVar[int] = 2
 
     fingerprint: str
     layers: list[str]
@@ -57,51 +64,47 @@ class ValueStats:
         if list(layers) != self.layers:
             raise ValueError(f"{source}: statistics cover the layers {self.layers}, expected {list(layers)}")
 
-    def save(self, path: str | os.PathLike) -> Path:
-
-        tensors = {}
-        for i, (mu, sd) in enumerate(zip(self.mean, self.std)):
-            tensors[f"mean.{i}"] = mu.float().cpu()
-            tensors[f"std.{i}"] = sd.float().cpu()
-        header = {
-            "format": FORMAT,
+    # ----------------------------------------------------------------------------------- files
+    def _parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = {
             "fingerprint": self.fingerprint,
             "layers": self.layers,
             "count": self.count,
             "info": self.info,
         }
-        return atomic_save_tensors(path, tensors, metadata={"diffmem": json.dumps(header)})
+        tensors = {}
+        for i, (mu, sd) in enumerate(zip(self.mean, self.std)):
+            tensors[f"mean.{i}"] = mu.float().cpu()
+            tensors[f"std.{i}"] = sd.float().cpu()
+        return config, tensors
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ValueStats:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"statistics file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                header = json.loads(meta.get("diffmem", "{}"))
-                if header.get("format") != FORMAT:
-                    raise ValueError(f"{path}: not diffmem value statistics (no {FORMAT} header)")
-                n = len(header["layers"])
-                mean = [f.get_tensor(f"mean.{i}") for i in range(n)]
-                std = [f.get_tensor(f"std.{i}") for i in range(n)]
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{path}: unreadable statistics file ({err})") from err
-        except Exception as err:  # safetensors raises its own error type for a non-safetensors file
-            if isinstance(err, ValueError):
-                raise
-            raise ValueError(f"{path}: not a safetensors file ({err})") from err
+    def _from_parts(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> ValueStats:
+        n = len(config["layers"])
+        missing = [k for i in range(n) for k in (f"mean.{i}", f"std.{i}") if k not in tensors]
+        if missing:
+            raise ValueError(f"{source}: {n} layers but no tensor(s) {', '.join(missing[:4])}")
         return cls(
-            header["fingerprint"],
-            list(header["layers"]),
-            mean,
-            std,
-            int(header["count"]),
-            header.get("info", {}),
+            str(config["fingerprint"]),
+            list(config["layers"]),
+            [tensors[f"mean.{i}"] for i in range(n)],
+            [tensors[f"std.{i}"] for i in range(n)],
+            int(config["count"]),
+            dict(config.get("info") or {}),
         )
+
+    @classmethod
+    def _from_legacy(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str
+    ) -> ValueStats:
+        """Format 1: a .safetensors whose metadata ``diffmem`` holds the JSON header."""
+        try:
+            header = json.loads(config.get("diffmem", "{}"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: unreadable statistics header ({err})") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise ValueError(f"{source}: not diffmem value statistics (no {FORMAT} header)")
+        return cls._from_parts(header, tensors, source)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from diffmem.solidmark.keys import (
 )
 from diffmem.solidmark.manifest import DUPLICATE_POLICIES, KeyEntry, KeyManifest
 
-MANIFEST_NAME = "solidmark_manifest.json"
+MANIFEST_NAME = KeyManifest.config_name
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The SolidMark key manifest: which key every image of a keyed dataset carries, and how it is drawn.
 
-A JSON file written beside a keyed dataset::
+A JSON file written beside a keyed dataset (:class:`diffmem.saved.SavedObject`'s header, then the fields)::
 
-    {"format": "diffmem.SolidMarkManifest/1", "pattern": "border", "frame_width": 16,
-     "value_space": "pixel", "seed": 42, "duplicate_keys": "fresh", "bit_depth": 8,
+    {"_class_name": "KeyManifest", "_diffmem_version": "0.1.0", "format_version": 2,
+     "pattern": "border", "frame_width": 16, "value_space": "pixel", "seed": 42, "duplicate_keys": "fresh", "bit_depth": 8,
      "images": [{"id": "img-0", "key": 0.6394, "frame_key": 0.6392, "width": 96, "height": 96,
                  "group": "3f2a..."}, ...]}
 
@@ -16,20 +16,19 @@ name the file, the image id and what was expected.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from diffmem.io import atomic_write_json
+from diffmem.saved import SavedObject
 from diffmem.scores.solidmark import VALUE_SPACES, space_to_pixel
 from diffmem.solidmark.keys import LEVELS, PATTERNS, frame_key, key_mask
 
+#: The ``format`` of format-1 manifests (before :class:`~diffmem.saved.SavedObject`), read as legacy.
 FORMAT = "diffmem.SolidMarkManifest/1"
 DUPLICATE_POLICIES = ("fresh", "shared")
 
@@ -47,8 +46,15 @@ class KeyEntry:
 
 
 @dataclass
-class KeyManifest:
-    """Keys of a keyed dataset and the parameters they were drawn with (see the module docstring)."""
+class KeyManifest(SavedObject):
+    """Keys of a keyed dataset and the parameters they were drawn with (see the module docstring).
+
+    Saved by :class:`~diffmem.saved.SavedObject`: ``save(file)``, or ``save_pretrained(folder)`` (the
+    keyed dataset's folder: ``solidmark_manifest.json`` beside the images); format-1 files still load.
+    """
+
+    config_name: ClassVar[str] = "solidmark_manifest.json"
+    format_version: ClassVar[int] = 2
 
     pattern: str
     frame_width: int
@@ -136,8 +142,13 @@ class KeyManifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "key manifest") -> KeyManifest:
+        """The manifest from :meth:`to_dict`'s dictionary (a format-1 manifest file holds exactly that)."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f'{source}: not a SolidMark key manifest (expected "format": "{FORMAT}")')
+        return cls._from_fields(data, source)
+
+    @classmethod
+    def _from_fields(cls, data: dict[str, Any], source: str) -> KeyManifest:
         missing = [k for k in ("pattern", "frame_width", "value_space", "seed", "images") if k not in data]
         if missing:
             raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
@@ -168,20 +179,22 @@ class KeyManifest:
         manifest.validate(source)
         return manifest
 
-    def save(self, path: str | os.PathLike) -> Path:
-
-        return atomic_write_json(path, self.to_dict())
+    def _parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {k: v for k, v in self.to_dict().items() if k != "format"}, {}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, argument: str = "--manifest") -> KeyManifest:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{argument}: {path} does not exist (expected a SolidMark key manifest)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{argument}: {path} is not valid JSON ({err})") from err
-        return cls.from_dict(data, source=f"{argument} {path}")
+    def _from_parts(cls, config: dict[str, Any], tensors: dict[str, Any], source: str) -> KeyManifest:
+        return cls._from_fields(config, source)
+
+    @classmethod
+    def _from_legacy(cls, config: dict[str, Any], tensors: dict[str, Any], source: str) -> KeyManifest:
+        """Format 1: :meth:`to_dict`'s dictionary, with ``"format": "diffmem.SolidMarkManifest/1"``."""
+        return cls.from_dict(config, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, argument: str | None = "--manifest") -> KeyManifest:
+        """:meth:`from_pretrained` (the manifest file or the keyed dataset's folder), errors naming ``--manifest``."""
+        return cls.from_pretrained(path, argument)
 
 
 # --------------------------------------------------------------------------------------------- checks
