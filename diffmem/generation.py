@@ -11,7 +11,7 @@ guard's scores, flags and mitigation records).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,20 +21,33 @@ from tqdm.auto import tqdm
 
 from diffmem.seeding import item_generator
 
-__all__ = ["GeneratedBatch", "generate", "generate_batches", "initial_latents"]
+__all__ = ["GeneratedBatch", "NoiseKey", "generate", "generate_batches", "initial_latents"]
+
+#: ``noise_key(item_id, j) -> (base_seed, *keys)``: the key of generation ``j`` of an item, whose noise is
+#: drawn from ``item_generator(base_seed, *keys)``. The default is ``(seed, item_id, j)``; a study that
+#: keys its noise otherwise (e.g. the robustness evaluation's ``(seed_j, stream, i)``) passes its own.
+NoiseKey = Callable[[Hashable, int], tuple]
 
 
 def initial_latents(
-    pipe, item_ids: Sequence, num_gens: int, seed: int, height: int | None = None, width: int | None = None
+    pipe,
+    item_ids: Sequence,
+    num_gens: int,
+    seed: int,
+    height: int | None = None,
+    width: int | None = None,
+    noise_key: NoiseKey | None = None,
 ) -> torch.Tensor:
     """Starting noise ``[len(item_ids) * num_gens, C, h, w]`` (item-major), generation j of item i from
-    ``diffmem.seeding.item_generator(seed, item_id, j)``: independent of batch size and order."""
+    ``diffmem.seeding.item_generator(seed, item_id, j)`` (or ``item_generator(*noise_key(item_id, j))``),
+    drawn on the CPU: independent of batch size, order and device."""
     scale = pipe.vae_scale_factor
     height = height or pipe.unet.config.sample_size * scale
     width = width or pipe.unet.config.sample_size * scale
     shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
+    key = noise_key or (lambda i, j: (seed, i, j))
     draws = [
-        torch.randn(shape, generator=item_generator(seed, i, j)) for i in item_ids for j in range(num_gens)
+        torch.randn(shape, generator=item_generator(*key(i, j))) for i in item_ids for j in range(num_gens)
     ]
     return torch.cat(draws)
 
@@ -65,12 +78,14 @@ def generate_batches(
     output_type: str = "np",
     progress: bool = False,
     desc: str = "generating",
+    noise_key: NoiseKey | None = None,
     **call_kwargs,
 ) -> Iterator[GeneratedBatch]:
     """Generate ``num_gens`` images of each prompt, ``batch_size`` prompts per pipeline call, yielding each
     batch as it is done.
 
-    ``item_ids`` (default: the prompts' positions) seed the noise (:func:`initial_latents`); the other
+    ``item_ids`` (default: the prompts' positions) seed the noise (:func:`initial_latents`, keyed by
+    ``noise_key`` where given); the other
     keywords go to the pipeline call (``num_inference_steps``, ``guidance_scale``, ``mitigation``, ...).
     The pipeline's own progress bar is off during the loop (``progress`` shows one over the prompts).
     """
@@ -85,7 +100,7 @@ def generate_batches(
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
             for b in range(0, len(prompts), batch_size):
                 chunk, chunk_ids = list(prompts[b : b + batch_size]), ids[b : b + batch_size]
-                latents = initial_latents(pipe, chunk_ids, num_gens, seed, height, width)
+                latents = initial_latents(pipe, chunk_ids, num_gens, seed, height, width, noise_key)
                 start = time.perf_counter()
                 with torch.no_grad():
                     out = pipe(

@@ -27,6 +27,20 @@ def test_initial_latents_are_drawn_from_item_and_generation(pipe):
     expected = torch.randn((1, *latents.shape[1:]), generator=item_generator(3, "b", 1))
     assert torch.equal(latents[3:4], expected)  # item-major: row 3 is item "b", generation 1
     assert not torch.equal(latents[0], latents[1])
+    # a study keyed otherwise (the robustness evaluation: seed s of caption i from (s, stream, i))
+    keyed = initial_latents(
+        pipe, [(0, 5), (1, 7)], 1, seed=0, noise_key=lambda item, j: (item[1], "held", item[0])
+    )
+    assert torch.equal(
+        keyed[1:2], torch.randn((1, *latents.shape[1:]), generator=item_generator(7, "held", 1))
+    )
+
+
+def test_a_noise_key_gives_what_the_pipeline_draws_from_that_generator(pipe):
+    """Handing the pipeline the keyed latents is the same as handing it the keyed generator."""
+    keyed, _ = generate(pipe, ["a red circle"], item_ids=[0], noise_key=lambda i, j: (9, "s", i), **SETTINGS)
+    direct = pipe("a red circle", generator=item_generator(9, "s", 0), output_type="np", **SETTINGS).images
+    np.testing.assert_array_equal(keyed, direct)
 
 
 def test_images_do_not_depend_on_batch_size_or_order(pipe):

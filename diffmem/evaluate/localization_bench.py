@@ -138,7 +138,7 @@ class LocalizationBench(Evaluation):
         run = localize_prompts(
             pipe,
             [(k, c) for k, (_, c) in ids.items()],
-            roles["generic"],
+            data.captions("generic"),  # the whole non-memorized reference set, whatever --limit
             config=config,
             cache_dir=args.out,
             progress=progress,

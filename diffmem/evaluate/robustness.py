@@ -40,12 +40,12 @@ from diffmem.edits import WeightMask, applied
 from diffmem.evaluate.metrics import ReplicationRate
 from diffmem.evaluate.stages import StageCache
 from diffmem.fingerprint import model_fingerprint
+from diffmem.generation import generate
 from diffmem.hooks.ffn import ffn_layers
 from diffmem.localize.prune import FFNStats, collect_ffn_stats, select_memorization_weights
 from diffmem.organism.fidelity import caption_fidelity
 from diffmem.scores.replication import PRESETS, ReplicationCriterion
 from diffmem.scores.similarity import ssim
-from diffmem.seeding import item_generator
 
 __all__ = ["RobustnessEvaluation", "RobustnessSettings", "Target"]
 
@@ -117,21 +117,19 @@ class RobustnessEvaluation:
     # ---------------------------------------------------------------------------------- measurements
     @torch.no_grad()
     def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], stream: str) -> torch.Tensor:
-        """``[len(captions) * len(seeds), 3, H, W]`` in ``[0, 1]``; caption ``i``, seed ``s`` has its own
-        generator (:func:`~diffmem.seeding.item_generator`), so the images do not depend on the order."""
+        """``[len(captions) * len(seeds), 3, H, W]`` in ``[0, 1]``; caption ``i``, seed ``s`` starts from the
+        noise of ``item_generator(s, stream, i)``, so the images do not depend on the order."""
 
-        images = []
-        for i, caption in enumerate(captions):
-            for s in seeds:
-                out = pipe(
-                    caption,
-                    generator=item_generator(s, stream, i, device=pipe._execution_device),
-                    num_inference_steps=self.settings.num_inference_steps,
-                    guidance_scale=self.settings.guidance_scale,
-                    output_type="pt",
-                )
-                images.append(out.images.float().cpu())
-        return torch.cat(images)
+        images, _ = generate(
+            pipe,
+            [c for c in captions for _ in seeds],
+            item_ids=[(i, s) for i in range(len(captions)) for s in seeds],
+            noise_key=lambda item, _j: (item[1], stream, item[0]),
+            batch_size=1,
+            num_inference_steps=self.settings.num_inference_steps,
+            guidance_scale=self.settings.guidance_scale,
+        )
+        return torch.from_numpy(images).permute(0, 3, 1, 2)
 
     def attack(self, pipe, items: Sequence[Target], attack: bool = True) -> list[dict]:
         """Per item: similarities per seed from the caption (``before``) and, attacked, from the trigger."""
