@@ -29,6 +29,12 @@ from pathlib import Path
 
 import torch
 
+from diffmem.cli import main as cli
+from diffmem.data import open_dataset, split_rows
+from diffmem.embed import load_embedder
+from diffmem.scan.layout import write_vectors
+from diffmem.tiny import TinySDConfig, build_tiny_pipeline
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
@@ -41,8 +47,6 @@ class _Evil:
 def _cases(work: Path):
     """(class, argv, words expected in the error line)."""
     from safetensors.torch import load_file
-
-    from diffmem.tiny import TinySDConfig, build_tiny_pipeline
 
     good = work / "good"
     build_tiny_pipeline(TinySDConfig(variant="sd1"), seed=0).save_pretrained(good)
@@ -180,9 +184,6 @@ def _newer_cases(work: Path, good: Path, prompts: Path):
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from diffmem.embed import load_embedder
-    from diffmem.scan.layout import write_vectors
-
     data = work / "imgs"
     data.mkdir()
     for i in range(2):
@@ -236,8 +237,6 @@ def _newer_cases(work: Path, good: Path, prompts: Path):
 
     root = layout("unfinished", unfinished)
     yield "embedding layout", ["index", "--embeddings", root, "--out", str(work / "i.index")], "is incomplete"
-
-    from diffmem.cli import main as cli
 
     ok = layout("ok")
     with contextlib.redirect_stdout(io.StringIO()):
@@ -313,7 +312,6 @@ def _newer_cases(work: Path, good: Path, prompts: Path):
 
 def _dataset_rows(work: Path) -> list[tuple[str, int, int, int]]:
     """(case, rows in the file, rows read + reported bad, of which bad) for non-UTF-8 captions."""
-    from diffmem.data import open_dataset, split_rows
 
     out = []
     for suffix in ("jsonl", "csv"):
@@ -338,8 +336,6 @@ _CLASS_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception|Protobuf)\b|__init__
 
 
 def main() -> int:
-    from diffmem.cli import main as cli
-
     work = Path(tempfile.mkdtemp(prefix="diffmem-bad-input-"))
     table: dict[str, dict[str, int]] = {}
     misses = []

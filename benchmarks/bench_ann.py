@@ -32,6 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.scan.index import FaissIndex, TorchIndex
+from diffmem.scan.index_file import build_index_file
+from diffmem.scan.layout import EmbeddingLayout, write_vectors
+from diffmem.scan.training import TrainingSet
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -68,8 +73,6 @@ def _gib(b: float) -> float:
 
 
 def stage_prepare(a) -> dict:
-    from diffmem.scan.layout import write_vectors
-
     t = time.perf_counter()
     layout = write_vectors(a.work / "emb", mixture(a.n, a.dim, 0, a.clusters), {"embedder": "synthetic"})
     write_s = time.perf_counter() - t
@@ -92,9 +95,6 @@ def stage_prepare(a) -> dict:
 
 
 def stage_exact(a) -> dict:
-    from diffmem.scan.index import FaissIndex
-    from diffmem.scan.layout import EmbeddingLayout
-
     layout = EmbeddingLayout(a.work / "emb")
     q = np.load(a.work / "queries.npy")[: a.limit or None]
     t = time.perf_counter()
@@ -108,9 +108,6 @@ def stage_exact(a) -> dict:
 
 
 def stage_torch(a) -> dict:
-    from diffmem.scan.index import TorchIndex
-    from diffmem.scan.layout import EmbeddingLayout
-
     layout = EmbeddingLayout(a.work / "emb")
     q = np.load(a.work / "queries.npy")
     take = np.linspace(0, len(q) - 1, a.torch_queries).astype(int)  # both query kinds
@@ -144,9 +141,6 @@ def stage_torch(a) -> dict:
 
 
 def stage_build(a) -> dict:
-    from diffmem.scan.index_file import build_index_file
-    from diffmem.scan.layout import EmbeddingLayout
-
     record = build_index_file(
         EmbeddingLayout(a.work / "emb"), a.work / "ivfpq.index", kind=a.kind, progress=False
     )
@@ -165,8 +159,6 @@ def _recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 def stage_search(a) -> dict:
     """The search stage of a scan over the prebuilt index: TrainingSet (index memory-mapped, re-rank
     from the layout with pread), as ``diffmem scan --train-index`` runs it."""
-    from diffmem.scan.layout import EmbeddingLayout
-    from diffmem.scan.training import TrainingSet
 
     q = np.load(a.work / "queries.npy")
     rows = np.load(a.work / "truth_rows.npy") if (a.work / "truth_rows.npy").is_file() else np.arange(len(q))

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.data import ImageFolderWriter
+from diffmem.scan.layout import EmbeddingLayout
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -27,8 +30,6 @@ sys.path.insert(0, str(HERE))
 def make_images(folder: Path, n: int, size: int, seed: int = 0) -> None:
     """``n`` PNG images (smooth random colour fields, ``size`` px) with captions, as an image folder."""
     from PIL import Image
-
-    from diffmem.data import ImageFolderWriter
 
     rng = np.random.default_rng(seed)
     with ImageFolderWriter(folder) as w:
@@ -96,8 +97,6 @@ def main() -> None:
     a = p.parse_args()
 
     from machine import cpu_model
-
-    from diffmem.scan.layout import EmbeddingLayout
 
     a.work.mkdir(parents=True, exist_ok=True)
     data, sscd_data, onnx = a.work / "data", a.work / "data_sscd", a.work / "sscd_like.onnx"

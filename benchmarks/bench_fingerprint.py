@@ -21,6 +21,12 @@ import time
 import torch
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
+from diffmem.edits import NeuronSet, applied
+from diffmem.fingerprint import content_fingerprint, legacy_fingerprint, model_fingerprint
+from diffmem.hooks.neurons import value_layers
+from diffmem.io import atomic_write_json
+from diffmem.tiny import build_sd15_architecture_pipeline
+
 
 def _median_seconds(fn, repeats: int) -> float:
     times = []
@@ -38,11 +44,6 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    from diffmem.edits import NeuronSet, applied
-    from diffmem.fingerprint import content_fingerprint, legacy_fingerprint, model_fingerprint
-    from diffmem.hooks.neurons import value_layers
-    from diffmem.tiny import build_sd15_architecture_pipeline
 
     unet = build_sd15_architecture_pipeline().unet.eval()
     x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -86,8 +87,6 @@ def main() -> int:
     }
     print(json.dumps(results, indent=1))
     if args.json:
-        from diffmem.io import atomic_write_json
-
         atomic_write_json(args.json, results)
     return 0
 

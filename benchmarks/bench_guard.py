@@ -23,9 +23,12 @@ import json
 import os
 
 import torch
+from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
 from diffmem.benchmark import compare_pipelines, first_step_throughput
+from diffmem.io import atomic_write_json
+from diffmem.tiny import TinySDConfig, TinySDXLConfig, build_components, build_sdxl_components
 
 
 def unet_64(**family):
@@ -50,8 +53,6 @@ def unet_64(**family):
 def build_pipeline():
     from diffusers import StableDiffusionPipeline
 
-    from diffmem.tiny import TinySDConfig, build_components
-
     components = build_components(TinySDConfig(variant="sd1", sample_size=128), seed=0)
     components["unet"] = unet_64(cross_attention_dim=32, attention_head_dim=8)
     pipe = StableDiffusionPipeline(
@@ -64,8 +65,6 @@ def build_pipeline():
 def build_sdxl_pipeline():
     """A tiny SDXL (diffmem.tiny's two text encoders, VAE, Euler) at 64x64 latents, attention at 16x16 only."""
     from diffusers import StableDiffusionXLPipeline
-
-    from diffmem.tiny import TinySDXLConfig, build_sdxl_components
 
     config = TinySDXLConfig(sample_size=128)
     components = build_sdxl_components(config, seed=0)
@@ -99,8 +98,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-    from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
-
     if args.family == "sdxl":
         stock, guarded_class = build_sdxl_pipeline(), StableDiffusionXLMemGuardPipeline
     else:
@@ -126,8 +123,6 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        from diffmem.io import atomic_write_json
-
         atomic_write_json(args.json, result)
 
 

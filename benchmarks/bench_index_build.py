@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.scan.index_file import _sample_positions, build_index_file, index_parameters
+from diffmem.scan.layout import write_vectors
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -31,8 +34,6 @@ def _polysemous_pair(layout, params: dict, seed: int) -> dict:
     """Train the ``ivfpq8`` factory with and without polysemous training on the same sample; time both
     and compare the neighbours of 200 queries."""
     import faiss
-
-    from diffmem.scan.index_file import _sample_positions
 
     sample = layout.vectors_at(_sample_positions(layout.ntotal, params["train_size"], seed))
     queries = sample[:200] + 0.05 * np.random.default_rng(1).standard_normal((200, layout.dim), np.float32)
@@ -56,9 +57,6 @@ def _polysemous_pair(layout, params: dict, seed: int) -> dict:
 
 def run_size(n: int, d: int, seed: int, work: Path, before: bool) -> dict:
     from bench_ann import mixture
-
-    from diffmem.scan.index_file import build_index_file, index_parameters
-    from diffmem.scan.layout import write_vectors
 
     work.mkdir(parents=True, exist_ok=True)
     layout = write_vectors(work / f"emb_{n}x{d}", mixture(n, d, 0, 64), {"embedder": "synthetic"})

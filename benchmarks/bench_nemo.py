@@ -27,6 +27,13 @@ from pathlib import Path
 import torch
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
+from diffmem.io import atomic_write_json
+from diffmem.localize.nemo import MemorizationProbe, NeMo, NemoConfig
+from diffmem.localize.stats import compute_value_stats
+from diffmem.modelio import load_pipeline
+from diffmem.organism.data import build_organism_data
+from diffmem.tiny import TinySDConfig, build_components
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,8 +60,6 @@ def planted_setup():
     sys.path.insert(0, str(ROOT / "tests"))
     from test_nemo import REFERENCE, TRIGGER, plant_trigger_neuron
 
-    from diffmem.tiny import TinySDConfig, build_components
-
     c = build_components(TinySDConfig(variant="sd1"), seed=0)
     plant_trigger_neuron(c)
     prompts = [
@@ -68,9 +73,6 @@ def planted_setup():
 
 def organism_setup(model: str, limit: int):
     from diffusers import StableDiffusionPipeline
-
-    from diffmem.modelio import load_pipeline
-    from diffmem.organism.data import build_organism_data
 
     pipe = load_pipeline(model, pipeline_class=StableDiffusionPipeline)
     data = build_organism_data()
@@ -93,9 +95,6 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-    from diffmem.localize.nemo import NeMo, NemoConfig
-    from diffmem.localize.stats import compute_value_stats
-
     c, prompts, reference, label = organism_setup(args.model, args.limit) if args.model else planted_setup()
     prompts = prompts[: args.limit]
     stats = compute_value_stats(c["unet"], c["text_encoder"], c["tokenizer"], reference, progress=False)
@@ -103,7 +102,6 @@ def main() -> int:
     threshold = args.threshold
     if threshold is None:
         threshold = NeMo(*parts, NemoConfig()).calibrate_threshold(reference[:12])
-    from diffmem.localize.nemo import MemorizationProbe
 
     reference = NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=1, theta0=args.theta0))
     reference.probe_class = type("RefProbe", (ReferenceCostProbe, MemorizationProbe), {})
@@ -160,7 +158,6 @@ def main() -> int:
         "same_neurons": all(r["same_neurons"] for r in rows),
         "rows": rows,
     }
-    from diffmem.io import atomic_write_json
 
     atomic_write_json(args.json, result)
     print(

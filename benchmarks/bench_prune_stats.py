@@ -25,11 +25,14 @@ import time
 
 import torch
 
+from diffmem.hooks.ffn import StepCounter, ffn_layers
+from diffmem.localize.prune import collect_ffn_stats
+from diffmem.modelio import load_pipeline
+from diffmem.seeding import item_generator
+
 
 def host_copy_stats(pipe, prompts, tau, steps, guidance_scale, seed, batch_size, early_stop=True):
     """The baseline: every activation copied to the host, then reduced there."""
-    from diffmem.hooks.ffn import StepCounter, ffn_layers
-    from diffmem.seeding import item_generator
 
     layers = ffn_layers(pipe.unet)
     device = pipe._execution_device
@@ -71,9 +74,6 @@ def host_copy_stats(pipe, prompts, tau, steps, guidance_scale, seed, batch_size,
 
 def main() -> None:
     from diffusers import StableDiffusionPipeline
-
-    from diffmem.localize.prune import collect_ffn_stats
-    from diffmem.modelio import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="SD folder (default: the organism, else a tiny model)")

@@ -23,12 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffmem.data import ImageFolderWriter
+from diffmem.guard.auto import load_guarded
+from diffmem.modelio import default_model
+from diffmem.scan.runner import ScanConfig, run_scan
+from diffmem.tiny import TinySDConfig, build_tiny_pipeline
+
 WORDS = "red green blue small large old new wooden metal glass cat dog house tree car boat river city".split()
 
 
 def tiniest_model(folder: Path) -> Path:
     """The smallest tiny-SD config that still has every component (4x4 latents, 8/16 channels)."""
-    from diffmem.tiny import TinySDConfig, build_tiny_pipeline
 
     if not (folder / "model_index.json").is_file():
         cfg = TinySDConfig(
@@ -59,8 +64,6 @@ def caption_table(path: Path, n: int) -> Path:
 def rss_child(args) -> None:
     """Run one scores-only scan in this process and print its peak RSS and time as JSON."""
     import torch
-
-    from diffmem.scan.runner import ScanConfig, run_scan
 
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
@@ -107,24 +110,16 @@ def run_throughput(work: Path, n_captions: int, threads: int) -> dict:
     """First-step scoring vs full generation + search, same model and captions, captions per second."""
     import torch
 
-    from diffmem.guard.auto import load_guarded
-    from diffmem.modelio import default_model
-    from diffmem.scan.runner import ScanConfig, run_scan
-
     torch.set_num_threads(threads)
     model = default_model()
     steps = 25
     if model is None:
-        from diffmem.tiny import build_tiny_pipeline
-
         model = str(work / "tiny")
         if not (Path(model) / "model_index.json").is_file():
             build_tiny_pipeline(seed=0).save_pretrained(model)
     pipe = load_guarded(model)
     pipe.set_progress_bar_config(disable=True)
     from PIL import Image
-
-    from diffmem.data import ImageFolderWriter
 
     data = work / "throughput_data"
     if not (data / "metadata.jsonl").is_file():

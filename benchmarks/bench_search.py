@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.scan.index import FaissIndex, TorchIndex, _faiss
+
 
 def unit_rows(n: int, d: int, seed: int, chunk: int = 100_000) -> np.ndarray:
     out = np.empty((n, d), dtype=np.float32)
@@ -41,8 +43,6 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-
-    from diffmem.scan.index import FaissIndex, TorchIndex, _faiss
 
     faiss = _faiss()
     faiss.omp_set_num_threads(args.threads)

@@ -36,6 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.embed import load_embedder
+from diffmem.embed.sscd import installed_sscd_file
+from diffmem.modelio import default_model, load_pipeline
+from diffmem.organism.data import COLOURS, SHAPES, build_organism_data, render_generic
+from diffmem.organism.evaluate import evaluation_captions, generate_and_measure
+from diffmem.organism.recipe import recipe_of
+from diffmem.organism.replication import REPLICATION_THRESHOLD, TrainingImages, replicates
+from diffmem.scores.solidmark import binomial_ci
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -46,8 +55,6 @@ RULES = {"replication (cos >= 0.5)": 0.5, "copy (cos >= 0.75)": 0.75}
 def pairs(n: int, noise: float, seed: int):
     """``(a, b, kind)`` uint8 arrays: ``n`` copies and ``n`` same-caption pairs."""
     from PIL import Image
-
-    from diffmem.organism.data import COLOURS, SHAPES, render_generic
 
     rng = np.random.default_rng(seed)
     colours = list(COLOURS)
@@ -65,7 +72,6 @@ def pairs(n: int, noise: float, seed: int):
 
 def agreement(x: np.ndarray, y: np.ndarray) -> dict:
     """Agreement of two boolean labelings: rate with its Wilson interval, chance level and Cohen's kappa."""
-    from diffmem.scores.solidmark import binomial_ci
 
     n = len(x)
     agree = int((x == y).sum())
@@ -88,11 +94,6 @@ def organism_generations(seeds: int, threads: int):
     """The organism's generations (``weights/diffmem-organism-v2``, its recipe's steps and guidance, every
     verbatim, template, held-out and generic caption, ``seeds`` each), each with its SSIM-nearest training
     image: ``(generation uint8, nearest uint8, SSIM, role)``."""
-    from diffmem.modelio import default_model, load_pipeline
-    from diffmem.organism.data import build_organism_data
-    from diffmem.organism.evaluate import evaluation_captions, generate_and_measure
-    from diffmem.organism.recipe import recipe_of
-    from diffmem.organism.replication import TrainingImages
 
     model = default_model()
     recipe = recipe_of(model)
@@ -124,10 +125,6 @@ def main() -> None:
     import torch
     from machine import cpu_model
     from PIL import Image
-
-    from diffmem.embed import load_embedder
-    from diffmem.embed.sscd import installed_sscd_file
-    from diffmem.organism.replication import REPLICATION_THRESHOLD, replicates
 
     torch.set_num_threads(a.threads)
     if a.models_dir is not None:

@@ -39,12 +39,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffmem.pipelines import StableDiffusionMemGuardPipeline
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
 from diffmem.attention import use_attention_processor, xformers_usable
 from diffmem.benchmark import compare_pipelines, first_step_throughput, timed
+from diffmem.data import ImageFolderWriter
 from diffmem.io import atomic_write_json
+from diffmem.localize.nemo import NeMo, NemoConfig
+from diffmem.localize.stats import value_stats_of
 from diffmem.precision import dtype_name
+from diffmem.scan.index import FaissIndex
+from diffmem.scan.index_file import build_index_file
+from diffmem.scan.layout import write_vectors
+from diffmem.scan.runner import ScanConfig, run_scan
+from diffmem.scan.training import TrainingSet
+from diffmem.tiny import TinySDConfig, build_sd_architecture_pipeline, build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,23 +101,15 @@ SIZES = {
 
 
 def build(mode: str):
-    from diffmem.pipelines import StableDiffusionMemGuardPipeline
-
     if mode == "cpu":
-        from diffmem.tiny import build_sd_architecture_pipeline
-
         stock = build_sd_architecture_pipeline("sd15", image_size=256)
         label = "random weights in SD-1.5's architecture (860M UNet), float32, CPU"
     elif mode == "smoke":
-        from diffmem.tiny import TinySDConfig, build_tiny_pipeline
-
         stock, label = (
             build_tiny_pipeline(TinySDConfig(variant="sd1"), seed=0),
             "tiny SD-1.x (diffmem.tiny), float32",
         )
     else:
-        from diffmem.tiny import build_sd_architecture_pipeline
-
         stock = build_sd_architecture_pipeline("sd15", image_size=512, dtype=torch.float16).to("cuda")
         label = "random weights in SD-1.5's architecture (860M UNet), float16"
     stock.set_progress_bar_config(disable=True)
@@ -158,9 +160,6 @@ def nemo_section(stock, size: dict) -> dict:
     import sys
 
     from diffusers import StableDiffusionPipeline
-
-    from diffmem.localize.nemo import NeMo, NemoConfig
-    from diffmem.localize.stats import value_stats_of
 
     sys.path.insert(0, str(ROOT / "tests"))
     from test_nemo import PLANT_CHANNEL, TRIGGER, plant_trigger_neuron
@@ -228,9 +227,6 @@ def nemo_section(stock, size: dict) -> dict:
 def scan_section(guarded, size: dict, work: Path) -> dict:
     from PIL import Image
 
-    from diffmem.data import ImageFolderWriter
-    from diffmem.scan.runner import ScanConfig, run_scan
-
     rng = np.random.default_rng(0)
     data = work / "scan_data"
     with ImageFolderWriter(data) as w:
@@ -266,7 +262,6 @@ def faiss_section(size: dict) -> dict:
         import faiss
     except ImportError:
         return {"note": "faiss is not installed"}
-    from diffmem.scan.index import FaissIndex
 
     rng = np.random.default_rng(0)
     d = 512
@@ -299,9 +294,6 @@ def faiss_section(size: dict) -> dict:
 def _prebuilt_ivfpq(vectors: np.ndarray, queries: np.ndarray, sources: np.ndarray, gpus: int) -> dict:
     """A prebuilt 8-bit IVF-PQ index (``diffmem index --kind ivfpq8``, the kind faiss moves to a GPU) searched as a scan does (memory-mapped on the CPU, or
     moved to GPU 0), re-ranked from the layout: the same neighbours within the index's tolerance?"""
-    from diffmem.scan.index_file import build_index_file
-    from diffmem.scan.layout import write_vectors
-    from diffmem.scan.training import TrainingSet
 
     vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)

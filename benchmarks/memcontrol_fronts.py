@@ -20,7 +20,11 @@ from pathlib import Path
 
 from machine import cpu_model
 
+from diffmem.guard.auto import load_guarded
 from diffmem.io import atomic_write_json
+from diffmem.modelio import model_resolution
+from diffmem.train.memcontrol import validation_loss
+from diffmem.train.text_to_image import load_training_data
 
 
 def pareto_numbers(points: dict[int, tuple[float, float]]) -> set[int]:
@@ -38,11 +42,6 @@ def pareto_numbers(points: dict[int, tuple[float, float]]) -> set[int]:
 
 
 def main() -> None:
-    from diffmem.guard.auto import load_guarded
-    from diffmem.modelio import model_resolution
-    from diffmem.train.memcontrol import validation_loss
-    from diffmem.train.text_to_image import load_training_data
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--search", required=True, help="the search folder (pareto.json)")
     ap.add_argument("--heldout", required=True, help="held-out captioned images")

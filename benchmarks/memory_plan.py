@@ -31,6 +31,11 @@ from pathlib import Path
 
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
+from diffmem.benchmark import peak_memory, real_size_commands, real_size_inputs, unet_workloads
+from diffmem.guard.auto import load_guarded
+from diffmem.io import atomic_write_json
+from diffmem.tiny import build_sd_architecture_pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: (arch, px, command, extra flags) in the order run; name = command + variant
@@ -57,8 +62,6 @@ CHILD = "import sys; from diffmem.cli import main; raise SystemExit(main(sys.arg
 def model_folder(work: Path, arch: str) -> Path:
     folder = work / f"{arch}-random"
     if not (folder / "model_index.json").is_file():
-        from diffmem.tiny import build_sd_architecture_pipeline
-
         print(f"building {arch} (random weights) ...", flush=True)
         build_sd_architecture_pipeline(arch, image_size=512 if arch == "sd15" else 768).save_pretrained(
             folder
@@ -84,10 +87,6 @@ def run_child(argv: list[str], threads: int) -> tuple[int, float, float]:
 def activations(work: Path, archs: list[str], result: dict, path: Path) -> None:
     """Memory each kind of UNet work needs beyond the loaded weights, per architecture and resolution,
     extrapolated linearly in latent pixels to 512 and 768 px (SDPA keeps attention linear in pixels)."""
-
-    from diffmem.benchmark import peak_memory, unet_workloads
-    from diffmem.guard.auto import load_guarded
-    from diffmem.io import atomic_write_json
 
     table = result.setdefault("activations", {})
     for arch in archs:
@@ -180,9 +179,6 @@ def main() -> int:
     )
     p.add_argument("--markdown", action="store_true", help="print the tables of the results so far and stop")
     args = p.parse_args()
-
-    from diffmem.benchmark import real_size_commands, real_size_inputs
-    from diffmem.io import atomic_write_json
 
     work = Path(args.work)
     path = Path(args.json)

@@ -26,6 +26,10 @@ from pathlib import Path
 
 import torch
 
+from diffmem.localize.nemo import LEGACY_SIMILARITY, NeMo, NemoConfig
+from diffmem.organism.data import build_organism_data
+from diffmem.organism.recipe import recipe_of
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -34,10 +38,6 @@ GENERIC = ("a red circle", "a blue square", "a green triangle", "a yellow star")
 
 def main(argv=None) -> int:
     from diffusers import StableDiffusionPipeline
-
-    from diffmem.localize.nemo import LEGACY_SIMILARITY, NeMo, NemoConfig
-    from diffmem.organism.data import build_organism_data
-    from diffmem.organism.recipe import recipe_of
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "weights" / "diffmem-organism-v2"))

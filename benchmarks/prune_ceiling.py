@@ -22,23 +22,23 @@ import time
 
 import torch
 
+from diffmem.attack.dori import ssim_similarity
+from diffmem.edits import WeightMask, applied
+from diffmem.fingerprint import model_fingerprint
+from diffmem.io import atomic_write_json
+from diffmem.modelio import load_pipeline
+from diffmem.organism.data import build_organism_data
+from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
+from diffmem.organism.recipe import recipe_of
+from diffmem.scores.replication import criterion
+from diffmem.seeding import item_generator
+
 
 def main() -> None:
     from diffusers import StableDiffusionPipeline
     from torch import nn
 
-    from diffmem.attack.dori import ssim_similarity
-    from diffmem.edits import WeightMask, applied
-    from diffmem.fingerprint import model_fingerprint
-    from diffmem.io import atomic_write_json
-    from diffmem.modelio import load_pipeline
-    from diffmem.organism.data import build_organism_data
-    from diffmem.organism.fidelity import caption_fidelity, load_caption_classifier
-    from diffmem.organism.recipe import recipe_of
-    from diffmem.scores.replication import criterion
-
     rule = criterion("organism-mean")  # the Dori table's: mean SSIM over seeds >= 0.7
-    from diffmem.seeding import item_generator
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="organism folder (default: weights/diffmem-organism-v2)")
