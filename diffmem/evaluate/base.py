@@ -88,6 +88,7 @@ BUILTIN_MODULES = (
     "diffmem.evaluate.robustness_bench",
     "diffmem.evaluate.localization_bench",
     "diffmem.evaluate.organism_bench",
+    "diffmem.evaluate.sd_likeness",
 )
 
 EVALUATIONS: Registry[Evaluation] = Registry("evaluation", Evaluation, BUILTIN_MODULES)
