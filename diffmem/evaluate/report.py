@@ -19,26 +19,30 @@ def _ci(value, ci) -> str:
 
 
 def detection_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (method, split) with the all-generations and one-generation metrics."""
+    """One row per (method, split), led by TPR at 1 % FPR at one generation (the deployable budget), then
+    the cost, then AUC, then the all-generations metrics; within a split the best TPR comes first."""
     n = results["settings"]["num_gens"]
-    rows = []
+    ranked = []
     for key, method in results["methods"].items():
         for split, budgets in method["splits"].items():
             full, one = budgets[f"gens_{n}"], budgets["gens_1"]
-            rows.append(
-                {
-                    "method": key,
-                    "split": split,
-                    f"AUC ({n} gens)": _ci(full.get("auc"), full.get("auc_ci")),
-                    f"TPR@1%FPR ({n} gens)": _ci(full.get("tpr_at_1pct_fpr"), full.get("tpr_ci")),
-                    "AUC (1 gen)": _ci(one.get("auc"), one.get("auc_ci")),
-                    "TPR@1%FPR (1 gen)": _ci(one.get("tpr_at_1pct_fpr"), one.get("tpr_ci")),
-                    "n mem / not": f"{full['n_positive']} / {full['n_negative']}",
-                    "UNet evals / prompt": f"{method['cost']['unet_evals_per_prompt']:g}",
-                    "s / prompt": f"{method['cost']['seconds_per_prompt']:.3f}",
-                }
-            )
-    return rows
+            row = {
+                "method": key,
+                "split": split,
+                "TPR@1%FPR (1 gen)": _ci(one.get("tpr_at_1pct_fpr"), one.get("tpr_ci")),
+                "UNet evals / prompt": f"{method['cost']['unet_evals_per_prompt']:g}",
+                "s / prompt": f"{method['cost']['seconds_per_prompt']:.3f}",
+                "AUC (1 gen)": _ci(one.get("auc"), one.get("auc_ci")),
+            }
+            if n > 1:
+                row[f"TPR@1%FPR ({n} gens)"] = _ci(full.get("tpr_at_1pct_fpr"), full.get("tpr_ci"))
+                row[f"AUC ({n} gens)"] = _ci(full.get("auc"), full.get("auc_ci"))
+            row["n mem / not"] = f"{full['n_positive']} / {full['n_negative']}"
+            tpr = one.get("tpr_at_1pct_fpr")
+            ranked.append(((split, -(tpr if tpr is not None else -1.0)), row))
+    splits = list(dict.fromkeys(split for (split, _), _ in ranked))  # the suite's order of splits
+    ranked.sort(key=lambda item: (splits.index(item[0][0]), item[0][1]))
+    return [row for _, row in ranked]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
