@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusers import StableDiffusionPipeline
+
 from diffmem.attack.campaign import attack_targets
 from diffmem.attack.dori import DoriConfig
 from diffmem.attack.targets import load_targets
@@ -58,8 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers import StableDiffusionPipeline
-
     check_runtime_arguments(args)
     edit = load_edit(args)
     targets = load_targets(args.targets, limit=args.limit)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffusers import StableDiffusionPipeline
+
 from diffmem.attack.dori import DoriConfig
 from diffmem.attack.targets import load_targets
 from diffmem.cli import UsageError
@@ -96,8 +98,6 @@ def _config(args: argparse.Namespace) -> AdversarialConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers import StableDiffusionPipeline
-
     check_runtime_arguments(args)
     if not args.adversarial:
         raise UsageError("only adversarial fine-tuning is implemented: pass --adversarial")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusers import StableDiffusionPipeline
+
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
 from diffmem.evaluate.localization import Localization, localize_prompts
 from diffmem.localize.nemo import NemoConfig
@@ -162,8 +164,6 @@ def _print_result(run: Localization, out: Path, height: int, width: int) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers import StableDiffusionPipeline
-
     check_runtime_arguments(args)
     data_range = _data_range(args.ssim_range)
     if args.seeds < 2:

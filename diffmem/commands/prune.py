@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusers import StableDiffusionPipeline
+
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
 from diffmem.localize.prune_folder import prune_to_folder
 from diffmem.prompt_sets import read_prompt_file
@@ -50,8 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers import StableDiffusionPipeline
-
     memorized = [r["prompt"] for r in read_prompt_file(args.memorized, None, argument="--memorized")]
     reference = (
         [r["prompt"] for r in read_prompt_file(args.reference, None, argument="--reference")]
