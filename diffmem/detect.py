@@ -129,7 +129,7 @@ def read_results(path: Path) -> list[dict]:
         for row in rows:
             for key in ("scores", "window"):
                 row[key] = json.loads(row[key])
-            for key in ("num_gens", "num_inference_steps", "seed"):
+            for key in ("num_gens", "num_inference_steps", "seed", "height", "width"):
                 row[key] = int(row[key])
             row["score"], row["guidance_scale"] = float(row["score"]), float(row["guidance_scale"])
             if row.get("label") not in (None, ""):

@@ -198,6 +198,11 @@ def test_cli_labelled_csv_prints_calibration(tiny_sd1_dir, tmp_path, capsys):
     assert "AUC" in printed and "TPR@1%FPR" in printed and "threshold" in printed
     assert out.read_text().splitlines()[0].startswith("id,prompt,score,scores,label")
     assert len(out.read_text().splitlines()) == 7
+    # a rerun resumes from the CSV (its numbers read back as numbers): nothing is scored again
+    written = out.read_text()
+    assert main(argv) == 0
+    assert "resuming: 6 of 6" in capsys.readouterr().out
+    assert out.read_text() == written
 
 
 @pytest.mark.parametrize(
