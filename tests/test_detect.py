@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffmem.pipelines import StableDiffusionMemGuardPipeline
 
-from diffmem.detect import calibrate, score_prompts
+from diffmem.detect import calibrate, score_prompts, score_to_file
 from diffmem.generation import initial_latents
 
 PROMPTS = ["a red circle", "a cat on grass", "a blue square"]
@@ -120,6 +120,24 @@ def test_calibrate_averages_generations():
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
+
+
+def test_score_to_file_from_plain_values_equals_score_prompts_and_resumes(pipes, tmp_path):
+    """The library flow behind ``diffmem detect``: no argparse; the scores are score_prompts' (same ids)."""
+    stock, _ = pipes["sd1"]
+    rows = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)]
+    kwargs = dict(num_gens=2, window=(0, 1), num_inference_steps=STEPS, seed=5, height=32, width=32)
+    out = tmp_path / "scores.jsonl"
+    results = score_to_file(stock, rows, out, batch_size=2, chunk=2, progress=False, **kwargs)
+    expected = score_prompts(stock, PROMPTS, item_ids=[r["id"] for r in rows], progress=False, **kwargs)
+    assert [r["id"] for r in results] == ["p0", "p1", "p2"]
+    assert torch.allclose(torch.tensor([r["scores"] for r in results]), expected, atol=1e-6)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == results
+    said = []
+    again = score_to_file(stock, rows, out, progress=False, log=said.append, **kwargs)
+    assert again == results and said == [f"resuming: 3 of 3 prompts already scored in {out}"]
+    with pytest.raises(ValueError, match="other settings"):
+        score_to_file(stock, rows, out, progress=False, **{**kwargs, "seed": 6})
 
 
 def test_cli_txt_to_jsonl_and_resume(tiny_sd1_dir, tmp_path, capsys):
