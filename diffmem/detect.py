@@ -6,20 +6,41 @@ only the first ``window[1]`` steps of the sampling loop (the pipeline is stopped
 ``callback_on_step_end`` and nothing is decoded) and returns the same value the full pipeline's
 score over that window would give for the same starting noise. It is the ``wen`` detector of the
 registry (:class:`~diffmem.detectors.wen.WenDetector`) over a window, with the prompts checked and an
-attention processor chosen. ``calibrate`` picks the threshold.
+attention processor chosen. ``calibrate`` picks the threshold. ``score_to_file`` scores prompt rows into
+a JSONL or CSV results file (``diffmem detect``), written after every chunk and resumed from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from diffmem.attention import attention_processors
 from diffmem.detectors.wen import WenDetector, noise_gap_scores
+from diffmem.fingerprint import model_fingerprint
+from diffmem.io import atomic_write_text
 from diffmem.scores.detection import DetectionMetrics, detection_metrics
 
-__all__ = ["calibrate", "noise_gap_scores", "score_prompts"]
+__all__ = ["calibrate", "noise_gap_scores", "score_prompts", "score_to_file"]
+
+#: The settings every row of a results file carries; a resume must match them.
+SETTINGS = (
+    "model_fingerprint",
+    "num_gens",
+    "window",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "height",
+    "width",
+    "dtype",
+)
 
 
 def _check_args(prompts, num_gens, window, num_inference_steps, batch_size, item_ids):
@@ -97,3 +118,117 @@ def calibrate(scores, labels) -> DetectionMetrics:
     if s.ndim == 2:
         s = s.mean(dim=1)
     return detection_metrics(s, labels)
+
+
+def read_results(path: Path) -> list[dict]:
+    """Rows already in a results file (JSONL or CSV), for resuming."""
+    if not path.exists():
+        return []
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+        for row in rows:
+            for key in ("scores", "window"):
+                row[key] = json.loads(row[key])
+            for key in ("num_gens", "num_inference_steps", "seed", "height", "width"):
+                row[key] = int(row[key])
+            row["score"], row["guidance_scale"] = float(row["score"]), float(row["guidance_scale"])
+            if row.get("label") not in (None, ""):
+                row["label"] = int(row["label"])
+            else:
+                row.pop("label", None)
+        return rows
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    """The rows as CSV (``.csv``) or JSONL, atomically."""
+    if path.suffix.lower() == ".csv":
+        buf = io.StringIO()
+        fields = ["id", "prompt", "score", "scores", "label", *SETTINGS]
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "scores": json.dumps(row["scores"]), "window": json.dumps(row["window"])})
+        atomic_write_text(path, buf.getvalue())
+    else:
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _resumed(out: Path, settings: dict) -> dict:
+    """Rows of ``out`` by id; a row made with other settings is an error naming ``--out``."""
+    done = {}
+    for row in read_results(out):
+        if any(row.get(k, "float32" if k == "dtype" else None) != v for k, v in settings.items()):
+            raise ValueError(
+                f"--out: {out} holds results made with other settings ({ {k: row.get(k) for k in SETTINGS} }); "
+                "use another --out or delete it"
+            )
+        done[row["id"]] = row
+    return done
+
+
+def score_to_file(
+    pipe,
+    rows: Sequence[dict],
+    out: str | Path,
+    *,
+    num_gens: int = 4,
+    window: tuple[int, int] = (0, 1),
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 8,
+    chunk: int = 64,
+    height: int,
+    width: int,
+    dtype: str = "float32",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Score ``rows`` (``id``, ``prompt``, optional ``label``) with ``score_prompts`` into ``out``
+    (``.jsonl`` or ``.csv``), written after every ``chunk`` prompts; rows already there are kept.
+
+    Returns the result rows in the order of ``rows``: the row, ``score`` (mean over generations),
+    ``scores`` (one per generation) and the settings (``SETTINGS``). ``pipe``'s attention is used as it is.
+    """
+    out = Path(out)
+    settings = {
+        "model_fingerprint": model_fingerprint(pipe.unet),
+        "num_gens": num_gens,
+        "window": list(window),
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "height": height,
+        "width": width,
+        "dtype": dtype,
+    }
+    done = _resumed(out, settings)
+    todo = [r for r in rows if r["id"] not in done]
+    if done:
+        log(f"resuming: {len(done)} of {len(rows)} prompts already scored in {out}")
+    with tqdm(
+        total=len(rows), initial=len(rows) - len(todo), desc="detect", unit="prompt", disable=not progress
+    ) as bar:
+        for c in range(0, len(todo), chunk):
+            part = todo[c : c + chunk]
+            scores = score_prompts(
+                pipe,
+                [r["prompt"] for r in part],
+                num_gens=num_gens,
+                window=tuple(window),
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                item_ids=[r["id"] for r in part],
+                batch_size=batch_size,
+                progress=False,
+                attention=None,
+                height=height,
+                width=width,
+            )
+            for r, s in zip(part, scores.tolist()):
+                done[r["id"]] = {**r, "score": sum(s) / len(s), "scores": s, **settings}
+            write_results(out, [done[r["id"]] for r in rows if r["id"] in done])
+            bar.update(len(part))
+    return [done[r["id"]] for r in rows]

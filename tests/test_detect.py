@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffmem.pipelines import StableDiffusionMemGuardPipeline
 
-from diffmem.detect import calibrate, score_prompts
+from diffmem.detect import calibrate, score_prompts, score_to_file
 from diffmem.generation import initial_latents
 
 PROMPTS = ["a red circle", "a cat on grass", "a blue square"]
@@ -122,6 +122,24 @@ def test_calibrate_averages_generations():
 # --- the CLI ---------------------------------------------------------------------------------------
 
 
+def test_score_to_file_from_plain_values_equals_score_prompts_and_resumes(pipes, tmp_path):
+    """The library flow behind ``diffmem detect``: no argparse; the scores are score_prompts' (same ids)."""
+    stock, _ = pipes["sd1"]
+    rows = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)]
+    kwargs = dict(num_gens=2, window=(0, 1), num_inference_steps=STEPS, seed=5, height=32, width=32)
+    out = tmp_path / "scores.jsonl"
+    results = score_to_file(stock, rows, out, batch_size=2, chunk=2, progress=False, **kwargs)
+    expected = score_prompts(stock, PROMPTS, item_ids=[r["id"] for r in rows], progress=False, **kwargs)
+    assert [r["id"] for r in results] == ["p0", "p1", "p2"]
+    assert torch.allclose(torch.tensor([r["scores"] for r in results]), expected, atol=1e-6)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == results
+    said = []
+    again = score_to_file(stock, rows, out, progress=False, log=said.append, **kwargs)
+    assert again == results and said == [f"resuming: 3 of 3 prompts already scored in {out}"]
+    with pytest.raises(ValueError, match="other settings"):
+        score_to_file(stock, rows, out, progress=False, **{**kwargs, "seed": 6})
+
+
 def test_cli_txt_to_jsonl_and_resume(tiny_sd1_dir, tmp_path, capsys):
     from diffmem.cli import main
 
@@ -198,6 +216,11 @@ def test_cli_labelled_csv_prints_calibration(tiny_sd1_dir, tmp_path, capsys):
     assert "AUC" in printed and "TPR@1%FPR" in printed and "threshold" in printed
     assert out.read_text().splitlines()[0].startswith("id,prompt,score,scores,label")
     assert len(out.read_text().splitlines()) == 7
+    # a rerun resumes from the CSV (its numbers read back as numbers): nothing is scored again
+    written = out.read_text()
+    assert main(argv) == 0
+    assert "resuming: 6 of 6" in capsys.readouterr().out
+    assert out.read_text() == written
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusers import StableDiffusionPipeline
+
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
-from diffmem.evaluate.localization import localize_prompts
+from diffmem.evaluate.localization import Localization, localize_prompts
 from diffmem.localize.nemo import NemoConfig
 from diffmem.localize.stats import ValueStats
 from diffmem.prompt_sets import read_prompt_file
@@ -108,8 +110,60 @@ def _data_range(text: str) -> float | None:
     return value
 
 
-def run(args: argparse.Namespace) -> int:
+def _reference_prompts(args: argparse.Namespace) -> list[str] | None:
+    if not args.reference_prompts:
+        return None
+    rows = read_prompt_file(args.reference_prompts, args.caption_column, argument="--reference-prompts")
+    return [r["prompt"] for r in rows]
 
+
+def _stats(path: str | None) -> ValueStats | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--stats: {path} does not exist")
+    return ValueStats.load(path)
+
+
+def _config(args: argparse.Namespace, data_range: float | None, latent_size: tuple[int, int]) -> NemoConfig:
+    return NemoConfig(
+        n_seeds=args.seeds,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        mask_batch=args.mask_batch,
+        blocks=tuple(b.strip() for b in args.blocks.split(",") if b.strip()),
+        latent_size=latent_size,
+        early_exit=args.early_exit,
+        data_range=data_range,
+        ssim_border=args.ssim_border,
+        max_unet_calls=args.max_unet_calls,
+        max_seconds=args.max_seconds,
+        max_candidates=args.max_candidates,
+    )
+
+
+def _print_result(run: Localization, out: Path, height: int, width: int) -> None:
+    found = list(run.sets.values())
+    localized = [
+        s for s in found if s.info.get("outcome", "localized") == "localized" and s.info.get("memorized")
+    ]
+    counts = sorted(len(s) for s in localized)
+    median = counts[len(counts) // 2] if counts else 0
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(run.outcomes.items()))
+    print(
+        f"{len(found)} prompt(s) ({run.new} new) at threshold {run.threshold:.3f} and {height}x{width} px: "
+        f"{outcomes}; neurons per localized prompt: median {median}, max {counts[-1] if counts else 0}; "
+        f"union {len(run.union)} neurons -> {out / 'union.json'}"
+    )
+    if run.outcomes.get("budget_exhausted"):
+        left = run.union.info.get("left_out") or []
+        print(
+            f"budget_exhausted sets are larger than minimal (info.stopped_by in neurons/<id>.json); "
+            f"{len(left)} that did not meet the criterion are left out of the union: {', '.join(map(str, left))}"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
     check_runtime_arguments(args)
     data_range = _data_range(args.ssim_range)
     if args.seeds < 2:
@@ -118,75 +172,30 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--steps: NeMo's criterion reads timesteps[1], expected at least 2, got {args.steps}"
         )
-    blocks = tuple(b.strip() for b in args.blocks.split(",") if b.strip())
     rows = read_prompt_file(args.prompts, args.caption_column, args.id_column)
     if args.limit is not None:
         rows = rows[: args.limit]
-    reference = None
-    if args.reference_prompts:
-        reference = [
-            r["prompt"]
-            for r in read_prompt_file(
-                args.reference_prompts, args.caption_column, argument="--reference-prompts"
-            )
-        ]
+    reference = _reference_prompts(args)
     if args.stats is None and reference is None:
         raise ValueError(
             "--reference-prompts or --stats: activation statistics of non-memorized prompts are needed"
         )
-
-    from diffusers import StableDiffusionPipeline
-
     pipe = load_model(args, StableDiffusionPipeline)
     height, width = resolution(args, pipe)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stats = None
-    if args.stats:
-        if not Path(args.stats).is_file():
-            raise FileNotFoundError(f"--stats: {args.stats} does not exist")
-        stats = ValueStats.load(args.stats)
-    config = NemoConfig(
-        n_seeds=args.seeds,
-        seed=args.seed,
-        num_inference_steps=args.steps,
-        mask_batch=args.mask_batch,
-        blocks=blocks,
-        latent_size=(height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
-        early_exit=args.early_exit,
-        data_range=data_range,
-        ssim_border=args.ssim_border,
-        max_unet_calls=args.max_unet_calls,
-        max_seconds=args.max_seconds,
-        max_candidates=args.max_candidates,
-    )
-    run = localize_prompts(
+    stats = _stats(args.stats)
+    latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    result = localize_prompts(
         pipe,
         [(r["id"], r["prompt"]) for r in rows],
         reference,
-        config=config,
+        config=_config(args, data_range, latent_size),
         stats=stats,
         threshold=args.threshold,
         calibration_prompts=args.calibration_prompts,
         cache_dir=out,
         progress=not args.no_progress,
     )
-    found, union, threshold = list(run.sets.values()), run.union, run.threshold
-    localized = [
-        s for s in found if s.info.get("outcome", "localized") == "localized" and s.info.get("memorized")
-    ]
-    counts = sorted(len(s) for s in localized)
-    median = counts[len(counts) // 2] if counts else 0
-    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(run.outcomes.items()))
-    print(
-        f"{len(found)} prompt(s) ({run.new} new) at threshold {threshold:.3f} and {height}x{width} px: {outcomes}; "
-        f"neurons per localized prompt: median {median}, max {counts[-1] if counts else 0}; "
-        f"union {len(union)} neurons -> {out / 'union.json'}"
-    )
-    if run.outcomes.get("budget_exhausted"):
-        left = run.union.info.get("left_out") or []
-        print(
-            f"budget_exhausted sets are larger than minimal (info.stopped_by in neurons/<id>.json); "
-            f"{len(left)} that did not meet the criterion are left out of the union: {', '.join(map(str, left))}"
-        )
+    _print_result(result, out, height, width)
     return 0

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+from diffusers import AutoencoderKL
+
 from diffmem.cli import UsageError
-from diffmem.io import atomic_write_text
 from diffmem.modelio import check_sd_folder, default_model
 from diffmem.organism.data import ROLES, build_organism_data, export_imagefolder
-from diffmem.organism.evaluate import evaluation_captions, run_evaluation
+from diffmem.organism.evaluate import run_evaluation, write_labelled_prompts
 from diffmem.organism.fidelity import build_caption_classifier
 from diffmem.organism.recipe import RECIPES, TINY_RECIPE
 from diffmem.train.organism import train_organism
@@ -106,76 +108,81 @@ def _recipe_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def _data(args: argparse.Namespace) -> None:
+    data = build_organism_data(RECIPES[args.recipe].with_(seed=args.seed))
+    out = export_imagefolder(data, args.out)
+    counts = data.manifest()["counts"]
+    print(f"wrote {sum(counts['training_samples'].values())} training samples to {out} ({counts})")
 
-    if args.organism_command == "data":
-        data = build_organism_data(RECIPES[args.recipe].with_(seed=args.seed))
-        out = export_imagefolder(data, args.out)
-        counts = data.manifest()["counts"]
-        print(f"wrote {sum(counts['training_samples'].values())} training samples to {out} ({counts})")
-        return 0
-    if args.organism_command == "prompts":
-        import csv
-        import io
 
-        roles = [r.strip() for r in args.roles.split(",") if r.strip()]
-        memorized = {r.strip() for r in args.memorized_roles.split(",") if r.strip()}
-        unknown = sorted((set(roles) | memorized) - set(ROLES))
-        if unknown or not roles:
-            raise UsageError(
-                f"--roles/--memorized-roles: unknown role(s) {unknown}; expected some of {list(ROLES)}"
-            )
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["caption", "role", "label"])
-        rows = evaluation_captions(build_organism_data(RECIPES[args.recipe]), roles)
-        writer.writerows((caption, role, int(role in memorized)) for caption, role in rows)
-        atomic_write_text(args.out, buf.getvalue())
-        print(f"wrote {len(rows)} captions ({', '.join(roles)}) to {args.out}")
-        return 0
-    if args.organism_command == "train":
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
-        if args.tiny and args.recipe != "v2":
-            raise UsageError("--tiny: a smoke test of the tiny recipe; it takes no --recipe")
-        recipe = (TINY_RECIPE if args.tiny else RECIPES[args.recipe]).with_(seed=args.seed)
-        if args.unet_steps is not None:
-            recipe = recipe.with_(unet_steps=args.unet_steps)
-        if args.vae_steps is not None:
-            recipe = recipe.with_(vae_steps=args.vae_steps)
-        if args.resume_from is not None:
-            print(f"[organism] rebuilt {import_run(args.resume_from, args.workdir)} from {args.resume_from}")
-        out = train_organism(
-            recipe, args.workdir, args.out, snapshot_every=args.snapshot_every, only=args.only
+def _prompts(args: argparse.Namespace) -> None:
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    memorized = {r.strip() for r in args.memorized_roles.split(",") if r.strip()}
+    unknown = sorted((set(roles) | memorized) - set(ROLES))
+    if unknown or not roles:
+        raise UsageError(
+            f"--roles/--memorized-roles: unknown role(s) {unknown}; expected some of {list(ROLES)}"
         )
-        print(f"organism saved to {out}")
-        return 0
-    if args.organism_command == "export-run":
-        print(f"run exported to {export_run(args.workdir, args.out, args.phase)}")
-        return 0
-    if args.organism_command == "eval":
-        results = run_evaluation(args.model, args.out, seeds=args.seeds, steps=args.steps)
-        print(results["summary_text"])
-        return 0
-    if args.organism_command == "classifier":
-        import torch
-        from diffusers import AutoencoderKL
+    n = write_labelled_prompts(args.out, build_organism_data(RECIPES[args.recipe]), roles, memorized)
+    print(f"wrote {n} captions ({', '.join(roles)}) to {args.out}")
 
-        torch.set_num_threads(max(1, args.threads))
-        model = args.model or default_model()
-        vae = None
-        if model is not None:
-            vae = AutoencoderKL.from_pretrained(
-                str(check_sd_folder(model)), subfolder="vae", use_safetensors=True
+
+def _train(args: argparse.Namespace) -> None:
+    torch.set_num_threads(max(1, args.threads))
+    if args.tiny and args.recipe != "v2":
+        raise UsageError("--tiny: a smoke test of the tiny recipe; it takes no --recipe")
+    recipe = (TINY_RECIPE if args.tiny else RECIPES[args.recipe]).with_(seed=args.seed)
+    if args.unet_steps is not None:
+        recipe = recipe.with_(unet_steps=args.unet_steps)
+    if args.vae_steps is not None:
+        recipe = recipe.with_(vae_steps=args.vae_steps)
+    if args.resume_from is not None:
+        print(f"[organism] rebuilt {import_run(args.resume_from, args.workdir)} from {args.resume_from}")
+    out = train_organism(recipe, args.workdir, args.out, snapshot_every=args.snapshot_every, only=args.only)
+    print(f"organism saved to {out}")
+
+
+def _export_run(args: argparse.Namespace) -> None:
+    print(f"run exported to {export_run(args.workdir, args.out, args.phase)}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    results = run_evaluation(args.model, args.out, seeds=args.seeds, steps=args.steps)
+    print(results["summary_text"])
+
+
+def _classifier(args: argparse.Namespace) -> None:
+    torch.set_num_threads(max(1, args.threads))
+    model = args.model or default_model()
+    vae = None
+    if model is not None:
+        vae = AutoencoderKL.from_pretrained(
+            str(check_sd_folder(model)), subfolder="vae", use_safetensors=True
+        )
+    metrics = build_caption_classifier(args.out, steps=args.steps, seed=args.seed, vae=vae)
+    for key in ("fresh_renderings", "autoencoder_reconstructions"):
+        if key in metrics:
+            f = metrics[key]
+            print(
+                f"{key.replace('_', ' ')}: colour {f['colour']:.1%}, shape {f['shape']:.1%}, both {f['both']:.1%}"
             )
-        metrics = build_caption_classifier(args.out, steps=args.steps, seed=args.seed, vae=vae)
-        for key in ("fresh_renderings", "autoencoder_reconstructions"):
-            if key in metrics:
-                f = metrics[key]
-                print(
-                    f"{key.replace('_', ' ')}: colour {f['colour']:.1%}, shape {f['shape']:.1%}, both {f['both']:.1%}"
-                )
-        print(f"caption classifier saved to {args.out}")
-        return 0
-    raise UsageError("choose a step: data, prompts, train, eval or classifier")
+    print(f"caption classifier saved to {args.out}")
+
+
+#: ``diffmem organism <step>`` -> what it runs.
+STEPS = {
+    "data": _data,
+    "prompts": _prompts,
+    "train": _train,
+    "export-run": _export_run,
+    "eval": _eval,
+    "classifier": _classifier,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    step = STEPS.get(args.organism_command)
+    if step is None:
+        raise UsageError("choose a step: data, prompts, train, eval or classifier")
+    step(args)
+    return 0

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusers import StableDiffusionPipeline
+
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
-from diffmem.edits import save_edited
-from diffmem.io import atomic_write_json
-from diffmem.localize.prune import find_weight_mask
+from diffmem.localize.prune_folder import prune_to_folder
 from diffmem.prompt_sets import read_prompt_file
-from diffmem.report import table_html, write_html
 
 NAME = "prune"
 HELP = (
@@ -53,8 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusers import StableDiffusionPipeline
-
     memorized = [r["prompt"] for r in read_prompt_file(args.memorized, None, argument="--memorized")]
     reference = (
         [r["prompt"] for r in read_prompt_file(args.reference, None, argument="--reference")]
@@ -68,10 +65,13 @@ def run(args: argparse.Namespace) -> int:
     check_runtime_arguments(args)
     pipe = load_model(args, StableDiffusionPipeline)
     height, width = resolution(args, pipe)
-    mask, mem, ref = find_weight_mask(
+    summary = prune_to_folder(
         pipe,
         memorized,
         reference,
+        args.out,
+        model=args.model,
+        save_model=args.save_model,
         ratio=args.ratio,
         tau=args.tau,
         select_ratio=args.select_ratio,
@@ -84,58 +84,10 @@ def run(args: argparse.Namespace) -> int:
         height=height,
         width=width,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    mask.save(out / "weight_mask.safetensors")
-    mem.save(out / "stats_memorized.safetensors")
-    ref.save(out / "stats_reference.safetensors")
-    layers = [
-        {
-            "layer": name,
-            "shape": list(m.shape),
-            "pruned": int(m.sum()),
-            "pruned_fraction": float(m.float().mean()),
-        }
-        for name, m in mask.masks.items()
-    ]
-    unet_params = sum(p.numel() for p in pipe.unet.parameters())
-    summary = {
-        "model": args.model,
-        "fingerprint": mask.fingerprint,
-        "num_pruned": mask.num_pruned(),
-        "pruned_fraction_of_ffn_layers": mask.num_pruned() / max(1, mask.num_weights()),
-        "pruned_fraction_of_unet": mask.num_pruned() / unet_params,
-        "params": mask.params,
-        "layers": layers,
-    }
-    if args.save_model:
-        save_edited(pipe, mask, out / "model")
-        summary["pruned_model"] = str(out / "model")
-    atomic_write_json(out / "report.json", summary)
-    write_html(
-        out / "report.html",
-        "diffmem prune",
-        [
-            (
-                "Summary",
-                table_html(
-                    [
-                        {
-                            "weights pruned": mask.num_pruned(),
-                            "of the FFN layers": summary["pruned_fraction_of_ffn_layers"],
-                            "of the UNet": summary["pruned_fraction_of_unet"],
-                            "memorized prompts": len(memorized),
-                            "reference prompts": len(reference or memorized),
-                        }
-                    ]
-                ),
-            ),
-            ("Pruned fraction per layer", table_html(layers)),
-        ],
-    )
+    layers = summary["layers"]
     print(
-        f"pruned {mask.num_pruned()} weights ({100 * summary['pruned_fraction_of_ffn_layers']:.3f}% of "
-        f"{len(layers)} FFN layers); mask: {out / 'weight_mask.safetensors'}"
+        f"pruned {summary['num_pruned']} weights ({100 * summary['pruned_fraction_of_ffn_layers']:.3f}% of "
+        f"{len(layers)} FFN layers); mask: {Path(args.out) / 'weight_mask.safetensors'}"
     )
     for row in layers:
         print(f"  {row['layer']}: {100 * row['pruned_fraction']:.3f}%")

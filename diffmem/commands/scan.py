@@ -143,10 +143,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def run(args: argparse.Namespace) -> int:
+#: Summary entries printed, in this order (when present).
+PRINTED = [
+    "rows_read",
+    "bad_rows",
+    "captions_scored",
+    "training_images_without_caption",
+    "captions_generated",
+    "generations",
+    "sim_mean",
+    "sim_95pc",
+    "bg_95pc",
+    "captions_replicated",
+    "captions_verbatim",
+]
 
-    check_runtime_arguments(args)
-    cfg = ScanConfig(
+
+def _config(args: argparse.Namespace) -> ScanConfig:
+    return ScanConfig(
         data=args.data,
         out=args.out,
         model=args.model,
@@ -185,23 +199,14 @@ def run(args: argparse.Namespace) -> int:
         report=not args.no_report,
         progress=not args.no_progress,
     )
-    summary = run_scan(cfg)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_runtime_arguments(args)
+    summary = run_scan(_config(args))
     if summary is None:  # not the main process
         return 0
-    keys = [
-        "rows_read",
-        "bad_rows",
-        "captions_scored",
-        "training_images_without_caption",
-        "captions_generated",
-        "generations",
-        "sim_mean",
-        "sim_95pc",
-        "bg_95pc",
-        "captions_replicated",
-        "captions_verbatim",
-    ]
-    for k in keys:
+    for k in PRINTED:
         if k in summary:
             v = summary[k]
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")

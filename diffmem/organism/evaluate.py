@@ -9,9 +9,11 @@ so results do not depend on batching.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -413,6 +415,20 @@ def evaluation_captions(
     data, roles: Sequence[str] = ("verbatim", "template", "heldout", "generic")
 ) -> list[tuple[str, str]]:
     return [(c, role) for role in roles for c in data.captions(role)]
+
+
+def write_labelled_prompts(
+    path: str | os.PathLike, data, roles: Sequence[str], memorized_roles: Collection[str]
+) -> int:
+    """The captions of ``roles`` as a prompts CSV (caption, role, label: 1 for ``memorized_roles``),
+    written atomically; returns the number of captions."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["caption", "role", "label"])
+    rows = evaluation_captions(data, roles)
+    writer.writerows((caption, role, int(role in memorized_roles)) for caption, role in rows)
+    atomic_write_text(path, buf.getvalue())
+    return len(rows)
 
 
 def run_evaluation(
