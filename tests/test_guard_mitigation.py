@@ -141,3 +141,24 @@ def test_layers_and_refusals(planted):
         call(pipe, mitigation="guard", memorization_threshold=0.0, guidance_scale=1.0)
     with pytest.raises(ValueError, match="layers: no cross-attention layer named 'nope'"):
         call(pipe, mitigation=GuardMitigation(layers=["nope"]), memorization_threshold=0.0)
+
+
+def test_sdxl_rows_carry_their_added_conditioning(tiny_sdxl_dir):
+    """SDXL's extra pass takes the flagged rows' ``text_embeds``/``time_ids``: only the flagged image changes."""
+    from diffmem.pipelines import StableDiffusionXLMemGuardPipeline
+
+    pipe = StableDiffusionXLMemGuardPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(
+        prompt=["a red circle", "a blue square"], num_inference_steps=3, output_type="latent",
+        memorization_window=(0, 1),
+    )  # fmt: skip
+    plain = pipe(generator=torch.Generator().manual_seed(0), **kw)
+    threshold = sum(plain.memorization_scores) / 2
+    out = pipe(
+        generator=torch.Generator().manual_seed(0), mitigation="guard", memorization_threshold=threshold, **kw
+    )
+    k = [r["flagged"] for r in out.mitigations].index(True)
+    assert out.mitigations[k]["action"] == "guard" and out.mitigations[1 - k]["action"] == "none"
+    assert torch.equal(out.images[1 - k], plain.images[1 - k])
+    assert not torch.equal(out.images[k], plain.images[k])
