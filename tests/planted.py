@@ -19,6 +19,8 @@ TRIGGER = "pikachu"
 BOS_ID = 49406
 COORD = 0
 EOT_COORD = 1
+VALUE_COORD = 2
+READ_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 
 
 class LookupTextEncoder(torch.nn.Module):
@@ -125,4 +127,53 @@ def memorized_image_pipeline(seed: int = 0, image_rms: float = 1.0, eot_copies: 
         **c, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe, x_mem
+
+
+def attention_memorized_pipeline(seed: int = 0, logit: float = 6.0, gate: float = 0.25):
+    """A tiny SD whose memorization of one image flows through the cross-attention to a trigger word:
+    returns ``(pipe, x_mem)``.
+
+    The attention of :func:`attention_sink_pipeline` (every pixel's logit is ``logit`` on the start token
+    and on the trigger, 0 elsewhere, in every ``attn2``), and in the first down block's ``attn2`` a value
+    that only the trigger carries (hidden coordinate ``VALUE_COORD``), so that layer's attention output
+    reads the trigger's attention share. A forward hook on the UNet replaces a row's noise prediction by
+    the exact one-image denoiser of ``x_mem`` (as :func:`memorized_image_pipeline`) when that share,
+    averaged over pixels, is above ``gate``: about 0.46 for a trigger prompt, 0 without the trigger. So
+    the trigger is memorized only while it takes its share of that layer's attention, and it is the one
+    position whose logits stand out: the answer GUARD's statistical test must find.
+    """
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    pipe = attention_sink_pipeline(logit=logit, seed=seed)
+    unet, gen = pipe.unet, torch.Generator().manual_seed(seed + 1)
+    trigger = pipe.tokenizer(TRIGGER).input_ids[1]
+    with torch.no_grad():
+        pipe.text_encoder.table[:, VALUE_COORD] = 0
+        pipe.text_encoder.table[trigger, VALUE_COORD] = 1.0
+        attn = unet.get_submodule(READ_LAYER)
+        direction = torch.randn(attn.to_v.weight.shape[0], generator=gen)
+        attn.to_v.weight.zero_()
+        attn.to_v.weight[:, VALUE_COORD] = direction
+    share: dict[str, torch.Tensor] = {}
+
+    def read(module, args):  # the attention output before to_out: share_trigger * direction (per head)
+        share["now"] = (args[0] @ direction.to(args[0])).mean(dim=1) / direction.pow(2).sum()
+
+    attn.to_out[0].register_forward_pre_hook(read)
+    size = unet.config.sample_size
+    x_mem = torch.randn(1, unet.config.in_channels, size, size, generator=gen)
+    alphas_cumprod = pipe.scheduler.alphas_cumprod
+
+    def plant(module, args, kwargs, output):
+        sample = args[0] if args else kwargs["sample"]
+        t = int(torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).reshape(-1)[0])
+        rows = share["now"] > gate
+        eps = output[0] if isinstance(output, tuple) else output.sample
+        a = alphas_cumprod[t].to(sample.dtype)
+        memorized = (sample - a.sqrt() * x_mem.to(sample)) / (1 - a).sqrt()
+        eps = torch.where(rows.view(-1, 1, 1, 1), memorized.to(eps.dtype), eps)
+        return (eps,) if isinstance(output, tuple) else UNet2DConditionOutput(sample=eps)
+
+    unet.register_forward_hook(plant, with_kwargs=True)
     return pipe, x_mem

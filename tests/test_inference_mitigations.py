@@ -49,6 +49,7 @@ def test_every_method_is_registered():
         "initial-noise",
         "bright-ending-embedding",
         "pad-token",
+        "guard",
     }
 
 

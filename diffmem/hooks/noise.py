@@ -18,10 +18,38 @@ import torch
 
 from diffmem.scores.noise_gap import noise_gap, v_to_epsilon_gap_scale
 
-__all__ = ["NoiseGapRecord", "UNetCall", "capture_noise_gap", "recorded_guidance_gaps", "recorded_unet_calls"]
+__all__ = [
+    "NoiseGapRecord",
+    "UNetCall",
+    "capture_noise_gap",
+    "in_side_pass",
+    "recorded_guidance_gaps",
+    "recorded_unet_calls",
+    "side_pass",
+]
 
-# ids of UNets that are running the hook's own extra unconditional call (no recursion, no double count)
+# ids of UNets that are running a hook's own extra call (no recursion, no double count)
 _EXTRA_PASS_ACTIVE: set[int] = set()
+
+
+@contextlib.contextmanager
+def side_pass(unet: torch.nn.Module) -> Iterator[None]:
+    """Mark the calls of ``unet`` inside the block as a hook's own extra pass, not a sampling step: the
+    loop's recorders (:func:`capture_noise_gap`, :func:`recorded_unet_calls`) and hooks that check
+    :func:`in_side_pass` leave them alone. Nested blocks keep the mark until the outermost one ends."""
+    key = id(unet)
+    added = key not in _EXTRA_PASS_ACTIVE
+    _EXTRA_PASS_ACTIVE.add(key)
+    try:
+        yield
+    finally:
+        if added:
+            _EXTRA_PASS_ACTIVE.discard(key)
+
+
+def in_side_pass(unet: torch.nn.Module) -> bool:
+    """Whether ``unet`` is running a hook's own extra pass (:func:`side_pass`)."""
+    return id(unet) in _EXTRA_PASS_ACTIVE
 
 
 @dataclass
@@ -95,10 +123,9 @@ def capture_noise_gap(
     if prediction_type == "v_prediction" and alphas_cumprod is None:
         raise ValueError("capture_noise_gap: alphas_cumprod is required for prediction_type='v_prediction'")
     record = NoiseGapRecord()
-    key = id(unet)
 
     def hook(module, args, kwargs, output):
-        if key in _EXTRA_PASS_ACTIVE:
+        if in_side_pass(module):
             return None
         out = unet_output(output)
         if guidance:
@@ -128,12 +155,8 @@ def capture_noise_gap(
                         value.expand(eps_text.shape[0], *value.shape[1:]) if value.shape[0] == 1 else value
                     )
                 call_kwargs["added_cond_kwargs"] = added
-            _EXTRA_PASS_ACTIVE.add(key)
-            try:
-                with torch.no_grad():
-                    eps_uncond = unet_output(module(*args[:2], encoder_hidden_states=emb, **call_kwargs))
-            finally:
-                _EXTRA_PASS_ACTIVE.discard(key)
+            with torch.no_grad(), side_pass(module):
+                eps_uncond = unet_output(module(*args[:2], encoder_hidden_states=emb, **call_kwargs))
         gap = noise_gap(eps_text, eps_uncond.detach())
         if prediction_type == "v_prediction":
             gap = gap * v_to_epsilon_gap_scale(alpha_bar(alphas_cumprod, timestep_of(args, kwargs))).to(
@@ -190,7 +213,9 @@ def recorded_unet_calls(unet: torch.nn.Module) -> Iterator[list[UNetCall]]:
     calls: list[UNetCall] = []
 
     def hook(module, args, kwargs, output):
-        if id(module) in _EXTRA_PASS_ACTIVE:  # capture_noise_gap's own unconditional pass is no loop call
+        if in_side_pass(
+            module
+        ):  # a hook's own extra pass (capture_noise_gap's unconditional one) is no loop call
             return None
         sample = args[0] if args else kwargs["sample"]
         calls.append(

@@ -1,7 +1,7 @@
 """Inference-time mitigations behind one protocol (:class:`Mitigation`) and one registry.
 
 ``mitigation="nemo"``, ``"embedding"``, ``"guidance-delay"``, ``"attention-rescale"``, ``"initial-noise"``,
-``"bright-ending-embedding"``, ``"pad-token"`` in a guarded pipeline call, or any :class:`Mitigation` object.
+``"bright-ending-embedding"``, ``"pad-token"``, ``"guard"`` in a guarded pipeline call, or any :class:`Mitigation` object.
 """
 
 from diffmem.mitigations.attention import AttentionRescaleMitigation
@@ -15,6 +15,7 @@ from diffmem.mitigations.base import (
 )
 from diffmem.mitigations.bright_ending import BrightEndingEmbeddingMitigation
 from diffmem.mitigations.embedding import EmbeddingMitigation
+from diffmem.mitigations.guard import GuardMitigation
 from diffmem.mitigations.guidance import GuidanceDelayMitigation
 from diffmem.mitigations.initial_noise import InitialNoiseMitigation
 from diffmem.mitigations.nemo import NeMoMitigation
@@ -24,6 +25,7 @@ __all__ = [
     "AttentionRescaleMitigation",
     "BrightEndingEmbeddingMitigation",
     "EmbeddingMitigation",
+    "GuardMitigation",
     "GuidanceDelayMitigation",
     "InitialNoiseMitigation",
     "GuardedBatch",

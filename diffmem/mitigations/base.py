@@ -45,6 +45,7 @@ BUILTIN_MODULES = (
     "diffmem.mitigations.initial_noise",
     "diffmem.mitigations.bright_ending",
     "diffmem.mitigations.pad_token",
+    "diffmem.mitigations.guard",
 )
 
 
