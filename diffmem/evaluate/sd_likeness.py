@@ -31,6 +31,7 @@ from diffmem.evaluate.metrics import ReplicationRate
 from diffmem.evaluate.mitigation import evaluate_mitigations
 from diffmem.evaluate.stages import StageCache
 from diffmem.evaluate.suites import LabelledPrompt, Suite, organism_suite
+from diffmem.generation import generate
 from diffmem.localize.nemo import NeMo, NemoConfig
 from diffmem.mitigations.base import get_mitigation
 from diffmem.modelio import default_model
@@ -38,6 +39,7 @@ from diffmem.organism.data import build_organism_data
 from diffmem.organism.evaluate import Generation, dose_response, generate_and_measure
 from diffmem.organism.recipe import recipe_of
 from diffmem.organism.replication import TrainingImages
+from diffmem.scores.replication import ORGANISM_SSIM_THRESHOLD
 
 __all__ = ["CardRow", "SDLikenessBench", "card_markdown", "card_rows"]
 
@@ -163,6 +165,18 @@ def card_rows(m: dict[str, Any], high_copies: int = 16) -> list[CardRow]:
     return rows
 
 
+def _empty_prompt_ssim(pipe, memorized: TrainingImages, n: int, *, progress: bool, **call) -> list[float]:
+    """SSIM of ``n`` generations of the empty prompt to their nearest memorized training image. The guarded
+    call refuses an empty prompt (its noise gap is 0 by construction), so the stock call on the same
+    modules generates it, through the one seeded loop."""
+    stock = type(pipe).stock_pipeline_class(**pipe.components)
+    seed = call.pop("seed")
+    images, _ = generate(
+        stock, [""], item_ids=["empty prompt"], num_gens=n, seed=seed, progress=progress, **call
+    )
+    return [match.ssim for match in memorized.nearest(images)]
+
+
 def _nemo_floor(pipe, reference: Sequence[str], captions: Sequence[str]) -> dict:
     """NeMo's tau on ``reference`` (mean + 1 std of its detection score) and each caption's empty-prompt
     floor: the largest same-seed similarity of the empty prompt's first-step noise differences to the
@@ -250,9 +264,11 @@ class SDLikenessBench(Evaluation):
         generic = data.captions("generic")[: args.generic]
         ordinary = [(c, "heldout") for c in data.captions("heldout")] + [(c, "generic") for c in generic]
         m: dict[str, Any] = {}
-        empty = stages.value("empty", lambda: measured([("", "heldout")], args.empty_generations),
-                             {**key, "n": args.empty_generations})  # fmt: skip
-        m["empty"] = _wilson([g["replicates_any"] for g in empty])
+        empty = stages.value(
+            "empty", lambda: _empty_prompt_ssim(pipe, memorized, args.empty_generations, **gen),
+            {**key, "n": args.empty_generations},
+        )  # fmt: skip
+        m["empty"] = _wilson([v >= ORGANISM_SSIM_THRESHOLD for v in empty])
         ordinary_gens = stages.value(
             "ordinary", lambda: measured(ordinary, args.seeds), {**key, "generic": args.generic}
         )
