@@ -1,17 +1,16 @@
 """Options shared by the commands that take an edit and target images (``diffmem attack``, ``diffmem
-finetune``): the edit's arguments, the targets and their images."""
+finetune``): the edit's arguments; the targets and their images are read by the library's
+:mod:`diffmem.train.dori_finetune` (re-exported here)."""
 
 from __future__ import annotations
 
 import argparse
 
-import numpy as np
-import torch
-
 from diffmem.cli import UsageError
-from diffmem.data import load_rgb, open_dataset, split_rows
 from diffmem.edits import NeuronSet, WeightMask
-from diffmem.records import BadImageError
+from diffmem.train.dori_finetune import load_image_tensor, load_targets
+
+__all__ = ["add_edit_arguments", "load_edit", "load_image_tensor", "load_targets"]
 
 
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,26 +21,6 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--neurons", default=None, help="a NeuronSet (.json from diffmem localize) applied while attacking"
     )
-
-
-def load_targets(path: str, argument: str = "--targets", limit: int | None = None):
-    """(id, caption, image path) records of a targets dataset; the first bad row is an error naming it."""
-    records, bad = split_rows(open_dataset(path, argument=argument))
-    if bad:
-        b = bad[0]
-        raise ValueError(f"{argument}: {b.source or path} row {b.row} (id {b.id}): {b.reason}: {b.detail}")
-    if not records:
-        raise ValueError(f"{argument}: {path} holds no targets")
-    return records[:limit] if limit else records
-
-
-def load_image_tensor(path, argument: str = "--targets"):
-    """An image file as a float ``[3, H, W]`` tensor in [0, 1]."""
-    try:
-        im = load_rgb(path)
-    except BadImageError as err:
-        raise ValueError(f"{argument}: {path}: {err}") from err
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
 def load_edit(args: argparse.Namespace):
