@@ -83,7 +83,12 @@ class Evaluation:
         raise NotImplementedError(f"{type(self).__name__}.run")
 
 
-BUILTIN_MODULES = ("diffmem.evaluate.method_bench",)
+BUILTIN_MODULES = (
+    "diffmem.evaluate.method_bench",
+    "diffmem.evaluate.organism_scan",
+    "diffmem.evaluate.training_mitigations",
+    "diffmem.evaluate.solidmark",
+)
 
 EVALUATIONS: Registry[Evaluation] = Registry("evaluation", Evaluation, BUILTIN_MODULES)
 register_evaluation = EVALUATIONS.register
