@@ -116,8 +116,8 @@ def test_a_whole_study_on_a_tiny_model_resumes_without_redoing_work(tmp_path, ti
     def refuse(*args, **kwargs):
         raise AssertionError("trained or evaluated again")
 
-    monkeypatch.setattr("diffmem.train.text_to_image.train_text_to_image", refuse)
-    monkeypatch.setattr("diffmem.train.finetune_eval.evaluate_finetune", refuse)
+    monkeypatch.setattr("diffmem.train.mitigation_study.train_text_to_image", refuse)
+    monkeypatch.setattr("diffmem.train.mitigation_study.evaluate_finetune", refuse)
     again = run_mitigation_study(tiny64, tmp_path / "set", work, config, progress=False, log=lambda _: None)
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(first["rows"], sort_keys=True)
     other = StudyConfig(**{**config.__dict__, "tau_quantile": 0.5})
@@ -152,7 +152,7 @@ def test_bench_training_mitigations_on_a_tiny_model_writes_the_study_table_and_r
     def refuse(*args, **kwargs):
         raise AssertionError("trained or evaluated again")
 
-    monkeypatch.setattr("diffmem.train.text_to_image.train_text_to_image", refuse)
-    monkeypatch.setattr("diffmem.train.finetune_eval.evaluate_finetune", refuse)
+    monkeypatch.setattr("diffmem.train.mitigation_study.train_text_to_image", refuse)
+    monkeypatch.setattr("diffmem.train.mitigation_study.evaluate_finetune", refuse)
     assert main(argv) == 0
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
