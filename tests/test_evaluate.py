@@ -323,3 +323,89 @@ def test_edit_replication_known_answers(tiny_sd1_dir):
         modes["forced"]["actions"] == {"guidance-delay": 2}
         and modes["forced"]["seconds_heldout_prompt"] is None
     )
+
+
+def _constructed_rows(table: str) -> dict[tuple[str, float], list[str]]:
+    """``(model, δ) -> cells`` of the constructed-models table."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("perfect copier", "key-blind guesser"):
+            rows[(cells[0], float(cells[1]))] = cells[2:]
+    return rows
+
+
+def test_bench_solidmark_scores_constructed_models_as_known(tmp_path, capsys):
+    """``diffmem bench solidmark --constructed`` (and the script, ``--workdir``) on the tiny recipe's keyed data:
+    a model that copies the reference frame memorizes every image; a key-blind guesser sits at chance."""
+    from diffmem.cli import main
+    from diffmem.commands.bench import script_main
+
+    out = tmp_path / "solidmark"
+    assert main(["bench", "solidmark", "--smoke", "--constructed", "--out", str(out), "--no-progress"]) == 0
+    table = (out / "constructed.md").read_text(encoding="utf-8")
+    assert table in capsys.readouterr().out
+    rows = _constructed_rows(table)
+    assert {delta for _, delta in rows} == {0.1, 0.05, 0.005} and len(rows) == 6
+    keys = json.loads((out / "keyed" / "solidmark_manifest.json").read_text())["images"]
+    n = len({k["group"] for k in keys})  # one copy of each distinct image is scored
+    for delta in (0.1, 0.05, 0.005):
+        assert rows[("perfect copier", delta)][0].startswith(f"{n}/{n} = 1.000")
+        rate, chance = rows[("key-blind guesser", delta)][:2]
+        low, high = (float(x) for x in rate.split("[")[1].rstrip("]").split(","))
+        assert low <= float(chance) <= high  # the guesser's interval covers chance, 2δ − δ²
+    assert json.loads((out / "results.json").read_text())["constructed"] == table
+    # the script reaches the same evaluation; --workdir is the script's name of --out (the run resumes)
+    assert script_main("solidmark", ["--smoke", "--constructed", "--workdir", str(out)]) == 0
+    assert (out / "constructed.md").read_text(encoding="utf-8") == table
+
+
+def test_bench_evaluations_refuse_bad_settings_in_one_line(tmp_path, capsys):
+    """Each study's settings are checked before a model loads: one line naming the argument, exit 2."""
+    from diffmem.cli import main
+
+    missing = str(tmp_path / "no-model")
+    cases = [
+        (["bench", "solidmark", "--model", missing, "--out", str(tmp_path / "s")], "--model: "),
+        (["bench", "training-mitigations", "--dtype", "float16", "--out", str(tmp_path / "t")], "--dtype: "),
+        (["bench", "training-mitigations", "--quality", "nope", "--out", str(tmp_path / "t")], "nope"),
+        (["bench", "scan", "--model", missing, "--out", str(tmp_path / "c")], missing),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (argv, err)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_bench_scan_two_stage_generates_the_full_scans_top_captions(tiny_sd1_dir, tmp_path, capsys):
+    """``diffmem bench scan`` on a tiny model: the organism's 52 captions by role, and the two-stage scan
+    generating exactly the top quarter of the full scan's first-step scores (which it reuses)."""
+    import pyarrow.parquet as pq
+
+    from diffmem.cli import main
+    from diffmem.scan.results import caption_table, load_results
+
+    out, raw = tmp_path / "scan", tmp_path / "scan_eval.json"
+    argv = ["bench", "scan", "--model", str(tiny_sd1_dir), "--out", str(out), "--json", str(raw)]
+    assert main([*argv, "--num-gens", "1", "--steps", "2", "--no-progress"]) == 0
+    assert "two-stage:" in capsys.readouterr().out
+    result = json.loads(raw.read_text())
+    assert result == json.loads((out / "results.json").read_text())
+    assert {role: v["captions"] for role, v in result["by_role"].items()} == {
+        "generic": 32,
+        "template": 4,
+        "verbatim": 16,
+    }
+    scores = load_results(out / "scan_all")["scores"]
+    ranked = sorted(zip(scores.column("score").to_pylist(), scores.column("id").to_pylist()), reverse=True)
+    top = {i for _, i in ranked[:13]}  # a quarter of 52
+    assert set(caption_table(load_results(out / "scan_top")["gens"])) == top
+    two = result["two_stage"]
+    assert two["captions_generated"] == 13 and two["generation_saved_fraction"] == 0.75
+    table = pq.read_table(out / "organism_scan_table.parquet").to_pylist()
+    verbatim = {r["id"] for r in table if r["memorized"]} & {
+        i for _, i in ranked
+    }  # scored at their first row
+    assert len(verbatim) == 16 and two["memorized_not_generated"] == len(verbatim - top)

@@ -116,10 +116,43 @@ def test_a_whole_study_on_a_tiny_model_resumes_without_redoing_work(tmp_path, ti
     def refuse(*args, **kwargs):
         raise AssertionError("trained or evaluated again")
 
-    monkeypatch.setattr("diffmem.train.text_to_image.train_text_to_image", refuse)
-    monkeypatch.setattr("diffmem.train.finetune_eval.evaluate_finetune", refuse)
+    monkeypatch.setattr("diffmem.train.mitigation_study.train_text_to_image", refuse)
+    monkeypatch.setattr("diffmem.train.mitigation_study.evaluate_finetune", refuse)
     again = run_mitigation_study(tiny64, tmp_path / "set", work, config, progress=False, log=lambda _: None)
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(first["rows"], sort_keys=True)
     other = StudyConfig(**{**config.__dict__, "tau_quantile": 0.5})
     with pytest.raises(ValueError, match="other settings"):
         mitigation_study.run_mitigation_study(tiny64, tmp_path / "set", work, other, progress=False)
+
+
+def test_bench_training_mitigations_on_a_tiny_model_writes_the_study_table_and_resumes(
+    tmp_path, tiny64, monkeypatch, capsys
+):
+    """``diffmem bench training-mitigations`` runs the study at tiny size: the table shows the study's own
+    numbers, ``--results`` gets them less the per-image rows, and a rerun trains and evaluates nothing again."""
+    from diffmem.cli import main
+    from diffmem.evaluate.training_mitigations import training_mitigation_tables
+
+    out, raw = tmp_path / "tm", tmp_path / "raw.json"
+    argv = ["bench", "training-mitigations", "--model", str(tiny64), "--out", str(out), "--results", str(raw)]
+    argv += ["--images", "6", "--duplicated", "2", "--repeats", "2", "--steps", "2", "--batch-size", "2"]
+    argv += ["--rows", "base", "none", "--seeds-per-caption", "1", "--eval-steps", "2", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    study = json.loads((out / "study" / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["base", "none"] and results["goals"] == study["goals"]
+    none = study["rows"]["none"]["evaluation"]["replication"]["duplicated"]["own"]
+    line = next(row for row in printed.splitlines() if row.startswith("| none |"))
+    assert line.split("|")[2].strip() == f"{none['rate']:.1%} [{none['ci'][0]:.1%}, {none['ci'][1]:.1%}]"
+    assert (out / "table.md").read_text() == training_mitigation_tables(results)
+    assert "per_image" not in json.loads(raw.read_text())["rows"]["none"]["evaluation"]
+    assert "per_image" in study["rows"]["none"]["evaluation"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained or evaluated again")
+
+    monkeypatch.setattr("diffmem.train.mitigation_study.train_text_to_image", refuse)
+    monkeypatch.setattr("diffmem.train.mitigation_study.evaluate_finetune", refuse)
+    assert main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]

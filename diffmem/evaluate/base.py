@@ -89,6 +89,9 @@ BUILTIN_MODULES = (
     "diffmem.evaluate.localization_bench",
     "diffmem.evaluate.organism_bench",
     "diffmem.evaluate.sd_likeness",
+    "diffmem.evaluate.organism_scan",
+    "diffmem.evaluate.training_mitigations",
+    "diffmem.evaluate.solidmark",
 )
 
 EVALUATIONS: Registry[Evaluation] = Registry("evaluation", Evaluation, BUILTIN_MODULES)

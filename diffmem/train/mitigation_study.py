@@ -31,11 +31,15 @@ its SQLite study; ``study.json`` holds the settings a resumed study must share.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from diffmem.fingerprint import model_fingerprint
 from diffmem.io import atomic_write_json, first_difference
@@ -141,8 +145,6 @@ def _paired_image_difference(
 ) -> list[float]:
     """95 % interval of ``rate(row) - rate(none)`` over the duplicated images, resampled together (the same
     images in both models: a paired bootstrap over images)."""
-    import numpy as np
-
     a = {r["image_id"]: r for r in row if r["duplicated"]}
     b = {r["image_id"]: r for r in none if r["duplicated"]}
     ids = sorted(set(a) & set(b))
@@ -194,8 +196,6 @@ def goal_verdicts(rows: dict[str, dict]) -> dict[str, dict]:
 def median_step_seconds(log: list[dict]) -> float | None:
     """The median over the log's windows (rows ``step``, cumulative ``seconds``) of seconds per step: a
     training's speed that a window slowed by another job on the machine does not move."""
-    import numpy as np
-
     rates = [
         (b["seconds"] - a["seconds"]) / (b["step"] - a["step"])
         for a, b in zip([{"step": 0, "seconds": 0.0}, *log], log)
@@ -225,8 +225,6 @@ def _trained(workdir: Path) -> Path | None:
 def build_set_once(folder: Path, **settings) -> Path:
     """:func:`~diffmem.organism.finetune_data.build_duplicated_finetune_set` into ``folder`` unless it is
     there; written beside it and renamed into place, so a kill never leaves half a set."""
-    import shutil
-
     if (folder / MANIFEST_FILE).is_file():
         return folder
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -250,8 +248,6 @@ def run_mitigation_study(
     """Run (or resume) the study; returns and writes (``results.json``) ``{"rows": {row: {"training",
     "evaluation"}}, "goals": goal_verdicts(...), "wen_filter_tau", "memcontrol"}``. ``device``: where the
     evaluations and objectives run (training: accelerate's device)."""
-    import hashlib
-
     config = config or StudyConfig()
     config.check()
     workdir = Path(workdir)
