@@ -56,6 +56,8 @@ def as_array(images) -> np.ndarray:
 
 
 class PipelineTesterMixin:
+    # every test class built on a mixin is part of the drop-in contract (`make test-diffusers-matrix`)
+    pytestmark = pytest.mark.dropin
     pipeline_class = None
 
     def get_inputs(self, generator: torch.Generator) -> dict:  # pragma: no cover - overridden
@@ -176,6 +178,7 @@ class DiffusersContractMixin:
     """Contract tests; a test class sets ``stock_class``, ``pipeline_class``, ``stock_tuple_length``, a
     ``model_dir`` fixture and ``get_inputs(generator)``, and for SDXL ``embeds_inputs(pipe, prompt)``."""
 
+    pytestmark = pytest.mark.dropin
     stock_class = None
     pipeline_class = None
     #: what the stock ``__call__`` returns with ``return_dict=False`` (SD: images and NSFW flags)

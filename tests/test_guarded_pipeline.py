@@ -89,6 +89,7 @@ def assert_identical(a, b):
 # --- bit identity with the stock pipeline ---------------------------------------------------------
 
 
+@pytest.mark.dropin
 @pytest.mark.parametrize("variant", ["sd1", "sd2"])
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_bit_identical_every_scheduler(pipes, variant, scheduler):
@@ -102,6 +103,7 @@ def test_bit_identical_every_scheduler(pipes, variant, scheduler):
     assert np.isfinite(b.memorization_scores[0]) and b.memorization_scores[0] > 0
 
 
+@pytest.mark.dropin
 @pytest.mark.parametrize("variant", ["sd1", "sd2"])
 def test_bit_identical_batched_prompts_and_images_per_prompt(pipes, variant):
     stock, guarded = pipes[variant]
@@ -139,6 +141,7 @@ def b_latents(pipe, n):
     return torch.randn(n, 4, 16, 16, generator=torch.Generator().manual_seed(5))
 
 
+@pytest.mark.dropin
 @pytest.mark.parametrize(
     "variant, scheduler, guidance_scale",
     [
@@ -159,6 +162,7 @@ def test_bit_identical_without_guidance(pipes, variant, scheduler, guidance_scal
     assert b.memorization_scores[0] > 0
 
 
+@pytest.mark.dropin
 @pytest.mark.parametrize("variant, guidance_scale", [("sd1", 7.5), ("sd2", 1.0)])
 def test_bit_identical_with_prompt_embeds(pipes, variant, guidance_scale):
     stock, guarded = pipes[variant]
@@ -176,6 +180,7 @@ def test_bit_identical_with_prompt_embeds(pipes, variant, guidance_scale):
     assert len(b.memorization_scores) == 2
 
 
+@pytest.mark.dropin
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
 def test_bit_identical_every_output_type(pipes, output_type):
     stock, guarded = pipes["sd1"]
@@ -184,6 +189,7 @@ def test_bit_identical_every_output_type(pipes, output_type):
     assert len(b.memorization_scores) == 1
 
 
+@pytest.mark.dropin
 def test_user_callback_still_works(pipes):
     """A callback that rewrites the latents acts on both pipelines alike."""
     stock, guarded = pipes["sd1"]
@@ -198,6 +204,7 @@ def test_user_callback_still_works(pipes):
     assert steps == list(range(NUM_STEPS)) * 2
 
 
+@pytest.mark.dropin
 def test_return_dict_false_is_the_stock_tuple(pipes):
     stock, guarded = pipes["sd1"]
     kw = dict(prompt="a cat", num_inference_steps=NUM_STEPS, output_type="np", return_dict=False)
@@ -293,6 +300,7 @@ def test_scores_same_under_every_attention_processor(pipes):
 # --- loading -------------------------------------------------------------------------------------
 
 
+@pytest.mark.dropin
 def test_loads_as_diffusers_custom_pipeline(tiny_sd1_dir, pipes):
     from diffusers import StableDiffusionPipeline
 

@@ -62,6 +62,7 @@ def use_scheduler(stock, guarded, name: str):
     guarded.scheduler = stock.scheduler
 
 
+@pytest.mark.dropin
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_bit_identical_to_stock_sdxl(pipes, scheduler, guidance_scale):
@@ -189,6 +190,7 @@ def test_calibration_in_the_sdxl_folder_flags(tiny_sdxl_dir, tmp_path):
     assert as_array(out.images).shape[-1] == 16
 
 
+@pytest.mark.dropin
 def test_prompt_conditioning_is_what_the_stock_loop_feeds_the_unet(pipes):
     """NeMo's and its statistics' view of an SDXL prompt: exactly the stock pipeline's UNet inputs."""
     from diffmem.conditioning import prompt_conditioning

@@ -218,6 +218,7 @@ def test_bad_input_names_the_argument(pipes, kwargs, match):
         pipes["sd1"](**call)
 
 
+@pytest.mark.dropin
 def test_loads_as_diffusers_custom_pipeline(tiny_sd1_dir, pipes):
     from diffusers import StableDiffusionPipeline
 
@@ -299,6 +300,7 @@ def test_cli_scores_with_and_without_a_mitigation_and_compares(tmp_path, tiny_sd
     )
 
 
+@pytest.mark.dropin
 def test_signature_is_the_stock_one_plus_the_reference(pipes):
     import inspect
 
@@ -312,6 +314,7 @@ def test_signature_is_the_stock_one_plus_the_reference(pipes):
     assert params["num_inference_steps"].default == 100 and params["guidance_scale"].default == 3.0
 
 
+@pytest.mark.dropin
 def test_return_dict_false_is_the_stock_tuple(pipes):
     call = dict(prompt="a cat", image=_reference(), mask=MASK, num_inference_steps=2, output_type="np")
     out = pipes["sd1"](generator=torch.Generator().manual_seed(0), **call)
