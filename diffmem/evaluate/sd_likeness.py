@@ -194,9 +194,12 @@ def _nemo_floor(pipe, reference: Sequence[str], captions: Sequence[str]) -> dict
 def card_markdown(rows: Sequence[CardRow]) -> str:
     """The card as a Markdown table: row, measured, target, met, published for SD."""
     lines = ["| row | measured (95 % interval) | target | met | published for SD |", "|---|---|---|---|---|"]
+    shown: set[str] = set()
     for r in rows:
         met = "-" if r.met is None else ("yes" if r.met else f"**no** ({r.miss})")
-        sd = PUBLISHED_SD.get(r.key, "") if ":" not in r.key or r.key.endswith(":1") else ""
+        family = r.key.split(":")[0]  # the published column once per family (dose, mitigation, detection)
+        sd = "" if family in shown else PUBLISHED_SD.get(family, "")
+        shown.add(family)
         lines.append(f"| {r.what} | {r.measured} | {r.target} | {met} | {sd} |")
     return "\n".join(lines)
 
