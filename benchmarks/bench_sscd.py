@@ -41,7 +41,8 @@ from PIL import Image
 
 from diffmem.embed import load_embedder
 from diffmem.embed.sscd import installed_sscd_file
-from diffmem.modelio import default_model, load_pipeline
+from diffmem.guard.auto import load_guarded
+from diffmem.modelio import default_model
 from diffmem.organism.data import COLOURS, SHAPES, build_organism_data, render_generic
 from diffmem.organism.evaluate import evaluation_captions, generate_and_measure
 from diffmem.organism.recipe import recipe_of
@@ -101,7 +102,7 @@ def organism_generations(seeds: int, threads: int):
     data = build_organism_data(recipe)
     training = TrainingImages.from_data(data)
     gens, images = generate_and_measure(
-        load_pipeline(model), evaluation_captions(data), training, num_gens=seeds,
+        load_guarded(model), evaluation_captions(data), training, num_gens=seeds,
         num_inference_steps=recipe.num_inference_steps, guidance_scale=recipe.guidance_scale, seed=recipe.seed,
         progress=False,
     )  # fmt: skip
