@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
 from diffmem.scan.index import FaissIndex, TorchIndex
 from diffmem.scan.index_file import build_index_file
@@ -229,7 +231,7 @@ def run_stage(a, stage: str, **extra) -> dict:
     return result
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("1m", "10m"), default=None)
     p.add_argument("--stage", choices=tuple(STAGES), default=None, help=argparse.SUPPRESS)
@@ -255,10 +257,44 @@ def main() -> None:
         action="store_true",
         help="keep the data, ground truth and index of the last run; search again",
     )
-    a = p.parse_args()
+    return p
 
-    import faiss
-    import torch
+
+def build_stages(a, result: dict, out: Path) -> None:
+    """Data, ground truth and the approximate index into ``result`` (each stage in its own process); with
+    ``--reuse`` the records of the last run in ``out`` instead (the index built again with ``--rebuild``)."""
+    if a.reuse:  # the earlier stages' records; the searches are run again
+        earlier = json.loads(out.read_text())
+        result.update({k: v for k, v in earlier.items() if k not in result and k != "ivfpq_search"})
+        result["reused_from"] = earlier["date"]
+        if a.rebuild:
+            result["ivfpq_build"] = run_stage(a, "build")
+        return
+    result["prepare"] = run_stage(a, "prepare")
+    if a.part == "1m":
+        result["exact_faiss"] = run_stage(a, "exact")
+        result["torch"] = run_stage(a, "torch")
+    else:
+        result["exact_torch_streaming"] = run_stage(a, "torch", streaming=True)
+    result["ivfpq_build"] = run_stage(a, "build")
+
+
+def nprobe_searches(a, default_nprobe: int) -> list[dict]:
+    """The scan's search stage without re-rank at the index's ``nprobe``, then with re-rank at each
+    ``--nprobes`` (default: 1, 2, 4 and 8 times the index's)."""
+    nprobes = (
+        [int(x) for x in a.nprobes.split(",")]
+        if a.nprobes
+        else sorted({default_nprobe, 2 * default_nprobe, 4 * default_nprobe, 8 * default_nprobe})
+    )
+    searches = [run_stage(a, "search", nprobe=default_nprobe, rerank=0)]
+    return searches + [run_stage(a, "search", nprobe=n, rerank=a.rerank) for n in nprobes]
+
+
+def main() -> None:
+    p = arguments()
+    a = p.parse_args()
+    import faiss  # optional dependency (diffmem's scans fall back to torch without it): only runs need it
 
     faiss.omp_set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
@@ -267,9 +303,6 @@ def main() -> None:
         result.update(peak_rss_bytes=_rss()["VmHWM"])
         print(json.dumps(result))
         return
-
-    from machine import cpu_model
-
     if a.part is None:
         p.error("--part: expected 1m or 10m")
     a.n = a.n or (1_000_000 if a.part == "1m" else 10_000_000)
@@ -290,28 +323,8 @@ def main() -> None:
     }
     print(f"bench_ann {a.part}: {a.n} x {a.dim}, {a.queries} queries, work {a.work}", flush=True)
     out = Path(a.json or HERE / "results" / f"bench_ann_{a.part}.json")
-    if a.reuse:  # the earlier stages' records; the searches are run again
-        earlier = json.loads(out.read_text())
-        result.update({k: v for k, v in earlier.items() if k not in result and k != "ivfpq_search"})
-        result["reused_from"] = earlier["date"]
-        if a.rebuild:
-            result["ivfpq_build"] = run_stage(a, "build")
-    else:
-        result["prepare"] = run_stage(a, "prepare")
-        if a.part == "1m":
-            result["exact_faiss"] = run_stage(a, "exact")
-            result["torch"] = run_stage(a, "torch")
-        else:
-            result["exact_torch_streaming"] = run_stage(a, "torch", streaming=True)
-        result["ivfpq_build"] = run_stage(a, "build")
-    default_nprobe = result["ivfpq_build"]["nprobe"]
-    nprobes = (
-        [int(x) for x in a.nprobes.split(",")]
-        if a.nprobes
-        else sorted({default_nprobe, 2 * default_nprobe, 4 * default_nprobe, 8 * default_nprobe})
-    )
-    result["ivfpq_search"] = [run_stage(a, "search", nprobe=default_nprobe, rerank=0)]
-    result["ivfpq_search"] += [run_stage(a, "search", nprobe=n, rerank=a.rerank) for n in nprobes]
+    build_stages(a, result, out)
+    result["ivfpq_search"] = nprobe_searches(a, result["ivfpq_build"]["nprobe"])
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

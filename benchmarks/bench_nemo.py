@@ -21,12 +21,12 @@ import datetime
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from machine import cpu_model  # benchmarks/machine.py (this script's folder)
 
+from diffmem.benchmark import timed
 from diffmem.io import atomic_write_json
 from diffmem.localize.nemo import MemorizationProbe, NeMo, NemoConfig
 from diffmem.localize.stats import compute_value_stats
@@ -82,6 +82,67 @@ def organism_setup(model: str, limit: int):
     return c, prompts, reference, f"{model} (verbatim captions)"
 
 
+def nemo_runs(c: dict, reference, threshold: float | None, mask_batch: int, theta0: float):
+    """``(threshold, {name: NeMo})``: the reference-cost, one-at-a-time and batched localizers on the same
+    value statistics and threshold (calibrated on ``reference`` when ``threshold`` is None)."""
+    stats = compute_value_stats(c["unet"], c["text_encoder"], c["tokenizer"], reference, progress=False)
+    parts = (c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], stats)
+    if threshold is None:
+        threshold = NeMo(*parts, NemoConfig()).calibrate_threshold(reference[:12])
+    ref = NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=1, theta0=theta0))
+    ref.probe_class = type("RefProbe", (ReferenceCostProbe, MemorizationProbe), {})
+    return threshold, {
+        "reference_cost": ref,
+        "one_at_a_time": NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=1, theta0=theta0)),
+        "batched": NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=mask_batch, theta0=theta0)),
+    }
+
+
+def timed_localizations(runs: dict, prompts) -> list[dict]:
+    """Every localizer on every prompt, in alternating order (ABBA): time, UNet calls, neurons found."""
+    rows = []
+    for i, prompt in enumerate(prompts):
+        order = list(runs) if i % 2 == 0 else list(reversed(runs))  # ABBA
+        row = {"prompt": prompt}
+        for name in order:
+            wall, cpu, res = timed(lambda name=name, prompt=prompt: runs[name].localize(prompt))
+            row[name] = {
+                "seconds": wall,
+                "cpu_seconds": cpu,
+                "unet_calls": res.info["unet_calls"],
+                "masks": res.info.get("masks_evaluated", 0),
+                "neurons": res.items(),
+                "memorized": res.info["memorized"],
+            }
+            print(
+                f"{name:14s} {wall:7.2f} s (cpu {cpu:7.2f} s)  calls {row[name]['unet_calls']:4d}  "
+                f"neurons {len(row[name]['neurons'])}  {prompt!r}",
+                flush=True,
+            )
+        row["same_neurons"] = all(row[name]["neurons"] == row["batched"]["neurons"] for name in runs)
+        rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict], names) -> dict:
+    """Means over the prompts the batched run found memorized: seconds, CPU seconds, UNet calls, speed-ups."""
+    mem = [r for r in rows if r["batched"]["memorized"]]
+
+    def mean(key, empty=float("nan")):
+        return {name: statistics.mean(r[name][key] for r in mem) if mem else empty for name in names}
+
+    t = mean("seconds")
+    return {
+        "memorized_prompts": len(mem),
+        "seconds_per_prompt": t,
+        "cpu_seconds_per_prompt": mean("cpu_seconds"),
+        "speedup_vs_one_at_a_time": t["one_at_a_time"] / t["batched"] if mem else None,
+        "speedup_vs_reference_cost": t["reference_cost"] / t["batched"] if mem else None,
+        "unet_calls_per_prompt": mean("unet_calls", None),
+        "same_neurons": all(r["same_neurons"] for r in rows),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="SD folder (default: the planted tiny model)")
@@ -96,75 +157,28 @@ def main() -> int:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
     c, prompts, reference, label = organism_setup(args.model, args.limit) if args.model else planted_setup()
-    prompts = prompts[: args.limit]
-    stats = compute_value_stats(c["unet"], c["text_encoder"], c["tokenizer"], reference, progress=False)
-    parts = (c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], stats)
-    threshold = args.threshold
-    if threshold is None:
-        threshold = NeMo(*parts, NemoConfig()).calibrate_threshold(reference[:12])
-
-    reference = NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=1, theta0=args.theta0))
-    reference.probe_class = type("RefProbe", (ReferenceCostProbe, MemorizationProbe), {})
-    runs = {
-        "reference_cost": reference,
-        "one_at_a_time": NeMo(*parts, NemoConfig(threshold=threshold, mask_batch=1, theta0=args.theta0)),
-        "batched": NeMo(
-            *parts, NemoConfig(threshold=threshold, mask_batch=args.mask_batch, theta0=args.theta0)
-        ),
-    }
-    rows = []
-    for i, prompt in enumerate(prompts):
-        order = list(runs) if i % 2 == 0 else list(reversed(runs))  # ABBA
-        row = {"prompt": prompt}
-        for name in order:
-            start, cpu = time.perf_counter(), time.process_time()
-            res = runs[name].localize(prompt)
-            row[name] = {
-                "seconds": time.perf_counter() - start,
-                "cpu_seconds": time.process_time() - cpu,
-                "unet_calls": res.info["unet_calls"],
-                "masks": res.info.get("masks_evaluated", 0),
-                "neurons": res.items(),
-                "memorized": res.info["memorized"],
-            }
-            print(
-                f"{name:14s} {row[name]['seconds']:7.2f} s (cpu {row[name]['cpu_seconds']:7.2f} s)  calls {row[name]['unet_calls']:4d}  "
-                f"neurons {len(row[name]['neurons'])}  {prompt!r}",
-                flush=True,
-            )
-        row["same_neurons"] = all(row[name]["neurons"] == row["batched"]["neurons"] for name in runs)
-        rows.append(row)
-    mem = [r for r in rows if r["batched"]["memorized"]]
-    t = {name: statistics.mean(r[name]["seconds"] for r in mem) if mem else float("nan") for name in runs}
-    t_one, t_bat = t["one_at_a_time"], t["batched"]
-    cpu = {
-        name: statistics.mean(r[name]["cpu_seconds"] for r in mem) if mem else float("nan") for name in runs
-    }
+    threshold, runs = nemo_runs(c, reference, args.threshold, args.mask_batch, args.theta0)
+    rows = timed_localizations(runs, prompts[: args.limit])
+    s = summary(rows, runs)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, threads {torch.get_num_threads()}",
         "model": label,
         "threshold": threshold,
         "mask_batch": args.mask_batch,
-        "memorized_prompts": len(mem),
+        "memorized_prompts": s["memorized_prompts"],
         "theta0": args.theta0,
-        "seconds_per_prompt": t,
-        "cpu_seconds_per_prompt": cpu,
-        "speedup_vs_one_at_a_time": t_one / t_bat if mem else None,
-        "speedup_vs_reference_cost": t["reference_cost"] / t_bat if mem else None,
-        "unet_calls_per_prompt": {
-            name: statistics.mean(r[name]["unet_calls"] for r in mem) if mem else None for name in runs
-        },
-        "same_neurons": all(r["same_neurons"] for r in rows),
+        **s,
         "rows": rows,
     }
-
     atomic_write_json(args.json, result)
+    t = s["seconds_per_prompt"]
+    t_one, t_bat = t["one_at_a_time"], t["batched"]
     print(
-        f"\n{label}: {len(mem)}/{len(rows)} memorized prompts; one-at-a-time {t_one:.2f} s/prompt, "
+        f"\n{label}: {s['memorized_prompts']}/{len(rows)} memorized prompts; one-at-a-time {t_one:.2f} s/prompt, "
         f"batched (x{args.mask_batch}) {t_bat:.2f} s/prompt, speed-up {t_one / t_bat:.2f}x; reference-cost "
         f"{t['reference_cost']:.2f} s/prompt ({t['reference_cost'] / t_bat:.2f}x); "
-        f"same neurons: {result['same_neurons']}"
+        f"same neurons: {s['same_neurons']}"
     )
     return 0
 

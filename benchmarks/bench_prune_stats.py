@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 
+from diffmem.benchmark import interleaved
 from diffmem.hooks.ffn import StepCounter, ffn_layers
 from diffmem.localize.prune import collect_ffn_stats
 from diffmem.modelio import load_pipeline
@@ -72,6 +72,29 @@ def host_copy_stats(pipe, prompts, tau, steps, guidance_scale, seed, batch_size,
     return sums
 
 
+def stat_runs(pipe, prompts, tau: int, steps: int, batch_size: int) -> dict:
+    """The three ways of gathering the statistics, each a callable returning ``{layer: sums}`` on the host."""
+    kw = dict(tau=tau, steps=steps, guidance_scale=7.5, seed=0, batch_size=batch_size)
+
+    def run_device():
+        stats = collect_ffn_stats(
+            pipe,
+            prompts,
+            num_steps=tau,
+            num_inference_steps=steps,
+            batch_size=batch_size,
+            seed=0,
+            progress=False,
+        )
+        return {n: s.cpu() for n, s in stats.sumsq.items()}
+
+    return {
+        "device": run_device,
+        "host copy": lambda: host_copy_stats(pipe, prompts, **kw),
+        "host copy, all steps": lambda: host_copy_stats(pipe, prompts, **kw, early_stop=False),
+    }
+
+
 def main() -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -88,54 +111,16 @@ def main() -> None:
     pipe = load_pipeline(args.model, StableDiffusionPipeline, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     prompts = [f"benchmark prompt number {i}" for i in range(args.prompts)]
-    kw = dict(tau=args.tau, steps=args.steps, guidance_scale=7.5, seed=0, batch_size=args.batch_size)
-
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def run_device():
-        stats = collect_ffn_stats(
-            pipe,
-            prompts,
-            num_steps=args.tau,
-            num_inference_steps=args.steps,
-            batch_size=args.batch_size,
-            seed=0,
-            progress=False,
-        )
-        sync()
-        return {n: s.cpu() for n, s in stats.sumsq.items()}
-
-    def run_host():
-        out = host_copy_stats(pipe, prompts, **kw)
-        sync()
-        return out
-
-    def run_reference():
-        out = host_copy_stats(pipe, prompts, **kw, early_stop=False)
-        sync()
-        return out
-
-    run_device(), run_host()  # warm-up
-    runs = {"device": run_device, "host copy": run_host, "host copy, all steps": run_reference}
-    times = {k: [] for k in runs}
-    for _ in range(args.repeats):  # interleaved, so load changes hit all alike
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            result = fn()
-            times[name].append(time.perf_counter() - t0)
-            if name == "device":
-                dev = result
-            elif name == "host copy":
-                host = result
+    runs = stat_runs(pipe, prompts, args.tau, args.steps, args.batch_size)
+    runs["device"](), runs["host copy"]()  # warm-up
+    times, results = interleaved(runs, args.repeats)  # interleaved, so load changes hit all alike
+    dev, host = results["device"], results["host copy"]
     worst = max(float(((dev[n] - host[n]).abs() / host[n].abs().clamp_min(1e-6)).max()) for n in dev)
     med = {k: statistics.median(v) for k, v in times.items()}
-    n_layers = len(dev)
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, device {args.device}"
     )
-    print(f"model: {args.model or 'default'} ({n_layers} FFN layers), {args.prompts} prompts, tau {args.tau}")
+    print(f"model: {args.model or 'default'} ({len(dev)} FFN layers), {args.prompts} prompts, tau {args.tau}")
     for k, v in med.items():
         print(f"  {k:10s} median {v:.3f} s  (runs: {', '.join(f'{x:.3f}' for x in times[k])})")
     print(

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from diffmem.scan.index import FaissIndex, TorchIndex, _faiss
 
@@ -32,44 +33,19 @@ def unit_rows(n: int, d: int, seed: int, chunk: int = 100_000) -> np.ndarray:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--queries", type=int, default=10_000)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ivf", action="store_true", help="also time an IVF index (nprobe 16)")
-    p.add_argument("--json", default="benchmarks/results/bench_search.json")
-    args = p.parse_args()
-
-    import torch
-
-    faiss = _faiss()
-    faiss.omp_set_num_threads(args.threads)
-    torch.set_num_threads(args.threads)
-    t = time.perf_counter()
-    base = unit_rows(args.n, args.dim, 0)
+def planted_queries(base: np.ndarray, queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(queries, truth)``: each query a noisy unit copy of training row ``truth[i]`` (the known answer)."""
+    n, dim = base.shape
     rng = np.random.default_rng(1)
-    truth = rng.choice(args.n, args.queries, replace=False)
-    q = base[truth] + 0.5 / np.sqrt(args.dim) * rng.standard_normal(
-        (args.queries, args.dim), dtype=np.float32
-    )
+    truth = rng.choice(n, queries, replace=False)
+    q = base[truth] + 0.5 / np.sqrt(dim) * rng.standard_normal((queries, dim), dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    print(
-        f"data: {args.n} x {args.dim} ({base.nbytes / 2**30:.2f} GiB), {time.perf_counter() - t:.1f} s",
-        flush=True,
-    )
-    result = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
-        "n": args.n,
-        "dim": args.dim,
-        "queries": args.queries,
-        "threads": args.threads,
-        "faiss_version": faiss.__version__,
-        "torch_version": torch.__version__,
-    }
+    return q, truth
 
+
+def compare_searches(base: np.ndarray, q: np.ndarray, truth: np.ndarray, ivf: bool) -> dict:
+    """Exact faiss against the chunked torch product (and an IVF index if ``ivf``): times and agreement."""
+    result = {}
     t = time.perf_counter()
     index = FaissIndex(base, kind="flat", use_gpu=False)
     result["faiss_add_s"] = time.perf_counter() - t
@@ -93,14 +69,48 @@ def main() -> None:
     result["max_similarity_difference"] = float(np.abs(f_sims[:, 0] - t_sims[:, 0]).max())
     result["faiss_recall_of_planted_row"] = float((f_pos[:, 0] == truth).mean())
     result["torch_over_faiss_time"] = result["torch_search_s"] / result["faiss_search_s"]
-    if args.ivf:
+    if ivf:
         t = time.perf_counter()
-        ivf = FaissIndex(base, kind="ivf", nprobe=16, use_gpu=False)
+        index = FaissIndex(base, kind="ivf", nprobe=16, use_gpu=False)
         result["ivf_build_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        _, i_pos = ivf.search(q, k=1)
+        _, i_pos = index.search(q, k=1)
         result["ivf_search_s"] = time.perf_counter() - t
         result["ivf_recall_vs_exact"] = float((i_pos[:, 0] == f_pos[:, 0]).mean())
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ivf", action="store_true", help="also time an IVF index (nprobe 16)")
+    p.add_argument("--json", default="benchmarks/results/bench_search.json")
+    args = p.parse_args()
+
+    faiss = _faiss()
+    faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    base = unit_rows(args.n, args.dim, 0)
+    q, truth = planted_queries(base, args.queries)
+    print(
+        f"data: {args.n} x {args.dim} ({base.nbytes / 2**30:.2f} GiB), {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
+        "n": args.n,
+        "dim": args.dim,
+        "queries": args.queries,
+        "threads": args.threads,
+        "faiss_version": faiss.__version__,
+        "torch_version": torch.__version__,
+        **compare_searches(base, q, truth, args.ivf),
+    }
     print(json.dumps(result, indent=1))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -35,10 +35,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from machine import cpu_model  # benchmarks/machine.py (this script's folder)
+from PIL import Image
 
 from diffmem.embed import load_embedder
 from diffmem.embed.sscd import installed_sscd_file
-from diffmem.modelio import default_model, load_pipeline
+from diffmem.guard.auto import load_guarded
+from diffmem.modelio import default_model
 from diffmem.organism.data import COLOURS, SHAPES, build_organism_data, render_generic
 from diffmem.organism.evaluate import evaluation_captions, generate_and_measure
 from diffmem.organism.recipe import recipe_of
@@ -54,8 +58,6 @@ RULES = {"replication (cos >= 0.5)": 0.5, "copy (cos >= 0.75)": 0.75}
 
 def pairs(n: int, noise: float, seed: int):
     """``(a, b, kind)`` uint8 arrays: ``n`` copies and ``n`` same-caption pairs."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     colours = list(COLOURS)
     out = []
@@ -100,7 +102,7 @@ def organism_generations(seeds: int, threads: int):
     data = build_organism_data(recipe)
     training = TrainingImages.from_data(data)
     gens, images = generate_and_measure(
-        load_pipeline(model), evaluation_captions(data), training, num_gens=seeds,
+        load_guarded(model), evaluation_captions(data), training, num_gens=seeds,
         num_inference_steps=recipe.num_inference_steps, guidance_scale=recipe.guidance_scale, seed=recipe.seed,
         progress=False,
     )  # fmt: skip
@@ -108,6 +110,65 @@ def organism_generations(seeds: int, threads: int):
     train_u8 = (training.pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     gen_u8 = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
     return [(gen_u8[k], train_u8[index[g.nearest_id]], g.nearest_ssim, g.role) for k, g in enumerate(gens)]
+
+
+def embedders(files: dict):
+    """``{model: Embedder}`` for each SSCD file, with the ``small_288`` preprocessing."""
+    return {m: load_embedder("sscd", files[m], sscd_preprocessing="small_288") for m in MODELS}
+
+
+def pair_agreement(files: dict, data, ssim_label: np.ndarray, kind: np.ndarray) -> tuple[dict, dict]:
+    """Per model: throughput, mean cosine per kind of pair and each SSCD rule's agreement with the SSIM
+    label; with each model's embeddings of the first images."""
+    models, embeddings = {}, {}
+    for m, emb in embedders(files).items():
+        first = [Image.fromarray(x) for x, _, _ in data[::2]]
+        emb.embed(first[:8])  # warm-up
+        t = time.perf_counter()
+        ea = emb.embed([Image.fromarray(x) for x, _, _ in data])
+        seconds = time.perf_counter() - t
+        eb = emb.embed([Image.fromarray(y) for _, y, _ in data])
+        cos = np.sum(ea * eb, axis=1)
+        embeddings[m] = ea
+        models[m] = {
+            "name": emb.name,
+            "weights_sha256": emb.weights,
+            "images_per_s": round(len(data) / seconds, 2),
+            "cosine_mean": {k: float(cos[kind == k].mean()) for k in ("copy", "same_caption")},
+            "rules": {r: agreement(ssim_label, cos >= t) for r, t in RULES.items()},
+        }
+        print(m, json.dumps(models[m]), flush=True)
+    return models, embeddings
+
+
+def organism_agreement(files: dict, seeds: int, threads: int) -> dict:
+    """The organism's generations against their SSIM-nearest training images: each SSCD rule's agreement
+    with SSIM >= the organism's threshold."""
+    t = time.perf_counter()
+    gens = organism_generations(seeds, threads)
+    label = np.array([ssim >= REPLICATION_THRESHOLD for _, _, ssim, _ in gens])
+    roles = np.array([r for _, _, _, r in gens])
+    org: dict = {
+        "generations": len(gens),
+        "generate_s": round(time.perf_counter() - t, 1),
+        "ssim_replicated": int(label.sum()),
+        "ssim_replicated_by_role": {r: int(label[roles == r].sum()) for r in sorted(set(roles))},
+        "generations_by_role": {r: int((roles == r).sum()) for r in sorted(set(roles))},
+        "models": {},
+    }
+    for m, emb in embedders(files).items():
+        eg = emb.embed([Image.fromarray(g) for g, _, _, _ in gens])
+        en = emb.embed([Image.fromarray(n) for _, n, _, _ in gens])
+        cos = np.sum(eg * en, axis=1)
+        org["models"][m] = {
+            "cosine_mean": {
+                "ssim_replicated": float(cos[label].mean()),
+                "not": float(cos[~label].mean()),
+            },
+            "rules": {r: agreement(label, cos >= t) for r, t in RULES.items()},
+        }
+        print("organism", m, json.dumps(org["models"][m]), flush=True)
+    return org
 
 
 def main() -> None:
@@ -122,10 +183,6 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "results" / "bench_sscd.json")
     a = p.parse_args()
-    import torch
-    from machine import cpu_model
-    from PIL import Image
-
     torch.set_num_threads(a.threads)
     if a.models_dir is not None:
         files = {m: a.models_dir / f"{m}.onnx" for m in MODELS}
@@ -140,54 +197,10 @@ def main() -> None:
         "cpu": cpu_model(), "threads": a.threads, "pairs_per_kind": a.pairs, "noise": a.noise,
         "ssim_threshold": REPLICATION_THRESHOLD,
         "ssim_replicated": {k: float(ssim_label[kind == k].mean()) for k in ("copy", "same_caption")},
-        "models": {},
     }  # fmt: skip
-    embeddings = {}
-    for m in MODELS:
-        emb = load_embedder("sscd", files[m], sscd_preprocessing="small_288")
-        first = [Image.fromarray(x) for x, _, _ in data[::2]]
-        emb.embed(first[:8])  # warm-up
-        t = time.perf_counter()
-        ea = emb.embed([Image.fromarray(x) for x, _, _ in data])
-        seconds = time.perf_counter() - t
-        eb = emb.embed([Image.fromarray(y) for _, y, _ in data])
-        cos = np.sum(ea * eb, axis=1)
-        embeddings[m] = ea
-        res["models"][m] = {
-            "name": emb.name,
-            "weights_sha256": emb.weights,
-            "images_per_s": round(len(data) / seconds, 2),
-            "cosine_mean": {k: float(cos[kind == k].mean()) for k in ("copy", "same_caption")},
-            "rules": {r: agreement(ssim_label, cos >= t) for r, t in RULES.items()},
-        }
-        print(m, json.dumps(res["models"][m]), flush=True)
+    res["models"], embeddings = pair_agreement(files, data, ssim_label, kind)
     if a.organism_seeds:
-        t = time.perf_counter()
-        gens = organism_generations(a.organism_seeds, a.threads)
-        label = np.array([ssim >= REPLICATION_THRESHOLD for _, _, ssim, _ in gens])
-        roles = np.array([r for _, _, _, r in gens])
-        org: dict = {
-            "generations": len(gens),
-            "generate_s": round(time.perf_counter() - t, 1),
-            "ssim_replicated": int(label.sum()),
-            "ssim_replicated_by_role": {r: int(label[roles == r].sum()) for r in sorted(set(roles))},
-            "generations_by_role": {r: int((roles == r).sum()) for r in sorted(set(roles))},
-            "models": {},
-        }
-        for m in MODELS:
-            emb = load_embedder("sscd", files[m], sscd_preprocessing="small_288")
-            eg = emb.embed([Image.fromarray(g) for g, _, _, _ in gens])
-            en = emb.embed([Image.fromarray(n) for _, n, _, _ in gens])
-            cos = np.sum(eg * en, axis=1)
-            org["models"][m] = {
-                "cosine_mean": {
-                    "ssim_replicated": float(cos[label].mean()),
-                    "not": float(cos[~label].mean()),
-                },
-                "rules": {r: agreement(label, cos >= t) for r, t in RULES.items()},
-            }
-            print("organism", m, json.dumps(org["models"][m]), flush=True)
-        res["organism"] = org
+        res["organism"] = organism_agreement(files, a.organism_seeds, a.threads)
     res["int8_vs_distilled_cosine_mean"] = float(
         np.sum(embeddings["sscd"] * embeddings["sscd_distilled"], 1).mean()
     )

@@ -318,6 +318,31 @@ def _prebuilt_ivfpq(vectors: np.ndarray, queries: np.ndarray, sources: np.ndarra
     return out
 
 
+def run_sections(sections: dict, chosen, result: dict, path: Path, start: float) -> bool:
+    """Run the ``chosen`` sections one by one into ``result["sections"]``, rewriting ``path`` after each
+    (a run stopped by its time limit keeps what it measured); True if any failed."""
+    failed = False
+    for name in chosen:
+        t = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            result["sections"][name] = sections[name]()
+        except Exception as err:  # a GPU run keeps the other sections' figures; the smoke run fails
+            failed = True
+            result["sections"][name] = {
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc(),
+            }
+        result["sections"][name]["section_s"] = time.perf_counter() - t
+        if torch.cuda.is_available():
+            result["sections"][name]["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["total_s"] = time.perf_counter() - start
+        atomic_write_json(path, result)
+        print(f"{name}: {result['sections'][name]['section_s']:.1f} s", flush=True)
+    return failed
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -338,8 +363,9 @@ def main() -> int:
             "gpu.py: no CUDA device here; run with --smoke (tiny model) or --cpu (real size) instead"
         )
     size = SIZES[mode]
-    name = "gpu.json" if mode == "gpu" else f"gpu_{mode}.json"
-    path = Path(args.json or ROOT / "benchmarks/results" / name)
+    path = Path(
+        args.json or ROOT / "benchmarks/results" / ("gpu.json" if mode == "gpu" else f"gpu_{mode}.json")
+    )
     start = time.perf_counter()
     stock, guarded, label = build(mode)
     result = {
@@ -362,26 +388,9 @@ def main() -> int:
         "scan": lambda: scan_section(guarded, size, work),
         "faiss": lambda: faiss_section(size),
     }
-    chosen = args.only.split(",") if args.only else list(sections)
-    failed = False
-    for name in chosen:
-        t = time.perf_counter()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            result["sections"][name] = sections[name]()
-        except Exception as err:  # a GPU run keeps the other sections' figures; the smoke run fails
-            failed = True
-            result["sections"][name] = {
-                "error": f"{type(err).__name__}: {err}",
-                "traceback": traceback.format_exc(),
-            }
-        result["sections"][name]["section_s"] = time.perf_counter() - t
-        if torch.cuda.is_available():
-            result["sections"][name]["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        result["total_s"] = time.perf_counter() - start
-        atomic_write_json(path, result)
-        print(f"{name}: {result['sections'][name]['section_s']:.1f} s", flush=True)
+    failed = run_sections(
+        sections, args.only.split(",") if args.only else list(sections), result, path, start
+    )
     print(f"results: {path} ({result['total_s']:.0f} s)")
     return 1 if failed else 0
 

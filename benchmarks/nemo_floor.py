@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from diffmem.evaluate.sd_likeness import nemo_floors
 from diffmem.localize.nemo import LEGACY_SIMILARITY, NeMo, NemoConfig
 from diffmem.organism.data import build_organism_data
 from diffmem.organism.recipe import recipe_of
@@ -34,6 +35,41 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GENERIC = ("a red circle", "a blue square", "a green triangle", "a yellow star")
+
+
+def calibrated_threshold(nemo: NeMo, generic) -> float:
+    """NeMo's tau on the model's generic captions (mean + 1 std of the detection score), printed."""
+    found = nemo.threshold_calibration(generic)
+    print(
+        f"tau = {found['mean']:.3f} + {found['std']:.3f} = {found['threshold']:.3f} "
+        f"(mean + 1 std over {found['prompts']} generic captions)\n"
+    )
+    return found["threshold"]
+
+
+def verbatim_table(nemo: NeMo, verbatim, floors, empty, blocks: str) -> None:
+    """One row per verbatim caption (fewest copies first): detection score, ``mem(S)`` with every searched
+    neuron off, and the empty-prompt floor (``floors``, in the same order) with the median beside it."""
+    print(f"| verbatim caption | copies | detection | all {blocks} off: mem | empty prompt: max / median |")
+    print("|---|---|---|---|---|")
+    for image, floor in zip(verbatim, floors):
+        probe = nemo.probe(image.caption)
+        all_off = probe.evaluate(torch.ones(probe.n_neurons, dtype=torch.bool))["mem"]
+        all_off = f"{all_off:.3f}" if probe.memorized else "not detected"  # mem(S) is for detected prompts
+        median = probe.similarity(empty, probe.base).median()  # all 10 seeds in one comparison
+        print(
+            f"| {image.caption[:48]} | {image.copies} | {probe.score:.3f} | {all_off} | {floor:.3f} / {median:.3f} |"
+        )
+
+
+def generic_table(nemo: NeMo, empty) -> None:
+    """Generic captions: cross-seed score against same-seed similarity to the empty prompt."""
+    print("| generic caption | cross-seed score | same seed vs empty prompt: max / median |")
+    print("|---|---|---|")
+    for caption in GENERIC:
+        probe = nemo.probe(caption)
+        sim = probe.similarity(probe.base, empty)
+        print(f"| {caption} | {probe.score:.3f} | {sim.max():.3f} / {sim.median():.3f} |")
 
 
 def main(argv=None) -> int:
@@ -61,42 +97,20 @@ def main(argv=None) -> int:
     legacy = LEGACY_SIMILARITY if args.legacy_similarity else {}
     config = NemoConfig(blocks=tuple(args.blocks.split(",")), **legacy)
     data = build_organism_data(recipe_of(args.model))
-    if args.threshold is None:
-        found = NeMo.from_pipe(pipe, None, config).threshold_calibration(data.captions("generic"))
-        args.threshold = found["threshold"]
-        print(
-            f"tau = {found['mean']:.3f} + {found['std']:.3f} = {args.threshold:.3f} "
-            f"(mean + 1 std over {found['prompts']} generic captions)\n"
-        )
-    nemo = NeMo.from_pipe(pipe, None, replace(config, threshold=args.threshold))
-    verbatim = data.by_role("verbatim")
+    tau = args.threshold
+    if tau is None:
+        tau = calibrated_threshold(NeMo.from_pipe(pipe, None, config), data.captions("generic"))
+    nemo = NeMo.from_pipe(pipe, None, replace(config, threshold=tau))
+    verbatim = sorted(data.by_role("verbatim"), key=lambda im: im.copies)
+    floors = nemo_floors(pipe, (), [im.caption for im in verbatim], config=config, threshold=tau)["floors"]
     empty = nemo.probe("").base
-    print(
-        f"| verbatim caption | copies | detection | all {args.blocks} off: mem | empty prompt: max / median |"
-    )
-    print("|---|---|---|---|---|")
-    floors = []
-    for image in sorted(verbatim, key=lambda im: im.copies):
-        caption = image.caption
-        probe = nemo.probe(caption)
-        all_off = probe.evaluate(torch.ones(probe.n_neurons, dtype=torch.bool))["mem"]
-        all_off = f"{all_off:.3f}" if probe.memorized else "not detected"  # mem(S) is for detected prompts
-        sim = probe.similarity(empty, probe.base)  # all 10 seeds in one comparison
-        floors.append(float(sim.max()))
-        print(
-            f"| {caption[:48]} | {image.copies} | {probe.score:.3f} | {all_off} | {sim.max():.3f} / {sim.median():.3f} |"
-        )
-    above = sum(f > args.threshold for f in floors)
+    verbatim_table(nemo, verbatim, floors, empty, args.blocks)
+    above = sum(f > tau for f in floors)
     print(
         f"\nempty-prompt floor: {min(floors):.3f}-{max(floors):.3f}, mean {sum(floors) / len(floors):.3f}; "
-        f"above tau {args.threshold:.3f} for {above}/{len(floors)}\n"
+        f"above tau {tau:.3f} for {above}/{len(floors)}\n"
     )
-    print("| generic caption | cross-seed score | same seed vs empty prompt: max / median |")
-    print("|---|---|---|")
-    for caption in GENERIC:
-        probe = nemo.probe(caption)
-        sim = probe.similarity(probe.base, empty)
-        print(f"| {caption} | {probe.score:.3f} | {sim.max():.3f} / {sim.median():.3f} |")
+    generic_table(nemo, empty)
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from diffmem.train.optimizers import make_optimizer
 __all__ = [
     "compare_pipelines",
     "first_step_throughput",
+    "interleaved",
     "peak_memory",
     "real_size_commands",
     "real_size_inputs",
@@ -49,6 +50,22 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     result = fn()
     _sync()
     return time.perf_counter() - w, time.process_time() - c, result
+
+
+def interleaved(
+    runs: Mapping[str, Callable[[], Any]], repeats: int, abba: bool = False
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """``({name: [wall seconds per round]}, {name: its last result})`` of every run in ``runs`` over
+    ``repeats`` rounds, the runs interleaved within each round (in ``runs``' order, reversed every other
+    round with ``abba``), so the machine's drift hits all alike. Each time is :func:`timed`'s."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    results: dict[str, Any] = {}
+    for r in range(repeats):
+        order = list(runs)[::-1] if abba and r % 2 else list(runs)
+        for name in order:
+            wall, _, results[name] = timed(runs[name])
+            times[name].append(wall)
+    return times, results
 
 
 def compare_pipelines(

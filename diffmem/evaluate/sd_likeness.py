@@ -41,7 +41,7 @@ from diffmem.organism.recipe import recipe_of
 from diffmem.organism.replication import TrainingImages
 from diffmem.scores.replication import ORGANISM_SSIM_THRESHOLD
 
-__all__ = ["CardRow", "SDLikenessBench", "card_markdown", "card_rows"]
+__all__ = ["CardRow", "SDLikenessBench", "card_markdown", "card_rows", "nemo_floors"]
 
 #: what a copy is a copy of: the organism's duplicated training images
 MEMORIZED_ROLES = ("verbatim", "template")
@@ -177,12 +177,20 @@ def _empty_prompt_ssim(pipe, memorized: TrainingImages, n: int, *, progress: boo
     return [match.ssim for match in memorized.nearest(images)]
 
 
-def _nemo_floor(pipe, reference: Sequence[str], captions: Sequence[str]) -> dict:
-    """NeMo's tau on ``reference`` (mean + 1 std of its detection score) and each caption's empty-prompt
-    floor: the largest same-seed similarity of the empty prompt's first-step noise differences to the
-    caption's (``benchmarks/nemo_floor.py``)."""
-    nemo = NeMo.from_pipe(pipe, None, NemoConfig())
-    tau = nemo.threshold_calibration(list(reference))["threshold"]
+def nemo_floors(
+    pipe,
+    reference: Sequence[str],
+    captions: Sequence[str],
+    *,
+    config: NemoConfig | None = None,
+    threshold: float | None = None,
+) -> dict:
+    """NeMo's tau on ``reference`` (mean + 1 std of its detection score; ``threshold`` instead where given)
+    and each caption's empty-prompt floor: the largest same-seed similarity of the empty prompt's
+    first-step noise differences to the caption's (``benchmarks/nemo_floor.py``). ``config``: NeMo's
+    settings (default :class:`NemoConfig`'s)."""
+    nemo = NeMo.from_pipe(pipe, None, config or NemoConfig())
+    tau = nemo.threshold_calibration(list(reference))["threshold"] if threshold is None else threshold
     empty = nemo.probe("").base
     floors = []
     for caption in captions:
@@ -291,7 +299,7 @@ class SDLikenessBench(Evaluation):
         if "nemo" not in self.skip:
             m["nemo"] = stages.value(
                 "nemo",
-                lambda: _nemo_floor(pipe, generic, high),
+                lambda: nemo_floors(pipe, generic, high),
                 {**key, "high": args.high_copies, "generic": args.generic},
             )
         if "mitigation" not in self.skip:
