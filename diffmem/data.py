@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from diffmem import shards
 from diffmem.io import atomic_write
 from diffmem.records import (
     CAPTION_COLUMNS,
@@ -164,8 +165,6 @@ def open_dataset(
     in LAION): a row with no or an empty caption is a ``Record`` with ``caption=None`` instead of an
     ``empty_caption`` bad row, and a source without any caption column is read.
     """
-    from diffmem import shards
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{argument}: {path} does not exist")
@@ -280,8 +279,6 @@ def load_rgb(path: str | os.PathLike, *, convert_modes: bool = False):
     conversion, using an embedded ICC profile when there is one; 16-bit is divided by 257, not clipped).
     """
     import io
-
-    from diffmem import shards
 
     if shards.is_member_ref(path):
         name = os.fspath(path)

@@ -215,3 +215,35 @@ def test_the_contract_catches_an_inverted_import(tmp_path):
 def test_layers_are_listed_in_the_architecture_doc(layer):
     doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     assert f"| {layer} " in doc
+
+
+def function_local_imports(path: Path) -> list[tuple[str, int]]:
+    """(module, line) of every ``diffmem`` import made inside a function of ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for child in ast.walk(node):
+                if isinstance(child, ast.ImportFrom) and (child.module or "").split(".")[0] == "diffmem":
+                    found.append((child.module, child.lineno))
+                elif isinstance(child, ast.Import):
+                    found += [
+                        (a.name, child.lineno) for a in child.names if a.name.split(".")[0] == "diffmem"
+                    ]
+    return found
+
+
+def test_project_imports_are_at_the_top_of_files():
+    """A file's header shows what of the project it depends on: no ``diffmem`` import inside a function
+    (an optional third-party dependency may still be imported where it is used)."""
+    local = [
+        f"{path.relative_to(ROOT)} line {line} imports {module} inside a function"
+        for path in module_files().values()
+        for module, line in function_local_imports(path)
+    ]
+    assert not local, "\n".join(local)
+
+
+def test_a_function_local_project_import_is_caught(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import os\n\n\ndef f():\n    from diffmem.io import atomic_write\n    import json\n")
+    assert function_local_imports(path) == [("diffmem.io", 5)]

@@ -46,6 +46,13 @@ from diffmem.localize.prune import FFNStats, collect_ffn_stats, select_memorizat
 from diffmem.organism.fidelity import caption_fidelity
 from diffmem.scores.replication import PRESETS, ReplicationCriterion
 from diffmem.scores.similarity import ssim
+from diffmem.train.adversarial import (
+    AdversarialConfig,
+    AdversarialTarget,
+    RetainSet,
+    adversarial_finetune,
+    make_surrogates,
+)
 
 __all__ = ["RobustnessEvaluation", "RobustnessSettings", "Target"]
 
@@ -371,14 +378,6 @@ class RobustnessEvaluation:
         """Adversarial fine-tuning (:mod:`diffmem.train.adversarial`) of a copy of the UNet against fresh
         Dori triggers, surrogates made once with ``surrogate_edit`` applied, ``retain`` as retain data;
         then the fine-tuned model's rows. Returns the fine-tuned pipeline."""
-        from diffmem.train.adversarial import (
-            AdversarialConfig,
-            AdversarialTarget,
-            RetainSet,
-            adversarial_finetune,
-            make_surrogates,
-        )
-
         pipe = self.pipe
         ids, captions = [t.id for t in self.targets], [t.caption for t in self.targets]
         with applied(pipe.unet, surrogate_edit):

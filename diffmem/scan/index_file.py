@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from diffmem.io import atomic_write, atomic_write_json
+from diffmem.scan.index import _faiss as optional_faiss
 from diffmem.scan.layout import EmbeddingLayout
 
 FORMAT = "diffmem-faiss-index/1"
@@ -42,9 +43,7 @@ IVF_KINDS = ("ivfpq", "ivfpq8")
 
 
 def _faiss():
-    from diffmem.scan.index import _faiss
-
-    faiss = _faiss()
+    faiss = optional_faiss()
     if faiss is None:
         raise ImportError("faiss is not installed: pip install 'diffmem[scan]'")
     return faiss
