@@ -25,11 +25,11 @@ import torch
 
 from diffmem.edits import WeightMask
 from diffmem.fingerprint import model_fingerprint
+from diffmem.generation import initial_latents
 from diffmem.hooks.ffn import StepCounter, ffn_layers, record_ffn_input_norms
 from diffmem.modelio import model_resolution
 from diffmem.precision import dtype_name
 from diffmem.saved import SavedObject
-from diffmem.seeding import item_generator
 
 #: The ``format`` of format-1 statistics files (before :class:`~diffmem.saved.SavedObject`), read as legacy.
 STATS_FORMAT = "diffmem.ffn_stats/1"
@@ -104,9 +104,9 @@ def collect_ffn_stats(
 ) -> FFNStats:
     """Run ``pipe`` on ``prompts`` and accumulate FFN input statistics of the first ``num_steps`` steps.
 
-    Prompt ``i`` gets the generator ``item_generator(seed, i)`` whatever the batch, so the memorized and
-    the reference set share their starting noises pairwise and the result does not depend on
-    ``batch_size``. The pipeline is interrupted after ``num_steps`` steps (their statistics are all
+    Prompt ``i`` starts from the noise of ``item_generator(seed, i)`` (``generation.initial_latents``)
+    whatever the batch, so the memorized and the reference set share their starting noises pairwise and
+    the result does not depend on ``batch_size``. The pipeline is interrupted after ``num_steps`` steps (their statistics are all
     that is used), and the statistics stay on the device in float32.
     """
     from tqdm.auto import tqdm
@@ -124,7 +124,11 @@ def collect_ffn_stats(
     bar = tqdm(total=len(prompts), desc="FFN statistics", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        gens = [item_generator(seed, i, device=device) for i in range(start, start + len(batch))]
+        # prompt i starts from item_generator(seed, i)'s noise, drawn by the one function that draws noise
+        latents = initial_latents(
+            pipe, range(start, start + len(batch)), 1, seed, pipe_kwargs.get("height"), pipe_kwargs.get("width"),
+            noise_key=lambda i, _j: (seed, i),
+        )  # fmt: skip
         steps.reset()
         with record_ffn_input_norms(
             layers, steps, num_steps, row_normalize=row_normalize, cond_only=cond_only and cfg, root=unet
@@ -133,7 +137,7 @@ def collect_ffn_stats(
                 batch,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                generator=gens,
+                latents=latents.to(device=device, dtype=unet.dtype),
                 output_type="latent",
                 callback_on_step_end=steps.callback,
                 **pipe_kwargs,
