@@ -21,6 +21,30 @@ __all__ = ["extra_branch_hook", "guidance_schedule_hook"]
 
 
 @contextlib.contextmanager
+def _forward_hook(unet: torch.nn.Module, hook: Callable) -> Iterator[None]:
+    """``hook`` (with kwargs) on ``unet``'s forward while open; removed however the block ends."""
+    handle = unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _rewritten_conditional(
+    output, u: torch.Tensor, c: torch.Tensor, rows: torch.Tensor, new_rows: torch.Tensor
+):
+    """The UNet ``output`` (tuple or dataclass, as it came) with the guidance batch ``[u, c]`` replaced by
+    ``[u, c']``, ``c'`` being ``c`` with ``rows`` set to ``new_rows``."""
+    new_c = c.clone()
+    new_c[rows] = new_rows
+    new = torch.cat([u, new_c])
+    if isinstance(output, (tuple, list)):
+        return (new, *output[1:])
+    output.sample = new
+    return output
+
+
+@contextlib.contextmanager
 def guidance_schedule_hook(
     unet: torch.nn.Module, flagged: torch.Tensor, weight: Callable, guidance_scale: Callable[[], float]
 ) -> Iterator[dict[str, Any]]:
@@ -39,19 +63,10 @@ def guidance_schedule_hook(
         t = float(torch.as_tensor(timestep_of(args, kwargs)).reshape(-1)[0])
         w = weight(t, u[rows], c[rows], state, scale).to(out.device, out.dtype)
         w = w.view(-1, *([1] * (out.dim() - 1)))
-        new_c = c.clone()
-        new_c[rows] = u[rows] + (w / scale) * (c[rows] - u[rows])
-        new = torch.cat([u, new_c])
-        if isinstance(output, (tuple, list)):
-            return (new, *output[1:])
-        output.sample = new
-        return output
+        return _rewritten_conditional(output, u, c, rows, u[rows] + (w / scale) * (c[rows] - u[rows]))
 
-    handle = unet.register_forward_hook(hook, with_kwargs=True)
-    try:
+    with _forward_hook(unet, hook):
         yield state
-    finally:
-        handle.remove()
 
 
 def rows_of(value, rows: torch.Tensor, batch: int):
@@ -96,16 +111,7 @@ def extra_branch_hook(
         u, c = out.chunk(2)
         picked = rows.to(out.device)
         guided = combine(u[picked], c[picked], p.to(out.dtype), state, scale)
-        new_c = c.clone()
-        new_c[picked] = u[picked] + (guided - u[picked]) / scale
-        new = torch.cat([u, new_c])
-        if isinstance(output, (tuple, list)):
-            return (new, *output[1:])
-        output.sample = new
-        return output
+        return _rewritten_conditional(output, u, c, picked, u[picked] + (guided - u[picked]) / scale)
 
-    handle = unet.register_forward_hook(hook, with_kwargs=True)
-    try:
+    with _forward_hook(unet, hook):
         yield state
-    finally:
-        handle.remove()
