@@ -30,7 +30,7 @@ from diffmem.evaluate.base import Evaluation, EvaluationResult, ModelLoader, reg
 from diffmem.evaluate.metrics import ReplicationRate
 from diffmem.evaluate.mitigation import evaluate_mitigations
 from diffmem.evaluate.stages import StageCache
-from diffmem.evaluate.suites import LabelledPrompt, Suite, organism_suite
+from diffmem.evaluate.suites import MEMORIZED_ROLES, LabelledPrompt, Suite, organism_suite
 from diffmem.generation import generate
 from diffmem.localize.nemo import NeMo, NemoConfig
 from diffmem.mitigations.base import get_mitigation
@@ -43,8 +43,6 @@ from diffmem.scores.replication import ORGANISM_SSIM_THRESHOLD
 
 __all__ = ["CardRow", "SDLikenessBench", "card_markdown", "card_rows", "nemo_floors"]
 
-#: what a copy is a copy of: the organism's duplicated training images
-MEMORIZED_ROLES = ("verbatim", "template")
 #: the mitigations of row 5: Wen et al.'s embedding optimisation, Ren et al.'s attention re-scaling
 ROW5_MITIGATIONS = ("embedding", "attention-rescale")
 
