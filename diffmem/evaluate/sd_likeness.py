@@ -167,7 +167,7 @@ def _empty_prompt_ssim(pipe, memorized: TrainingImages, n: int, *, progress: boo
     """SSIM of ``n`` generations of the empty prompt to their nearest memorized training image. The guarded
     call refuses an empty prompt (its noise gap is 0 by construction), so the stock call on the same
     modules generates it, through the one seeded loop."""
-    stock = type(pipe).stock_pipeline_class(**pipe.components)
+    stock = type(pipe).stock_pipeline_class.from_pipe(pipe)
     seed = call.pop("seed")
     images, _ = generate(
         stock, [""], item_ids=["empty prompt"], num_gens=n, seed=seed, progress=progress, **call
