@@ -168,10 +168,7 @@ def _empty_prompt_ssim(pipe, memorized: TrainingImages, n: int, *, progress: boo
     call refuses an empty prompt (its noise gap is 0 by construction), so the stock call on the same
     modules generates it, through the one seeded loop."""
     stock = type(pipe).stock_pipeline_class.from_pipe(pipe)
-    seed = call.pop("seed")
-    images, _ = generate(
-        stock, [""], item_ids=["empty prompt"], num_gens=n, seed=seed, progress=progress, **call
-    )
+    images, _ = generate(stock, [""], item_ids=["empty prompt"], num_gens=n, progress=progress, **call)
     return [match.ssim for match in memorized.nearest(images)]
 
 
