@@ -72,8 +72,9 @@ def pairs(n: int, noise: float, seed: int):
     return out
 
 
-def agreement(x: np.ndarray, y: np.ndarray) -> dict:
-    """Agreement of two boolean labelings: rate with its Wilson interval, chance level and Cohen's kappa."""
+def agreement(x: np.ndarray, y: np.ndarray, names: tuple[str, str] = ("ssim", "sscd")) -> dict:
+    """Agreement of two boolean labelings ``x`` and ``y`` (called ``names``): rate with its Wilson interval,
+    chance level and Cohen's kappa."""
 
     n = len(x)
     agree = int((x == y).sum())
@@ -87,8 +88,8 @@ def agreement(x: np.ndarray, y: np.ndarray) -> dict:
         "chance": float(chance),
         "kappa": float((rate - chance) / (1 - chance)) if chance < 1 else None,
         "both": int((x & y).sum()),
-        "ssim_only": int((x & ~y).sum()),
-        "sscd_only": int((~x & y).sum()),
+        f"{names[0]}_only": int((x & ~y).sum()),
+        f"{names[1]}_only": int((~x & y).sum()),
     }
 
 
@@ -117,10 +118,10 @@ def embedders(files: dict):
     return {m: load_embedder("sscd", files[m], sscd_preprocessing="small_288") for m in MODELS}
 
 
-def pair_agreement(files: dict, data, ssim_label: np.ndarray, kind: np.ndarray) -> tuple[dict, dict]:
+def pair_agreement(files: dict, data, ssim_label: np.ndarray, kind: np.ndarray) -> tuple[dict, dict, dict]:
     """Per model: throughput, mean cosine per kind of pair and each SSCD rule's agreement with the SSIM
-    label; with each model's embeddings of the first images."""
-    models, embeddings = {}, {}
+    label; with each model's embeddings of the first images and its cosine of each pair."""
+    models, embeddings, cosines = {}, {}, {}
     for m, emb in embedders(files).items():
         first = [Image.fromarray(x) for x, _, _ in data[::2]]
         emb.embed(first[:8])  # warm-up
@@ -129,7 +130,7 @@ def pair_agreement(files: dict, data, ssim_label: np.ndarray, kind: np.ndarray) 
         seconds = time.perf_counter() - t
         eb = emb.embed([Image.fromarray(y) for _, y, _ in data])
         cos = np.sum(ea * eb, axis=1)
-        embeddings[m] = ea
+        embeddings[m], cosines[m] = ea, cos
         models[m] = {
             "name": emb.name,
             "weights_sha256": emb.weights,
@@ -138,7 +139,30 @@ def pair_agreement(files: dict, data, ssim_label: np.ndarray, kind: np.ndarray) 
             "rules": {r: agreement(ssim_label, cos >= t) for r, t in RULES.items()},
         }
         print(m, json.dumps(models[m]), flush=True)
-    return models, embeddings
+    return models, embeddings, cosines
+
+
+def student_thresholds(teacher: np.ndarray, student: np.ndarray, seed: int) -> dict:
+    """The distilled student's threshold for each of the teacher's (int8 SSCD's) rules: the student cosine
+    whose decisions agree best with the teacher's at that rule on a random half of the pairs, and its
+    agreement on the other half (held out: the figure a user can expect on such pairs)."""
+    order = np.random.default_rng(seed).permutation(len(teacher))
+    fit, test = order[: len(order) // 2], order[len(order) // 2 :]
+    out, names = {}, ("int8", "distilled")
+    for rule, t in {**RULES, "verbatim (cos >= 0.7)": 0.7}.items():
+        target = teacher[fit] >= t
+        candidates = np.unique(student[fit])
+        scores = [((student[fit] >= c) == target).mean() for c in candidates]
+        best = float(candidates[int(np.argmax(scores))])
+        out[rule] = {
+            "teacher_threshold": t,
+            "student_threshold": round(best, 3),
+            "fit_agreement": float(max(scores)),
+            "held_out": agreement(teacher[test] >= t, student[test] >= round(best, 3), names),
+            "held_out_at_teacher_threshold": agreement(teacher[test] >= t, student[test] >= t, names),
+        }
+        print("student", rule, json.dumps(out[rule]), flush=True)
+    return out
 
 
 def organism_agreement(files: dict, seeds: int, threads: int) -> dict:
@@ -198,7 +222,8 @@ def main() -> None:
         "ssim_threshold": REPLICATION_THRESHOLD,
         "ssim_replicated": {k: float(ssim_label[kind == k].mean()) for k in ("copy", "same_caption")},
     }  # fmt: skip
-    res["models"], embeddings = pair_agreement(files, data, ssim_label, kind)
+    res["models"], embeddings, cosines = pair_agreement(files, data, ssim_label, kind)
+    res["student_thresholds"] = student_thresholds(cosines["sscd"], cosines["sscd_distilled"], a.seed)
     if a.organism_seeds:
         res["organism"] = organism_agreement(files, a.organism_seeds, a.threads)
     res["int8_vs_distilled_cosine_mean"] = float(

