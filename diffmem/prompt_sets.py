@@ -5,7 +5,8 @@ Each reader returns rows ``{"id", "prompt", "label", "role"}`` (label 1 = memori
 
 * Webster / Wen et al.'s 500 SD-1 prompts, JSONL with ``caption``, ``index``, ``url``
   (``sdv1_500_memorized.jsonl``): all memorized;
-* MemBench (TMLR 2025), CSV with ``index``, ``prompt`` and a list of URLs: all memorized (trigger prompts);
+* MemBench (TMLR 2025), CSV with an index column, ``prompt`` and ``urls`` (the source images' URLs): all
+  memorized (trigger prompts), each row with its ``sources``;
 * prompt-list folders as in the SAIL and MemAttn repositories: ``*_mem*.txt`` (memorized) and
   ``*_nmem*.txt`` / ``*nomem*.txt`` (not), one prompt per line;
 * Webster's one-step extraction parquet with ``caption`` and ``overfit_type`` in {MV, RV, TV} (matching,
@@ -19,6 +20,7 @@ the line or row.
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
@@ -78,7 +80,24 @@ def _wen_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _url_list(cell: str | None, path: Path, n: int) -> list[str]:
+    """MemBench's ``urls`` cell, a Python list literal of the source images' URLs (``[]`` when empty)."""
+    if cell is None or not cell.strip():
+        return []
+    try:
+        urls = ast.literal_eval(cell.strip())  # literals only: no code runs
+    except (ValueError, SyntaxError):
+        urls = None
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise ValueError(
+            f"{path} row {n}: 'urls' is not a list of URLs (MemBench writes a list such as ['https://...'])"
+        )
+    return urls
+
+
 def _membench_csv(path: Path) -> list[dict]:
+    """MemBench's ``SD1_final.csv``: an unnamed (or ``index``) first column, ``prompt``, and ``urls``, the
+    source images a trigger prompt reproduces; every row a trigger prompt (label 1) with its sources."""
     reader = csv.DictReader(io.StringIO(_text(path)))
     if reader.fieldnames is None or "prompt" not in reader.fieldnames:
         raise ValueError(
@@ -89,7 +108,16 @@ def _membench_csv(path: Path) -> list[dict]:
         prompt = (row.get("prompt") or "").strip()
         if not prompt:
             raise ValueError(f"{path} row {n}: empty prompt")
-        rows.append({"id": str(row.get("index") or n - 2), "prompt": prompt, "label": 1, "role": "trigger"})
+        index = (row.get("index") or row.get("") or "").strip() or str(n - 2)
+        rows.append(
+            {
+                "id": index,
+                "prompt": prompt,
+                "label": 1,
+                "role": "trigger",
+                "sources": _url_list(row.get("urls"), path, n),
+            }
+        )
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

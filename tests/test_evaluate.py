@@ -174,11 +174,13 @@ def test_organism_suite_and_mitigation_bench(tmp_path):
         organism_suite(pipe, tmp_path, num_perturbations=1, num_triggers=4, label_generations=1).to_dict()
         == suite.to_dict()
     )
+    triggers = [p for p in suite.splits["triggers"] if p.label == 1]
     results = evaluate_mitigations(
         pipe,
         suite,
         [("guidance-delay", {}, get_mitigation("guidance-delay"))],
         tmp_path,
+        triggers=triggers,
         num_gens=1,
         progress=False,
     )
@@ -188,6 +190,18 @@ def test_organism_suite_and_mitigation_bench(tmp_path):
     )
     assert none["replication_images"]["rate"] >= 0.8  # the organism copies its memorized captions
     assert delay["flagged_share"] >= 0.5 and delay["clean_ssim_to_unmitigated"] < 1.0
+    # the trigger prompts were measured to copy; without mitigation they still do
+    assert results["sizes"]["triggers"] == len(triggers)
+    if triggers:
+        assert none["replication_triggers"]["n"] == len(triggers) and none["replication_triggers"]["rate"] > 0
+    # general prompts as deployed: an image the guard does not flag is the unmitigated one, exactly
+    rows = json.loads((tmp_path / "mitigation" / "guidance-delay.json").read_text())
+    deployed = rows["general"]["deployed"]
+    for flagged, similarity in zip(deployed["flagged"], deployed["ssim_to_plain"]):
+        if not flagged:
+            assert similarity == pytest.approx(1.0, abs=1e-5)
+    assert delay["general_deployed"]["flagged"]["n"] == 48
+    assert none["general_deployed"]["ssim_to_unmitigated"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_robustness_evaluation_known_answer_and_resume(tiny_sd1_dir, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from diffmem.evaluate.suites import Suite, suite_from_rows
 from diffmem.prompt_sets import read_prompt_set
 
 
@@ -31,6 +32,30 @@ def test_membench_csv(tmp_path):
     }
     path.write_text("index,caption\n0,x\n")
     with pytest.raises(ValueError, match="SD1_final.csv: expected a CSV with a 'prompt' column"):
+        read_prompt_set(path)
+
+
+def test_membench_csv_as_written_trigger_prompts_with_their_source_images(tmp_path):
+    """MemBench's file as its repository ships it: an unnamed index column, a Python list of source URLs
+    (quoted when it holds several); every row a trigger prompt that keeps its sources into the suite."""
+    path = tmp_path / "SD1_final.csv"
+    path.write_text(
+        ",prompt,urls\n"
+        "0,fire us army garden flag single,['https://a.example/flag.jpg']\n"
+        "7,\"rug, navy\",\"['https://b.example/1.jpg', 'https://c.example/2.jpg']\"\n",
+        encoding="utf-8",
+    )
+    rows = read_prompt_set(path)
+    assert [(r["id"], r["prompt"], r["role"], r["sources"]) for r in rows] == [
+        ("SD1_final.csv:0", "fire us army garden flag single", "trigger", ["https://a.example/flag.jpg"]),
+        ("SD1_final.csv:7", "rug, navy", "trigger", ["https://b.example/1.jpg", "https://c.example/2.jpg"]),
+    ]
+    suite = suite_from_rows("membench", rows)
+    again = Suite.from_dict(json.loads(json.dumps(suite.to_dict())))
+    assert again.splits["all"][1].sources == ("https://b.example/1.jpg", "https://c.example/2.jpg")
+    assert again.to_dict() == suite.to_dict()
+    path.write_text(",prompt,urls\n0,ok,['u']\n1,bad,__import__('os')\n")
+    with pytest.raises(ValueError, match="SD1_final.csv row 3: 'urls' is not a list of URLs"):
         read_prompt_set(path)
 
 

@@ -164,6 +164,13 @@ class MitigationBench(MethodBench):
             default=None,
             help="first-step flag threshold (default: the model's calibration)",
         )
+        parser.add_argument(
+            "--triggers",
+            type=int,
+            default=20,
+            help="trigger prompts (never trained on, measured to copy) in the first scenario, at most "
+            "(default 20; 0: memorized captions only)",
+        )
 
     def check(self) -> None:
         if not self.on_organism:
@@ -171,11 +178,15 @@ class MitigationBench(MethodBench):
                 "--suite: the mitigation bench measures replication on the organism's training images; "
                 "use --suite organism"
             )
+        if self.args.triggers < 0:
+            raise ValueError(f"--triggers: expected 0 or more trigger prompts, got {self.args.triggers}")
         super().check()
 
     def run(self, load_model: ModelLoader) -> EvaluationResult:
         pipe = load_model()
-        suite = self.suite(pipe, measured=False)  # the mitigation bench needs only the splits of known roles
+        # the triggers split is measured (generations of the model, cached in --out)
+        suite = self.suite(pipe, measured=self.args.triggers > 0)
+        triggers = [p for p in suite.splits.get("triggers", []) if p.label == 1][: self.args.triggers]
         progress = not self.args.no_progress
         built = []
         for name, options in self.methods:
@@ -187,7 +198,8 @@ class MitigationBench(MethodBench):
             else:
                 built.append((name, options, get_mitigation(name, options)))
         results = evaluate_mitigations(
-            pipe, suite, built, self.args.out, threshold=self.args.threshold, **self.generation_settings()
-        )
+            pipe, suite, built, self.args.out, triggers=triggers, threshold=self.args.threshold,
+            **self.generation_settings(),
+        )  # fmt: skip
         report = write_mitigation_report(results, self.args.out)
         return EvaluationResult(results, mitigation_markdown(results), [str(report)])

@@ -1,16 +1,21 @@
-"""The mitigation evaluator: every mitigation on the organism's memorized and clean captions, one ground truth.
+"""The mitigation evaluator: every mitigation on the organism's memorized, trigger and general prompts.
 
-For each mitigation (and ``none``, the baseline of the same run):
+Two scenarios, as MemBench (Hong et al., TMLR 2025) measures a mitigation. For each mitigation (and
+``none``, the baseline of the same run):
 
-* **memorized captions** (verbatim and template), ``num_gens`` generations each, mitigated where the
-  guard flags them (the model's calibration): the share of images that still replicate a memorized
-  training image (SSIM >= 0.7, :data:`~diffmem.scores.replication.PRESETS` ``"organism"``) with its Wilson
-  95 % interval, the share of captions memorized (>= 3 of 4 generations), and the seconds the
-  mitigation added per image;
-* **clean captions** (held-out and generic, "a <colour> <shape>"), mitigation forced on every image
-  (``mitigation_threshold=0``), what it costs in quality: caption fidelity (the organism's caption
-  classifier, colour and shape right) and the SSIM of each image to the unmitigated one from the same
-  noise.
+* **memorized and trigger prompts**: the memorized captions (verbatim and template) and trigger prompts
+  (never trained on, measured to copy: the suite's ``triggers`` split), ``num_gens`` generations each,
+  mitigated where the guard flags them (the model's calibration): the share of images that still
+  replicate a memorized training image (SSIM >= 0.7, :data:`~diffmem.scores.replication.PRESETS`
+  ``"organism"``) with its Wilson 95 % interval, the share of memorized captions still memorized (>= 3 of
+  4 generations), and the seconds the mitigation added per image;
+* **general prompts** (held-out and generic captions, "a <colour> <shape>"), what the mitigation costs an
+  ordinary generation, twice: *as deployed* (mitigated only where the guard flags, so the cost falls on
+  false flags; the flagged share is the guard's false-positive rate) and *forced on* every image
+  (``mitigation_threshold=0``). Quality: caption fidelity (the organism's caption classifier, colour and
+  shape right) and the SSIM of each image to the unmitigated one from the same noise. (MemBench scores
+  general prompts with CLIP and an aesthetic model on SD; the organism's classifier is its exact
+  counterpart for colour x shape captions.)
 
 Per-image rows are cached as ``mitigation/<key>.json`` (atomically), so a rerun resumes.
 """
@@ -18,15 +23,18 @@ Per-image rows are cached as ``mitigation/<key>.json`` (atomically), so a rerun 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from diffmem.evaluate.localization import calibrated_nemo
 from diffmem.evaluate.metrics import ReplicationRate
 from diffmem.evaluate.report import markdown_table
-from diffmem.evaluate.suites import MEMORIZED_ROLES, Suite
+from diffmem.evaluate.suites import MEMORIZED_ROLES, LabelledPrompt, Suite
 from diffmem.generation import generate
 from diffmem.io import atomic_write, atomic_write_json
 from diffmem.mitigations.nemo import NeMoMitigation
@@ -57,8 +65,6 @@ def _generate(pipe, prompts, ids, *, num_gens, seed, steps, guidance_scale, batc
 
 def _plain_clean(pipe, clean, settings, cache: Path) -> torch.Tensor:
     """The unmitigated images of the clean captions ``[n, 3, H, W]`` (cached as ``plain_clean.npy``)."""
-    import numpy as np
-
     path = cache / "plain_clean.npy"
     meta = cache / "plain_clean.json"
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == settings:
@@ -91,8 +97,25 @@ def organism_nemo(pipe, reference_prompts: list[str], progress: bool = True):
     return NeMoMitigation(stats=nemo.stats, config=nemo.config)
 
 
-def _rows_for(key, mitigation, pipe, memorized, clean, settings, plain, cache: Path):
-    """Per-image rows of one mitigation (cached); ``plain`` holds the unmitigated clean images."""
+def _fidelity_and_similarity(images, captions: list[str], plain) -> tuple[list[float], list[float]]:
+    """Per image: caption fidelity (both attributes right) and SSIM to the unmitigated image ``plain``."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    classifier = load_caption_classifier()
+    fidelity = [caption_fidelity(classifier, x[i : i + 1], captions[i : i + 1]).both for i in range(len(x))]
+    return fidelity, ssim(x, plain).tolist()
+
+
+def _per_image(reports, flags) -> tuple[list[bool], list[float]]:
+    """The first-step flag (before mitigation) where a mitigation ran, else the call's own flag; and the
+    seconds a mitigation added to each image."""
+    flagged = [bool(r["flagged"]) if "flagged" in r else bool(f) for r, f in zip(reports, flags)]
+    added = [float(r.get("seconds", 0.0)) if r.get("action", "none") != "none" else 0.0 for r in reports]
+    return flagged, added
+
+
+def _rows_for(key, mitigation, pipe, copying, general, settings, plain, cache: Path):
+    """Per-image rows of one mitigation (cached): ``copying`` are the memorized and trigger prompts,
+    ``general`` the general ones, ``plain`` their unmitigated images."""
 
     path = cache / f"{key}.json"
     if path.is_file():
@@ -106,54 +129,54 @@ def _rows_for(key, mitigation, pipe, memorized, clean, settings, plain, cache: P
         guidance_scale=settings["guidance_scale"],
         batch_size=settings["batch_size"],
     )
-    kwargs = {"memorization_threshold": settings["threshold"]}
+    deployed = {"memorization_threshold": settings["threshold"]}
     if mitigation is not None:
-        kwargs["mitigation"] = mitigation
+        deployed["mitigation"] = mitigation
     images, reports, seconds, flags = _generate(
-        pipe, [p.prompt for p in memorized], [p.id for p in memorized], **common, **kwargs
+        pipe, [p.prompt for p in copying], [p.id for p in copying], **common, **deployed
     )
-
     nearest = organism_training_images(recipe=recipe_of(pipe)).of_roles(MEMORIZED_ROLES).nearest(images)
-    forced = (
-        {}
-        if mitigation is None
-        else {
-            "mitigation": mitigation,
-            "memorization_threshold": settings["threshold"],
-            "mitigation_threshold": 0.0,
+    flagged, added = _per_image(reports, flags)
+    captions = [p.prompt for p in general for _ in range(settings["num_gens"])]
+    general_rows = {}
+    for scenario, extra in (("deployed", {}), ("forced", {"mitigation_threshold": 0.0})):
+        if scenario == "forced" and mitigation is None:  # nothing to force: the deployed images again
+            general_rows[scenario] = general_rows["deployed"]
+            continue
+        g_images, g_reports, g_seconds, g_flags = _generate(
+            pipe, [p.prompt for p in general], [p.id for p in general], **common, **deployed, **extra
+        )
+        fidelity, similarity = _fidelity_and_similarity(g_images, captions, plain)
+        general_rows[scenario] = {
+            "fidelity": fidelity,
+            "ssim_to_plain": similarity,
+            "flagged": _per_image(g_reports, g_flags)[0],
+            "seconds": g_seconds,
         }
-    )
-    clean_images, _, clean_seconds, _ = _generate(
-        pipe, [p.prompt for p in clean], [p.id for p in clean], **common, **forced
-    )
-    x = torch.from_numpy(clean_images).permute(0, 3, 1, 2)
-    captions = [p.prompt for p in clean for _ in range(settings["num_gens"])]
-    classifier = load_caption_classifier()
-    per_image_fidelity = [
-        caption_fidelity(classifier, x[i : i + 1], captions[i : i + 1]).both for i in range(len(x))
-    ]
-    similarity = [1.0] * len(x) if plain is None else ssim(x, plain).tolist()
     data = {
         "settings": settings,
-        "memorized": {
-            "ids": [p.id for p in memorized],
+        "copying": {
+            "ids": [p.id for p in copying],
+            "roles": [p.role for p in copying],
             "ssim": [m.ssim for m in nearest],
-            # the first-step flag (before mitigation) where a mitigation ran, else the call's own flag
-            "flagged": [bool(r["flagged"]) if "flagged" in r else bool(f) for r, f in zip(reports, flags)],
-            "added_seconds": [
-                float(r.get("seconds", 0.0)) if r.get("action", "none") != "none" else 0.0 for r in reports
-            ],
+            "flagged": flagged,
+            "added_seconds": added,
             "seconds": seconds,
         },
-        "clean": {
-            "ids": [p.id for p in clean],
-            "fidelity": per_image_fidelity,
-            "ssim_to_plain": similarity,
-            "seconds": clean_seconds,
-        },
+        "general": {"ids": [p.id for p in general], **general_rows},
     }
     atomic_write_json(path, data)
     return data
+
+
+def _rate(hits) -> dict:
+    rate = ReplicationRate()
+    rate.update(torch.as_tensor(hits, dtype=torch.bool))
+    return rate.compute()
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def evaluate_mitigations(
@@ -162,6 +185,7 @@ def evaluate_mitigations(
     methods: list[tuple[str, dict, Any]],
     out_dir: str | Path,
     *,
+    triggers: Sequence[LabelledPrompt] = (),
     num_gens: int = 4,
     seed: int = 0,
     num_inference_steps: int = 25,
@@ -170,7 +194,8 @@ def evaluate_mitigations(
     threshold: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """``{"settings", "methods": {key: {...}}}``; ``methods`` are ``(name, options, Mitigation)``, ``none`` is added first."""
+    """``{"settings", "methods": {key: {...}}}`` (module docstring); ``methods`` are ``(name, options,
+    Mitigation)``, ``none`` is added first; ``triggers``: trigger prompts measured to copy."""
 
     if suite.name != "organism":
         raise ValueError(
@@ -183,63 +208,79 @@ def evaluate_mitigations(
         threshold = calibration.memorization_threshold
     split = suite.splits["memorized-vs-clean"]
     memorized = [p for p in split if p.label == 1]
-    clean = [p for p in split if p.label == 0]
+    general = [p for p in split if p.label == 0]
     settings = {
+        "version": 2,  # 2: the two scenarios (rows of version 1 are recomputed)
         "num_gens": num_gens,
         "seed": seed,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "batch_size": batch_size,
         "threshold": threshold,
+        "triggers": [p.id for p in triggers],
         **model_settings(pipe),
     }
     cache = Path(out_dir) / "mitigation"
     rule = criterion("organism")
-    plain = _plain_clean(pipe, clean, settings, cache)
+    plain = _plain_clean(pipe, general, settings, cache)
+    copying = [*memorized, *triggers]
+    n_mem = len(memorized) * num_gens
     results: dict[str, Any] = {}
-    from tqdm.auto import tqdm
-
     for key, options, mitigation in tqdm(
         [("none", {}, None), *methods], desc="mitigations", disable=not progress
     ):
         name = key if not options else f"{key}-" + "-".join(f"{k}={v}" for k, v in options.items())
-        rows = _rows_for(name, mitigation, pipe, memorized, clean, settings, plain, cache)
-        sims = torch.tensor(rows["memorized"]["ssim"])
-        rate = ReplicationRate()
-        rate.update(rule.replicates(sims))
-        prompts = ReplicationRate()
-        prompts.update(rule.memorized(sims.view(len(memorized), num_gens)))
-        flagged = rows["memorized"]["flagged"]
+        rows = _rows_for(name, mitigation, pipe, copying, general, settings, plain, cache)
+        sims = torch.tensor(rows["copying"]["ssim"])
+        flagged = rows["copying"]["flagged"]
+        deployed, forced = rows["general"]["deployed"], rows["general"]["forced"]
         results[name] = {
             "config": {} if mitigation is None else mitigation.config(),
-            "replication_images": rate.compute(),
-            "memorized_prompts": prompts.compute(),
-            "flagged_share": (sum(flagged) / len(flagged)) if flagged else None,
-            "added_seconds_per_image": sum(rows["memorized"]["added_seconds"]) / len(sims),
-            "clean_fidelity": sum(rows["clean"]["fidelity"]) / len(rows["clean"]["fidelity"]),
-            "clean_ssim_to_unmitigated": sum(rows["clean"]["ssim_to_plain"])
-            / len(rows["clean"]["ssim_to_plain"]),
+            "replication_images": _rate(rule.replicates(sims[:n_mem])),
+            "memorized_prompts": _rate(rule.memorized(sims[:n_mem].view(len(memorized), num_gens))),
+            "replication_triggers": _rate(rule.replicates(sims[n_mem:])) if triggers else None,
+            "flagged_share": _mean(flagged[:n_mem]),
+            "added_seconds_per_image": _mean(rows["copying"]["added_seconds"]),
+            # general prompts, mitigation forced on every image (the keys of version 1)
+            "clean_fidelity": _mean(forced["fidelity"]),
+            "clean_ssim_to_unmitigated": _mean(forced["ssim_to_plain"]),
+            # general prompts, as deployed: mitigated where flagged (false flags)
+            "general_deployed": {
+                "flagged": _rate(deployed["flagged"]),
+                "fidelity": _mean(deployed["fidelity"]),
+                "ssim_to_unmitigated": _mean(deployed["ssim_to_plain"]),
+            },
         }
     return {
         "settings": settings,
         "criterion": rule.describe(),
-        "sizes": {"memorized": len(memorized), "clean": len(clean)},
+        "sizes": {"memorized": len(memorized), "triggers": len(triggers), "clean": len(general)},
         "methods": results,
     }
 
 
+def _rate_text(r: dict | None) -> str:
+    if r is None:
+        return ""
+    return f"{r['rate']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] ({r['count']}/{r['n']})"
+
+
 def mitigation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per mitigation: the memorized-and-trigger scenario, then the general one."""
     rows = []
     for key, r in results["methods"].items():
-        img, pr = r["replication_images"], r["memorized_prompts"]
+        g = r["general_deployed"]
         rows.append(
             {
                 "mitigation": key,
-                "images replicating": f"{img['rate']:.2f} [{img['ci'][0]:.2f}, {img['ci'][1]:.2f}] ({img['count']}/{img['n']})",
-                "captions memorized": f"{pr['rate']:.2f} [{pr['ci'][0]:.2f}, {pr['ci'][1]:.2f}] ({pr['count']}/{pr['n']})",
-                "flagged": "" if r["flagged_share"] is None else f"{r['flagged_share']:.2f}",
-                "caption fidelity (clean, forced on)": f"{r['clean_fidelity']:.3f}",
-                "SSIM to unmitigated (clean)": f"{r['clean_ssim_to_unmitigated']:.3f}",
+                "memorized: images replicating": _rate_text(r["replication_images"]),
+                "memorized: captions memorized": _rate_text(r["memorized_prompts"]),
+                "triggers: images replicating": _rate_text(r["replication_triggers"]),
+                "flagged (memorized)": f"{r['flagged_share']:.2f}",
+                "general: flagged": _rate_text(g["flagged"]),
+                "general: fidelity as deployed": f"{g['fidelity']:.3f}",
+                "general: fidelity forced on": f"{r['clean_fidelity']:.3f}",
+                "general: SSIM to unmitigated, forced on": f"{r['clean_ssim_to_unmitigated']:.3f}",
                 "added s / image": f"{r['added_seconds_per_image']:.3f}",
             }
         )
@@ -248,12 +289,14 @@ def mitigation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def mitigation_markdown(results: dict[str, Any]) -> str:
 
-    s = results["settings"]
+    s, n = results["settings"], results["sizes"]
     head = (
-        f"{results['sizes']['memorized']} memorized and {results['sizes']['clean']} clean captions, {s['num_gens']} "
+        f"{n['memorized']} memorized captions, {n.get('triggers', 0)} trigger prompts and {n['clean']} general "
+        f"captions, {s['num_gens']} "
         f"generations each, seed {s['seed']}, {s['num_inference_steps']} steps, guidance {s['guidance_scale']}, flag "
         f"threshold {s['threshold']:.3f}; replication: {results['criterion']} (images: SSIM >= 0.7 to a memorized "
-        "training image); 95 % Wilson intervals."
+        "training image); general prompts as deployed (mitigated where flagged) and forced on; caption fidelity: "
+        "colour and shape right (chance 1/48); 95 % Wilson intervals."
     )
     return head + "\n\n" + markdown_table(mitigation_rows(results)) + "\n"
 

@@ -55,6 +55,8 @@ class LabelledPrompt:
     label: int
     role: str = ""
     similarity: float | None = None
+    #: the training images the prompt is known to reproduce, where the prompt set names them (MemBench's URLs)
+    sources: tuple[str, ...] = ()
 
 
 @dataclass
@@ -74,7 +76,10 @@ class Suite:
 
     @classmethod
     def from_dict(cls, data: dict) -> Suite:
-        splits = {k: [LabelledPrompt(**p) for p in v] for k, v in data["splits"].items()}
+        splits = {
+            k: [LabelledPrompt(**{**p, "sources": tuple(p.get("sources", ()))}) for p in v]
+            for k, v in data["splits"].items()
+        }
         return cls(data["name"], splits, dict(data.get("info", {})))
 
     def summary(self) -> dict[str, tuple[int, int]]:
@@ -83,9 +88,17 @@ class Suite:
 
 
 def suite_from_rows(name: str, rows: Sequence[dict], split: str = "all") -> Suite:
-    """A one-split suite from rows ``{"id", "prompt", "label"[, "role"]}`` (what the prompt readers give)."""
+    """A one-split suite from rows ``{"id", "prompt", "label"[, "role", "sources"]}`` (what the prompt
+    readers give)."""
     prompts = [
-        LabelledPrompt(str(r["id"]), r["prompt"], int(r["label"]), str(r.get("role", ""))) for r in rows
+        LabelledPrompt(
+            str(r["id"]),
+            r["prompt"],
+            int(r["label"]),
+            str(r.get("role", "")),
+            sources=tuple(r.get("sources", ())),
+        )
+        for r in rows
     ]
     return Suite(name, {split: prompts})
 
