@@ -21,12 +21,43 @@ from tqdm.auto import tqdm
 
 from diffmem.seeding import item_generator
 
-__all__ = ["GeneratedBatch", "NoiseKey", "generate", "generate_batches", "initial_latents"]
+__all__ = [
+    "GeneratedBatch",
+    "NoiseKey",
+    "generate",
+    "generate_batches",
+    "initial_latents",
+    "keyed_noise",
+    "latent_shape",
+]
 
 #: ``noise_key(item_id, j) -> (base_seed, *keys)``: the key of generation ``j`` of an item, whose noise is
 #: drawn from ``item_generator(base_seed, *keys)``. The default is ``(seed, item_id, j)``; a study that
 #: keys its noise otherwise (e.g. the robustness evaluation's ``(seed_j, stream, i)``) passes its own.
 NoiseKey = Callable[[Hashable, int], tuple]
+
+
+def keyed_noise(shape: Sequence[int], keys: Sequence[tuple]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """The one keyed noise draw: row ``k`` of the standard normal ``[len(keys), *shape]`` is the first draw
+    of ``diffmem.seeding.item_generator(*keys[k])``, on the CPU in float32.
+
+    The generators, left just after that draw, come back too: a diffusers pipeline given them as its
+    per-image ``generator`` (with the noise as ``latents``) draws a stochastic sampler's step noise
+    exactly as it would had it drawn the initial noise from them itself.
+    """
+    generators = [item_generator(*key) for key in keys]
+    if not generators:
+        return torch.empty((0, *shape)), generators
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]), generators
+
+
+def latent_shape(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+    """``(C, h, w)`` of one image's latents in ``pipe`` at ``height x width`` pixels (default: the UNet's
+    sample size times the VAE factor)."""
+    scale = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * scale
+    width = width or pipe.unet.config.sample_size * scale
+    return (pipe.unet.config.in_channels, height // scale, width // scale)
 
 
 def initial_latents(
@@ -40,16 +71,12 @@ def initial_latents(
 ) -> torch.Tensor:
     """Starting noise ``[len(item_ids) * num_gens, C, h, w]`` (item-major), generation j of item i from
     ``diffmem.seeding.item_generator(seed, item_id, j)`` (or ``item_generator(*noise_key(item_id, j))``),
-    drawn on the CPU: independent of batch size, order and device."""
-    scale = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * scale
-    width = width or pipe.unet.config.sample_size * scale
-    shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
+    drawn on the CPU (:func:`keyed_noise`): independent of batch size, order and device."""
     key = noise_key or (lambda i, j: (seed, i, j))
-    draws = [
-        torch.randn(shape, generator=item_generator(*key(i, j))) for i in item_ids for j in range(num_gens)
-    ]
-    return torch.cat(draws)
+    noise, _ = keyed_noise(
+        latent_shape(pipe, height, width), [key(i, j) for i in item_ids for j in range(num_gens)]
+    )
+    return noise
 
 
 @dataclass

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from diffmem.data import write_image_folder
+from diffmem.generation import keyed_noise
+from diffmem.seeding import item_generator
 from diffmem.solidmark import KeyManifest, draw_key, frame_key, key_dataset
 from diffmem.solidmark.run import load_score_items
 from diffmem.solidmark.scoring import ScoreSettings, read_rows, score_items
@@ -186,16 +188,16 @@ def test_cli_reports_a_mismatch_without_traceback(keyed, capsys):
 # ------------------------------------------------------------------------------------------- scoring loop
 
 
-def _copier(images, mask, prompts, generators):
+def _copier(images, mask, prompts, noise_keys):
     """A model that reproduces its reference perfectly (frame included)."""
     return images.clone()
 
 
-def _guesser(images, mask, prompts, generators):
-    """A model that knows nothing of the key: a random grey frame drawn from each image's own generator."""
+def _guesser(images, mask, prompts, noise_keys):
+    """A model that knows nothing of the key: a random grey frame drawn from each image's noise key."""
     out = images.clone()
-    for j, g in enumerate(generators):
-        out[j][:, mask] = torch.rand(1, generator=g).item()
+    for j, key in enumerate(noise_keys):
+        out[j][:, mask] = torch.rand(1, generator=item_generator(*key)).item()
     return out
 
 
@@ -253,11 +255,12 @@ def test_key_blind_model_is_at_chance_and_results_ignore_batching_and_interrupti
         assert c["ci_low"] > 0.5
 
 
-def _noisy_recaller(images, mask, prompts, generators):
+def _noisy_recaller(images, mask, prompts, noise_keys):
     """A model that recalls every key up to sampler noise: the frame is the key plus N(0, 0.04) per generation."""
     out = images.clone()
-    for j, g in enumerate(generators):
-        out[j][:, mask] = (images[j][:, mask] + 0.04 * torch.randn(1, generator=g).item()).clamp(0, 1)
+    noise, _ = keyed_noise((1,), noise_keys)
+    for j in range(len(noise_keys)):
+        out[j][:, mask] = (images[j][:, mask] + 0.04 * noise[j].item()).clamp(0, 1)
     return out
 
 
@@ -310,6 +313,23 @@ def test_per_image_keys_average_the_generations_and_keep_the_chance_rate(tmp_pat
     )
 
 
+def test_the_outpainter_gets_each_generations_noise_key_whatever_the_batch(tmp_path):
+    # generation g of image i is keyed (seed, i, g): the key of its noise in the one keyed draw
+    _source(tmp_path / "src", n=5, side=8, dup_of_first=0)
+    key_dataset(tmp_path / "src", tmp_path / "k", frame_width=4, progress=False)
+    manifest, items = load_score_items(tmp_path / "k", tmp_path / "k" / "solidmark_manifest.json")
+    seen = []
+
+    def recording(images, mask, prompts, noise_keys):
+        assert len(noise_keys) == len(images) == len(prompts)
+        seen.extend(noise_keys)
+        return images.clone()
+
+    settings = ScoreSettings(seed=7, generations=2)
+    score_items(recording, manifest, items, tmp_path / "run", settings, batch_size=3, progress=False)
+    assert sorted(seen) == sorted((7, it.id, g) for it in items for g in range(2))
+
+
 def test_a_frame_painted_in_the_wrong_value_space_does_not_score_as_memorized(tmp_path):
     # the manifest is in model space; a "model" that paints the pixel value k is read back as 2k - 1
     _source(tmp_path / "src", n=20, dup_of_first=0)
@@ -317,7 +337,7 @@ def test_a_frame_painted_in_the_wrong_value_space_does_not_score_as_memorized(tm
     manifest, items = load_score_items(tmp_path / "k", tmp_path / "k" / "solidmark_manifest.json")
     key_of_caption = {it.caption: manifest.by_id()[it.id].frame_key for it in items}
 
-    def wrong_space(images, mask, prompts, generators):
+    def wrong_space(images, mask, prompts, noise_keys):
         out = images.clone()
         for j, prompt in enumerate(prompts):
             out[j][:, mask] = key_of_caption[prompt]
@@ -336,7 +356,7 @@ def test_fresh_keys_of_copies_are_also_scored_against_the_nearest_copy(keyed):
     copy1 = manifest.by_id()["img0-copy1"].frame_key
     caption_of_img0 = next(it.caption for it in items if it.id == "img0")
 
-    def paints_copy1_key(images, mask, prompts, generators):
+    def paints_copy1_key(images, mask, prompts, noise_keys):
         out = images.clone()
         for j, prompt in enumerate(prompts):
             if prompt == caption_of_img0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import torch
 from diffmem.pipelines import SolidMarkOutpaintPipeline
 from pipeline_mixin import NUM_STEPS, PipelineTesterMixin, as_array, hook_state
 
+from diffmem.generation import keyed_noise, latent_shape
 from diffmem.scores.solidmark import frame_mask
+from diffmem.solidmark.mitigations import gaussian_embedding_noise
 from diffmem.solidmark.scoring import edits_applied, pipeline_outpainter
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "pipeline_solidmark_outpaint.py"
@@ -159,7 +162,7 @@ def test_passed_mitigations_are_really_applied_and_undone(pipes):
 
     def frames(edits):
         outpaint = pipeline_outpainter(pipe, steps=2, guidance_scale=3.0, edits=edits)
-        return outpaint(ref, MASK, ["a cat"], [torch.Generator().manual_seed(0)])[..., MASK]
+        return outpaint(ref, MASK, ["a cat"], [(0, "ref", 0)])[..., MASK]
 
     plain = frames([])
     layers = list(value_layers(pipe.unet))
@@ -188,11 +191,9 @@ def test_passed_mitigations_are_really_applied_and_undone(pipes):
     torch.testing.assert_close(frames([]), plain, atol=0, rtol=0)
 
     # a prompt-side mitigation (Gaussian noise on the text embedding) is really passed to the pipeline
-    from diffmem.solidmark.mitigations import gaussian_embedding_noise
-
     def prompt_frames(sigma):
         outpaint = pipeline_outpainter(pipe, steps=2, prompt_mitigation=gaussian_embedding_noise(sigma))
-        return outpaint(ref, MASK, ["a cat"], [torch.Generator().manual_seed(0)])[..., MASK]
+        return outpaint(ref, MASK, ["a cat"], [(0, "ref", 0)])[..., MASK]
 
     torch.testing.assert_close(prompt_frames(0.0), plain, atol=1e-5, rtol=0)
     assert (prompt_frames(2.0) - plain).abs().max() > 1e-3
@@ -201,13 +202,80 @@ def test_passed_mitigations_are_really_applied_and_undone(pipes):
             pass
 
 
+def _old_generators(keys):
+    """What scoring built before the noise went through the one keyed draw: one generator per image,
+    seeded with the SHA-256 derivation of (seed, image id, generation), written out here independently."""
+    seeds = [
+        int.from_bytes(hashlib.sha256(repr((int(k[0]), *map(str, k[1:]))).encode()).digest()[:8], "little")
+        & ((1 << 63) - 1)
+        for k in keys
+    ]
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_keyed_noise_is_bit_identical_to_the_per_image_generators_draw():
+    from diffusers.utils.torch_utils import randn_tensor
+
+    keys = [(0, "img0", 0), (0, "img0", 1), (7, "verbatim-rocket", 3)]
+    noise, generators = keyed_noise((4, 10, 10), keys)
+    old = _old_generators(keys)
+    expected = randn_tensor((3, 4, 10, 10), generator=old, dtype=torch.float32)
+    assert noise.dtype == torch.float32 and torch.equal(noise, expected)
+    # the generators come back just past the draw, where the pipeline's own draw left them
+    assert all(torch.equal(g.get_state(), o.get_state()) for g, o in zip(generators, old))
+    # half precision: the pipeline cast of the float32 draw is the half draw
+    half = randn_tensor((3, 4, 10, 10), generator=_old_generators(keys), dtype=torch.float16)
+    assert torch.equal(noise.half(), half)
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_outpainting_from_noise_keys_is_bit_identical_to_per_image_generators(pipes, scheduler):
+    # the outpainter hands the pipeline the keyed noise as latents (and the generators past it, for a
+    # stochastic sampler's steps): the images are those of the generators the pipeline used to draw from
+    pipe = pipes["sd1"]
+    _scheduler(pipe, scheduler)
+    try:
+        ref, keys, prompts = _reference(5, batch=2), [(3, "a", 0), (3, "b", 1)], ["a cat", "a dog"]
+        new = pipeline_outpainter(pipe, steps=3)(ref, MASK, prompts, keys)
+        old = pipe(prompts, image=ref, mask=MASK, num_inference_steps=3, generator=_old_generators(keys))
+        assert torch.equal(new, old.images.float().cpu())
+        noise, _ = keyed_noise(latent_shape(pipe, 32, 32), keys)
+        given = pipe(prompts, image=ref, mask=MASK, num_inference_steps=3, latents=noise,
+                     generator=_old_generators([(9, "other", 0), (9, "other", 1)])).images  # fmt: skip
+        if scheduler == "DDIMScheduler":  # deterministic steps: latents fix the result
+            assert torch.equal(given, old.images)
+        # the mitigation's noise is keyed by the same keys (GNI at sigma 0 changes nothing)
+        gni = pipeline_outpainter(pipe, steps=3, prompt_mitigation=gaussian_embedding_noise(0.0))
+        torch.testing.assert_close(gni(ref, MASK, prompts, keys), new, atol=1e-5, rtol=0)
+    finally:
+        _scheduler(pipe, "DDIMScheduler")
+
+
+def test_gaussian_embedding_noise_draws_from_the_key_of_each_image(pipes):
+    # GNI's noise of image b is item_generator(derive_seed(*key_b), "gni")'s draw: what it drew from the
+    # generator's seed before, whatever the batch
+    pipe = pipes["sd1"]
+    keys = [(0, "x", 0), (0, "y", 1)]
+    sigma = 0.5
+    got = gaussian_embedding_noise(sigma)(pipe, ["a cat", "a dog"], keys)
+    cond, _ = pipe.encode_prompt(["a cat", "a dog"], pipe._execution_device, 1, True, negative_prompt=None)
+    for b, g in enumerate(_old_generators(keys)):
+        eps = torch.randn(cond.shape[1:], generator=torch.Generator().manual_seed(
+            int.from_bytes(hashlib.sha256(repr((g.initial_seed(), "gni")).encode()).digest()[:8], "little")
+            & ((1 << 63) - 1)))  # fmt: skip
+        assert torch.equal(got["prompt_embeds"][b], cond[b] + sigma * eps)
+    alone = gaussian_embedding_noise(sigma)(pipe, ["a dog"], keys[1:])
+    torch.testing.assert_close(alone["prompt_embeds"][0], got["prompt_embeds"][1], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(mask=frame_mask(40, 40, 8)), "does not match"),
         (dict(image=torch.rand(1, 3, 36, 36), mask=frame_mask(36, 36, 8)), "multiples of 8"),
         (dict(image=torch.rand(1, 3, 32, 32) * 2 - 1), r"\[0, 1\]"),
-        (dict(latents=torch.zeros(1, 4, 16, 16)), "latents"),
+        (dict(latents=torch.zeros(1, 4, 8, 8)), r"latents of shape \(1, 4, 8, 8\)"),
+        (dict(latents=torch.zeros(2, 4, 16, 16)), "latents of shape"),
         (dict(image=None), "needs `image`"),
     ],
 )

@@ -62,6 +62,7 @@ from diffmem.modelio import (
 from diffmem.organism.data import build_organism_data, export_imagefolder
 from diffmem.organism.recipe import TINY_RECIPE, OrganismRecipe
 from diffmem.precision import torch_dtype
+from diffmem.seeding import item_generator
 from diffmem.solidmark import key_dataset
 from diffmem.solidmark.run import load_score_items, run_score
 from diffmem.solidmark.scoring import read_rows, score_items
@@ -91,16 +92,16 @@ def select_items(keyed: Path, rest_sample: int, seed: int = 0):
 def constructed_cases(keyed: Path, work: Path) -> str:
     """Score the keyed organism data with two constructed models whose answer is known, no diffusion model:
     a perfect copier (reproduces the reference frame: must score 0, with its shuffled-key null at chance)
-    and a key-blind guesser (a uniform grey frame from each image's own generator: must be at chance)."""
+    and a key-blind guesser (a uniform grey frame drawn from each image's noise key: must be at chance)."""
     manifest, items = load_score_items(keyed, keyed / "solidmark_manifest.json", one_per_group=True)
 
-    def copier(images, mask, prompts, generators):
+    def copier(images, mask, prompts, noise_keys):
         return images.clone()
 
-    def guesser(images, mask, prompts, generators):
+    def guesser(images, mask, prompts, noise_keys):
         out = images.clone()
-        for j, g in enumerate(generators):
-            out[j][:, mask] = torch.rand(1, generator=g).item()
+        for j, key in enumerate(noise_keys):
+            out[j][:, mask] = torch.rand(1, generator=item_generator(*key)).item()
         return out
 
     lines = [

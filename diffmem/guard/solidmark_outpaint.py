@@ -7,7 +7,8 @@ mask are overwritten by the reference latents forward-noised to the next timeste
 
     z_{t'} <- m * z_{t'} + (1 - m) * add_noise(E(x_ref), eps, t')
 
-with ``m`` the pixel mask max-pooled to the latent grid, ``eps`` one noise draw per image and, after
+with ``m`` the pixel mask max-pooled to the latent grid, ``eps`` one noise draw per image (the call's
+``latents``, as in diffusers' inpainting pipeline, or drawn from its ``generator``) and, after
 the last step, the clean reference latents. It composes with the unmodified denoising loop of
 ``StableDiffusionPipeline`` through ``callback_on_step_end``, so every scheduler's own ``add_noise``
 (DDIM, Euler, DPM-Solver, ...) and both epsilon and v-prediction models work, with no VAE round
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 #: Stock arguments the reference image fixes (the call refuses them).
-FIXED_BY_REFERENCE = ("height", "width", "latents", "num_images_per_prompt", "timesteps", "sigmas")
+FIXED_BY_REFERENCE = ("height", "width", "num_images_per_prompt", "timesteps", "sigmas")
 
 
 @dataclass
@@ -76,14 +77,20 @@ class SolidMarkOutpaintPipeline(StableDiffusionPipeline):
 
     Call it like the stock pipeline, plus ``image`` (the reference, ``(B, 3, H, W)`` in [0, 1] or PIL)
     and ``mask`` (``(H, W)`` bool). The paper's settings are the defaults: 100 steps, guidance 3, the
-    training caption as prompt. ``generator`` may be a list, one per image, so a result does not
-    depend on the batch it was computed in.
+    training caption as prompt. The noise ``eps`` of each image is ``latents`` (``(B, C, H/f, W/f)``,
+    standard normal, as diffusers' inpainting pipeline takes it) or else drawn from ``generator``, which may
+    be a list, one per image, so a result does not depend on the batch it was computed in; a stochastic
+    sampler draws its step noise from ``generator`` in both cases.
     """
 
     @torch.no_grad()
     def _outpaint(self, call: dict, own: dict, extra: dict):
         image, mask, paste_reference = own["image"], own["mask"], own["paste_reference"]
-        num_inference_steps, generator = call["num_inference_steps"], call["generator"]
+        num_inference_steps, generator, noise = (
+            call["num_inference_steps"],
+            call["generator"],
+            call["latents"],
+        )
         output_type, return_dict = call["output_type"], call["return_dict"]
         callback_on_step_end = call["callback_on_step_end"]
         if image is None or mask is None:
@@ -118,7 +125,14 @@ class SolidMarkOutpaintPipeline(StableDiffusionPipeline):
         m = latent_mask(mask, factor).to(device, z_ref.dtype)
         if m.shape != z_ref.shape[-2:]:
             raise ValueError(f"image of {width}x{height} px is not divisible by the VAE factor {factor}")
-        noise = randn_tensor(z_ref.shape, generator=generator, device=device, dtype=z_ref.dtype)
+        if noise is None:
+            noise = randn_tensor(z_ref.shape, generator=generator, device=device, dtype=z_ref.dtype)
+        elif tuple(noise.shape) != tuple(z_ref.shape):
+            raise ValueError(
+                f"latents of shape {tuple(noise.shape)} for {batch} images whose latents are {tuple(z_ref.shape)}"
+            )
+        else:
+            noise = noise.to(device=device, dtype=z_ref.dtype)
 
         # the timesteps the loop will use (set again, identically, by the stock pipeline)
         scheduler = self.scheduler
@@ -182,6 +196,9 @@ class SolidMarkOutpaintPipeline(StableDiffusionPipeline):
             image: the reference, ``(B, 3, H, W)`` in [0, 1], an array or PIL image(s).
             mask (`torch.Tensor`): ``(H, W)`` bool, True = generate.
             paste_reference (`bool`, defaults to ``True``): paste the reference back outside the mask.
+            latents (`torch.Tensor`, *optional*): the noise of each image, ``(B, C, H/f, W/f)`` standard
+                normal (the known region is this noise on top of the reference latents, the frame starts
+                from it); drawn from ``generator`` when not given.
 
         Returns ``SolidMarkOutpaintPipelineOutput`` (``images``, ``nsfw_content_detected``, ``mask``), or
         with ``return_dict=False`` the stock tuple ``(images, nsfw_content_detected)``.

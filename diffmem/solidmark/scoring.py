@@ -5,10 +5,12 @@ atomically; a rerun with the same settings skips the (image, generation) pairs a
 can be interrupted at any point. Generations are seeded from (seed, image id, generation index), so
 results do not depend on the batch size or on what was done before a resume.
 
-The model is abstracted as an *outpainter*: ``outpaint(images, mask, prompts, generators) -> images``,
-pixel tensors ``(B, 3, H, W)`` in [0, 1]. :func:`pipeline_outpainter` makes one from a
-:class:`~diffmem.pipelines.SolidMarkOutpaintPipeline` with optional edits (mitigations) applied to the
-UNet for the duration of every call.
+The model is abstracted as an *outpainter*: ``outpaint(images, mask, prompts, noise_keys) -> images``,
+pixel tensors ``(B, 3, H, W)`` in [0, 1]; ``noise_keys[b]`` is ``(seed, image id, generation)``, the key
+of image ``b``'s noise in the one keyed draw (:func:`diffmem.generation.keyed_noise`, the draw of every
+generation path). :func:`pipeline_outpainter` makes one from a
+:class:`~diffmem.pipelines.SolidMarkOutpaintPipeline` (initial noise drawn from the keys, handed to it as
+``latents``) with optional edits (mitigations) applied to the UNet for the duration of every call.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ import torch
 from tqdm.auto import tqdm
 
 from diffmem.edits import applied
+from diffmem.generation import keyed_noise, latent_shape
 from diffmem.io import atomic_save_tensors, atomic_write, atomic_write_json, atomic_write_text
 from diffmem.scores.solidmark import frame_distance_map, key_distance, predicted_keys
-from diffmem.seeding import derive_seed, item_generator
+from diffmem.seeding import derive_seed
 from diffmem.solidmark.keys import key_mask
 from diffmem.solidmark.manifest import KeyManifest
 
-Outpainter = Callable[[torch.Tensor, torch.Tensor, list[str], list[torch.Generator]], torch.Tensor]
+#: A noise key ``(seed, image id, generation)``: the outpainted image's noise is ``keyed_noise``'s draw for it.
+NoiseKeys = list[tuple]
+Outpainter = Callable[[torch.Tensor, torch.Tensor, list[str], NoiseKeys], torch.Tensor]
 
 RUN_FILE = "run.json"
 SHARDS = "shards"
@@ -109,22 +114,27 @@ def pipeline_outpainter(
 ) -> Outpainter:
     """An outpainter from a ``SolidMarkOutpaintPipeline``.
 
-    ``edits`` are applied to its UNet during each call; ``prompt_mitigation(pipe, prompts, generators)``
+    Image ``b`` starts from ``keyed_noise``'s draw for ``noise_keys[b]`` (passed as the pipeline's
+    ``latents``; the generators that drew it follow as ``generator``, for a stochastic sampler's steps).
+    ``edits`` are applied to its UNet during each call; ``prompt_mitigation(pipe, prompts, noise_keys)``
     (see :mod:`diffmem.solidmark.mitigations`) returns the embeddings the call uses instead of the prompts.
     """
 
-    def outpaint(images, mask, prompts, generators):
+    def outpaint(images, mask, prompts, noise_keys):
+        height, width = images.shape[-2:]
+        noise, generators = keyed_noise(latent_shape(pipe, height, width), list(noise_keys))
         with edits_applied(pipe.unet, edits):
             extra = dict(prompt=list(prompts))
             if prompt_mitigation is not None:
-                extra = prompt_mitigation(pipe, list(prompts), list(generators))
+                extra = prompt_mitigation(pipe, list(prompts), list(noise_keys))
             out = pipe(
                 **extra,
                 image=images,
                 mask=mask,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
-                generator=list(generators),
+                latents=noise,
+                generator=generators,
                 output_type="pt",
                 **call_kwargs,
             )
@@ -242,8 +252,8 @@ def score_items(
             )
             h, w = imgs.shape[-2:]
             mask = key_mask(h, w, manifest.frame_width, manifest.pattern)  # type: ignore[arg-type]
-            generators = [item_generator(settings.seed, i, g) for i, g in sub]
-            generated = outpaint(imgs, mask, [by_id[i].caption for i, _ in sub], generators)
+            noise_keys = [(settings.seed, i, g) for i, g in sub]
+            generated = outpaint(imgs, mask, [by_id[i].caption for i, _ in sub], noise_keys)
             if tuple(generated.shape) != tuple(imgs.shape):
                 raise RuntimeError(
                     f"the outpainter returned shape {tuple(generated.shape)} for {tuple(imgs.shape)}"
