@@ -29,6 +29,7 @@ __all__ = [
     "initial_latents",
     "keyed_noise",
     "latent_shape",
+    "noise_keys",
 ]
 
 #: ``noise_key(item_id, j) -> (base_seed, *keys)``: the key of generation ``j`` of an item, whose noise is
@@ -72,11 +73,17 @@ def initial_latents(
     """Starting noise ``[len(item_ids) * num_gens, C, h, w]`` (item-major), generation j of item i from
     ``diffmem.seeding.item_generator(seed, item_id, j)`` (or ``item_generator(*noise_key(item_id, j))``),
     drawn on the CPU (:func:`keyed_noise`): independent of batch size, order and device."""
-    key = noise_key or (lambda i, j: (seed, i, j))
-    noise, _ = keyed_noise(
-        latent_shape(pipe, height, width), [key(i, j) for i in item_ids for j in range(num_gens)]
-    )
+    noise, _ = keyed_noise(latent_shape(pipe, height, width), noise_keys(item_ids, num_gens, seed, noise_key))
     return noise
+
+
+def noise_keys(
+    item_ids: Sequence, num_gens: int, seed: int, noise_key: NoiseKey | None = None
+) -> list[tuple]:
+    """The noise keys of ``num_gens`` generations of each item, item-major: ``(seed, item_id, j)`` or
+    ``noise_key(item_id, j)``."""
+    key = noise_key or (lambda i, j: (seed, i, j))
+    return [key(i, j) for i in item_ids for j in range(num_gens)]
 
 
 @dataclass
@@ -112,7 +119,8 @@ def generate_batches(
     batch as it is done.
 
     ``item_ids`` (default: the prompts' positions) seed the noise (:func:`initial_latents`, keyed by
-    ``noise_key`` where given); the other
+    ``noise_key`` where given), and a stochastic sampler's step noise continues from the same generators
+    (:func:`keyed_noise`), so it too is independent of batch size and global random state; the other
     keywords go to the pipeline call (``num_inference_steps``, ``guidance_scale``, ``mitigation``, ...).
     The pipeline's own progress bar is off during the loop (``progress`` shows one over the prompts).
     """
@@ -127,13 +135,16 @@ def generate_batches(
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
             for b in range(0, len(prompts), batch_size):
                 chunk, chunk_ids = list(prompts[b : b + batch_size]), ids[b : b + batch_size]
-                latents = initial_latents(pipe, chunk_ids, num_gens, seed, height, width, noise_key)
+                latents, generators = keyed_noise(
+                    latent_shape(pipe, height, width), noise_keys(chunk_ids, num_gens, seed, noise_key)
+                )
                 start = time.perf_counter()
                 with torch.no_grad():
                     out = pipe(
                         chunk,
                         num_images_per_prompt=num_gens,
                         latents=latents.to(device=pipe._execution_device, dtype=pipe.unet.dtype),
+                        generator=generators,  # a stochastic sampler's step noise, keyed like the latents
                         height=height,
                         width=width,
                         output_type=output_type,

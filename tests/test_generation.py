@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import EulerAncestralDiscreteScheduler
 
 from diffmem.generation import generate, generate_batches, initial_latents
 from diffmem.guard.auto import load_guarded
@@ -51,6 +52,20 @@ def test_images_do_not_depend_on_batch_size_or_order(pipe):
     reversed_, _ = generate(pipe, PROMPTS[::-1], item_ids=PROMPTS[::-1], num_gens=2, batch_size=2, **SETTINGS)
     np.testing.assert_allclose(reversed_.reshape(3, 2, *reversed_.shape[1:])[::-1].reshape(one_by_one.shape),
                                one_by_one, atol=1e-5)  # fmt: skip
+
+
+def test_a_stochastic_sampler_draws_its_step_noise_from_the_keyed_generators(tiny_sd1_dir):
+    """Euler ancestral adds fresh noise at every step: it comes from the same keyed generators as the
+    latents, so images still depend on (seed, id, generation) only, not on the batch or global RNG."""
+    stochastic = load_guarded(tiny_sd1_dir)
+    stochastic.scheduler = EulerAncestralDiscreteScheduler.from_config(stochastic.scheduler.config)
+    torch.manual_seed(1)
+    one_by_one, _ = generate(stochastic, PROMPTS[:2], num_gens=2, batch_size=1, **SETTINGS)
+    torch.manual_seed(2)
+    together, _ = generate(stochastic, PROMPTS[:2], num_gens=2, batch_size=2, **SETTINGS)
+    np.testing.assert_allclose(one_by_one, together, atol=1e-5)
+    direct = stochastic(PROMPTS[1], generator=item_generator(0, 1, 1), output_type="np", **SETTINGS).images
+    np.testing.assert_allclose(together[3:4], direct, atol=1e-5)
 
 
 def test_same_noise_as_a_direct_pipeline_call(pipe):
