@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffmem.pipelines import StableDiffusionMemGuardPipeline
+from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
 from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import SDCFGCutoffCallback
 from pipeline_mixin import as_array, hook_state
@@ -19,6 +19,7 @@ from planted import TRIGGER, memorized_image_pipeline
 from diffmem.detectors import get_detector
 from diffmem.generation import initial_latents
 from diffmem.guard.calibration import GuardCalibration
+from diffmem.tiny import build_tiny_sdxl_pipeline
 
 STEPS = 4  # the loop detectors read the first 3 steps at their defaults
 LOOP_DETECTORS = ["broken-memories", "dsm"]
@@ -41,7 +42,9 @@ def pipes(tiny_sd1_dir):
 
 
 def guarded_scores(pipe, prompts, num_gens=1, **kwargs):
-    """The pipeline's scores from the noise the registry detectors use (``initial_latents`` of ids 0, 1, ...)."""
+    """The pipeline's scores from the noise and guidance the registry detectors use (``initial_latents`` of ids
+    0, 1, ...; guidance 7.5, which is not SDXL's default)."""
+    kwargs.setdefault("guidance_scale", 7.5)
     latents = initial_latents(pipe, list(range(len(prompts))), num_gens, 0)
     out = pipe(
         prompts, num_images_per_prompt=num_gens, num_inference_steps=STEPS, latents=latents,
@@ -84,6 +87,16 @@ def test_the_score_is_the_registry_detectors_and_flags_the_trigger(memorized, na
         memorized, prompts, num_gens=2, memorization_detector=name, memorization_threshold=threshold
     )
     assert flagged.memorized == [True, True, False, False] and flagged.memorization_threshold == threshold
+
+
+@pytest.mark.parametrize("name", LOOP_DETECTORS)
+def test_sdxl_scores_as_the_registry(name):
+    pipe = build_tiny_sdxl_pipeline(pipeline_class=StableDiffusionXLMemGuardPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle", "a photo of a cat"]
+    expected = get_detector(name).score(pipe, prompts, num_gens=1, num_inference_steps=STEPS, progress=False)
+    out = guarded_scores(pipe, prompts, memorization_detector=name, memorization_threshold=0.0)
+    torch.testing.assert_close(torch.tensor(out.memorization_scores), expected[:, 0])
 
 
 def test_a_detector_object_carries_its_settings(memorized):

@@ -27,7 +27,9 @@ from diffmem.prompt_sets import read_prompt_file
 from diffmem.scores.detection import DetectionMetrics
 
 NAME = "detect"
-HELP = "Score prompts for memorization from the first denoising step(s) (Wen et al.'s noise gap, or --detector)."
+HELP = (
+    "Score prompts for memorization from the first denoising step(s) (Wen et al.'s noise gap, or --detector)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
