@@ -6,7 +6,9 @@ only the first ``window[1]`` steps of the sampling loop (the pipeline is stopped
 ``callback_on_step_end`` and nothing is decoded) and returns the same value the full pipeline's
 score over that window would give for the same starting noise. It is the ``wen`` detector of the
 registry (:class:`~diffmem.detectors.wen.WenDetector`) over a window, with the prompts checked and an
-attention processor chosen. ``calibrate`` picks the threshold. ``score_to_file`` scores prompt rows into
+attention processor chosen; ``detector=`` scores with a detector the guarded pipeline can read from its
+own loop instead (``broken-memories``, ``dsm``: :func:`~diffmem.detectors.trajectory.loop_detector`), so a
+calibration can be made for it. ``calibrate`` picks the threshold. ``score_to_file`` scores prompt rows into
 a JSONL or CSV results file (``diffmem detect``), written after every chunk and resumed from.
 """
 
@@ -22,16 +24,18 @@ import torch
 from tqdm.auto import tqdm
 
 from diffmem.attention import attention_processors
+from diffmem.detectors.trajectory import LoopDetector, detector_record, loop_detector
 from diffmem.detectors.wen import WenDetector, noise_gap_scores
 from diffmem.fingerprint import model_fingerprint
 from diffmem.io import atomic_write_text
 from diffmem.scores.detection import DetectionMetrics, detection_metrics
 
-__all__ = ["calibrate", "noise_gap_scores", "score_prompts", "score_to_file"]
+__all__ = ["calibrate", "detector_window", "noise_gap_scores", "score_prompts", "score_to_file"]
 
 #: The settings every row of a results file carries; a resume must match them.
 SETTINGS = (
     "model_fingerprint",
+    "detector",
     "num_gens",
     "window",
     "num_inference_steps",
@@ -41,6 +45,10 @@ SETTINGS = (
     "width",
     "dtype",
 )
+#: CSV columns that hold JSON
+_JSON_COLUMNS = ("scores", "window", "detector")
+#: what rows written before a setting was recorded hold
+_OLD_ROWS = {"dtype": "float32", "detector": {"name": "wen"}}
 
 
 def _check_args(prompts, num_gens, window, num_inference_steps, batch_size, item_ids):
@@ -76,7 +84,7 @@ def score_prompts(
     prompts: Sequence[str],
     *,
     num_gens: int = 4,
-    window: tuple[int, int] = (0, 1),
+    window: tuple[int, int] | None = None,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     seed: int = 0,
@@ -86,6 +94,7 @@ def score_prompts(
     attention: str | None = "auto",
     height: int | None = None,
     width: int | None = None,
+    detector: str | LoopDetector = "wen",
     **pipeline_kwargs,
 ) -> torch.Tensor:
     """Wen et al.'s score of each prompt and generation from the first ``window[1]`` steps only.
@@ -97,15 +106,32 @@ def score_prompts(
     score is the row mean. ``pipe`` is any Stable Diffusion pipeline; with diffmem's guarded pipeline
     its own scoring (and mitigation, via ``pipeline_kwargs``) is used. ``attention="auto"`` uses
     xformers on CUDA when installed, else PyTorch SDPA; the model's processors are restored after.
+    ``detector`` other than ``"wen"`` (``"broken-memories"``, ``"dsm"`` or such an object) scores with
+    it instead (``window``, default ``(0, 1)``, is Wen's: :func:`detector_window`).
     """
+    reader = loop_detector(detector, "detector")
+    window = detector_window(reader, window)
     start, end = _check_args(prompts, num_gens, window, num_inference_steps, batch_size, item_ids)
-    detector = WenDetector(steps=end, start=start)
+    scorer = WenDetector(steps=end, start=start) if reader is None else reader
     with attention_processors(pipe.unet, attention):
-        return detector.score(
+        return scorer.score(
             pipe, list(prompts), num_gens=num_gens, seed=seed, item_ids=item_ids,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size,
             progress=progress, height=height, width=width, **pipeline_kwargs,
         )  # fmt: skip
+
+
+def detector_window(detector: LoopDetector | None, window: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The steps a score reads: ``window`` (default ``(0, 1)``) for Wen's noise gap (``detector=None``); the
+    first ``loop_steps()`` for another detector, which takes no other window."""
+    if detector is None:
+        return (0, 1) if window is None else window
+    own = (0, detector.loop_steps())
+    if window is not None and tuple(window) != own:
+        raise ValueError(
+            f"window: the noise gap's (detector='wen'); {detector.name!r} reads the first {own[1]} sampling steps"
+        )
+    return own
 
 
 def calibrate(scores, labels) -> DetectionMetrics:
@@ -127,8 +153,10 @@ def read_results(path: Path) -> list[dict]:
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
         for row in rows:
-            for key in ("scores", "window"):
-                row[key] = json.loads(row[key])
+            for key in _JSON_COLUMNS:
+                # files written before the detector was recorded have no such column
+                if row.get(key) not in (None, ""):
+                    row[key] = json.loads(row[key])
             for key in ("num_gens", "num_inference_steps", "seed", "height", "width"):
                 row[key] = int(row[key])
             row["score"], row["guidance_scale"] = float(row["score"]), float(row["guidance_scale"])
@@ -148,7 +176,7 @@ def write_results(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "scores": json.dumps(row["scores"]), "window": json.dumps(row["window"])})
+            writer.writerow({**row, **{k: json.dumps(row[k]) for k in _JSON_COLUMNS}})
         atomic_write_text(path, buf.getvalue())
     else:
         atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
@@ -158,12 +186,12 @@ def _resumed(out: Path, settings: dict) -> dict:
     """Rows of ``out`` by id; a row made with other settings is an error naming ``--out``."""
     done = {}
     for row in read_results(out):
-        if any(row.get(k, "float32" if k == "dtype" else None) != v for k, v in settings.items()):
+        if any(row.get(k, _OLD_ROWS.get(k)) != v for k, v in settings.items()):
             raise ValueError(
                 f"--out: {out} holds results made with other settings ({ {k: row.get(k) for k in SETTINGS} }); "
                 "use another --out or delete it"
             )
-        done[row["id"]] = row
+        done[row["id"]] = {**_OLD_ROWS, **row}
     return done
 
 
@@ -173,7 +201,7 @@ def score_to_file(
     out: str | Path,
     *,
     num_gens: int = 4,
-    window: tuple[int, int] = (0, 1),
+    window: tuple[int, int] | None = None,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     seed: int = 0,
@@ -184,16 +212,21 @@ def score_to_file(
     dtype: str = "float32",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    detector: str | LoopDetector = "wen",
 ) -> list[dict]:
     """Score ``rows`` (``id``, ``prompt``, optional ``label``) with ``score_prompts`` into ``out``
     (``.jsonl`` or ``.csv``), written after every ``chunk`` prompts; rows already there are kept.
 
     Returns the result rows in the order of ``rows``: the row, ``score`` (mean over generations),
-    ``scores`` (one per generation) and the settings (``SETTINGS``). ``pipe``'s attention is used as it is.
+    ``scores`` (one per generation) and the settings (``SETTINGS``; ``detector`` as a calibration records
+    it). ``pipe``'s attention is used as it is.
     """
     out = Path(out)
+    reader = loop_detector(detector, "detector")
+    window = detector_window(reader, window)
     settings = {
         "model_fingerprint": model_fingerprint(pipe.unet),
+        "detector": detector_record(reader),
         "num_gens": num_gens,
         "window": list(window),
         "num_inference_steps": num_inference_steps,
@@ -226,6 +259,7 @@ def score_to_file(
                 attention=None,
                 height=height,
                 width=width,
+                detector="wen" if reader is None else reader,
             )
             for r, s in zip(part, scores.tolist()):
                 done[r["id"]] = {**r, "score": sum(s) / len(s), "scores": s, **settings}

@@ -9,7 +9,9 @@ memorized) it prints AUC, TPR@1%FPR, accuracy and the threshold (Wen et al.'s de
 which the guarded pipelines read back to fill ``memorized`` with no threshold passed. Without labels,
 ``--fpr RATE --save-calibration MODEL_DIR`` takes the prompts as ordinary ones (a deployer's own traffic,
 COCO captions) and stores the threshold that flags at most ``RATE`` of their images, with the rate it
-has there, its Wilson interval and the number of prompts and images it rests on.
+has there, its Wilson interval and the number of prompts and images it rests on. ``--detector`` scores with
+another detector the guarded pipeline can read from its own loop (``broken-memories``, ``dsm``, at their
+default settings); the calibration then records it, and the pipeline flags with it.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from pathlib import Path
 
 from diffmem.commands.options import add_runtime_arguments, check_runtime_arguments, load_model, resolution
 from diffmem.detect import calibrate, score_to_file
+from diffmem.detectors.trajectory import loop_detector_names
 from diffmem.guard.calibrate import fpr_calibration, labelled_calibration
 from diffmem.prompt_sets import read_prompt_file
 from diffmem.scores.detection import DetectionMetrics
 
 NAME = "detect"
-HELP = "Score prompts for memorization from the first denoising step(s) (Wen et al.'s noise gap)."
+HELP = (
+    "Score prompts for memorization from the first denoising step(s) (Wen et al.'s noise gap, or --detector)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-gens", type=int, default=4, help="generations (noise draws) per prompt (default 4)"
     )
-    parser.add_argument("--start", type=int, default=0, help="first step of the window (default 0)")
     parser.add_argument(
-        "--steps", type=int, default=1, help="end of the step window, exclusive (default 1: first step)"
+        "--detector",
+        default="wen",
+        choices=["wen", *loop_detector_names()],
+        help="the score (default wen: the noise gap); broken-memories and dsm read only the sampling loop, "
+        "so the guarded pipeline flags with them at no extra UNet call",
+    )
+    parser.add_argument("--start", type=int, default=0, help="first step of the window (default 0; wen)")
+    parser.add_argument(
+        "--steps", type=int, default=1, help="end of the step window, exclusive (default 1: first step; wen)"
     )
     parser.add_argument(
         "--num-inference-steps", type=int, default=50, help="length of the schedule (default 50)"
@@ -81,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     if Path(args.out).suffix.lower() not in (".jsonl", ".csv"):
         raise ValueError(f"--out: {Path(args.out)} must end in .jsonl or .csv")
+    if args.detector != "wen" and (args.start, args.steps) != (0, 1):
+        raise ValueError(
+            f"--start/--steps: the window of --detector wen; {args.detector} reads its own first sampling steps"
+        )
     if not 0 <= args.start < args.steps <= args.num_inference_steps:
         raise ValueError(
             f"--start/--steps: expected 0 <= start < steps <= --num-inference-steps={args.num_inference_steps}, "
@@ -114,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         rows,
         args.out,
         num_gens=args.num_gens,
-        window=(args.start, args.steps),
+        window=(args.start, args.steps) if args.detector == "wen" else None,
+        detector=args.detector,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         seed=args.seed,

@@ -7,7 +7,8 @@ over the first ``steps`` steps (window ``[start, steps)``):
 
     score = max_{start <= k < steps} ||x_{k+1} - x_k||_2 / sqrt(d)      (d = latent elements per image)
 
-It reads only what the loop computes: cost ``2 * steps`` UNet evaluations (the guided steps themselves).
+It reads only what the loop computes: cost ``2 * steps`` UNet evaluations (the guided steps themselves), and
+the guarded pipeline reads it from its own loop at no extra call (``memorization_detector="broken-memories"``).
 No public code was found and only the abstract was readable here, so the step-wise region bounds of the
 paper (fitted on non-memorized prompts) are not reproduced: the raw norm ranks the same as its excess over
 a per-step bound for one step, and a threshold on the score plays the bound's role (calibrated like Wen's).
@@ -19,8 +20,8 @@ from typing import Any
 
 import torch
 
-from diffmem.detectors.base import Detector, register_detector, step_window
-from diffmem.detectors.trajectory import first_steps
+from diffmem.detectors.base import register_detector, step_window
+from diffmem.detectors.trajectory import LoopDetector, Trajectory
 
 __all__ = ["BrokenMemoriesDetector", "update_norms"]
 
@@ -32,7 +33,7 @@ def update_norms(latents: list[torch.Tensor]) -> torch.Tensor:
 
 
 @register_detector
-class BrokenMemoriesDetector(Detector):
+class BrokenMemoriesDetector(LoopDetector):
     """Largest latent-update norm over the first ``steps`` sampling steps."""
 
     name = "broken-memories"
@@ -47,6 +48,8 @@ class BrokenMemoriesDetector(Detector):
     def unet_evals(self, num_inference_steps: int) -> float:
         return 2.0 * min(self.steps, num_inference_steps)
 
-    def score_latents(self, pipe, prompts, latents, settings) -> torch.Tensor:
-        path = first_steps(pipe, prompts, latents, settings, self.steps)
-        return update_norms(path.latents)[:, self.start :].amax(dim=1)
+    def loop_steps(self) -> int:
+        return self.steps
+
+    def score_trajectory(self, path: Trajectory) -> torch.Tensor:
+        return update_norms(path.latents[: self.steps + 1])[:, self.start :].amax(dim=1)

@@ -8,7 +8,8 @@ The paper writes it with the score ``s_c``; the authors' code takes it in noise-
 ``1/sigma_t``), as diffmem does. ``step=1`` (steps 1 -> 2) has the best TPR@1%FPR of the authors' summary
 (SD-1.5, 500 + 500: AUC 0.9745, TPR@1%FPR 85.8 %); ``step=0`` is 0 -> 1. The latents ``x_k`` are the pipeline's own guided loop,
 so the score needs nothing beyond sampling: cost ``2 * (step + 2)`` UNet evaluations (the authors' code
-skips the last unconditional half: ``2 * step + 3``).
+skips the last unconditional half: ``2 * step + 3``); the guarded pipeline reads it from its own loop at no
+extra call (``memorization_detector="dsm"``).
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from typing import Any
 
 import torch
 
-from diffmem.detectors.base import Detector, register_detector
-from diffmem.detectors.trajectory import first_steps
+from diffmem.detectors.base import register_detector
+from diffmem.detectors.trajectory import LoopDetector, Trajectory
 
 __all__ = ["DSMDetector"]
 
 
 @register_detector
-class DSMDetector(Detector):
+class DSMDetector(LoopDetector):
     """``||eps_c(x_{step+1}) - eps_c(x_step)||^2`` along the guided sampling loop."""
 
     name = "dsm"
@@ -41,7 +42,9 @@ class DSMDetector(Detector):
     def unet_evals(self, num_inference_steps: int) -> float:
         return 2.0 * (self.step + 2)
 
-    def score_latents(self, pipe, prompts, latents, settings) -> torch.Tensor:
-        path = first_steps(pipe, prompts, latents, settings, self.step + 2)
+    def loop_steps(self) -> int:
+        return self.step + 2
+
+    def score_trajectory(self, path: Trajectory) -> torch.Tensor:
         change = path.cond_eps[self.step + 1] - path.cond_eps[self.step]
         return change.flatten(1).pow(2).sum(dim=1)

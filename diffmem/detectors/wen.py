@@ -71,6 +71,9 @@ def noise_gap_scores(
         # scores only: an explicit threshold keeps the model's calibration out of the call (no flag is used)
         if "mitigation" not in call and "memorization_threshold" not in call:
             call["memorization_threshold"] = 0.0
+        call.setdefault(
+            "memorization_detector", "wen"
+        )  # the noise gap, whatever the folder's default detector
         out = pipe(**call, memorization_window=(start, end))
         return torch.tensor(out.memorization_scores, dtype=torch.float32)
     guidance = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None

@@ -1,6 +1,6 @@
 """Calibrations from scored prompts (``diffmem detect``'s results): the threshold chosen on labelled
 prompts, or the one that flags at most a given rate of ordinary prompts' images; each with the conditions
-the scores were made under (window, schedule, size, guidance, model, generations, seed)."""
+the scores were made under (detector, window, schedule, size, guidance, model, generations, seed)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def _with_conditions(results: Sequence[dict], scheduler: str, **fields) -> Guard
         model_fingerprint=first["model_fingerprint"],
         num_gens=first["num_gens"],
         seed=first["seed"],
+        memorization_detector=first.get("detector"),
         **fields,
     )
 

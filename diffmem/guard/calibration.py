@@ -1,7 +1,8 @@
 """The guard's calibration: a flag threshold and the conditions it was measured under, kept in the model folder.
 
 Wen et al.'s score is a norm of a noise-prediction gap, so a threshold only means something under the
-conditions it was found: the same model, score window, schedule (scheduler and number of steps),
+conditions it was found: the same detector (Wen's noise gap, or a detector that reads the sampling loop:
+``broken-memories``, ``dsm``, each with its settings), the same model, score window, schedule (scheduler and number of steps),
 resolution (the norm grows with the latent area: on SD-1.5's architecture the same prompts score
 about 9-10 at 512 px and 4-5 at 256 px) and, for windows past the first step, guidance scale. A
 ``GuardCalibration`` records all of them with the measured AUC / TPR@1%FPR and the data it came from.
@@ -96,6 +97,9 @@ class GuardCalibration(SavedObject):
             per-prompt figures when ``diffmem detect`` wrote it).
         num_gens, seed: noise draws per prompt and base seed of the scoring runs.
         data: where the labelled prompts came from.
+        memorization_detector: the detector the threshold is for, as
+            :func:`diffmem.detectors.trajectory.detector_record` gives it (``{"name": "dsm", "step": 1}``);
+            ``None`` (files before it was recorded) is Wen's noise gap. :attr:`detector` reads it.
         extra: anything else worth keeping (free-form, JSON).
     """
 
@@ -118,6 +122,7 @@ class GuardCalibration(SavedObject):
     seed: int | None = None
     data: str | None = None
     rescaled_from: tuple[int, int] | None = None
+    memorization_detector: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,10 +137,20 @@ class GuardCalibration(SavedObject):
             ) from None
         if not 0 <= start < end:
             raise CalibrationError(f"memorization_window: expected 0 <= start < end, got {[start, end]}")
+        record = self.memorization_detector
+        if record is not None and not (isinstance(record, dict) and isinstance(record.get("name"), str)):
+            raise CalibrationError(
+                f"memorization_detector: expected an object with the detector's name, got {record!r}"
+            )
         object.__setattr__(self, "memorization_window", (start, end))
         object.__setattr__(self, "memorization_threshold", float(t))
         if self.rescaled_from is not None:
             object.__setattr__(self, "rescaled_from", tuple(int(v) for v in self.rescaled_from))
+
+    @property
+    def detector(self) -> dict[str, Any]:
+        """The detector the threshold is for (``{"name": "wen"}`` when the file does not say)."""
+        return dict(self.memorization_detector or {"name": "wen"})
 
     # ----------------------------------------------------------------------------------- checks
     def mismatch(
@@ -148,12 +163,16 @@ class GuardCalibration(SavedObject):
         width: int,
         guidance_scale: float,
         negative_prompt: bool = False,
+        detector: dict[str, Any] | None = None,
     ) -> str | None:
         """``None`` when a call with these settings can use the threshold, else the reason it cannot.
 
         The first step's gap does not depend on the guidance scale (the loop has not yet moved), so
-        the guidance scale is compared only for windows that end after the first UNet call. A
-        negative prompt changes what the gap is measured against, so it refuses the calibration.
+        the guidance scale is compared only for windows that end after the first UNet call (and for
+        every detector other than Wen's, which read the guided loop's latents). A negative prompt changes
+        what the gap is measured against, so it refuses the calibration. ``detector`` (default Wen's) is
+        the call's :func:`~diffmem.detectors.trajectory.detector_record`: a threshold holds only for the
+        score it was set on.
         """
         missing = [
             name
@@ -166,6 +185,9 @@ class GuardCalibration(SavedObject):
                 "recalibrate with `diffmem detect --labels COLUMN --save-calibration MODEL_DIR`"
             )
         found = []
+        detector = dict(detector or {"name": "wen"})
+        if detector != self.detector:
+            found.append(f"memorization_detector {detector} (calibrated: {self.detector})")
         if tuple(window) != self.memorization_window:
             found.append(f"memorization_window {tuple(window)} (calibrated: {self.memorization_window})")
         if num_inference_steps != self.num_inference_steps:
@@ -174,7 +196,8 @@ class GuardCalibration(SavedObject):
             )
         if scheduler != self.scheduler:
             found.append(f"scheduler {scheduler} (calibrated: {self.scheduler})")
-        if self.memorization_window[1] > 1 and self.guidance_scale is not None:
+        guided = self.memorization_window[1] > 1 or self.detector["name"] != "wen"
+        if guided and self.guidance_scale is not None:
             if not math.isclose(guidance_scale, self.guidance_scale):
                 found.append(f"guidance_scale={guidance_scale} (calibrated: {self.guidance_scale})")
         if (height, width) != (self.height, self.width):

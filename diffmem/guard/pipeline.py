@@ -5,7 +5,9 @@ A guarded pipeline is ``class X(MemGuardMixin, <stock diffusers pipeline>)`` wit
 
 * reads Wen et al.'s noise gap at every UNet call through a forward hook (free under classifier-free
   guidance, one extra unconditional call per step without it) and returns per-image scores and flags
-  (:class:`GuardOutputFields`);
+  (:class:`GuardOutputFields`); or, with ``memorization_detector=``, a registry detector that reads only
+  the loop's own tensors (:class:`~diffmem.detectors.trajectory.LoopDetector`: ``broken-memories``,
+  ``dsm``) through the same kind of hook and a ``callback_on_step_end`` composed with the caller's;
 * takes the flag threshold from the call, from ``pipe.memorization_threshold``, or from the model's
   calibration (:class:`~diffmem.guard.calibration.GuardCalibration`), which is only applied when the
   call's settings match it;
@@ -33,8 +35,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
 from diffmem.attention import ATTENTION_CHOICES, attention_processors
+from diffmem.detectors.trajectory import (
+    LoopDetector,
+    LoopReader,
+    detector_from_record,
+    detector_record,
+    loop_detector,
+)
 from diffmem.edits import EditLoaderMixin, adopt_edit_record
 from diffmem.fingerprint import fingerprint_loaded, fingerprint_problem, model_fingerprint
 from diffmem.guard.calibration import CALIBRATION_FILE, GuardCalibration
@@ -62,6 +72,7 @@ _UNSET = object()
 GUARD_PARAMETERS = [
     keyword("memorization_threshold", None, "float | None"),
     keyword("memorization_window", None, "tuple[int, int | None] | None"),
+    keyword("memorization_detector", None, "str | diffmem.detectors.trajectory.LoopDetector | None"),
     keyword("return_step_scores", False, "bool"),
     keyword("mitigation", None, "str | diffmem.mitigations.Mitigation | None"),
     keyword("mitigation_threshold", None, "float | None"),
@@ -84,6 +95,15 @@ Args:
         The UNet calls ``[start, end)`` whose gaps are averaged (``end=None``: to the last one).
         Default: the calibration's window, or ``(0, None)`` without one. ``(0, 1)`` is Wen et
         al.'s first-step score. PNDM makes one more UNet call than ``num_inference_steps``.
+    memorization_detector (`str` or `diffmem.detectors.trajectory.LoopDetector`, *optional*):
+        The score: ``"wen"`` (the noise gap below), or a registered detector that reads only what the loop
+        computes anyway, ``"broken-memories"`` or ``"dsm"`` (``diffmem.detectors.trajectory.loop_detector_names()``;
+        an object such as ``get_detector("dsm", {"step": 0})`` for other settings): the same score as the
+        registry's detector for the same noise, at no extra UNet call. Default: ``pipe.memorization_detector``
+        if set, else the calibration's detector, else ``"wen"``. A calibration made for another detector is
+        not applied (``memorized`` is ``None``, a warning says so). With a detector other than Wen's,
+        ``memorization_window`` and ``return_step_scores`` do not apply and a mitigation needs its own
+        ``mitigation_threshold`` (it still picks images by the first step's noise gap, before the loop).
     return_step_scores (`bool`, defaults to ``False``):
         Also return ``memorization_step_scores`` ``[n_images, n_unet_calls]``.
     mitigation (`str` or `diffmem.mitigations.Mitigation`, *optional*):
@@ -168,7 +188,8 @@ class GuardOutputFields:
     """The fields a guarded pipeline adds to the stock output dataclass.
 
     Args:
-        memorization_scores (`list[float]`): Wen et al.'s score of each image, in the order of ``images``.
+        memorization_scores (`list[float]`): the detector's score of each image (Wen et al.'s noise gap by
+            default), in the order of ``images``; NaN where the loop stopped before the steps it reads.
         memorized (`list[bool]` or `None`): ``score >= memorization_threshold`` per image; ``None``
             when no threshold applies to the call.
         memorization_threshold (`float` or `None`): the threshold applied.
@@ -213,6 +234,8 @@ class MemGuardMixin(EditLoaderMixin):
             takes precedence over the calibration and is applied without condition checks, and is not
             saved (``save_pretrained`` warns; :meth:`set_guard_threshold` keeps a threshold with its
             conditions as the calibration, which is saved).
+        memorization_detector (`str`, `LoopDetector` or `None`): the detector of every call that names
+            none (``None``: the calibration's, else ``"wen"``); not saved (the calibration's detector is).
         calibration (`GuardCalibration` or `None`): read from the model folder by ``from_pretrained``.
     """
 
@@ -224,6 +247,7 @@ class MemGuardMixin(EditLoaderMixin):
     #: the output dataclass
     output_class: ClassVar[type]
     memorization_threshold: float | None = None
+    memorization_detector: str | LoopDetector | None = None
 
     # ----------------------------------------------------------------------------- calibration
     @property
@@ -245,26 +269,38 @@ class MemGuardMixin(EditLoaderMixin):
         threshold: float,
         *,
         num_inference_steps: int,
-        window: tuple[int, int] = (0, 1),
+        window: tuple[int, int] | None = None,
         height: int | None = None,
         width: int | None = None,
         guidance_scale: float | None = None,
         data: str | None = None,
+        detector: str | LoopDetector = "wen",
     ) -> GuardCalibration:
         """Flag later calls at ``threshold`` under the conditions it was chosen for, kept as the model's
         calibration: ``save_pretrained`` writes it and ``from_pretrained`` reads it back, and a call under
         other conditions is refused as with any calibration. The scheduler is the pipeline's, the size
         by default its default one; ``guidance_scale`` is needed for a window past the first step.
+        ``detector`` is the score the threshold is for (``memorization_detector``); ``window`` (default
+        ``(0, 1)``) is Wen's only, and every other detector needs ``guidance_scale`` (it reads the guided loop).
         (``pipe.memorization_threshold = t`` instead applies ``t`` to every call and is not saved.)"""
         threshold = check_memorization_threshold(threshold, "threshold")
         if threshold is None:
             raise ValueError(
                 "threshold: expected a number, got None (set pipe.calibration = None to drop it)"
             )
-        start, end = check_window(window, num_inference_steps)
-        if end > 1 and guidance_scale is None:
+        reader = loop_detector(detector, "detector")
+        if reader is not None:
+            if window is not None:
+                raise ValueError(
+                    f"window: the noise gap's (detector='wen'); {reader.name!r} reads the first "
+                    f"{reader.loop_steps()} sampling steps"
+                )
+            window = (0, reader.loop_steps())
+        start, end = check_window((0, 1) if window is None else window, num_inference_steps)
+        if (end > 1 or reader is not None) and guidance_scale is None:
             raise ValueError(
-                f"guidance_scale: needed with window {(start, end)}: past the first step the score depends on it"
+                f"guidance_scale: needed with window {(start, end)} and detector {detector_record(reader)['name']!r} "
+                "(past the first step's noise gap the score depends on it)"
             )
         height, width = self.image_size(height, width)
         self.calibration = GuardCalibration(
@@ -277,6 +313,7 @@ class MemGuardMixin(EditLoaderMixin):
             guidance_scale=guidance_scale,
             model_fingerprint=model_fingerprint(self.unet),
             data=data,
+            memorization_detector=detector_record(reader),
             extra={"set_by": "set_guard_threshold"},
         )
         return self.calibration
@@ -350,8 +387,9 @@ class MemGuardMixin(EditLoaderMixin):
         pipe = super().from_pipe(pipeline, **kwargs)
         if isinstance(pipeline, MemGuardMixin):
             pipe.calibration = pipeline.calibration
-            if "memorization_threshold" in pipeline.__dict__:
-                pipe.memorization_threshold = pipeline.memorization_threshold
+            for name in ("memorization_threshold", "memorization_detector"):
+                if name in pipeline.__dict__:
+                    setattr(pipe, name, getattr(pipeline, name))
         return pipe
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -369,6 +407,15 @@ class MemGuardMixin(EditLoaderMixin):
                 f"pipe.memorization_threshold = {threshold} is not saved by save_pretrained ({kept}): a "
                 "threshold holds only under the window, steps, scheduler and resolution it was chosen for; "
                 f"pipe.set_guard_threshold({threshold}, num_inference_steps=...) keeps it with them",
+                UserWarning,
+                stacklevel=2,
+            )
+        detector = self.__dict__.get("memorization_detector")
+        if detector is not None:
+            warnings.warn(
+                f"pipe.memorization_detector = {detector!r} is not saved by save_pretrained (the saved folder "
+                "scores with its calibration's detector); pipe.set_guard_threshold(..., detector=...) keeps it "
+                "with its threshold",
                 UserWarning,
                 stacklevel=2,
             )
@@ -477,8 +524,40 @@ class MemGuardMixin(EditLoaderMixin):
             return len(call["sigmas"])
         return call["num_inference_steps"]
 
+    def _resolve_detector(self, explicit) -> LoopDetector | None:
+        """The call's detector (``None``: Wen's noise gap): the call's, ``pipe.memorization_detector``, the
+        calibration's, else Wen's."""
+        if explicit is not None:
+            return loop_detector(explicit)
+        if self.memorization_detector is not None:
+            return loop_detector(self.memorization_detector, "pipe.memorization_detector")
+        if self.calibration is not None:
+            return detector_from_record(self.calibration.detector, "the calibration's memorization_detector")
+        return None
+
+    def _check_loop_detector(self, detector: LoopDetector, own: dict, num_steps: int) -> None:
+        """Refuse the settings a detector other than Wen's does not have, and a loop it cannot read."""
+        name = detector.name
+        for setting in ("memorization_window", "return_step_scores"):
+            if own[setting] not in (None, False):
+                raise ValueError(
+                    f"{setting}: a setting of Wen's noise gap (memorization_detector='wen'), not of {name!r}, "
+                    f"which reads the first {detector.loop_steps()} sampling steps"
+                )
+        order = getattr(self.scheduler, "order", 1)
+        if order != 1:
+            raise ValueError(
+                f"memorization_detector={name!r}: reads one UNet call per sampling step; "
+                f"{type(self.scheduler).__name__} makes {order}"
+            )
+        if detector.loop_steps() > num_steps:
+            raise ValueError(
+                f"memorization_detector={name!r}: reads the first {detector.loop_steps()} sampling steps; "
+                f"num_inference_steps={num_steps}"
+            )
+
     def _resolve_threshold(
-        self, explicit, window, num_steps, call, guidance
+        self, explicit, window, num_steps, call, guidance, detector=None
     ) -> tuple[float | None, str | None]:
         """The flag threshold of a call and, when the calibration was refused, why."""
         if explicit is not None:
@@ -503,6 +582,7 @@ class MemGuardMixin(EditLoaderMixin):
             width=width,
             guidance_scale=float(call["guidance_scale"]),
             negative_prompt=negative,
+            detector=detector_record(detector),
         )
         if reason is not None:
             return None, reason
@@ -519,13 +599,20 @@ class MemGuardMixin(EditLoaderMixin):
         check_prompt(call["prompt"], call["prompt_embeds"])
         explicit = check_memorization_threshold(own["memorization_threshold"])
         num_steps = self._num_steps(call)
+        detector = self._resolve_detector(own["memorization_detector"])
         window = own["memorization_window"]
-        if window is None:
-            window = self.calibration.memorization_window if self.calibration is not None else (0, None)
+        if detector is not None:
+            self._check_loop_detector(detector, own, num_steps)
+            window = (0, detector.loop_steps())
+        elif window is None:
+            calibrated = self.calibration is not None and self.calibration.detector["name"] == "wen"
+            window = self.calibration.memorization_window if calibrated else (0, None)
         start, end = check_window(window, num_steps)
         all_calls = window[1] is None  # to the last UNet call, also PNDM's extra one
         guidance = call["guidance_scale"] > 1 and self.unet.config.time_cond_proj_dim is None
-        threshold, refused = self._resolve_threshold(explicit, (start, end), num_steps, call, guidance)
+        threshold, refused = self._resolve_threshold(
+            explicit, (start, end), num_steps, call, guidance, detector
+        )
         if refused is not None and refused not in self.__dict__.setdefault("_diffmem_warned", set()):
             self.__dict__["_diffmem_warned"].add(refused)  # once per pipeline and reason
             logger().warning(
@@ -547,6 +634,12 @@ class MemGuardMixin(EditLoaderMixin):
             stack.enter_context(attention_processors(self.unet, own["attention"]))
             if mitigation is not None:  # planned first: its own UNet calls are not sampling steps
                 mthreshold = check_memorization_threshold(own["mitigation_threshold"], "mitigation_threshold")
+                if mthreshold is None and detector is not None:
+                    raise ValueError(
+                        f"mitigation_threshold: needed with memorization_detector={detector.name!r}: the images "
+                        "to mitigate are picked before the loop by the first step's noise gap, on another scale "
+                        "than the flag's threshold"
+                    )
                 mthreshold = threshold if mthreshold is None else mthreshold
                 if mthreshold is None:
                     why = f" (the model's calibration does not fit: {refused})" if refused else ""
@@ -557,16 +650,22 @@ class MemGuardMixin(EditLoaderMixin):
                 report, context = self._plan_mitigation(mitigation, call, guidance, mthreshold)
             # the capture hook goes on before the mitigation's hooks, so it reads the UNet's own output
             # (a mitigation that rewrites the output, e.g. delayed guidance, does not change the score)
-            record = stack.enter_context(
-                capture_noise_gap(
-                    self.unet,
-                    guidance=guidance,
-                    uncond_embeds=uncond_embeds,
-                    uncond_added_cond=uncond_added,
-                    prediction_type=prediction_type,
-                    alphas_cumprod=alphas_cumprod,
+            if detector is None:
+                record = stack.enter_context(
+                    capture_noise_gap(
+                        self.unet,
+                        guidance=guidance,
+                        uncond_embeds=uncond_embeds,
+                        uncond_added_cond=uncond_added,
+                        prediction_type=prediction_type,
+                        alphas_cumprod=alphas_cumprod,
+                    )
                 )
-            )
+            else:  # the detector's steps: the UNet's calls and, after each step, the latents
+                reader = stack.enter_context(
+                    LoopReader(self.scheduler, detector.loop_steps()).reading(self.unet)
+                )
+                call.update(step_reading_callback(call, reader))
             if context is not None:
                 stack.enter_context(context)
             output = super().__call__(**call, **extra)
@@ -574,11 +673,15 @@ class MemGuardMixin(EditLoaderMixin):
         # 4. per-image scores and flags (with return_dict=False: the stock tuple, nothing added)
         if not call["return_dict"]:
             return output
-        step_scores = record.as_tensor()
         n_images = len(output.images)
-        if step_scores.numel() == 0:
-            step_scores = torch.zeros(n_images, 0)
-        scores = [float(s) for s in window_mean(step_scores, start, None if all_calls else end)]
+        if detector is None:
+            step_scores = record.as_tensor()
+            if step_scores.numel() == 0:
+                step_scores = torch.zeros(n_images, 0)
+            scores = [float(s) for s in window_mean(step_scores, start, None if all_calls else end)]
+        else:
+            path = reader.trajectory(n_images)
+            scores = [math.nan] * n_images if path is None else detector.score_trajectory(path).tolist()
         return self.output_class(
             **{f.name: getattr(output, f.name) for f in fields(output)},
             memorization_scores=scores,
@@ -610,6 +713,25 @@ class MemGuardMixin(EditLoaderMixin):
             report.append(row)
         call.update(self._guard_call_updates(batch))
         return report, plan.context
+
+
+def step_reading_callback(call: dict, reader: LoopReader) -> dict:
+    """The call's ``callback_on_step_end`` (and tensor inputs) with ``reader`` given each step's latents after
+    the caller's own callback (a function, a ``PipelineCallback`` or ``MultiPipelineCallbacks``) has run."""
+    own = call["callback_on_step_end"]
+    if isinstance(own, (PipelineCallback, MultiPipelineCallbacks)):
+        inputs = list(own.tensor_inputs)
+    else:
+        inputs = list(call["callback_on_step_end_tensor_inputs"] or [])
+    if "latents" not in inputs:
+        inputs.append("latents")
+
+    def callback(pipe, i, t, callback_kwargs):
+        out = (own(pipe, i, t, callback_kwargs) or {}) if own is not None else {}
+        reader.on_step(i, out.get("latents", callback_kwargs["latents"]))
+        return out
+
+    return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": inputs}
 
 
 @torch.no_grad()

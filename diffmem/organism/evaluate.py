@@ -93,7 +93,8 @@ def generate_and_measure(
     batches = generate_batches(
         pipe, [c for c, _ in captions], item_ids=[c for c, _ in captions], num_gens=num_gens, seed=seed,
         batch_size=batch_size, progress=progress, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, return_step_scores=True, **pipe_kwargs,
+        guidance_scale=guidance_scale, return_step_scores=True,
+        **{"memorization_detector": "wen", **pipe_kwargs},  # the step scores are Wen's, whatever the folder's default
     )  # fmt: skip
     for batch in batches:
         out = batch.output
