@@ -36,6 +36,7 @@ from diffmem.organism.recipe import RECIPE_FILE, OrganismRecipe
 from diffmem.seeding import derive_seed, item_generator
 from diffmem.tiny import clip_text_encoder, clip_tokenizer, sd_autoencoder, sd_ddim_scheduler
 from diffmem.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffmem.train.optimizers import TouchedRowsAdamW
 from diffmem.train.text_to_image import batch_indices
 
 
@@ -116,16 +117,18 @@ def _run_phase(
     step_fn,
     log: list,
     until_step: int | None = None,
+    row_sparse: tuple[torch.nn.Parameter, ...] = (),
 ) -> bool:
     """A resumable accelerate loop: ``step_fn(step) -> loss`` for steps not yet done.
 
     ``until_step`` stops after that step with a checkpoint, as an interruption would; returns whether
-    the phase is complete.
+    the phase is complete. ``row_sparse``: embedding tables of ``params`` whose untouched rows AdamW
+    skips (:class:`~diffmem.train.optimizers.TouchedRowsAdamW`: the same weights, bit for bit).
     """
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = TouchedRowsAdamW(params, lr=lr, weight_decay=0.0, row_sparse=row_sparse)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total, min(recipe.warmup_steps, total))
     )
@@ -173,6 +176,40 @@ def _run_phase(
     for m in modules.values():
         m.eval()
     return end == total
+
+
+def unet_batch(
+    recipe: OrganismRecipe,
+    step: int,
+    samples: torch.Tensor,
+    latents: torch.Tensor,
+    tokens: torch.Tensor,
+    empty: torch.Tensor,
+    alphas: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """UNet step ``step``'s batch, every draw from ``(recipe.seed, "unet", step)``: the noised latents
+    ``z_t``, the timesteps, the token ids (``caption_dropout`` of them the empty caption's) and the noise.
+
+    ``samples``: the training samples' rows of ``latents`` (N x C x h x w, already scaled) and ``tokens``
+    (N x 77); ``alphas``: the noise schedule's cumulative alphas (one per training timestep)."""
+    seed = recipe.seed
+    g = item_generator(seed, "unet", "step", step)
+    idx = samples[batch_indices(len(samples), recipe.unet_batch, step, seed, "unet")[0]]
+    z0 = latents[idx]
+    noise = torch.randn(z0.shape, generator=g)
+    t = torch.randint(0, len(alphas), (len(idx),), generator=g)
+    drop = torch.rand(len(idx), generator=g) < recipe.caption_dropout
+    ids = torch.where(drop[:, None], empty[None], tokens[idx])
+    a = alphas[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    return zt, t, ids, noise
+
+
+def unet_loss(unet, text_encoder, zt, t, ids, noise) -> torch.Tensor:
+    """The epsilon-prediction loss ``|| noise - eps_theta(z_t, t, text_encoder(ids)) ||^2`` (mean)."""
+    cond = text_encoder(ids)[0]
+    pred = unet(zt, t, cond).sample
+    return F.mse_loss(pred.float(), noise)  # in float32 under a bfloat16 autocast too
 
 
 def _images_tensor(data: OrganismData) -> torch.Tensor:
@@ -461,20 +498,19 @@ def train_organism(
     snap_dir = workdir / "snapshot"
 
     def unet_step(step: int) -> torch.Tensor:
-        g = item_generator(seed, "unet", "step", step)
-        idx = samples[batch_indices(len(samples), recipe.unet_batch, step, seed, "unet")[0]]
-        z0 = (low_latents if step < recipe.low_res_steps else latents)[idx]
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)
-        drop = torch.rand(len(idx), generator=g) < recipe.caption_dropout
-        ids = torch.where(drop[:, None], empty[None], tokens[idx])
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        cond = text_encoder(ids)[0]
-        pred = unet(zt, t, cond).sample
+        zt, t, ids, noise = unet_batch(
+            recipe,
+            step,
+            samples,
+            low_latents if step < recipe.low_res_steps else latents,
+            tokens,
+            empty,
+            alphas,
+        )
+        loss = unet_loss(unet, text_encoder, zt, t, ids, noise)
         if snapshot_every and step > 0 and step % snapshot_every == 0:
             save_pipeline(components, snap_dir)
-        return F.mse_loss(pred, noise)
+        return loss
 
     vae.requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -489,6 +525,7 @@ def train_organism(
         unet_step,
         log["unet"],
         until_step=until_step,
+        row_sparse=(text_encoder.get_input_embeddings().weight,),  # 49,408 rows, a few hundred used
     )
     if not finished:
         return workdir
