@@ -15,7 +15,8 @@ Variants: ``float32`` (the baseline: the trainer before issue #31, stock ``torch
 token-embedding rows no caption uses), ``channels_last`` (UNet and input in NHWC), ``adamw_foreach`` /
 ``adamw_fused`` (AdamW's multi-tensor / fused CPU kernels), ``bf16`` (forward passes under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``, float32 master weights) and ``bf16_eager`` (the same
-with the attention computed by matmul + softmax instead of PyTorch's CPU flash-attention kernel).
+with the attention computed by matmul + softmax instead of PyTorch's CPU flash-attention kernel);
+``bf16_eager_fused`` adds the fused AdamW.
 
     python benchmarks/bench_organism_step.py [--latents 16 32] [--rounds 6] [--steps-per-round 2]
 """
@@ -56,7 +57,16 @@ PHASES = (
     "zero_grad",
     "log",
 )
-VARIANTS = ("float32", "touched_rows", "channels_last", "adamw_foreach", "adamw_fused", "bf16", "bf16_eager")
+VARIANTS = (
+    "float32",
+    "touched_rows",
+    "channels_last",
+    "adamw_foreach",
+    "adamw_fused",
+    "bf16",
+    "bf16_eager",
+    "bf16_eager_fused",
+)
 
 
 class Run:
@@ -67,16 +77,12 @@ class Run:
         self.unet, self.text = copy.deepcopy(base["unet"]), copy.deepcopy(base["text_encoder"])
         if variant == "channels_last":
             self.unet.to(memory_format=torch.channels_last)
-        if variant == "bf16_eager":
+        if variant.startswith("bf16_eager"):
             self.unet.set_attn_processor(AttnProcessor())
             self.text.set_attn_implementation("eager")
         self.params = list(self.unet.parameters()) + list(self.text.parameters())
         kw = (
-            {"foreach": True}
-            if variant == "adamw_foreach"
-            else {"fused": True}
-            if variant == "adamw_fused"
-            else {}
+            {"foreach": True} if variant == "adamw_foreach" else {"fused": True} if "fused" in variant else {}
         )
         if variant == "touched_rows":
             emb = self.text.get_input_embeddings().weight
@@ -96,11 +102,8 @@ class Run:
 
     def steps(self, k: int) -> None:
         samples, latents, tokens, empty, alphas = self.data
-        amp = (
-            torch.autocast("cpu", dtype=torch.bfloat16)
-            if self.variant == "bf16"
-            else contextlib.nullcontext()
-        )
+        bf16 = self.variant.startswith("bf16")
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         for _ in range(k):
             t0 = time.perf_counter()
             zt, t, ids, noise = unet_batch(self.recipe, self.step, samples, latents, tokens, empty, alphas)
@@ -173,6 +176,9 @@ def main() -> None:
     ap.add_argument("--loss-steps", type=int, default=0, help="then float32 vs bf16 over this many steps")
     ap.add_argument("--loss-variant", default="bf16_eager", choices=["bf16", "bf16_eager"])
     ap.add_argument("--warmup", type=int, default=10, help="lr warm-up steps (the recipe's is 200)")
+    ap.add_argument(
+        "--profile", type=int, default=0, help="then torch.profiler's top N ops of 2 float32 steps"
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -228,6 +234,12 @@ def main() -> None:
             diff = max(float((a - b).abs().max()) for a, b in zip(ref_w, w))
             same.append(f"{'yes' if ident else 'no'} (max |dw| {diff:.1e})")
         print(f"| bit-identical to float32 after {base_run.step} steps | " + " | ".join(same) + " |")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                base_run.steps(2)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
         if args.loss_steps:  # float32, a float32 that differs by rounding only (fused AdamW), and bf16
             names = ("float32", "adamw_fused", args.loss_variant)
             fresh = {v: Run(v, base, recipe, data, args.warmup) for v in names}
@@ -244,7 +256,7 @@ def main() -> None:
                 apart = sum(float((x - y).square().sum()) for x, y in zip(ref.weights(), r.weights())) ** 0.5
                 print(
                     f"- {v}: mean loss of the last {tail} steps {statistics.mean(r.losses[-tail:]):.4f}, first "
-                    f"{r.losses[0]:.4f}; |w - w_float32| / |w_float32 - w_init| = {apart / moved:.3f}; losses "
+                    f"{r.losses[0]:.4f}; |w - w_float32| / |w_float32 - w_init| = {apart / moved:.1e}; losses "
                     + " ".join(f"{x:.3f}" for i, x in enumerate(r.losses) if (i + 1) % 10 == 0)
                 )
 
