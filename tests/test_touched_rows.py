@@ -19,7 +19,7 @@ def _embedding(model):
     return model.get_input_embeddings().weight
 
 
-@pytest.mark.parametrize("hidden", [16, 24])  # 24: rows that do not fill whole SIMD vectors
+@pytest.mark.parametrize("hidden", [16, 24])  # 24: rows that straddle SIMD vectors
 def test_touched_rows_adamw_matches_stock_adamw_bit_for_bit_across_a_reload(hidden):
     torch.manual_seed(0)
     stock_model = clip_text_encoder(hidden, 1, 2)
