@@ -353,7 +353,14 @@ class SolidMarkEvaluation(Evaluation):
             export_imagefolder(build_organism_data(self.recipe), data)
         keyed = work / "keyed"
         if not (keyed / "solidmark_manifest.json").is_file():
-            key_dataset(data, keyed, frame_width=args.frame_width, duplicate_keys="shared", seed=42)
+            key_dataset(
+                data,
+                keyed,
+                frame_width=args.frame_width,
+                duplicate_keys="shared",
+                seed=42,
+                progress=not args.no_progress,
+            )
         if args.constructed:  # no diffusion model involved
             return self._constructed(keyed, work)
         model = str(train_organism(self.recipe, work / "tiny-organism")) if args.smoke else self.model
