@@ -238,6 +238,8 @@ class GuardCalibration(SavedObject):
         out["memorization_window"] = list(self.memorization_window)
         if self.rescaled_from is not None:
             out["rescaled_from"] = list(self.rescaled_from)
+        if self.memorization_detector is None:  # Wen's, as every file written before the field reads
+            del out["memorization_detector"]
         return out
 
     @classmethod
