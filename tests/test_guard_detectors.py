@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from diffmem.pipelines import StableDiffusionMemGuardPipeline, StableDiffusionXLMemGuardPipeline
-from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import SDCFGCutoffCallback
 from pipeline_mixin import as_array, hook_state
 from planted import TRIGGER, memorized_image_pipeline
@@ -30,15 +29,6 @@ TRIGGER_PROMPT, ORDINARY_PROMPT = f"a photo of a {TRIGGER}", "a photo of a horse
 def memorized():
     pipe, _ = memorized_image_pipeline()
     return pipe
-
-
-@pytest.fixture(scope="module")
-def pipes(tiny_sd1_dir):
-    stock = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
-    stock.set_progress_bar_config(disable=True)
-    guarded = StableDiffusionMemGuardPipeline.from_pipe(stock)
-    guarded.set_progress_bar_config(disable=True)
-    return stock, guarded
 
 
 def guarded_scores(pipe, prompts, num_gens=1, **kwargs):
@@ -118,8 +108,8 @@ def test_a_detector_object_carries_its_settings(memorized):
 
 
 @pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
-def test_no_extra_unet_call(pipes, guidance_scale):
-    stock, guarded = pipes
+def test_no_extra_unet_call(sd1_pipes, guidance_scale):
+    stock, guarded = sd1_pipes
     n_stock = count_unet_calls(stock, guidance_scale=guidance_scale)
     n_wen = count_unet_calls(guarded, guidance_scale=guidance_scale, memorization_threshold=0.0)
     assert n_stock == STEPS
@@ -134,10 +124,10 @@ def test_no_extra_unet_call(pipes, guidance_scale):
 
 @pytest.mark.dropin
 @pytest.mark.parametrize("name", LOOP_DETECTORS)
-def test_images_are_the_stock_ones_with_the_callers_callback(pipes, name):
+def test_images_are_the_stock_ones_with_the_callers_callback(sd1_pipes, name):
     """The reading callback runs after the caller's (a function, or a diffusers PipelineCallback object):
     the images are the stock pipeline's with the same callback, and the caller's callback sees every step."""
-    stock, guarded = pipes
+    stock, guarded = sd1_pipes
     seen = []
 
     def halve(p, i, t, kw):
@@ -157,8 +147,8 @@ def test_images_are_the_stock_ones_with_the_callers_callback(pipes, name):
     assert seen == list(range(STEPS)) * 2
 
 
-def test_a_loop_that_stops_before_the_steps_read_scores_nan(pipes):
-    _, guarded = pipes
+def test_a_loop_that_stops_before_the_steps_read_scores_nan(sd1_pipes):
+    _, guarded = sd1_pipes
 
     def stop(p, i, t, kw):
         p._interrupt = True
@@ -210,8 +200,8 @@ def test_the_pipeline_attribute_is_the_default_and_from_pipe_keeps_it(memorized)
         (dict(memorization_detector="broken-memories", mitigation="guidance-delay", memorization_threshold=1.0), "mitigation_threshold: needed with"),
     ],
 )  # fmt: skip
-def test_bad_input_names_the_argument(pipes, kwargs, match):
-    _, guarded = pipes
+def test_bad_input_names_the_argument(sd1_pipes, kwargs, match):
+    _, guarded = sd1_pipes
     before = hook_state(guarded)
     kwargs = {"num_inference_steps": STEPS, **kwargs}
     with pytest.raises(ValueError, match=match) as err:
@@ -220,10 +210,10 @@ def test_bad_input_names_the_argument(pipes, kwargs, match):
     assert hook_state(guarded) == before
 
 
-def test_a_scheduler_with_two_calls_a_step_is_refused(pipes):
+def test_a_scheduler_with_two_calls_a_step_is_refused(sd1_pipes):
     from diffusers import HeunDiscreteScheduler
 
-    _, guarded = pipes
+    _, guarded = sd1_pipes
     derived = StableDiffusionMemGuardPipeline.from_pipe(guarded)
     derived.scheduler = HeunDiscreteScheduler.from_config(guarded.scheduler.config)
     with pytest.raises(
