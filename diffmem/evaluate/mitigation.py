@@ -63,13 +63,17 @@ def _generate(pipe, prompts, ids, *, num_gens, seed, steps, guidance_scale, batc
     return images, reports, sum(b.seconds for b in batches), flags
 
 
-def _plain_clean(pipe, clean, settings, cache: Path) -> torch.Tensor:
-    """The unmitigated images of the clean captions ``[n, 3, H, W]`` (cached as ``plain_clean.npy``)."""
+def _plain_clean(pipe, clean, settings, cache: Path) -> tuple[torch.Tensor, dict]:
+    """The unmitigated images of the clean captions ``[n, 3, H, W]`` and what the guard recorded of them
+    (``flagged`` per image at the run's threshold, ``seconds``): the general scenario of ``none``. Cached
+    as ``plain_clean.npy`` / ``plain_clean.json``."""
     path = cache / "plain_clean.npy"
     meta = cache / "plain_clean.json"
-    if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == settings:
-        return torch.from_numpy(np.load(path)).permute(0, 3, 1, 2)
-    images, _, _, _ = _generate(
+    if path.is_file() and meta.is_file():
+        record = json.loads(meta.read_text())
+        if record.get("settings") == settings:
+            return torch.from_numpy(np.load(path)).permute(0, 3, 1, 2), record
+    images, reports, seconds, flags = _generate(
         pipe,
         [p.prompt for p in clean],
         [p.id for p in clean],
@@ -78,6 +82,7 @@ def _plain_clean(pipe, clean, settings, cache: Path) -> torch.Tensor:
         steps=settings["num_inference_steps"],
         guidance_scale=settings["guidance_scale"],
         batch_size=settings["batch_size"],
+        memorization_threshold=settings["threshold"],  # flags only: no mitigation, the images are unchanged
     )
 
     def write(tmp: str) -> None:
@@ -85,8 +90,9 @@ def _plain_clean(pipe, clean, settings, cache: Path) -> torch.Tensor:
             np.save(f, images)
 
     atomic_write(path, write)
-    atomic_write_json(meta, settings)
-    return torch.from_numpy(images).permute(0, 3, 1, 2)
+    record = {"settings": settings, "flagged": _per_image(reports, flags)[0], "seconds": seconds}
+    atomic_write_json(meta, record)
+    return torch.from_numpy(images).permute(0, 3, 1, 2), record
 
 
 def organism_nemo(pipe, reference_prompts: list[str], progress: bool = True):
@@ -113,9 +119,10 @@ def _per_image(reports, flags) -> tuple[list[bool], list[float]]:
     return flagged, added
 
 
-def _rows_for(key, mitigation, pipe, copying, general, settings, plain, cache: Path):
+def _rows_for(key, mitigation, pipe, copying, general, settings, plain, plain_record, cache: Path):
     """Per-image rows of one mitigation (cached): ``copying`` are the memorized and trigger prompts,
-    ``general`` the general ones, ``plain`` their unmitigated images."""
+    ``general`` the general ones, ``plain`` their unmitigated images (with ``plain_record``, what the guard
+    recorded of them: the general scenario of ``none``)."""
 
     path = cache / f"{key}.json"
     if path.is_file():
@@ -140,17 +147,22 @@ def _rows_for(key, mitigation, pipe, copying, general, settings, plain, cache: P
     captions = [p.prompt for p in general for _ in range(settings["num_gens"])]
     general_rows = {}
     for scenario, extra in (("deployed", {}), ("forced", {"mitigation_threshold": 0.0})):
-        if scenario == "forced" and mitigation is None:  # nothing to force: the deployed images again
+        if mitigation is None and scenario == "forced":  # nothing to force: the deployed rows
             general_rows[scenario] = general_rows["deployed"]
             continue
-        g_images, g_reports, g_seconds, g_flags = _generate(
-            pipe, [p.prompt for p in general], [p.id for p in general], **common, **deployed, **extra
-        )
+        if mitigation is None:  # no mitigation: the plain images, generated once with their flags
+            g_images = plain.permute(0, 2, 3, 1).numpy()
+            g_flagged, g_seconds = plain_record["flagged"], plain_record["seconds"]
+        else:
+            g_images, g_reports, g_seconds, g_flags = _generate(
+                pipe, [p.prompt for p in general], [p.id for p in general], **common, **deployed, **extra
+            )
+            g_flagged = _per_image(g_reports, g_flags)[0]
         fidelity, similarity = _fidelity_and_similarity(g_images, captions, plain)
         general_rows[scenario] = {
             "fidelity": fidelity,
             "ssim_to_plain": similarity,
-            "flagged": _per_image(g_reports, g_flags)[0],
+            "flagged": g_flagged,
             "seconds": g_seconds,
         }
     data = {
@@ -222,7 +234,7 @@ def evaluate_mitigations(
     }
     cache = Path(out_dir) / "mitigation"
     rule = criterion("organism")
-    plain = _plain_clean(pipe, general, settings, cache)
+    plain, plain_record = _plain_clean(pipe, general, settings, cache)
     copying = [*memorized, *triggers]
     n_mem = len(memorized) * num_gens
     results: dict[str, Any] = {}
@@ -230,7 +242,7 @@ def evaluate_mitigations(
         [("none", {}, None), *methods], desc="mitigations", disable=not progress
     ):
         name = key if not options else f"{key}-" + "-".join(f"{k}={v}" for k, v in options.items())
-        rows = _rows_for(name, mitigation, pipe, copying, general, settings, plain, cache)
+        rows = _rows_for(name, mitigation, pipe, copying, general, settings, plain, plain_record, cache)
         sims = torch.tensor(rows["copying"]["ssim"])
         flagged = rows["copying"]["flagged"]
         deployed, forced = rows["general"]["deployed"], rows["general"]["forced"]
